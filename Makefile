@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - the main job on the embedded default
+#   make test   - the test suite (not the slow learning runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml requirements-setup.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-setup.txt
+	$(BIN)/pip install -q -e '.[dev,gym,math,gguf,tensorboard]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokenmdp demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_score.py
+	$(BIN)/python benchmarks/bench_rollout.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

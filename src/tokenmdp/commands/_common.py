@@ -1,0 +1,29 @@
+"""Helpers shared by the command modules: JSON output and rich tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def emit_json(obj: Any) -> None:
+    """Print ``obj`` as one JSON document on stdout (for scripts: ``--json``)."""
+    print(json.dumps(obj, default=_default, indent=2))
