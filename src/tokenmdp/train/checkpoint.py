@@ -1,0 +1,173 @@
+"""Atomic checkpoints of a training run: ``checkpoints/step-N/``.
+
+A checkpoint holds everything a resumed run needs to continue bit for bit on a CPU:
+
+* ``model/``: the policy in Hugging Face ``save_pretrained`` format (safetensors) plus the tokenizer;
+* ``critic.pt``: the PPO critic's state dict (when there is one);
+* ``optimizer.pt``, ``scheduler.pt`` (and ``critic_optimizer.pt``): their ``state_dict``;
+* ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) generator states;
+* ``trainer_state.json``: the step and any running statistics of the trainer.
+
+It is written into ``checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete, so a crash never
+leaves a folder that looks like a checkpoint but is not one. Only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokenmdp.errors import TokenMDPError
+
+STEP_RE = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    """The states of every random generator the trainer touches."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Checkpoint:
+    """A finished checkpoint folder and its trainer state."""
+
+    path: Path
+    step: int
+    state: dict
+
+    def load_into(self, optimizer=None, scheduler=None, critic=None, critic_optimizer=None) -> None:
+        """Restore optimizer, scheduler, critic and RNG states (the model itself loads from ``model_dir``)."""
+        pairs = [
+            (optimizer, "optimizer.pt"),
+            (scheduler, "scheduler.pt"),
+            (critic, "critic.pt"),
+            (critic_optimizer, "critic_optimizer.pt"),
+        ]
+        for obj, name in pairs:
+            if obj is None:
+                continue
+            file = self.path / name
+            if not file.is_file():
+                raise TokenMDPError(f"checkpoint {self.path} has no {name}")
+            obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+        rng = self.path / "rng.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model,
+    tokenizer=None,
+    optimizer=None,
+    scheduler=None,
+    critic=None,
+    critic_optimizer=None,
+    state: dict | None = None,
+    keep_last: int = 2,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``root/step-<step>`` atomically (temp folder, then rename) and prune to ``keep_last``.
+
+    ``model`` is an unwrapped Hugging Face model; ``extra_files`` maps names to files copied into ``model/``
+    (for example ``tokenmdp.json``). Returns the checkpoint folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp / "model", model, tokenizer, extra_files)
+    for obj, name in [
+        (optimizer, "optimizer.pt"),
+        (scheduler, "scheduler.pt"),
+        (critic, "critic.pt"),
+        (critic_optimizer, "critic_optimizer.pt"),
+    ]:
+        if obj is not None:
+            torch.save(obj.state_dict(), tmp / name)
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    prune(root, keep_last)
+    return final
+
+
+def save_model(path: Path, model, tokenizer=None, extra_files: dict[str, Path] | None = None) -> None:
+    """``save_pretrained`` of model and tokenizer into ``path``, plus copies of ``extra_files``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    for name, src in (extra_files or {}).items():
+        if src is not None and Path(src).is_file():
+            shutil.copyfile(src, path / name)
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints under ``root`` as ``(step, path)``, oldest first (temp folders ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_RE.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, and any leftover temp folders."""
+    found = list_checkpoints(root)
+    for _, path in found[: max(0, len(found) - keep_last)]:
+        shutil.rmtree(path)
+    for child in Path(root).iterdir():
+        if child.name.startswith(".tmp-step-"):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Checkpoint | None:
+    """The newest finished checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    if not found:
+        return None
+    step, path = found[-1]
+    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+    return Checkpoint(path=path, step=step, state=state)

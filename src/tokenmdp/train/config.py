@@ -1,0 +1,364 @@
+"""The training configuration: nested dataclasses, YAML files and ``--set key=value`` overrides.
+
+A :class:`TrainConfig` has six sections (``model``, ``task``, ``rollout``, ``algo``, ``optim``, ``run``); its
+defaults train the embedded tiny base model on Countdown with GRPO on a CPU. ``load_config`` reads a YAML file,
+applies dotted overrides (``--set optim.lr=3e-4``, values parsed as YAML scalars) and validates every field:
+a wrong name or value raises one :class:`~tokenmdp.errors.TokenMDPError` naming the field (and the file).
+
+The ``algo`` section is a preset name plus overrides of :class:`tokenmdp.algos.registry.AlgoSpec` fields::
+
+    algo:
+      name: grpo
+      kl_coef: 0.04      # any AlgoSpec field
+
+Only the spelling of the overrides is checked here; :func:`resolve_algo` builds the spec through
+``tokenmdp.algos.registry.get_algo``, which owns the fields and their meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tokenmdp.errors import TokenMDPError
+
+
+@dataclass
+class ModelConfig:
+    """The policy model. ``path=None`` means the embedded tiny base model (built in ``cache_dir`` on first use)."""
+
+    path: str | None = None
+    cache_dir: str = "~/.cache/tokenmdp"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gguf_file: str | None = None
+    critic_path: str | None = None  # PPO critic initialisation; None = the policy's own weights
+
+
+@dataclass
+class TaskConfig:
+    """The verifiable task. ``options`` go to ``get_task(name, **options)``; ``template=None`` is the default."""
+
+    name: str = "countdown"
+    template: str | None = None
+    options: dict = field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "test"
+    dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None = on-policy pairs
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling: ``prompts_per_step`` prompts x ``group_size`` samples per training step."""
+
+    engine: str = "fast"
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    recompute_logprobs: bool = False  # recompute behaviour log-probs with the trained model (vllm, bf16)
+    engine_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class AlgoConfig:
+    """A preset of :data:`tokenmdp.algos.registry.PRESETS` plus overrides of its ``AlgoSpec`` fields."""
+
+    name: str = "grpo"
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (stepped once per training step).
+
+    ``minibatch_size`` sequences make one optimizer update (``None``: the whole batch of the step);
+    ``micro_batch_size`` sequences go through one forward/backward (gradients accumulated exactly).
+    """
+
+    lr: float = 2e-4
+    critic_lr: float | None = None  # None = 5 x lr
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    minibatch_size: int | None = None
+    micro_batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    """Where and how long: the run folder, seed, checkpoints, evaluation and logging."""
+
+    out: str | None = None  # None = runs/<algo>-seed<seed>
+    seed: int = 0
+    steps: int = 20
+    save_every: int = 10
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = no periodic evaluation; otherwise also at the end
+    eval_n: int = 100
+    eval_greedy: bool = True
+    eval_samples: int = 1  # sampled responses per eval problem (0 = no sampled evaluation)
+    eval_temperature: float = 1.0
+    log_samples: bool = True
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    equivalence: bool = False  # log the GRPO / weighted-SFT gradient cosine each step (equiv/*)
+    report_to: Literal["none", "tensorboard"] = "none"
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; ``to_dict`` / ``from_dict`` round-trip through ``config.yaml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        """A plain dict (YAML-ready); the algo overrides sit next to ``name`` as in the file format."""
+        data = dataclasses.asdict(self)
+        algo = data.pop("algo")
+        data = {k: data[k] for k in ("model", "task", "rollout")} | {
+            "algo": {"name": algo["name"], **algo["overrides"]},
+            "optim": data["optim"],
+            "run": data["run"],
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str | None = None) -> "TrainConfig":
+        """Validate ``data`` (the YAML layout) into a config; errors name the field and ``source``."""
+        return _build(cls, data, "", source)
+
+    def run_dir(self) -> Path:
+        """The run folder: ``run.out`` or ``runs/<algo>-seed<seed>``."""
+        if self.run.out:
+            return Path(self.run.out).expanduser()
+        return Path("runs") / f"{self.algo.name}-seed{self.run.seed}"
+
+
+SECTIONS = ("model", "task", "rollout", "algo", "optim", "run")
+
+
+def _where(name: str, source: str | None) -> str:
+    return f"{name!r}" + (f" in {source}" if source else "")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str | None) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TokenMDPError(f"config section {_where(prefix or '<root>', source)} must be a mapping")
+    if cls is AlgoConfig:
+        return _build_algo(data, prefix, source)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise TokenMDPError(
+                f"unknown config field {_where(dotted, source)}; expected one of: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _build_algo(data: dict, prefix: str, source: str | None) -> AlgoConfig:
+    data = dict(data)
+    name = data.pop("name", AlgoConfig.name)
+    if not isinstance(name, str):
+        raise TokenMDPError(f"config field {_where(prefix + 'name', source)} must be a preset name (a string)")
+    if "overrides" in data and isinstance(data["overrides"], dict):  # the dataclass layout, also accepted
+        data = {**data.pop("overrides"), **data}
+    data = {k: _yaml_number(v) if isinstance(v, str) else v for k, v in data.items()}
+    return AlgoConfig(name=name, overrides=data)
+
+
+def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
+    """Check ``value`` against the type ``hint``; return it converted (int -> float, nested dataclasses)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, field_name + ".", source)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, field_name, source)
+            except TokenMDPError as exc:
+                errors.append(str(exc))
+        raise TokenMDPError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise TokenMDPError(f"config field {_where(field_name, source)} is {value!r}; choose one of {choices}")
+        return value
+    if hint in (int, float) and isinstance(value, str):
+        value = _yaml_number(value)
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        dict: isinstance(value, dict),
+    }.get(hint, True)
+    if not ok:
+        raise TokenMDPError(f"config field {_where(field_name, source)} must be {expected[hint]}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    """Put ``value`` at the dotted ``key`` of the nested dict ``data``."""
+    parts = key.split(".")
+    if not all(parts):
+        raise TokenMDPError(f"--set {key!r}: empty part in the dotted field name")
+    if parts[0] not in SECTIONS:
+        raise TokenMDPError(f"--set {key!r}: unknown config section {parts[0]!r}; expected one of {', '.join(SECTIONS)}")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise TokenMDPError(f"--set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``: the value is parsed as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise TokenMDPError(f"--set {item!r}: expected key=value, for example optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise TokenMDPError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return key, value
+
+
+def _yaml_number(text: str) -> Any:
+    """YAML 1.1 reads ``3e-4`` as a string; a researcher means a number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or bad YAML is a TokenMDPError naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenMDPError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise TokenMDPError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TokenMDPError(f"{path}: a config file must be a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML, or the defaults when None), apply ``key=value`` overrides, validate.
+
+    The algo preset and its overrides are checked against the registry (:func:`resolve_algo`).
+    """
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set(data, key, value)
+    if overrides:
+        source = f"{source} (with --set)" if source else "--set"
+    config = TrainConfig.from_dict(data, source=source)
+    validate(config, source=source)
+    return config
+
+
+def validate(config: TrainConfig, *, source: str | None = None) -> None:
+    """Range checks that types cannot express, then the algo preset and overrides."""
+    positive = {
+        "rollout.prompts_per_step": config.rollout.prompts_per_step,
+        "rollout.group_size": config.rollout.group_size,
+        "rollout.max_new_tokens": config.rollout.max_new_tokens,
+        "optim.micro_batch_size": config.optim.micro_batch_size,
+        "run.steps": config.run.steps,
+        "run.keep_last": config.run.keep_last,
+    }
+    if config.optim.minibatch_size is not None:
+        positive["optim.minibatch_size"] = config.optim.minibatch_size
+    for name, value in positive.items():
+        if value < 1:
+            raise TokenMDPError(f"config field {_where(name, source)} must be at least 1, got {value}")
+    non_negative = {
+        "rollout.temperature": config.rollout.temperature,
+        "optim.lr": config.optim.lr,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "run.save_every": config.run.save_every,
+        "run.eval_every": config.run.eval_every,
+        "run.eval_n": config.run.eval_n,
+        "run.eval_samples": config.run.eval_samples,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
+    if not 0.0 < config.rollout.top_p <= 1.0:
+        raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
+    resolve_algo(config, source=source)
+
+
+def resolve_algo(config: TrainConfig, *, source: str | None = None):
+    """The :class:`AlgoSpec` of ``config.algo`` (preset + overrides); errors name ``algo.<field>``."""
+    from tokenmdp.algos.registry import PRESETS, AlgoSpec, get_algo
+
+    algo = config.algo
+    if algo.name not in PRESETS:
+        raise TokenMDPError(
+            f"config field {_where('algo.name', source)} is {algo.name!r}; choose one of {', '.join(PRESETS)}"
+        )
+    known = {f.name for f in dataclasses.fields(AlgoSpec)}
+    for key in algo.overrides:
+        if key not in known:
+            raise TokenMDPError(
+                f"unknown config field {_where('algo.' + key, source)}; AlgoSpec fields: {', '.join(sorted(known))}"
+            )
+    try:
+        return get_algo(algo.name, **algo.overrides)
+    except TokenMDPError as exc:
+        raise TokenMDPError(f"config section {_where('algo', source)}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise TokenMDPError(f"config section {_where('algo', source)}: {exc}") from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (the run folder's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
