@@ -72,11 +72,19 @@ def _step_of(line: str) -> int:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``."""
+    """The records of a ``metrics.jsonl`` (a torn last line, left by a crash, is skipped)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
 class SampleLogger:

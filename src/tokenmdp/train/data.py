@@ -1,0 +1,79 @@
+"""What the trainer feeds on: the prompt stream of a run and offline preference pairs for DPO.
+
+:func:`prompt_stream` is a function of the task, the seed and the sizes only (never of the algorithm or the model),
+so every algorithm of a comparison sees the same prompts in the same order for a given seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokenmdp.errors import TokenMDPError
+
+
+def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: str = "train") -> list[list]:
+    """The problems of every training step: ``steps`` lists of ``prompts_per_step`` problems.
+
+    The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A finite dataset
+    that holds fewer problems is cycled: epoch ``e >= 1`` is a permutation of the pool drawn from
+    ``numpy.random.default_rng([seed, e])``. Nothing here depends on the algorithm or the model.
+    """
+    if steps < 0 or prompts_per_step < 1:
+        raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, {prompts_per_step}")
+    need = steps * prompts_per_step
+    if need == 0:
+        return []
+    pool = list(task.problems(split, n=need, seed=seed))
+    if not pool:
+        raise TokenMDPError(f"task {getattr(task, 'name', task)!r} has no {split!r} problems")
+    flat = pool[:need]
+    epoch = 1
+    while len(flat) < need:
+        order = np.random.default_rng([seed, epoch]).permutation(len(pool))
+        flat.extend(pool[i] for i in order[: need - len(flat)])
+        epoch += 1
+    return [flat[i * prompts_per_step : (i + 1) * prompts_per_step] for i in range(steps)]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One offline DPO example: the full prompt text, a preferred and a dispreferred completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def load_pairs(path: str | Path) -> list[PreferencePair]:
+    """Read a JSONL (or Parquet) of ``{"prompt", "chosen", "rejected"}`` objects (strings).
+
+    A missing field or a non-string value raises :class:`TokenMDPError` naming the file and line.
+    """
+    from tokenmdp.tasks.base import read_records, require
+
+    pairs = []
+    for lineno, record in read_records(path):
+        where = f"{path}:{lineno}"
+        values = [require(record, key, where) for key in ("prompt", "chosen", "rejected")]
+        for key, value in zip(("prompt", "chosen", "rejected"), values):
+            if not isinstance(value, str):
+                raise TokenMDPError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        pairs.append(PreferencePair(*values))
+    if not pairs:
+        raise TokenMDPError(f"{path}: no preference pairs (expected lines of prompt, chosen, rejected)")
+    return pairs
+
+
+def pair_stream(pairs: list[PreferencePair], *, seed: int, steps: int, pairs_per_step: int) -> list[list[PreferencePair]]:
+    """The offline pairs of every step: epochs of seeded permutations (``default_rng([seed, e])``), cut in steps."""
+    need = steps * pairs_per_step
+    flat: list[PreferencePair] = []
+    epoch = 0
+    while len(flat) < need:
+        order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
+        flat.extend(pairs[i] for i in order[: need - len(flat)])
+        epoch += 1
+    return [flat[i * pairs_per_step : (i + 1) * pairs_per_step] for i in range(steps)]
