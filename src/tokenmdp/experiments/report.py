@@ -1,0 +1,233 @@
+"""The report of a comparison: ``summary.csv``, ``summary.md``, ``plots/*.png`` and a self-contained
+``report.html`` built from run folders and comparison folders (read only; see :mod:`tokenmdp.experiments.runs`).
+
+Every algorithm gets the mean and the 95% Student-t confidence interval over its seeds
+(:func:`tokenmdp.experiments.stats.mean_ci`) of the held-out metrics of its final model, next to the base model.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+from tokenmdp.experiments.plots import all_figures
+from tokenmdp.experiments.runs import Collection, collect
+from tokenmdp.experiments.stats import mean_ci
+
+# (key in eval.json "metrics" or a derived training key, column label, kind)
+SUMMARY_METRICS: list[tuple[str, str, str]] = [
+    ("greedy/pass@1", "greedy acc", "pct"),
+    ("sampled/pass@1", "sampled pass@1", "pct"),
+    ("pass@k", "pass@k", "pct"),
+    ("majority@k", "majority@k", "pct"),
+    ("best_of_k", "best-of-k", "pct"),
+    ("sampled/format_rate", "format rate", "pct"),
+    ("sampled/length_correct", "len correct", "tok"),
+    ("sampled/length_incorrect", "len incorrect", "tok"),
+    ("train/final_reward", "final train reward", "num"),
+]
+BAR_METRICS = [("greedy/pass@1", "greedy"), ("sampled/pass@1", "sampled pass@1"), ("pass@k", "pass@k")]
+BASE = "base"
+
+
+def _eval_metrics(ev: dict | None) -> dict:
+    if not ev:
+        return {}
+    return ev.get("metrics", ev)
+
+
+def final_reward(metrics) -> float:
+    """Mean of ``reward/mean`` over the last fifth of the logged steps (at least one step); NaN when absent."""
+    if metrics.empty or "reward/mean" not in metrics.columns:
+        return math.nan
+    values = metrics["reward/mean"].dropna()
+    if values.empty:
+        return math.nan
+    tail = max(1, len(values) // 5)
+    return float(values.iloc[-tail:].mean())
+
+
+def run_values(run) -> dict[str, float]:
+    """The summary metrics of one run: its held-out evaluation plus derived training figures."""
+    values = {k: float(v) for k, v in _eval_metrics(run.eval).items() if isinstance(v, (int, float))}
+    values["train/final_reward"] = final_reward(run.metrics)
+    return values
+
+
+def _k_of(col: Collection) -> int | None:
+    for ev in [r.eval for r in col.runs] + col.base_evals:
+        if ev and isinstance((ev.get("settings") or {}).get("k"), int):
+            return ev["settings"]["k"]
+    return None
+
+
+def summary_rows(col: Collection) -> list[dict]:
+    """One row per algorithm (the base model first): ``<key>_mean``, ``_low``, ``_high``, ``_half_width``, ``_n``."""
+    groups: list[tuple[str, list[dict], list]] = []
+    if col.base_evals:
+        groups.append((BASE, [{k: float(v) for k, v in _eval_metrics(e).items() if isinstance(v, (int, float))}
+                              for e in col.base_evals], []))
+    for algo in col.algos:
+        runs = col.runs_of(algo)
+        groups.append((algo, [run_values(r) for r in runs], [r.seed for r in runs]))
+    rows = []
+    for algo, values, seeds in groups:
+        row: dict = {"algo": algo, "runs": len(values), "seeds": " ".join(str(s) for s in seeds)}
+        for key, _, _ in SUMMARY_METRICS:
+            ci = mean_ci([v.get(key, math.nan) for v in values])
+            row[f"{key}_mean"] = ci.mean
+            row[f"{key}_low"] = ci.low if ci.low is not None else math.nan
+            row[f"{key}_high"] = ci.high if ci.high is not None else math.nan
+            row[f"{key}_half_width"] = ci.half_width if ci.half_width is not None else math.nan
+            row[f"{key}_n"] = ci.n
+        rows.append(row)
+    return rows
+
+
+def format_cell(row: dict, key: str, kind: str) -> str:
+    """The table text of one metric: percent with one decimal (``pct``), tokens with one decimal (``tok``), or a
+    number with three decimals; ``± half width`` when there is an interval. ``0.4125 ± 0.031`` -> ``41.2 ± 3.1``."""
+    mean, half = row[f"{key}_mean"], row[f"{key}_half_width"]
+    if not math.isfinite(mean):
+        return "n/a"
+    scale, digits = {"pct": (100.0, 1), "tok": (1.0, 1)}.get(kind, (1.0, 3))
+    text = f"{mean * scale:.{digits}f}"
+    if math.isfinite(half):
+        text += f" ± {half * scale:.{digits}f}"
+    return text
+
+
+def column_labels(col: Collection) -> list[str]:
+    k = _k_of(col)
+    return [label.replace("@k", f"@{k}").replace("-k", f"-{k}") if k else label for _, label, _ in SUMMARY_METRICS]
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    return [[r["algo"], str(r["runs"])] + [format_cell(r, k, kind) for k, _, kind in SUMMARY_METRICS] for r in rows]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """``summary.csv``: one row per algorithm, full precision (fractions for accuracies, tokens for lengths)."""
+    fields = ["algo", "runs", "seeds"] + [f"{k}_{s}" for k, _, _ in SUMMARY_METRICS
+                                          for s in ("mean", "low", "high", "half_width", "n")]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({f: ("" if isinstance(row[f], float) and math.isnan(row[f]) else row[f]) for f in fields})
+
+
+def markdown_table(col: Collection, rows: list[dict]) -> str:
+    header = ["algorithm", "runs"] + column_labels(col)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(rows)]
+    return "\n".join(lines)
+
+
+def _mean(row: dict | None, key: str) -> float:
+    return row[f"{key}_mean"] if row else math.nan
+
+
+def _trend(col: Collection, algo: str) -> tuple[float, float]:
+    """Mean ``length/incorrect`` of the training samples over the first and the last fifth of the steps."""
+    firsts, lasts = [], []
+    for run in col.runs_of(algo):
+        m = run.metrics
+        if m.empty or "length/incorrect" not in m.columns:
+            continue
+        v = m["length/incorrect"].dropna()
+        if len(v):
+            w = max(1, len(v) // 5)
+            firsts.append(v.iloc[:w].mean())
+            lasts.append(v.iloc[-w:].mean())
+    return (sum(firsts) / len(firsts), sum(lasts) / len(lasts)) if firsts else (math.nan, math.nan)
+
+
+def length_reading(col: Collection, rows: list[dict]) -> list[str]:
+    """A short generated reading of the length effect: do wrong answers grow longer under GRPO than under
+    dr_grpo and filtered iterative SFT? (The paper's argument: GRPO's 1/|o| pushes long wrong answers down less.)"""
+    by_algo = {r["algo"]: r for r in rows}
+    key = "sampled/length_incorrect"
+    out = []
+    base = by_algo.get(BASE)
+    for algo in [a for a in col.algos]:
+        first, last = _trend(col, algo)
+        row = by_algo[algo]
+        parts = [f"**{algo}**:"]
+        if math.isfinite(first):
+            parts.append(f"incorrect training samples went from {first:.1f} to {last:.1f} tokens "
+                         f"(first vs last fifth of the steps, {last - first:+.1f});")
+        if math.isfinite(_mean(row, key)):
+            parts.append(f"held-out incorrect answers average {format_cell(row, key, 'tok')} tokens")
+            if base and math.isfinite(_mean(base, key)):
+                parts.append(f"against {_mean(base, key):.1f} for the base model")
+        out.append(" ".join(parts).rstrip(";") + ".")
+    grpo = by_algo.get("grpo")
+    others = [a for a in ("dr_grpo", "isft+", "isft+-", "isft-") if a in by_algo]
+    if grpo is None or not others:
+        out.append("The GRPO-versus-(dr_grpo, isft) length comparison needs grpo and at least one of dr_grpo or "
+                   "isft in the report.")
+        return out
+    for other in others:
+        row = by_algo[other]
+        diff = _mean(grpo, key) - _mean(row, key)
+        if not math.isfinite(diff):
+            continue
+        overlap = _intervals_overlap(grpo, row, key)
+        verdict = ("the 95% intervals overlap, so this run does not separate them" if overlap is True else
+                   "the 95% intervals do not overlap" if overlap is False else
+                   "with one seed there is no interval, so this is not evidence either way")
+        size = ("as long as" if abs(diff) < 0.05 else
+                f"{abs(diff):.1f} tokens {'longer' if diff > 0 else 'shorter'} than")
+        out.append(f"Wrong answers under grpo are {size} under {other} on the held-out set; {verdict}.")
+        (g0, g1), (o0, o1) = _trend(col, "grpo"), _trend(col, other)
+        if math.isfinite(g0) and math.isfinite(o0):
+            out.append(f"During training, incorrect samples changed by {g1 - g0:+.1f} tokens under grpo and "
+                       f"{o1 - o0:+.1f} under {other}.")
+    out.append("The paper's argument predicts longer wrong answers under grpo (its per-sequence 1/|o| weight pushes "
+               "each token of a long wrong answer down less) than under dr_grpo's constant divisor; isft+ never pushes "
+               "wrong answers down at all.")
+    return out
+
+
+def _intervals_overlap(a: dict, b: dict, key: str) -> bool | None:
+    lo_a, hi_a, lo_b, hi_b = (a[f"{key}_low"], a[f"{key}_high"], b[f"{key}_low"], b[f"{key}_high"])
+    if not all(math.isfinite(x) for x in (lo_a, hi_a, lo_b, hi_b)):
+        return None
+    return not (hi_a < lo_b or hi_b < lo_a)
+
+
+def build_report(run_dirs, out: str | Path | None = None) -> Path:
+    """Build ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``report.html`` in ``out`` from run folders or
+    comparison folders (a path or a list of them). ``out`` defaults to the single folder given. Returns ``out``."""
+    from tokenmdp.experiments.report_html import render_html
+
+    paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    col = collect(paths)
+    if out is None:
+        if len(paths) != 1:
+            from tokenmdp.errors import TokenMDPError
+
+            raise TokenMDPError("several folders given: choose where the merged report goes with --out")
+        out = paths[0]
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(col)
+    write_csv(rows, out / "summary.csv")
+    reading = length_reading(col, rows)
+    md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
+          + ", ".join(str(s) for s in col.sources) + ".", "",
+          "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
+          "(accuracies in %, lengths in tokens).", "", markdown_table(col, rows), "", "## Length effect", ""]
+    md += [f"- {line}" for line in reading]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    k = _k_of(col)
+    bars = [(key, label.replace("@k", f"@{k}") if k else label) for key, label in BAR_METRICS]
+    figures = all_figures(col, rows, bars)
+    (out / "plots").mkdir(exist_ok=True)
+    for name, png in figures.items():
+        (out / "plots" / f"{name}.png").write_bytes(png)
+    (out / "report.html").write_text(render_html(col, rows, figures, reading))
+    return out

@@ -1,0 +1,203 @@
+"""Reading run folders and comparison folders (read only; the report is built from these).
+
+A *run folder* is what the trainer writes (``config.yaml``, ``metrics.jsonl``, ``samples.parquet``,
+``final/``, ``DONE``); a comparison adds ``eval.json`` (the held-out evaluation of the final model) to each run.
+A *comparison folder* holds ``compare.json`` (settings and timings), ``base_eval.json`` (the base model on the same
+held-out set) and ``runs/<algo>/seed-<s>/``. Reports merge any mix of both, so runs made on different days or
+machines can be put side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tokenmdp.errors import TokenMDPError
+
+EVAL_FILE = "eval.json"
+BASE_EVAL_FILE = "base_eval.json"
+COMPARE_FILE = "compare.json"
+
+
+@dataclass
+class RunData:
+    """One training run: its algorithm, seed, config, per-step metrics and (optional) held-out evaluation."""
+
+    path: Path
+    algo: str
+    seed: int | None
+    config: dict = field(default_factory=dict)
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    eval: dict | None = None
+    done: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.algo}/seed-{self.seed}"
+
+
+@dataclass
+class Collection:
+    """Everything a report needs: the runs, the base model's evaluations, and the comparisons' own records."""
+
+    runs: list[RunData] = field(default_factory=list)
+    base_evals: list[dict] = field(default_factory=list)
+    compares: list[dict] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)
+
+    @property
+    def algos(self) -> list[str]:
+        """Algorithms in order of first appearance."""
+        seen: list[str] = []
+        for r in self.runs:
+            if r.algo not in seen:
+                seen.append(r.algo)
+        return seen
+
+    def runs_of(self, algo: str) -> list[RunData]:
+        return [r for r in self.runs if r.algo == algo]
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenMDPError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """``metrics.jsonl`` as a frame indexed by ``step`` (line number from 1 when a line has no ``step``)."""
+    rows = []
+    if path.is_file():
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TokenMDPError(f"{path} line {i}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise TokenMDPError(f"{path} line {i}: expected a JSON object")
+            row.setdefault("step", i)
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    frame["step"] = pd.to_numeric(frame["step"], errors="coerce")
+    # several lines of one step (e.g. a separate eval line) merge into one row
+    return frame.groupby("step", sort=True).last()
+
+
+def _seed_of(config: dict, ev: dict | None, path: Path) -> int | None:
+    for value in ((ev or {}).get("seed"), (config.get("run") or {}).get("seed"), config.get("seed")):
+        if isinstance(value, int):
+            return value
+    name = path.name
+    if name.startswith("seed-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def _algo_of(config: dict, ev: dict | None, path: Path) -> str:
+    if ev and isinstance(ev.get("algo"), str):
+        return ev["algo"]
+    algo = config.get("algo")
+    if isinstance(algo, dict) and isinstance(algo.get("name"), str):
+        return algo["name"]
+    if isinstance(algo, str):
+        return algo
+    return path.parent.name if path.name.startswith("seed-") else path.name
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read one run folder (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TokenMDPError(f"run folder not found: {path}")
+    config: dict = {}
+    cfg_path = path / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            config = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise TokenMDPError(f"{cfg_path}: not valid YAML ({exc})") from None
+    ev = read_json(path / EVAL_FILE) if (path / EVAL_FILE).is_file() else None
+    return RunData(
+        path=path,
+        algo=_algo_of(config, ev, path),
+        seed=_seed_of(config, ev, path),
+        config=config,
+        metrics=read_metrics(path / "metrics.jsonl"),
+        eval=ev,
+        done=(path / "DONE").exists(),
+    )
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file() or (path / EVAL_FILE).is_file()
+
+
+def _find_runs(root: Path) -> list[Path]:
+    found = []
+    for marker in sorted(root.rglob("metrics.jsonl")) + sorted(root.rglob(EVAL_FILE)):
+        parent = marker.parent
+        if parent != root and parent not in found and "checkpoints" not in parent.parts:
+            found.append(parent)
+    return found
+
+
+def collect(paths: list[str | Path]) -> Collection:
+    """Gather runs from run folders, comparison folders, or folders holding either; duplicates are read once."""
+    if not paths:
+        raise TokenMDPError("no run folder given: pass at least one run or comparison folder")
+    col = Collection()
+    seen: set[Path] = set()
+
+    def add_run(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            col.runs.append(load_run(p))
+
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise TokenMDPError(f"run folder not found: {p}")
+        col.sources.append(p)
+        if (p / COMPARE_FILE).is_file():
+            info = read_json(p / COMPARE_FILE)
+            info["_source"] = str(p)
+            col.compares.append(info)
+        if (p / BASE_EVAL_FILE).is_file():
+            col.base_evals.append(read_json(p / BASE_EVAL_FILE))
+        if _is_run(p):
+            add_run(p)
+        else:
+            for run in _find_runs(p):
+                add_run(run)
+    if not col.runs:
+        raise TokenMDPError(f"no run folder (with metrics.jsonl, config.yaml or {EVAL_FILE}) under: "
+                            + ", ".join(str(s) for s in col.sources))
+    col.runs.sort(key=lambda r: (r.seed if r.seed is not None else math.inf, str(r.path)))
+    order = {a: i for i, a in enumerate(_preferred_order(col))}
+    col.runs.sort(key=lambda r: order[r.algo])
+    return col
+
+
+def _preferred_order(col: Collection) -> list[str]:
+    """Algorithms in the order a comparison listed them, then any others in order of appearance."""
+    order: list[str] = []
+    for info in col.compares:
+        for a in (info.get("settings") or {}).get("algos", []):
+            if a not in order:
+                order.append(a)
+    for r in col.runs:
+        if r.algo not in order:
+            order.append(r.algo)
+    return order
