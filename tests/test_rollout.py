@@ -1,0 +1,215 @@
+"""Rollout engines (hf, fast): shapes, log-prob agreement, EOS/max-length flags, seeds, sampling distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy.logprobs import sequence_logprobs
+from tokenmdp.policy.tiny import build_tiny_random
+from tokenmdp.rollout import get_engine
+
+import importlib.util
+
+ENGINES = ["hf"] + (["fast"] if importlib.util.find_spec("tokenmdp.rollout.fast") else [])
+PROMPTS = ["12 3 4 = 7\n", "a", "hello world = 5\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_random(seed=0)
+
+
+def _biased(eos_bias: float, seed: int = 0):
+    """A tiny model whose lm_head adds ``eos_bias`` to the EOS logit (untied from the embeddings)."""
+    model, tok = build_tiny_random(seed=seed)
+    old = model.get_output_embeddings()
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = eos_bias
+    model.lm_head = head
+    return model, tok
+
+
+def _recompute(model, r, temperature=1.0):
+    return sequence_logprobs(model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask,
+                             temperature=temperature)[0]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shapes_groups_and_texts(engine, tiny):
+    model, tok = tiny
+    r = get_engine(engine, model, tok).generate(PROMPTS, n=2, max_new_tokens=7, seed=0)
+    assert len(r) == 6 and r.response_ids.shape == (6, 7) and r.prompt_ids.shape[0] == 6
+    assert r.prompts == [p for p in PROMPTS for _ in range(2)]
+    # left-padded prompts reproduce the prompt text
+    for i in range(6):
+        ids = r.prompt_ids[i][r.prompt_mask[i].bool()].tolist()
+        assert tok.decode(ids) == r.prompts[i]
+        assert r.prompt_mask[i, -1] == 1
+    # responses decode (no special tokens) from the masked ids
+    for i in range(6):
+        ids = r.response_ids[i, : int(r.lengths[i])].tolist()
+        assert r.responses[i] == tok.decode(ids, skip_special_tokens=True)
+    assert r.logprobs.dtype == torch.float32 and r.terminated.dtype == torch.bool
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 0.9), (1.3, 0, 0.8), (0.0, 0, 1.0)])
+def test_logprobs_match_teacher_forcing(engine, tiny, temperature, top_k, top_p):
+    model, tok = tiny
+    r = get_engine(engine, model, tok).generate(PROMPTS, n=3, max_new_tokens=12, temperature=temperature,
+                                                top_k=top_k, top_p=top_p, seed=1)
+    ref = _recompute(model, r, temperature)
+    assert (r.logprobs[r.response_mask == 0] == 0).all()
+    assert (r.logprobs[r.response_mask == 1] < 0).all()
+    torch.testing.assert_close(r.logprobs, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_greedy_is_argmax_and_seed_free(engine, tiny):
+    model, tok = tiny
+    eng = get_engine(engine, model, tok)
+    a = eng.generate(PROMPTS, n=2, max_new_tokens=10, temperature=0.0, seed=1)
+    b = eng.generate(PROMPTS, n=2, max_new_tokens=10, temperature=0.0, seed=2)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.response_ids[0], a.response_ids[1])
+    # each greedy token is the argmax of the teacher-forced next-token distribution
+    ids = torch.cat([a.prompt_ids, a.response_ids], 1)
+    mask = torch.cat([a.prompt_mask, a.response_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    pred = logits[:, a.prompt_ids.shape[1] - 1 : -1].argmax(-1)
+    m = a.response_mask.bool()
+    assert torch.equal(pred[m], a.response_ids[m])
+
+
+@pytest.mark.skipif("fast" not in ENGINES, reason="fast engine not written yet")
+def test_greedy_same_across_engines(tiny):
+    model, tok = tiny
+    a = get_engine("hf", model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0.0)
+    b = get_engine("fast", model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0.0)
+    assert torch.equal(a.response_ids, b.response_ids) and a.responses == b.responses
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_seeded_reproducibility_and_global_rng(engine, tiny):
+    model, tok = tiny
+    eng = get_engine(engine, model, tok)
+    state = torch.get_rng_state()
+    a = eng.generate(PROMPTS, n=4, max_new_tokens=10, seed=7)
+    b = eng.generate(PROMPTS, n=4, max_new_tokens=10, seed=7)
+    c = eng.generate(PROMPTS, n=4, max_new_tokens=10, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    # samples of one prompt differ from each other (temperature 1 over ~100 characters)
+    assert not torch.equal(a.response_ids[0], a.response_ids[1])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eos_always_terminates(engine):
+    model, tok = _biased(+100.0)
+    r = get_engine(engine, model, tok).generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    assert r.terminated.all() and not r.truncated.any()
+    assert r.lengths.tolist() == [1] * 6  # EOS itself is in the mask
+    assert (r.response_ids[:, 0] == tok.eos_token_id).all()
+    assert r.responses == [""] * 6
+    assert r.logprobs[:, 0].abs().max() < 1e-4  # log p(EOS) ~ 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_never_eos_truncates(engine):
+    model, tok = _biased(-1e4)
+    r = get_engine(engine, model, tok).generate(PROMPTS, n=2, max_new_tokens=9, seed=0)
+    assert r.truncated.all() and not r.terminated.any()
+    assert r.lengths.tolist() == [9] * 6 and r.response_ids.shape == (6, 9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mixed_stopping(engine):
+    """EOS about as likely as all other tokens together: rows end at different steps, flags and masks agree."""
+    model, tok = _biased(3.0)
+    eos = tok.eos_token_id
+    r = get_engine(engine, model, tok).generate(PROMPTS, n=8, max_new_tokens=6, seed=3)
+    assert r.terminated.any() and r.truncated.any()
+    assert torch.equal(r.terminated, ~r.truncated)
+    lengths = r.lengths
+    assert len(set(lengths.tolist())) > 2
+    for i in range(len(r)):
+        n = int(lengths[i])
+        assert r.response_mask[i, :n].all() and not r.response_mask[i, n:].any()
+        body = r.response_ids[i, : n - 1] if r.terminated[i] else r.response_ids[i, :n]
+        assert (body != eos).all()
+        if r.terminated[i]:
+            assert r.response_ids[i, n - 1] == eos
+        else:
+            assert n == 6
+    torch.testing.assert_close(r.logprobs, _recompute(model, r), atol=1e-4, rtol=0)
+
+
+def _first_token_freqs(engine, model, tok, n, **kw):
+    r = get_engine(engine, model, tok).generate(["ab"], n=n, max_new_tokens=1, seed=11, **kw)
+    return torch.bincount(r.response_ids[:, 0], minlength=len(tok)).float() / n
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sampling_distribution_top_k_top_p(engine):
+    """Empirical first-token frequencies match softmax(z / T) restricted to the top-k / nucleus set."""
+    model, tok = build_tiny_random(seed=5)
+    with torch.no_grad():  # sharpen the random model so a handful of tokens carries most mass
+        model.lm_head.weight.mul_(4.0)
+    ids = tok(["ab"], return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids).logits[0, -1]
+    n = 3000
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.8, 3, 1.0), (1.0, 0, 0.4)]:
+        probs = torch.softmax(logits / temperature, -1)
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        order = probs.argsort(descending=True)
+        if top_k:
+            keep[:] = False
+            keep[order[:top_k]] = True
+        if top_p < 1:
+            cum = probs[order].cumsum(0)
+            n_keep = int((cum - probs[order] < top_p).sum())
+            keep[:] = False
+            keep[order[:n_keep]] = True
+        target = torch.where(keep, probs, 0.0)
+        target /= target.sum()
+        freq = _first_token_freqs(engine, model, tok, n, temperature=temperature, top_k=top_k, top_p=top_p)
+        assert freq[~keep].sum() == 0
+        sigma = (target * (1 - target) / n).sqrt()
+        assert ((freq - target).abs() <= 4.5 * sigma + 1e-3).all(), (temperature, top_k, top_p)
+        assert int(keep.sum()) >= 2  # the case is not degenerate
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_arguments(engine, tiny):
+    model, tok = tiny
+    eng = get_engine(engine, model, tok)
+    with pytest.raises(TokenMDPError, match="max_new_tokens"):
+        eng.generate(PROMPTS, max_new_tokens=0)
+    with pytest.raises(TokenMDPError, match="top_p"):
+        eng.generate(PROMPTS, max_new_tokens=2, top_p=0.0)
+    with pytest.raises(TokenMDPError, match="single string"):
+        eng.generate("abc", max_new_tokens=2)
+
+
+def test_unknown_engine(tiny):
+    with pytest.raises(TokenMDPError, match="unknown rollout engine 'sglang'"):
+        get_engine("sglang", *tiny)
+
+
+def test_vllm_missing_message(tiny):
+    pytest.importorskip("pytest")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(TokenMDPError, match="pip install 'tokenmdp\\[vllm\\]'"):
+            get_engine("vllm", *tiny)
+    else:  # pragma: no cover - only where vllm is installed
+        pytest.skip("vllm is installed")
