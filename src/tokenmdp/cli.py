@@ -80,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # click usage errors and friends
         import click
 
-        if isinstance(exc, click.ClickException):
+        usage_errors: tuple[type, ...] = (click.ClickException,)
+        try:  # typer >= 0.2x vendors its own click: its usage errors are not click's
+            from typer._click.exceptions import ClickException as TyperClickException
+
+            usage_errors += (TyperClickException,)
+        except ImportError:
+            pass
+        if isinstance(exc, usage_errors):
             exc.show()
             return exc.exit_code
         raise

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from tokenmdp.mdp.tabular import TabularMDP
 
@@ -110,16 +112,17 @@ def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.2e}"
 
 
-def value_table(mdp: TabularMDP, V: np.ndarray, title: str = "V", *, limit: int = 50) -> Table:
-    """``V`` laid out as the grid when the MDP has one, else one row per state (at most ``limit``, 0: all)."""
+def value_table(mdp: TabularMDP, V: np.ndarray, title: str = "V", *, limit: int = 50) -> Table | Group:
+    """``V`` laid out as the grid when the MDP has one (title on its own line), else one row per state (at
+    most ``limit``, 0: all)."""
     if mdp.grid is not None:
         rows, cols = mdp.grid
-        table = Table(title=title, show_header=False, box=None, padding=(0, 0, 0, 1))
+        table = Table(show_header=False, box=None, padding=(0, 0, 0, 1))
         for _ in range(cols):
             table.add_column(justify="right")
         for i in range(rows):
             table.add_row(*(_fmt(V[i * cols + j], 3) for j in range(cols)))
-        return table
+        return Group(Text(title, style="bold"), table)
     table = Table(title=title)
     table.add_column("state")
     table.add_column("V", justify="right")

@@ -1,0 +1,102 @@
+"""`tokenmdp demo`: for now the tabular demo (kept later as `tokenmdp demo --tabular`).
+
+:func:`tabular_demo` runs (1) exact and iterative evaluation of the random policy on Sutton & Barto's 4x4
+gridworld (figure 4.1) and (2) Q-learning vs SARSA on cliff walking (example 6.6), printing values, greedy
+policies and paths. It takes about a second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenmdp.commands._common import console as stdout_console
+from tokenmdp.commands._common import emit_json, err_console
+
+
+def _gridworld_part(out: Console | None) -> dict[str, Any]:
+    from tokenmdp.mdp.tabular import gridworld4x4
+    from tokenmdp.solvers import evaluate_policy, iterative_evaluation, policy_picture, value_iteration
+    from tokenmdp.solvers.show import value_table
+
+    mdp = gridworld4x4()
+    exact = evaluate_policy(mdp)
+    sweep = iterative_evaluation(mdp, in_place=True, tol=1e-10)
+    opt = value_iteration(mdp)
+    diff = float(np.abs(exact.V - sweep.V).max())
+    if out is not None:
+        out.rule("1. Gridworld 4x4 (Sutton & Barto example 4.1), random policy, gamma 1")
+        out.print(value_table(mdp, exact.V, "V of the random policy (exact linear solve)"))
+        out.print(f"in-place iterative evaluation: {sweep.iterations} sweeps, max |difference| {diff:.1e}")
+        out.print("greedy policy w.r.t. that V (already optimal here):")
+        out.print(policy_picture(mdp, exact.greedy), markup=False, highlight=False)
+        out.print(f"value iteration: optimal V(s) = -(steps to the nearest corner), {opt.iterations} sweeps\n")
+    return {
+        "V_random": exact.V.reshape(4, 4), "iterative_sweeps": sweep.iterations, "iterative_max_diff": diff,
+        "V_optimal": opt.V.reshape(4, 4), "optimal_sweeps": opt.iterations,
+    }
+
+
+def _cliff_part(out: Console | None, *, seed: int, episodes: int, epsilon: float, alpha: float) -> dict:
+    from tokenmdp.mdp.tabular import cliff_walking
+    from tokenmdp.solvers import greedy_path, path_picture, td_control
+
+    mdp = cliff_walking()
+    if out is not None:
+        out.rule(f"2. Cliff walking (example 6.6): epsilon {epsilon}, step size {alpha}, {episodes} episodes")
+    summary: dict[str, Any] = {}
+    table = Table(title="learned on cliff walking")
+    for col in ("method", "greedy path steps", "greedy return", f"mean return, last {episodes // 5}"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for rule in ("q-learning", "sarsa"):
+        res = td_control(mdp, rule, episodes=episodes, epsilon=epsilon, alpha=alpha, seed=seed)
+        path = greedy_path(mdp, res.greedy)
+        online = float(np.mean(res.history["return"][-max(1, episodes // 5):]))
+        summary[rule] = {"path_steps": path.steps, "path_return": path.ret, "path_reason": path.reason,
+                         "path": path.states, "online_return": online}
+        table.add_row(rule, str(path.steps), f"{path.ret:g}", f"{online:.1f}")
+        if out is not None:
+            out.print(f"[bold]{rule}[/bold]: greedy path, {path.steps} steps ({path.reason})")
+            out.print(path_picture(mdp, path), markup=False, highlight=False)
+    if out is not None:
+        out.print(table)
+        out.print(
+            "Q-learning learns the optimal path along the edge but, exploring, falls off the cliff often; SARSA "
+            "learns the value of its exploring policy and keeps away from the edge, earning more while it learns."
+        )
+    return summary
+
+
+def tabular_demo(
+    *, seed: int = 0, episodes: int = 500, epsilon: float = 0.1, alpha: float = 0.5, console: Console | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the tabular demo, print it on ``console`` (stdout by default; nothing if ``quiet``) and return the
+    figures: gridworld values, and each TD method's greedy path length and returns on cliff walking."""
+    out = None if quiet else (console or stdout_console)
+    return {
+        "gridworld": _gridworld_part(out),
+        "cliff": _cliff_part(out, seed=seed, episodes=episodes, epsilon=epsilon, alpha=alpha),
+        "settings": {"seed": seed, "episodes": episodes, "epsilon": epsilon, "alpha": alpha},
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        tabular: bool = typer.Option(True, "--tabular/--no-tabular", help="Run the tabular MDP demo."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the TD learners."),
+        episodes: int = typer.Option(500, "--episodes", help="Episodes of Q-learning and SARSA."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    ) -> None:
+        """The main demo on the embedded default: for now tabular MDPs (gridworld values, cliff walking)."""
+        if not tabular:
+            err_console.print("nothing to run: only the tabular demo exists so far")
+            return
+        result = tabular_demo(seed=seed, episodes=episodes, quiet=json_out)
+        if json_out:
+            emit_json(result)
