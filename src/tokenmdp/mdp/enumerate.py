@@ -178,7 +178,7 @@ def exact_gradient(theta: Tensor, table: SequenceTable, rewards: Tensor | None =
     leaf = theta.detach().clone().requires_grad_(True)
     j = expected_return(leaf, table, rewards)
     (grad,) = torch.autograd.grad(j, leaf)
-    return float(j), grad
+    return float(j.detach()), grad
 
 
 def score_function(theta: Tensor, table: SequenceTable) -> Tensor:
