@@ -44,7 +44,14 @@ from typing import Sequence
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.tasks.base import Problem, Score, StepScore, Task, check_split
 from tokenmdp.tasks.countdown_solve import format_step, reachable_targets, solve_tree, to_expression, to_steps
-from tokenmdp.tasks.countdown_verify import DEFAULT_MAX_CHARS, extract_answer, score_steps, verify_equation
+from tokenmdp.tasks.countdown_verify import (
+    DEFAULT_MAX_CHARS,
+    Reject,
+    extract_answer,
+    parse_expression,
+    score_steps,
+    verify_equation,
+)
 
 HUB_ID = "Jiayi-Pan/Countdown-Tasks-3to4"
 
@@ -252,6 +259,19 @@ class Countdown(Task):
         if reason is None:
             return Score(self.rewards[0], True, True, "correct")
         return Score(self.rewards[1], False, True, reason)
+
+    def answer_key(self, problem: Problem, completion: str) -> tuple | None:
+        """The normalised answer for majority vote (used by ``tokenmdp eval``): the exact value and the sorted
+        numbers of the answer equation, so equivalent equations such as ``(3+5)*7`` and ``7*(5+3)`` vote together
+        (and all correct ones agree); None when there is no parseable answer."""
+        text = extract_answer(completion)
+        if text is None:
+            return None
+        try:
+            value, literals, claimed = parse_expression(text, self.max_expr_chars)
+        except (Reject, ZeroDivisionError):
+            return None
+        return (value, tuple(sorted(literals)), claimed in (None, problem.answer))
 
     def score_steps(self, problem: Problem, completion: str) -> list[StepScore]:
         """Every ``a op b = c`` step of the reasoning, checked for truth and available operands."""

@@ -256,6 +256,15 @@ class GSM8K(Task):
             return Score(self.rewards[0], True, True, "correct")
         return Score(self.rewards[1], False, True, f"answer {_show(got)} is not the gold {problem.answer}")
 
+    def answer_key(self, problem: Problem, completion: str):
+        """The normalised answer for majority vote (used by ``tokenmdp eval``): the extracted final number as an
+        exact fraction (``"1,000.0"`` and ``"1000"`` agree); None when no answer is found."""
+        raw = extract(completion, self.extraction)
+        if raw is None:
+            return None
+        value = to_fraction(raw)
+        return value if value is not None else normalize_number(raw)
+
     def _score_math_verify(self, problem: Problem, completion: str, raw: str | None) -> Score:
         mv = _math_verify()
         if raw is None and self.extraction != "any":
