@@ -148,3 +148,19 @@ def test_real_tiny_model_is_reproducible(tiny_random, tmp_path):
     doc = json.loads(path.read_text())
     assert doc["algo"] == "grpo" and "records" not in doc and doc["metrics"] == pytest.approx(m)
     assert len((tmp_path / "rec.jsonl").read_text().splitlines()) == 4
+
+
+def test_task_answer_keys_group_equivalent_answers():
+    from tokenmdp.tasks import get_task
+    from tokenmdp.tasks.base import Problem
+
+    cd = get_task("countdown", template="compact")
+    p = Problem("c", "Numbers: 3 5 7. Target: 56.", 56, {"nums": [3, 5, 7]})
+    key = cd.answer_key
+    assert key(p, "<answer>(3+5)*7</answer>") == key(p, "x</think><answer>7*(5+3)</answer>") == (56, (3, 5, 7), True)
+    assert key(p, "<answer>(3+5)*7 = 55</answer>") != key(p, "<answer>(3+5)*7</answer>")  # a wrong claim
+    assert key(p, "<answer>3+5+7</answer>") == (15, (3, 5, 7), True)
+    assert key(p, "<answer>3/0</answer>") is None and key(p, "no tag") is None
+    gs = get_task("gsm8k", data_dir="/nonexistent")  # data is read lazily; answer_key needs none
+    q = Problem("g", "q", "1000", {})
+    assert gs.answer_key(q, "so #### 1,000.0") == gs.answer_key(q, "#### 1000") and gs.answer_key(q, "none") is None
