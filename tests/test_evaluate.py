@@ -164,3 +164,31 @@ def test_task_answer_keys_group_equivalent_answers():
     gs = get_task("gsm8k", data_dir="/nonexistent")  # data is read lazily; answer_key needs none
     q = Problem("g", "q", "1000", {})
     assert gs.answer_key(q, "so #### 1,000.0") == gs.answer_key(q, "#### 1000") and gs.answer_key(q, "none") is None
+
+
+def test_eval_cli(tiny_random_dir, tmp_path, capsys):
+    from tokenmdp.cli import main
+    from tokenmdp.tasks import get_task
+
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(tiny_random_dir), "--task", "countdown", "--template", "compact", "--n", "3",
+            "--k", "2", "--engine", "hf", "--max-new-tokens", "8", "--seed", "1"]
+    assert main(args + ["--json", "--out", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["metrics"]["n_problems"] == 3 and doc["settings"]["k"] == 2 and doc["settings"]["template"] == "compact"
+    full = json.loads(out.read_text())
+    assert len(full["records"]) == 3 and full["metrics"] == doc["metrics"]
+    # a local problems file: the first 2 of its lines
+    task = get_task("countdown")
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(task.problem_to_dict(p)) + "\n" for p in task.problems("test", n=4, seed=5)))
+    assert main(args[:-4] + ["--data", str(data), "--n", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["n_problems"] == 2
+    assert main(args + ["--data", str(data), "--n", "9"]) == 2
+    assert "holds only 4 problems" in capsys.readouterr().err
+    data.write_text(data.read_text() + "{not json\n")
+    assert main(args + ["--data", str(data)]) == 2
+    assert f"{data}:5" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--task", "countdown"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "--help"]) == 0

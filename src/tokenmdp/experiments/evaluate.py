@@ -184,3 +184,43 @@ def save_eval(result: dict, path: str | Path, *, records: str | Path | None = No
             for rec in result["records"]:
                 fh.write(json.dumps(rec, default=str) + "\n")
     return path
+
+
+def model_meta(path: str | Path | None) -> dict:
+    """The ``tokenmdp.json`` of a model folder (task, task_kwargs, template, max_new_tokens), or {} without one."""
+    if path is None:
+        return {}
+    file = Path(path) / "tokenmdp.json"
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenMDPError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def resolve_eval_setup(model_path: str | Path | None, task: str | None, task_kwargs: dict | None = None,
+                       template: str | None = None, max_new_tokens: int | None = None) -> dict:
+    """Task name, task kwargs, template and max_new_tokens for evaluating ``model_path``: explicit values first,
+    then the model folder's ``tokenmdp.json`` (its task kwargs only when the task is the same), then defaults
+    (countdown, the task's default template, 128 tokens)."""
+    meta = model_meta(model_path)
+    name = task or meta.get("task") or "countdown"
+    same = name == meta.get("task")
+    kwargs = dict(meta.get("task_kwargs") or {}) if same else {}
+    kwargs.update(task_kwargs or {})
+    return {"task": name, "task_kwargs": kwargs, "template": template or (meta.get("template") if same else None),
+            "max_new_tokens": int(max_new_tokens or meta.get("max_new_tokens") or 128)}
+
+
+def load_eval_problems(task, *, data: str | Path | None = None, split: str = "test", n: int | None = None,
+                       seed: int = 0) -> list:
+    """``n`` problems from a local problems file (JSONL/Parquet, the task's format; the first ``n``) or from the
+    task's ``split``; asking for more than a file holds is an error naming the file."""
+    if data is not None:
+        problems = task.load_problems(data)
+        if n is not None and n > len(problems):
+            raise TokenMDPError(f"--n {n}: {data} holds only {len(problems)} problems")
+        return problems[:n] if n is not None else problems
+    return task.problems(split, n=n, seed=seed)

@@ -1,0 +1,106 @@
+"""`tokenmdp eval`: held-out greedy / sampled pass@1, pass@k, majority vote, best-of-n and lengths of a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from tokenmdp.commands._common import console, emit_json, err_console
+
+PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",
+           "sampled/format_rate", "sampled/truncated_rate")
+
+
+def progress_bar(enabled: bool = True):
+    """A rich progress bar on stderr with the time left (shared by `eval` and `compare`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
+                    TimeRemainingColumn(), console=err_console, disable=not enabled)
+
+
+def eval_cmd(
+    model: str | None = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or hub id "
+                                     "(default: the embedded tiny base model, built on first use)."),
+    task: str | None = typer.Option(None, "--task", "-t", help="countdown, gsm8k or pkg.module:Class "
+                                    "(default: the model folder's tokenmdp.json, else countdown)."),
+    data: Path | None = typer.Option(None, "--data", help="A local JSONL/Parquet file of problems (else the split)."),
+    split: str = typer.Option("test", "--split", help="The task split when --data is not given."),
+    n: int = typer.Option(500, "--n", min=1, help="Number of problems."),
+    k: int = typer.Option(8, "--k", min=1, help="Samples per problem for sampled pass@1, pass@k, majority, best-of-k."),
+    n_samples: int | None = typer.Option(None, "--n-samples", help="Samples drawn (>= k) for the unbiased pass@k."),
+    template: str | None = typer.Option(None, "--template", help="Prompt template (default: from tokenmdp.json)."),
+    option: list[str] | None = typer.Option(None, "--task-option", "-o", help="Task option KEY=VALUE, repeatable."),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json, else 128."),
+    engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Sequences per generate call."),
+    no_greedy: bool = typer.Option(False, "--no-greedy", help="Skip the greedy completion."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the problem draw and of sampling."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto."),
+    out: Path | None = typer.Option(None, "--out", help="Write metrics, settings and per-problem records as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics and settings as one JSON document."),
+) -> None:
+    """Evaluate a model on a task's held-out split (or a local problems file).
+
+    Greedy pass@1, sampled pass@1 (mean over the k samples), pass@k (unbiased estimator), majority vote, best-of-k
+    with the verifier, format rate, and the mean length (tokens) of correct and incorrect responses.
+    """
+    from tokenmdp.commands.tasks import parse_options
+    from tokenmdp.experiments.evaluate import evaluate, load_eval_problems, resolve_eval_setup
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.tasks import get_task
+
+    if model is None:
+        from tokenmdp.policy.tiny import ensure_tiny_base
+
+        model = str(ensure_tiny_base())
+    setup = resolve_eval_setup(model, task, parse_options(option), template, max_new_tokens)
+    task_obj = get_task(setup["task"], **setup["task_kwargs"])
+    problems = load_eval_problems(task_obj, data=data, split=split, n=n, seed=seed)
+    policy = load_policy(model, dtype=dtype, device=device)
+    total = len(problems) * ((n_samples or k) + (0 if no_greedy else 1))
+    with progress_bar() as bar:
+        job = bar.add_task("eval", total=total, info=f"{len(problems)} problems x {n_samples or k} + greedy")
+        result = evaluate(policy, None, task_obj, problems, k=k, n_samples=n_samples, engine=engine,
+                          temperature=temperature, max_new_tokens=setup["max_new_tokens"], greedy=not no_greedy,
+                          batch_size=batch_size, seed=seed, template=setup["template"],
+                          progress=lambda m: bar.update(job, advance=m))
+    result["settings"].update(model=str(model), data=str(data) if data else None, split=None if data else split,
+                              task_kwargs=setup["task_kwargs"])
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    summary = {key: result[key] for key in ("metrics", "settings", "time_s")}
+    if as_json:
+        emit_json(summary)
+        return
+    _print_table(result)
+
+
+def _print_table(result: dict) -> None:
+    from rich.table import Table
+
+    m, s = result["metrics"], result["settings"]
+    table = Table(title=f"{s['task']} - {m['n_problems']} problems, k={m['k']}, {result['time_s']:.1f} s")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in m.items():
+        if value is None:
+            text = "n/a"
+        elif key in PERCENT or key.startswith("pass@"):
+            text = f"{100 * value:.1f}%"
+        elif isinstance(value, float):
+            text = f"{value:.2f}"
+        else:
+            text = str(value)
+        table.add_row(key, text)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
