@@ -43,6 +43,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
 
 def _summary(mdp) -> str:
     import numpy as np
+    from rich.markup import escape
 
     term = ", ".join(mdp.state_names[s] for s in np.flatnonzero(mdp.terminal)) or "none"
     starts = np.flatnonzero(mdp.start > 0)
@@ -50,9 +51,9 @@ def _summary(mdp) -> str:
     if starts.size > 8:
         start += f", ... ({starts.size} states)"
     return (
-        f"[bold]{mdp.name}[/bold]: {mdp.n_states} states, {mdp.n_actions} actions "
-        f"({', '.join(mdp.action_names)}), gamma {mdp.gamma:g}\n"
-        f"terminal: {term}\nstart: {start}"
+        f"[bold]{escape(mdp.name)}[/bold]: {mdp.n_states} states, {mdp.n_actions} actions "
+        f"({escape(', '.join(mdp.action_names))}), gamma {mdp.gamma:g}\n"
+        f"terminal: {escape(term)}\nstart: {escape(start)}"
     )
 
 
@@ -107,6 +108,8 @@ def solve_cmd(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Solve an MDP and print V, Q and the greedy policy (arrows on grid worlds)."""
+    from rich.markup import escape
+
     from tokenmdp.mdp.tabular_io import get_mdp
     from tokenmdp.solvers import DP_METHODS, METHODS, solve
     from tokenmdp.solvers.show import greedy_path, path_picture, policy_picture
@@ -134,7 +137,7 @@ def solve_cmd(
         console.print("[bold]greedy policy[/bold] (argmax Q)")
         console.print(policy_picture(mdp, result.greedy), highlight=False, markup=False)
     console.print(
-        f"[bold]greedy path[/bold] from {mdp.state_names[path.states[0]]}: {path.steps} steps, "
+        f"[bold]greedy path[/bold] from {escape(mdp.state_names[path.states[0]])}: {path.steps} steps, "
         f"return {path.ret:.4g} (stopped: {path.reason})"
     )
     console.print(path_picture(mdp, path), highlight=False, markup=False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -128,7 +129,7 @@ def value_table(mdp: TabularMDP, V: np.ndarray, title: str = "V", *, limit: int 
     table.add_column("V", justify="right")
     shown = range(mdp.n_states) if limit <= 0 else range(min(limit, mdp.n_states))
     for s in shown:
-        table.add_row(mdp.state_names[s], _fmt(V[s]))
+        table.add_row(escape(mdp.state_names[s]), _fmt(V[s]))
     if len(shown) < mdp.n_states:
         table.caption = f"{mdp.n_states - len(shown)} more states not shown (--limit 0 shows all)"
     return table
@@ -140,7 +141,7 @@ def q_table(mdp: TabularMDP, Q: np.ndarray, policy: np.ndarray, *, limit: int = 
     table = Table(title="Q(s, a) and the greedy action")
     table.add_column("state")
     for name in mdp.action_names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     table.add_column("greedy")
     stochastic = bool((policy[mdp.nonterminal].max(axis=1) < 1.0 - 1e-12).any())
     if stochastic:
@@ -148,8 +149,8 @@ def q_table(mdp: TabularMDP, Q: np.ndarray, policy: np.ndarray, *, limit: int = 
     shown = range(mdp.n_states) if limit <= 0 else range(min(limit, mdp.n_states))
     for s in shown:
         a = int(np.argmax(Q[s]))
-        cells = [mdp.state_names[s], *(_fmt(q) for q in Q[s])]
-        cells.append("(terminal)" if mdp.terminal[s] else mdp.action_names[a])
+        cells = [escape(mdp.state_names[s]), *(_fmt(q) for q in Q[s])]
+        cells.append("(terminal)" if mdp.terminal[s] else escape(mdp.action_names[a]))
         if stochastic:
             cells.append("" if mdp.terminal[s] else f"{policy[s, a]:.3f}")
         table.add_row(*cells)
@@ -161,12 +162,13 @@ def q_table(mdp: TabularMDP, Q: np.ndarray, policy: np.ndarray, *, limit: int = 
 def transition_table(mdp: TabularMDP, *, limit: int = 60) -> Table:
     """The sparse transition list ``s, a, s', P, r`` (terminal self-loops left out); ``limit`` 0 shows all."""
     rows = mdp.transitions()
-    table = Table(title=f"{mdp.name}: transitions with P > 0")
+    table = Table(title=Text(f"{mdp.name}: transitions with P > 0"))
     for col in ("s", "a", "s'", "P(s'|s,a)", "r"):
         table.add_column(col, justify="right" if col in ("P(s'|s,a)", "r") else "left")
     shown = rows if limit <= 0 else rows[:limit]
     for s, a, s2, p, r in shown:
-        table.add_row(mdp.state_names[s], mdp.action_names[a], mdp.state_names[s2], _fmt(p), _fmt(r))
+        table.add_row(escape(mdp.state_names[s]), escape(mdp.action_names[a]), escape(mdp.state_names[s2]),
+                      _fmt(p), _fmt(r))
     if len(shown) < len(rows):
         table.caption = f"{len(rows) - len(shown)} more transitions not shown (--limit 0 shows all)"
     return table
@@ -176,19 +178,19 @@ def dense_tables(mdp: TabularMDP) -> list[Table]:
     """One ``P(. | s, a)`` matrix per action (rows s, columns s') and the expected reward table ``R[s, a]``."""
     tables = []
     for a, name in enumerate(mdp.action_names):
-        table = Table(title=f"P(s' | s, a={name})")
+        table = Table(title=Text(f"P(s' | s, a={name})"))
         table.add_column("s \\ s'")
         for s2 in mdp.state_names:
-            table.add_column(s2, justify="right")
+            table.add_column(escape(s2), justify="right")
         for s in range(mdp.n_states):
-            table.add_row(mdp.state_names[s], *(_fmt(p) if p else "" for p in mdp.P[s, a]))
+            table.add_row(escape(mdp.state_names[s]), *(_fmt(p) if p else "" for p in mdp.P[s, a]))
         tables.append(table)
-    table = Table(title="R[s, a] = sum_s' P(s'|s,a) r(s,a,s')")
+    table = Table(title=Text("R[s, a]"), caption="expected reward")
     table.add_column("state")
     for name in mdp.action_names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     for s in range(mdp.n_states):
-        table.add_row(mdp.state_names[s], *(_fmt(x) for x in mdp.R[s]))
+        table.add_row(escape(mdp.state_names[s]), *(_fmt(x) for x in mdp.R[s]))
     tables.append(table)
     return tables
 
