@@ -204,6 +204,10 @@ def test_step_scores_fractions_and_prose():
 def test_compact_template_and_reference_are_exact():
     assert CD.render(P357, "compact") == "Numbers: 3 5 7. Target: 56.\n<think>"
     assert CD.reference(P357, "compact") == "3+5=8\n7*8=56\n</think><answer>7*(3+5)</answer>"
+    # 24 from 1, 3, 4, 6 only through fractions: 6 / (1 - 3/4); fraction operands are parenthesised
+    p = make_problem([1, 3, 4, 6], 24)
+    assert CD.reference(p, "compact") == "3/4=3/4\n1-(3/4)=1/4\n6/(1/4)=24\n</think><answer>6/(1-3/4)</answer>"
+    assert [s.correct for s in CD.score_steps(p, CD.reference(p, "compact"))] == [True, True, True]
     r1 = CD.render(P357)
     assert r1.endswith("<think>") and "3, 5, 7" in r1 and "56" in r1 and "<answer>" in r1
     with pytest.raises(TokenMDPError, match="known templates: r1, compact"):

@@ -162,7 +162,8 @@ def test_loader_errors_and_round_trip(tmp_path, monkeypatch):
     with pytest.raises(TokenMDPError, match="GSM8K file not found"):
         GSM8K(data_dir=tmp_path).problems("test", n=1)
     bad = tmp_path / "rows.jsonl"
-    bad.write_text(json.dumps({"question": "q?", "answer": "2+2=4\n#### 4"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    good = json.dumps({"question": "q?", "answer": "2+2=4\n#### 4"}) + "\n"
+    bad.write_text(good + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(TokenMDPError, match=r"rows\.jsonl:2: missing field 'answer'"):
         GSM8K(data_dir="unused").load_problems(bad)
     bad.write_text(json.dumps({"question": "q?", "answer": "2+2=4\n#### 4"}) + "\n")

@@ -62,7 +62,8 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> 
     for name in known_tasks():
         cls = task_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()
-        rows.append({"name": name, "templates": list(getattr(cls, "templates", ())), "description": doc[0] if doc else ""})
+        templates = list(getattr(cls, "templates", ()))
+        rows.append({"name": name, "templates": templates, "description": doc[0] if doc else ""})
     if json_out:
         emit_json(rows)
         return

@@ -115,7 +115,9 @@ class Countdown(Task):
         if not counts or any(not isinstance(c, int) or c < 2 or c > 6 for c in counts):
             raise TokenMDPError(f"num_count must be an int in 2..6 or a (min, max) range, got {num_count!r}")
         if low > high or target_low > target_high:
-            raise TokenMDPError(f"empty range: low={low}, high={high}, target_low={target_low}, target_high={target_high}")
+            raise TokenMDPError(
+                f"empty range: low={low}, high={high}, target_low={target_low}, target_high={target_high}"
+            )
         if len(rewards) != 3:
             raise TokenMDPError(f"rewards must be (correct, formatted, unformatted), got {rewards!r}")
         if not 0.0 < test_fraction < 1.0:

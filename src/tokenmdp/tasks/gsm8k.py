@@ -289,7 +289,9 @@ def _math_verify():
 
         import math_verify
     except ImportError:
-        raise TokenMDPError("backend 'math_verify' needs the math-verify package: pip install 'tokenmdp[math]'") from None
+        raise TokenMDPError(
+            "backend 'math_verify' needs the math-verify package: pip install 'tokenmdp[math]'"
+        ) from None
     # math-verify warns once that its time-outs are off; that is intended here (no signals off the main thread).
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.ERROR)
