@@ -185,6 +185,19 @@ def test_vi_pi_eval_agree_on_frozenlake():
     assert (value_iteration(mdp).V[mdp.terminal] == 0).all()
 
 
+@pytest.mark.skipif(find_spec("gymnasium") is None, reason="gymnasium not installed")
+def test_taxi_optimal_route():
+    from tokenmdp.mdp.tabular_io import get_mdp
+
+    mdp = get_mdp("taxi")
+    vi = value_iteration(mdp)
+    path = greedy_path(mdp, vi.greedy, start=1)  # taxi and passenger at R (0,0), destination G (0,4)
+    # pickup, 8 moves around the wall, dropoff: -1 on 9 steps then +20, discounted by 0.99
+    assert path.steps == 10 and path.reason == "terminal"
+    assert path.ret == pytest.approx(-(1 - 0.99**9) / 0.01 + 20 * 0.99**9)
+    assert vi.V[1] == pytest.approx(path.ret)
+
+
 def test_chain_optimal_values():
     vi = value_iteration(chain())
     np.testing.assert_allclose(vi.V, [0, 0.729, 0.81, 0.9, 1.0, 0], atol=1e-10)

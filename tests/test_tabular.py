@@ -268,6 +268,8 @@ def test_taxi_loads():
     mdp = get_mdp("taxi")
     assert (mdp.n_states, mdp.n_actions) == (500, 6)
     assert mdp.terminal.sum() == 4 and mdp.start.sum() == pytest.approx(1.0)
+    assert mdp.state_names[0] == "(0,0) p=R d=R" and mdp.terminal[0]  # passenger delivered to R
+    assert mdp.state_names[1] == "(0,0) p=R d=G" and mdp.start[1] > 0
 
 
 def test_from_gymnasium_routes_ambiguous_done_to_extra_state():

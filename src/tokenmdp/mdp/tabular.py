@@ -15,7 +15,7 @@ Builders: :func:`chain`, :func:`gridworld4x4` (Sutton & Barto example 4.1), :fun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,8 +274,11 @@ def chain(
     )
 
 
+GridStep = Callable[[int, int, tuple[int, int]], tuple[int, float]]
+
+
 def _grid_mdp(
-    rows: int, cols: int, step: callable, *, gamma: float, start: np.ndarray | None, terminal: list[int],
+    rows: int, cols: int, step: GridStep, *, gamma: float, start: np.ndarray | None, terminal: list[int],
     markers: dict[int, str], name: str,
 ) -> TabularMDP:
     """A deterministic grid world: ``step(row, col, (dr, dc)) -> (next_state, reward)``."""

@@ -72,7 +72,7 @@ def from_gymnasium(env: Any, *, gamma: float = 0.99, name: str | None = None) ->
         r2[:S, :, S] = (P * done * r).sum(axis=2) / np.maximum(P2[:S, :, S], 1e-300)
         P, r, start, terminal = P2, r2, np.append(start, 0.0), np.eye(S + 1, dtype=bool)[S]
         grid, markers = None, {}
-    names = [f"({i},{j})" for i in range(grid[0]) for j in range(grid[1])] if grid else None
+    names = _gym_state_names(core, kind, S, grid)
     return TabularMDP(
         P, r, gamma, start=start, terminal=terminal, action_names=GYM_ACTION_NAMES.get(kind), state_names=names,
         grid=grid, markers=markers, name=name or kind.lower(),
@@ -91,6 +91,20 @@ def _gym_layout(core: Any, kind: str, S: int) -> tuple[tuple[int, int] | None, d
         markers.update({(rows - 1) * cols: "S", rows * cols - 1: "G"})
         return (rows, cols), markers
     return None, {}
+
+
+def _gym_state_names(core: Any, kind: str, S: int, grid: tuple[int, int] | None) -> list[str] | None:
+    """``(row,col)`` on grids; for Taxi ``(row,col) p=R d=G`` (passenger at R, or ``p=taxi``; destination G)."""
+    if grid is not None:
+        return [f"({i},{j})" for i in range(grid[0]) for j in range(grid[1])]
+    if kind == "Taxi" and hasattr(core, "decode"):
+        letters = "RGYB"
+        names = []
+        for s in range(S):
+            row, col, p, d = core.decode(s)
+            names.append(f"({row},{col}) p={'taxi' if p == 4 else letters[p]} d={letters[d]}")
+        return names
+    return None
 
 
 def _gym(env_id: str, default_name: str, **kwargs: Any) -> Callable[..., TabularMDP]:
