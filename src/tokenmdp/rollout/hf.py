@@ -79,12 +79,12 @@ class HFEngine(Engine):
         self.add_special_tokens = add_special_tokens
 
     def _config(self, max_new_tokens: int, greedy: bool) -> GenerationConfig:
+        # top_k=0 turns off transformers' global default top_k=50; greedy leaves the sampling flags unset
+        sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            **sampling,
             num_beams=1,
             repetition_penalty=1.0,
             eos_token_id=self.eos_ids,

