@@ -186,26 +186,14 @@ def save_eval(result: dict, path: str | Path, *, records: str | Path | None = No
     return path
 
 
-def model_meta(path: str | Path | None) -> dict:
-    """The ``tokenmdp.json`` of a model folder (task, task_kwargs, template, max_new_tokens), or {} without one."""
-    if path is None:
-        return {}
-    file = Path(path) / "tokenmdp.json"
-    if not file.is_file():
-        return {}
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenMDPError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    return meta if isinstance(meta, dict) else {}
-
-
 def resolve_eval_setup(model_path: str | Path | None, task: str | None, task_kwargs: dict | None = None,
                        template: str | None = None, max_new_tokens: int | None = None) -> dict:
     """Task name, task kwargs, template and max_new_tokens for evaluating ``model_path``: explicit values first,
     then the model folder's ``tokenmdp.json`` (its task kwargs only when the task is the same), then defaults
     (countdown, the task's default template, 128 tokens)."""
-    meta = model_meta(model_path)
+    from tokenmdp.train.setup import model_meta
+
+    meta = model_meta(Path(model_path)) if model_path is not None and Path(model_path).exists() else {}
     name = task or meta.get("task") or "countdown"
     same = name == meta.get("task")
     kwargs = dict(meta.get("task_kwargs") or {}) if same else {}

@@ -1,0 +1,73 @@
+"""`tokenmdp compare`: the algorithms side by side on the same prompts and seeds, held-out evaluation, report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from tokenmdp.commands._common import console, emit_json
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """``["grpo,dr_grpo", "ppo"]`` -> ``["grpo", "dr_grpo", "ppo"]``."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def compare_cmd(
+    algos: list[str] | None = typer.Option(None, "--algos", help="Comma-separated presets "
+                                           "(default: grpo,dr_grpo,ppo,rloo,isft+,isft+-)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds (0..n-1)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps per run (default: sized for CPU)."),
+    model: str | None = typer.Option(None, "--model", help="Base model folder (default: the embedded tiny model)."),
+    task: str = typer.Option("countdown", "--task", help="countdown, gsm8k or pkg.module:Class."),
+    option: list[str] | None = typer.Option(None, "--task-option", "-o", help="Task option KEY=VALUE, repeatable."),
+    template: str | None = typer.Option(None, "--template", help="Prompt template (default: from tokenmdp.json)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Output folder."),
+    eval_n: int = typer.Option(500, "--eval-n", min=1, help="Held-out problems (test split, never trained on)."),
+    k: int | None = typer.Option(None, "--k", min=1, help="Held-out samples per problem (pass@k, majority@k)."),
+    prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", min=1, help="Prompts per training step."),
+    group_size: int | None = typer.Option(None, "--group-size", min=1, help="Samples per prompt in training."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the trainer's)."),
+    engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
+    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Trainer's periodic held-out accuracy (0: off)."),
+    report_to: str = typer.Option("none", "--report-to", help="none or tensorboard (accelerate trackers)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Training config override key=value, repeatable."),
+    cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs already finished in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON document."),
+) -> None:
+    """Train each algorithm for each seed on the same prompt stream, evaluate every final model and the base model
+    on one fixed held-out set, and write summary.csv, summary.md, plots/ and report.html into --out."""
+    from tokenmdp.commands.tasks import parse_options
+    from tokenmdp.experiments.compare import DEFAULT_ALGOS, compare
+    from tokenmdp.experiments.report import markdown_table, summary_rows
+    from tokenmdp.experiments.runs import collect
+
+    opts = {"task_kwargs": parse_options(option), "template": template, "max_new_tokens": max_new_tokens,
+            "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
+            "overrides": list(set_ or []), "cache_dir": cache_dir}
+    for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
+        if value is not None:
+            opts[name] = value
+    kw = {"steps": steps} if steps is not None else {}
+    if k is not None:
+        kw["k"] = k
+    folder = compare(_split(algos) or list(DEFAULT_ALGOS), seeds, model=model, task=task, out=out, eval_n=eval_n,
+                     overwrite=overwrite, **kw, **opts)
+    col = collect([folder])
+    rows = summary_rows(col)
+    if as_json:
+        clean = [{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows]
+        emit_json({"out": str(folder), "report": str(folder / "report.html"), "summary": clean})
+        return
+    console.print(markdown_table(col, rows), markup=False, highlight=False)
+    console.print(f"report: {folder / 'report.html'}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare_cmd)

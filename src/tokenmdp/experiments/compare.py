@@ -1,0 +1,194 @@
+"""`tokenmdp compare`: algorithms side by side on the same prompts and seeds, a fixed held-out evaluation of the base
+model and of every final model, and the report.
+
+Fair by construction, and checked: for a given seed every algorithm trains on the prompt stream of
+:func:`tokenmdp.train.data.prompt_stream` (a function of the seed only) with the same number of prompts and samples
+per step; after training, the prompts logged in each run's ``samples.parquet`` are compared step by step across
+the algorithms and with that stream (:func:`check_same_stream`), and a mismatch stops the comparison. The held-out
+set (``eval_n`` problems of the test split, drawn with :data:`HELDOUT_SEED`) is fixed for the whole comparison,
+disjoint from every training prompt (asserted), and evaluated for the base model and every final model.
+
+Layout of ``out``::
+
+    compare.json        settings, timings, the fairness check
+    heldout.jsonl       the held-out problems
+    base_eval.json      the base model on them (eval_records.jsonl beside it: per-problem records)
+    configs/<algo>.yaml the training config of each algorithm (seed and run folder set per run)
+    runs/<algo>/seed-<s>/   trainer run folders, each with eval.json + eval_records.jsonl
+    summary.csv, summary.md, plots/, report.html
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.compare_run import Tracker, check_same_stream, run_eval, train_run
+
+DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
+HELDOUT_SEED = 20250519  # the held-out draw: one fixed set for every seed and algorithm
+
+
+@dataclass
+class CompareSettings:
+    """Everything a comparison is a function of (written to ``compare.json``)."""
+
+    algos: list[str] = field(default_factory=lambda: list(DEFAULT_ALGOS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 30
+    model: str | None = None
+    task: str = "countdown"
+    task_kwargs: dict = field(default_factory=dict)
+    template: str | None = None
+    eval_n: int = 500
+    k: int = 8
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int | None = None
+    lr: float | None = None
+    engine: str = "fast"
+    eval_batch_size: int = 512
+    eval_temperature: float = 1.0
+    eval_every: int = 0
+    report_to: str = "none"
+    overrides: list[str] = field(default_factory=list)
+    heldout_seed: int = HELDOUT_SEED
+    cache_dir: str | None = None
+
+
+def _validate(s: CompareSettings) -> None:
+    from tokenmdp.algos.registry import PRESETS
+
+    if not s.algos:
+        raise TokenMDPError("--algos: name at least one algorithm")
+    for a in s.algos:
+        if a not in PRESETS:
+            raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
+    if len(set(s.algos)) != len(s.algos):
+        raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
+        raise TokenMDPError(f"--seeds: need at least one seed and no repeats, got {s.seeds}")
+    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size"):
+        if getattr(s, name) < 1:
+            raise TokenMDPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+
+
+def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens: int) -> dict:
+    """The training config of ``algo`` (YAML layout of :class:`tokenmdp.train.config.TrainConfig`)."""
+    cfg = {
+        "model": {"path": model_path},
+        "task": {"name": s.task, "template": s.template, "options": dict(s.task_kwargs)},
+        "rollout": {"engine": s.engine, "prompts_per_step": s.prompts_per_step, "group_size": s.group_size,
+                    "max_new_tokens": max_new_tokens},
+        "algo": {"name": algo},
+        "optim": {},
+        "run": {"steps": s.steps, "save_every": s.steps, "keep_last": 1, "eval_every": s.eval_every,
+                "eval_n": min(s.eval_n, 100), "report_to": s.report_to, "log_samples": True,
+                "equivalence": algo == "grpo", "overwrite": True},
+    }
+    if s.lr is not None:
+        cfg["optim"]["lr"] = s.lr
+    return cfg
+
+
+def _load_configs(s: CompareSettings, out: Path, model_path: str, max_new: int) -> dict[str, Path]:
+    """Write ``configs/<algo>.yaml`` and validate each (with the user's overrides) before anything runs."""
+    from tokenmdp.train.config import load_config
+
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for algo in s.algos:
+        path = out / "configs" / f"{algo.replace('+', 'p').replace('-', 'm')}.yaml"
+        path.write_text(yaml.safe_dump(_base_config(s, algo, model_path, max_new), sort_keys=False))
+        load_config(path, list(s.overrides))
+        paths[algo] = path
+    return paths
+
+
+def _heldout(s: CompareSettings, task, out: Path, streams_ids: set[str]) -> list:
+    problems = task.problems("test", n=s.eval_n, seed=s.heldout_seed)
+    if len(problems) < s.eval_n:
+        raise TokenMDPError(f"--eval-n {s.eval_n}: the {s.task} test split holds only {len(problems)} problems")
+    leaked = streams_ids & {p.id for p in problems}
+    if leaked:
+        raise TokenMDPError(f"held-out problems appear in the training stream: {sorted(leaked)[:3]}")
+    with (out / "heldout.jsonl").open("w") as fh:
+        for p in problems:
+            fh.write(json.dumps(task.problem_to_dict(p), default=str) + "\n")
+    return problems
+
+
+def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = CompareSettings.steps,
+            model: str | None = None, task: str = "countdown", out: str | Path = "runs/compare",
+            eval_n: int = 500, k: int = CompareSettings.k, *, progress: bool = True, overwrite: bool = False,
+            **options) -> Path:
+    """Train every algorithm of ``algos`` for each seed, evaluate them on one held-out set, build the report.
+
+    ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder (None: the embedded tiny base model,
+    pretrained on first use). ``options`` are the other fields of :class:`CompareSettings`. Runs already finished
+    in ``out`` (``DONE`` and ``eval.json``) are reused unless ``overwrite``. Returns ``out``.
+    """
+    from tokenmdp.experiments.evaluate import resolve_eval_setup
+    from tokenmdp.experiments.report import build_report
+    from tokenmdp.tasks import get_task
+    from tokenmdp.train.data import prompt_stream
+
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
+    unknown = set(options) - {f for f in CompareSettings.__dataclass_fields__}
+    if unknown:
+        raise TokenMDPError(f"compare: unknown option(s) {', '.join(sorted(unknown))}")
+    s = CompareSettings(algos=list(algos), seeds=seed_list, steps=steps, model=model, task=task, eval_n=eval_n,
+                        k=k, **options)
+    _validate(s)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict = {}
+    model_path = s.model
+    if model_path is None:  # before the comparison's own bars: pretraining shows its own
+        from tokenmdp.policy.tiny import ensure_tiny_base
+
+        t0 = time.perf_counter()
+        model_path = str(ensure_tiny_base(s.cache_dir, progress=progress))
+        timings["pretrain_s"] = time.perf_counter() - t0
+    with Tracker(s, enabled=progress) as tracker:
+        setup = resolve_eval_setup(model_path, s.task, s.task_kwargs, s.template, s.max_new_tokens)
+        s.task_kwargs, s.template = setup["task_kwargs"], setup["template"]
+        task_obj = get_task(s.task, **s.task_kwargs)
+        configs = _load_configs(s, out, model_path, setup["max_new_tokens"])
+        streams = {seed: prompt_stream(task_obj, seed=seed, steps=s.steps, prompts_per_step=s.prompts_per_step)
+                   for seed in s.seeds}
+        heldout = _heldout(s, task_obj, out, {p.id for st in streams.values() for step in st for p in step})
+        info = {"settings": asdict(s) | {"model": model_path}, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
+                "max_new_tokens": setup["max_new_tokens"], "timings": timings}
+        (out / "compare.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        ev_kw = dict(task=task_obj, problems=heldout, settings=s, max_new_tokens=setup["max_new_tokens"])
+        timings["base_eval_s"] = run_eval(model_path, out / "base_eval.json", tracker=tracker, label="base",
+                                          **ev_kw)
+        fairness = {}
+        for seed in s.seeds:
+            run_dirs = {}
+            for algo in s.algos:
+                run_dir = out / "runs" / algo / f"seed-{seed}"
+                label = f"{algo}/seed-{seed}"
+                t_train = train_run(configs[algo], run_dir, seed, s, tracker=tracker, label=label,
+                                    overwrite=overwrite)
+                t_eval = run_eval(run_dir / "final", run_dir / "eval.json", tracker=tracker, label=label,
+                                  extra={"algo": algo, "seed": seed}, reuse=t_train is None, **ev_kw)
+                timings[label] = {"train_s": t_train, "eval_s": t_eval}
+                run_dirs[algo] = run_dir
+            expected = [[task_obj.render(p, template=s.template) for p in step] for step in streams[seed]]
+            fairness[f"seed-{seed}"] = check_same_stream(run_dirs, expected)
+        tracker.phase("report")
+        timings["total_s"] = time.perf_counter() - started
+        info.update(timings=timings, fairness=fairness)
+        (out / "compare.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        build_report(out)
+    return out

@@ -1,0 +1,162 @@
+"""The pieces of one comparison (:mod:`tokenmdp.experiments.compare`): training one run, evaluating one model on the
+held-out set, the fairness check on the logged prompt streams, and the progress display."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from tokenmdp.errors import TokenMDPError
+
+
+class FairnessError(RuntimeError):
+    """The algorithms of one seed did not see the same prompts (a bug in the trainer or the data stream)."""
+
+
+class Tracker:
+    """Two rich bars on stderr: the whole comparison (phase, run, time left) and the current job.
+
+    Overall work is counted in sampled completions: a training step weighs ``2 * prompts_per_step * group_size``
+    (sampling plus the update), an evaluation ``eval_n * (k + 1)``; the time left is rich's estimate from them.
+    """
+
+    def __init__(self, settings, *, enabled: bool = True):
+        s = settings
+        self.enabled = enabled
+        self.step_w = 2 * s.prompts_per_step * s.group_size
+        self.eval_w = s.eval_n * (s.k + 1)
+        runs = len(s.algos) * len(s.seeds)
+        self.total = self.eval_w * (runs + 1) + runs * s.steps * self.step_w
+        self.progress = None
+
+    def __enter__(self) -> Tracker:
+        from tokenmdp.commands.evaluate import progress_bar
+
+        self.progress = progress_bar(self.enabled)
+        self.progress.__enter__()
+        self.overall = self.progress.add_task("compare", total=self.total, info="")
+        self.job = self.progress.add_task("", total=1, info="", visible=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        self.progress.update(self.overall, info=text)
+
+    def start_job(self, name: str, label: str, total: int) -> None:
+        self.progress.reset(self.job, total=total, description=f"{name} {label}", info="", visible=True)
+        self.phase(f"{name} {label}")
+
+    def advance(self, amount: int, weight: int = 1) -> None:
+        self.progress.update(self.job, advance=amount)
+        self.progress.update(self.overall, advance=amount * weight)
+
+    def skip(self, units: int, label: str) -> None:
+        self.progress.update(self.overall, advance=units, info=f"reused {label}")
+
+
+def _last_step(path: Path) -> int:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return int(json.loads(lines[-1]).get("step", len(lines))) if lines else 0
+    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
+        return 0
+
+
+def train_run(config_path: Path, run_dir: Path, seed: int, s, *, tracker: Tracker, label: str,
+              overwrite: bool = False) -> float | None:
+    """Train one (algorithm, seed) into ``run_dir``; seconds taken, or None when a finished run was reused."""
+    from tokenmdp.train.config import load_config
+    from tokenmdp.train.trainer import train
+
+    if not overwrite and (run_dir / "DONE").exists() and (run_dir / "eval.json").is_file():
+        tracker.skip(s.steps * tracker.step_w + tracker.eval_w, label)
+        return None
+    config = load_config(config_path, list(s.overrides) + [f"run.seed={seed}", f"run.out={json.dumps(str(run_dir))}"])
+    tracker.start_job("train", label, s.steps)
+    stop = threading.Event()
+
+    def poll() -> None:
+        done = 0
+        while not stop.wait(0.5):
+            now = min(_last_step(run_dir / "metrics.jsonl"), s.steps)
+            if now > done:
+                tracker.advance(now - done, tracker.step_w)
+                done = now
+        tracker.advance(s.steps - done, tracker.step_w)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    start = time.perf_counter()
+    watcher.start()
+    try:
+        train(config, progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+    return time.perf_counter() - start
+
+
+def run_eval(model_dir, out_json: Path, *, task, problems, settings, max_new_tokens: int, tracker: Tracker,
+             label: str, extra: dict | None = None, reuse: bool = False) -> float:
+    """Evaluate ``model_dir`` on the held-out ``problems``; writes ``out_json`` and the records beside it."""
+    from tokenmdp.experiments.evaluate import evaluate, save_eval
+    from tokenmdp.policy.model import load_policy
+
+    s = settings
+    if reuse and out_json.is_file():
+        return float(json.loads(out_json.read_text()).get("time_s", 0.0))
+    if not Path(model_dir).exists():
+        raise TokenMDPError(f"no final model to evaluate: {model_dir} (did the run finish?)")
+    policy = load_policy(str(model_dir))
+    tracker.start_job("eval", label, len(problems) * (s.k + 1))
+    result = evaluate(policy, None, task, problems, k=s.k, engine=s.engine, temperature=s.eval_temperature,
+                      max_new_tokens=max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
+                      template=s.template, progress=tracker.advance)
+    records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")
+    save_eval(result, out_json, records=records, model=str(model_dir), **(extra or {}))
+    return result["time_s"]
+
+
+def logged_stream(run_dir: Path) -> dict[int, Counter]:
+    """Per training step, how many samples of each prompt a run logged in ``samples.parquet``."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / "samples.parquet"
+    if not path.is_file():
+        raise TokenMDPError(f"{path} not found: the fairness check needs the logged samples (run.log_samples)")
+    table = pq.read_table(path, columns=["step", "prompt"]).to_pydict()
+    steps: dict[int, Counter] = {}
+    for step, prompt in zip(table["step"], table["prompt"]):
+        steps.setdefault(int(step), Counter())[prompt] += 1
+    return steps
+
+
+def check_same_stream(run_dirs: dict[str, Path], expected: list[list[str]] | None = None) -> dict:
+    """Assert that every run of one seed logged the same prompts, with the same number of samples each, at every
+    step, and (``expected``: the rendered prompts of each step) that they are the prompts of the seed's stream.
+
+    Raises :class:`FairnessError` naming the first difference; returns a summary for ``compare.json``.
+    """
+    streams = {algo: logged_stream(path) for algo, path in run_dirs.items()}
+    first_algo, ref = next(iter(streams.items()))
+    for algo, st in streams.items():
+        if sorted(st) != sorted(ref):
+            raise FairnessError(f"{algo} logged steps {sorted(st)}, {first_algo} logged {sorted(ref)}")
+        for step in ref:
+            if st[step] != ref[step]:
+                diff = set(st[step]) ^ set(ref[step])
+                what = f"prompts differ ({sorted(diff)[:1]!r}...)" if diff else "sample counts differ"
+                raise FairnessError(f"step {step}: {algo} and {first_algo} saw different batches: {what}")
+    if expected is not None:
+        if len(expected) != len(ref):
+            raise FairnessError(f"{len(ref)} steps logged, the prompt stream has {len(expected)}")
+        for i, step in enumerate(sorted(ref)):
+            if set(ref[step]) != set(expected[i]):
+                raise FairnessError(f"step {step}: the logged prompts are not those of the seed's prompt stream")
+    sizes = {sum(c.values()) for c in ref.values()}
+    return {"algos": list(run_dirs), "steps": len(ref), "identical": True,
+            "prompts_per_step": sorted({len(c) for c in ref.values()}), "samples_per_step": sorted(sizes)}
