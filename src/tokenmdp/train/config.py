@@ -50,6 +50,7 @@ class TaskConfig:
     train_split: str = "train"
     eval_split: str = "test"
     dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None = on-policy pairs
+    step_reward: float = 0.1  # credit "process": +/- this on the token ending each correct / wrong step
 
 
 @dataclass
@@ -59,7 +60,7 @@ class RolloutConfig:
     engine: str = "fast"
     prompts_per_step: int = 16
     group_size: int = 8
-    max_new_tokens: int = 96
+    max_new_tokens: int | None = None  # None = the model folder's tokenmdp.json value, else 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -108,7 +109,7 @@ class RunConfig:
     eval_every: int = 0  # 0 = no periodic evaluation; otherwise also at the end
     eval_n: int = 100
     eval_greedy: bool = True
-    eval_samples: int = 1  # sampled responses per eval problem (0 = no sampled evaluation)
+    eval_k: int = 4  # sampled responses per eval problem (sampled pass@1 and pass@k)
     eval_temperature: float = 1.0
     log_samples: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -309,13 +310,15 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     positive = {
         "rollout.prompts_per_step": config.rollout.prompts_per_step,
         "rollout.group_size": config.rollout.group_size,
-        "rollout.max_new_tokens": config.rollout.max_new_tokens,
         "optim.micro_batch_size": config.optim.micro_batch_size,
         "run.steps": config.run.steps,
         "run.keep_last": config.run.keep_last,
+        "run.eval_k": config.run.eval_k,
     }
     if config.optim.minibatch_size is not None:
         positive["optim.minibatch_size"] = config.optim.minibatch_size
+    if config.rollout.max_new_tokens is not None:
+        positive["rollout.max_new_tokens"] = config.rollout.max_new_tokens
     for name, value in positive.items():
         if value < 1:
             raise TokenMDPError(f"config field {_where(name, source)} must be at least 1, got {value}")
@@ -326,7 +329,6 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
         "run.save_every": config.run.save_every,
         "run.eval_every": config.run.eval_every,
         "run.eval_n": config.run.eval_n,
-        "run.eval_samples": config.run.eval_samples,
     }
     for name, value in non_negative.items():
         if value < 0:

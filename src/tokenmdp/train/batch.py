@@ -1,0 +1,132 @@
+"""One step's experience: roll out groups, score them with the verifier, and summarise them.
+
+A :class:`Batch` holds the rollout (``B = prompts x G`` rows, groups contiguous), the problems, the verifier's
+scores and the tensors the update needs (``rewards``, ``correct``). Its metrics are the run's ``reward/*`` and
+``length/*`` keys; its rows go to ``samples.parquet``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenmdp.rollout.base import Rollout
+
+
+@dataclass
+class Batch:
+    """A scored rollout of one training step."""
+
+    rollout: Rollout
+    problems: list  # one per row (each problem repeated G times)
+    scores: list  # tokenmdp.tasks.Score per row
+    rewards: torch.Tensor  # (B,) float32
+    correct: torch.Tensor  # (B,) bool
+    formatted: torch.Tensor  # (B,) bool
+    group_size: int
+    times: dict
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of training step ``step`` (1-based): a function of the run seed and the step only."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
+
+
+def collect(c, problems: list, *, step: int) -> Batch:
+    """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response."""
+    cfg = c.config.rollout
+    t0 = time.perf_counter()
+    prompts = [c.task.render(p, template=c.settings.template) for p in problems]
+    rollout = c.engine.generate(
+        prompts, n=cfg.group_size, max_new_tokens=c.settings.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k, seed=step_seed(c.config.run.seed, step),
+    ).to(c.device)
+    t1 = time.perf_counter()
+    rows = [p for p in problems for _ in range(cfg.group_size)]
+    scores = [c.task.score(p, text) for p, text in zip(rows, rollout.responses)]
+    t2 = time.perf_counter()
+    return Batch(
+        rollout=rollout,
+        problems=rows,
+        scores=scores,
+        rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32, device=c.device),
+        correct=torch.tensor([s.correct for s in scores], dtype=torch.bool, device=c.device),
+        formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=c.device),
+        group_size=cfg.group_size,
+        times={"time/rollout": t1 - t0, "time/score": t2 - t1},
+    )
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    return float(x.float().mean()) if x.numel() else None
+
+
+def batch_metrics(batch: Batch) -> dict[str, Any]:
+    """``reward/*`` and ``length/*`` metrics of a scored batch.
+
+    ``reward/groups_mixed`` is the fraction of groups with both correct and incorrect responses (the groups that
+    give group-relative methods a signal); ``length/*`` count response tokens, EOS included.
+    """
+    lengths = batch.rollout.lengths.float()
+    correct = batch.correct
+    by_group = correct.view(-1, batch.group_size).float().mean(dim=1)
+    return {
+        "reward/mean": _mean(batch.rewards),
+        "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "reward/accuracy": _mean(correct),
+        "reward/format": _mean(batch.formatted),
+        "reward/groups_mixed": _mean((by_group > 0) & (by_group < 1)),
+        "length/mean": _mean(lengths),
+        "length/correct": _mean(lengths[correct]),
+        "length/incorrect": _mean(lengths[~correct]),
+        "length/truncated": _mean(batch.rollout.truncated),
+    }
+
+
+def sample_rows(batch: Batch, *, step: int, algo: str, seed: int) -> dict[str, list]:
+    """The batch as columns of ``samples.parquet`` (``group`` = index of the prompt within the step)."""
+    n = len(batch)
+    return {
+        "prompt": list(batch.rollout.prompts),
+        "completion": list(batch.rollout.responses),
+        "reward": [float(s.reward) for s in batch.scores],
+        "correct": [bool(s.correct) for s in batch.scores],
+        "length": [int(x) for x in batch.rollout.lengths.tolist()],
+        "step": [step] * n,
+        "group": [i // batch.group_size for i in range(n)],
+        "algo": [algo] * n,
+        "seed": [seed] * n,
+    }
+
+
+def _token_end(tokenizer, ids: list[int], char_end: int) -> int:
+    """Index of the first token whose decoded prefix reaches ``char_end`` characters (binary search)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= char_end:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def step_rewards(c, batch: Batch, *, step_reward: float) -> torch.Tensor:
+    """(B, T) process rewards: ``+step_reward`` on the token ending each correct step of the task's step verifier,
+    ``-step_reward`` on the token ending each wrong one (for ``credit="process"``)."""
+    ro = batch.rollout
+    out = torch.zeros(ro.response_ids.shape, dtype=torch.float32)
+    lengths = ro.lengths.tolist()
+    for i, (problem, text) in enumerate(zip(batch.problems, ro.responses)):
+        ids = ro.response_ids[i, : lengths[i]].tolist()
+        for s in c.task.score_steps(problem, text):
+            if ids:
+                t = _token_end(c.tokenizer, ids, s.end)
+                out[i, t] += step_reward if s.correct else -step_reward
+    return out.to(ro.response_ids.device)

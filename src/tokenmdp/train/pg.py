@@ -1,0 +1,121 @@
+"""The policy-gradient update (REINFORCE, RLOO, the GRPO family, PPO) of one training step.
+
+From a scored batch: behaviour log-probs (the engine's, on-policy), reference log-probs (only when the KL weight
+is non-zero), critic values (PPO), credit assignment and advantages as the :class:`AlgoSpec` asks
+(:func:`tokenmdp.algos.registry.compute_advantages`), then ``spec.mu`` epochs of minibatch updates of the clipped
+policy loss (:func:`tokenmdp.algos.losses.policy_loss`) and, with a critic, the clipped value loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmdp.algos.losses import kl_reward, policy_loss, value_loss
+from tokenmdp.algos.registry import compute_advantages
+from tokenmdp.mdp.credit import assign_credit, process
+from tokenmdp.train.batch import Batch, step_rewards
+from tokenmdp.train.evaluation import equivalence
+from tokenmdp.train.updates import (
+    MetricMeter,
+    forward,
+    logprobs_all,
+    micro_batches,
+    minibatches,
+    optimizer_step,
+    select,
+    values_all,
+)
+
+
+def _credit(c, batch: Batch) -> torch.Tensor | None:
+    """Token rewards when they are not the spec's plain credit assignment: process rewards, or KL in the reward."""
+    spec, mask = c.spec, batch.rollout.response_mask
+    if spec.credit == "process":
+        steps = step_rewards(c, batch, step_reward=c.config.task.step_reward)
+        return process(batch.rewards, mask, step_rewards=steps)
+    if spec.kl_in == "reward" and spec.kl_coef > 0:
+        kw = {"gamma": spec.credit_gamma} if spec.credit == "discounted" else {}
+        return assign_credit(spec.credit, batch.rewards, mask, **kw)
+    return None
+
+
+def prepare(c, batch: Batch) -> tuple[dict, dict]:
+    """Per-row tensors of the update (``old``, ``ref``, ``adv``, ``values``, ``returns``) and their metrics."""
+    spec, ro = c.spec, batch.rollout
+    old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs else ro.logprobs
+    ref = logprobs_all(c, c.ref_model, ro) if c.ref_model is not None else None
+    values = values_all(c, ro) if c.critic is not None else None
+    token_rewards = _credit(c, batch)
+    metrics: dict = {}
+    if spec.kl_in == "reward" and spec.kl_coef > 0:
+        token_rewards, kl_m = kl_reward(token_rewards, old, ref, ro.response_mask, kl_coef=spec.kl_coef,
+                                        estimator=spec.kl_estimator)
+        metrics.update(kl_m)
+    baseline = c.state.get("baseline")
+    adv, returns, baseline = compute_advantages(
+        spec, batch.rewards, ro.response_mask, group_size=batch.group_size, values=values,
+        token_rewards=token_rewards, baseline_state=None if baseline is None else torch.tensor(baseline),
+        max_len=c.settings.max_new_tokens,
+    )
+    if baseline is not None:
+        c.state["baseline"] = float(baseline)
+    valid = ro.response_mask.bool()
+    metrics["adv/mean"] = float(adv[valid].mean()) if valid.any() else 0.0
+    metrics["adv/abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
+    tensors = {"old": old, "ref": ref, "adv": adv, "values": values, "returns": returns}
+    return tensors, metrics
+
+
+def train_rows(c, batch: Batch) -> torch.Tensor:
+    """Rows that take part in the update: all, or (``filter_groups``) those of groups with unequal rewards."""
+    rows = torch.arange(len(batch), device=batch.rewards.device)
+    if not c.spec.filter_groups:
+        return rows
+    groups = batch.rewards.view(-1, batch.group_size)
+    mixed = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(batch.group_size)
+    return rows[mixed]
+
+
+def _micro_loss(c, sub, t: dict, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
+    spec = c.spec
+    lp, ent = forward(c, c.model, sub, entropy=True)
+    loss, m = policy_loss(
+        lp.float(), t["old"], t["adv"], sub.response_mask, clip_low=spec.clip_low, clip_high=spec.clip_high,
+        aggregation=spec.aggregation, ref_logprobs=t["ref"],
+        kl_coef=spec.kl_coef if spec.kl_in == "loss" else 0.0, kl_estimator=spec.kl_estimator,
+        entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.max_len or c.settings.max_new_tokens,
+        num_tokens=n_tok, num_seqs=n_seq,
+    )
+    if c.critic is not None:
+        with c.accelerator.autocast():
+            v = c.critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
+        v_loss, vm = value_loss(v.float(), t["values"], t["returns"], sub.response_mask, clip_range=spec.value_clip,
+                                aggregation="token_mean", num_tokens=n_tok, num_seqs=n_seq)
+        m.update(vm)
+        loss = loss + spec.value_coef * v_loss
+    meter.add(m, float(sub.response_mask.sum()))
+    return loss
+
+
+def pg_update(c, batch: Batch, *, step: int) -> dict:
+    """``spec.mu`` epochs of minibatch updates on ``batch``; returns the averaged metrics."""
+    tensors, metrics = prepare(c, batch)
+    if c.config.run.equivalence:
+        metrics.update(equivalence(c, batch, tensors))
+    rows = train_rows(c, batch)
+    metrics["update/rows"] = float(len(rows))
+    if len(rows) == 0:
+        return metrics
+    meter = MetricMeter()
+    mask = batch.rollout.response_mask
+    generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
+    for _ in range(c.spec.mu):
+        for mb in minibatches(rows.cpu(), c.config.optim.minibatch_size, generator=generator):
+            n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size):
+                sub, t = select(batch.rollout, micro, tensors)
+                loss = _micro_loss(c, sub, t, n_tok, n_seq, meter)
+                c.accelerator.backward(loss)
+            meter.end_minibatch()
+            optimizer_step(c, meter)
+    return {**metrics, **meter.result()}

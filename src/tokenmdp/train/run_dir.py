@@ -1,0 +1,158 @@
+"""The run folder: creating it without overwriting anything, resuming it, checkpointing it, finishing it.
+
+Layout (``docs/interfaces.md``)::
+
+    config.yaml          the full config (what ``--resume`` checks the new config against)
+    metrics.jsonl        one JSON object a step
+    samples.parquet      prompt, completion, reward, correct, length, step, group, algo, seed
+    checkpoints/step-N/  model/ (save_pretrained + tokenizer), optimizer, scheduler, RNG and trainer state
+    final/               the last policy: save_pretrained model + tokenizer + tokenmdp.json of the base model
+    DONE                 written last (JSON: steps, algo, seed, seconds)
+
+A folder that exists is never reused silently: without ``resume`` it is an error unless ``run.overwrite`` is set,
+and then it is only deleted once the model, task and engine have been built (bad input loses nothing). A run that
+stops early has no ``DONE`` and no ``final/``: it cannot be mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_model
+from tokenmdp.train.config import TrainConfig, save_config
+
+#: config fields that may change when a run is resumed (everything else must match config.yaml)
+RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
+                     "run.eval_k", "run.eval_temperature", "run.log_samples", "run.overwrite", "run.out",
+                     "run.report_to", "run.equivalence", "model.cache_dir"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and prefix.count(".") < 1:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_same_run(config: TrainConfig, path: Path) -> None:
+    """A resumed run must be the same run: every field outside :data:`RESUMABLE_CHANGES` equals config.yaml's."""
+    file = path / "config.yaml"
+    if not file.is_file():
+        raise TokenMDPError(f"cannot resume {path}: it has no config.yaml (not a run folder)")
+    saved = TrainConfig.from_dict(yaml.safe_load(file.read_text()) or {}, source=str(file))
+    old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise TokenMDPError(f"cannot resume {path}: config field {key!r} is {new.get(key)!r} here but "
+                                f"{old.get(key)!r} in {file}")
+
+
+@dataclass
+class RunHandle:
+    """Where a run stands before its loop starts."""
+
+    config: TrainConfig
+    path: Path
+    resumed: bool
+    checkpoint: Checkpoint | None = None
+    already_done: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint.path if self.checkpoint is not None else None
+
+    def restore(self, c) -> int:
+        """Load optimizer, scheduler, critic-optimizer, RNG and trainer state; returns the steps already done."""
+        if self.checkpoint is None:
+            return 0
+        self.checkpoint.load_into(optimizer=c.optimizer, scheduler=c.scheduler, critic_optimizer=c.critic_optimizer)
+        c.state = dict(self.checkpoint.state.get("trainer") or {})
+        return self.checkpoint.step
+
+    def begin(self, c) -> None:
+        """Create (or reopen) the folder once everything is built: config.yaml written, DONE and final/ removed."""
+        if not c.accelerator.is_main_process:
+            return
+        if not self.resumed and self.path.exists():
+            shutil.rmtree(self.path)  # only reached with run.overwrite (open_run refuses otherwise)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in (self.path / "DONE", self.path / "final"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        save_config(self.config, self.path / "config.yaml")
+
+
+def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
+    """Check the run folder against ``resume`` / ``run.overwrite`` before anything is built or written."""
+    path = config.run_dir()
+    if not resume:
+        if path.exists() and any(path.iterdir()) and not config.run.overwrite:
+            raise TokenMDPError(f"run folder {path} already exists; pass --resume to continue it, --overwrite to "
+                                "replace it, or choose another --out")
+        return RunHandle(config, path, resumed=False)
+    if not path.is_dir():
+        raise TokenMDPError(f"cannot resume {path}: no such run folder")
+    check_same_run(config, path)
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is not None and ckpt.step > config.run.steps:
+        raise TokenMDPError(f"cannot resume {path} with run.steps={config.run.steps}: it already has a checkpoint "
+                            f"at step {ckpt.step}")
+    done = (path / "DONE").exists() and ckpt is not None and ckpt.step == config.run.steps
+    return RunHandle(config, path, resumed=True, checkpoint=ckpt, already_done=done)
+
+
+def checkpoint_state(c) -> dict:
+    """The trainer part of ``trainer_state.json``: running statistics (e.g. REINFORCE's moving baseline)."""
+    return {"trainer": dict(c.state), "algo": c.config.algo.name, "seed": c.config.run.seed}
+
+
+def save_step(c, path: Path, step: int, samples) -> Path | None:
+    """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait)."""
+    out = None
+    if c.accelerator.is_main_process:
+        if samples is not None:
+            samples.flush()
+        unwrap = c.accelerator.unwrap_model
+        out = save_checkpoint(
+            path / "checkpoints", step, model=c.unwrapped(), tokenizer=c.tokenizer, optimizer=c.optimizer,
+            scheduler=c.scheduler, critic=unwrap(c.critic) if c.critic is not None else None,
+            critic_optimizer=c.critic_optimizer, state=checkpoint_state(c), keep_last=c.config.run.keep_last,
+            extra_files={"tokenmdp.json": c.settings.meta_file},
+        )
+    c.accelerator.wait_for_everyone()
+    return out
+
+
+def finish_run(c, path: Path, samples, *, started: float) -> None:
+    """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``."""
+    steps = c.config.run.steps
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None or ckpt.step != steps:
+        save_step(c, path, steps, samples)
+    if c.accelerator.is_main_process:
+        tmp = path / ".final.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(tmp, c.unwrapped(), c.tokenizer, {"tokenmdp.json": c.settings.meta_file})
+        tmp.rename(path / "final")
+        if samples is not None:
+            samples.flush()
+        done = {"steps": steps, "algo": c.config.algo.name, "seed": c.config.run.seed,
+                "seconds": round(time.perf_counter() - started, 2)}
+        (path / "DONE").write_text(json.dumps(done) + "\n")
+    if c.config.run.report_to != "none":
+        c.accelerator.end_training()
+    c.accelerator.wait_for_everyone()

@@ -1,0 +1,216 @@
+"""Building what a run needs from its config: the task, the policy and its engine, the frozen reference, the
+critic, the optimizers and schedule, all placed by ``accelerate``.
+
+The model folder's ``tokenmdp.json`` (written by ``tokenmdp pretrain``) supplies defaults that the config leaves
+open: the task options, the prompt template and ``max_new_tokens`` of the embedded tiny base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.train.config import TrainConfig, resolve_algo
+
+META_FILE = "tokenmdp.json"
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def model_meta(path: Path | None) -> dict:
+    """The ``tokenmdp.json`` of a model folder, or ``{}``."""
+    if path is None or not (Path(path) / META_FILE).is_file():
+        return {}
+    file = Path(path) / META_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TokenMDPError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def resolve_model_path(config: TrainConfig, *, progress: bool = True) -> str:
+    """``model.path``, or the embedded tiny base model (found in, or built into, ``model.cache_dir``)."""
+    if config.model.path:
+        path = Path(config.model.path).expanduser()
+        return str(path) if path.exists() else config.model.path  # a hub id when not a local path
+    from tokenmdp.policy.tiny import ensure_tiny_base
+
+    return str(ensure_tiny_base(Path(config.model.cache_dir).expanduser(), progress=progress))
+
+
+@dataclass
+class Settings:
+    """Config values after the model folder's defaults are filled in."""
+
+    model_path: str
+    task_options: dict
+    template: str | None
+    max_new_tokens: int
+    meta_file: Path | None
+
+
+def resolve_settings(config: TrainConfig, *, progress: bool = True) -> Settings:
+    """Fill the open config values from the model folder's ``tokenmdp.json`` (same task only)."""
+    model_path = resolve_model_path(config, progress=progress)
+    meta = model_meta(Path(model_path)) if Path(model_path).exists() else {}
+    same_task = meta.get("task") == config.task.name
+    options = dict(meta.get("task_kwargs") or {}) if same_task else {}
+    options.update(config.task.options)
+    template = config.task.template or (meta.get("template") if same_task else None)
+    max_new = config.rollout.max_new_tokens or int(meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    meta_file = Path(model_path) / META_FILE if meta else None
+    return Settings(model_path, options, template, max_new, meta_file)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base learning rate at training step ``s`` (0-based): linear warmup over ``warmup`` steps,
+    then constant, linear decay to 0, or cosine decay to 0 over the remaining ``total - warmup`` steps.
+
+    Example: warmup 2, total 6, cosine: ``[0.5, 1.0, 1.0, 0.854, 0.5, 0.146]``.
+    """
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class Components:
+    """The live objects of a run (``model`` and ``critic`` as prepared by accelerate)."""
+
+    config: TrainConfig
+    spec: Any
+    settings: Settings
+    accelerator: Any
+    task: Any
+    tokenizer: Any
+    model: Any
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    ref_model: Any = None
+    critic: Any = None
+    critic_optimizer: Any = None
+    state: dict = field(default_factory=dict)  # running statistics saved in checkpoints
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+
+def make_accelerator(config: TrainConfig, run_dir: Path):
+    """An ``accelerate.Accelerator`` for the run's device and mixed precision (trackers when asked)."""
+    from accelerate import Accelerator
+
+    device = config.run.device
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TokenMDPError("config field 'run.device' is 'cuda' but no CUDA device is available")
+    kwargs: dict[str, Any] = {"mixed_precision": config.run.mixed_precision, "cpu": cpu}
+    if config.run.report_to != "none":
+        kwargs.update(log_with=config.run.report_to, project_dir=str(run_dir))
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as exc:
+        raise TokenMDPError(f"config field 'run.mixed_precision': {exc}") from None
+
+
+def _load(path: str, config: TrainConfig, device, *, trainable: bool):
+    from tokenmdp.policy.model import load_policy
+
+    policy = load_policy(path, dtype=config.model.dtype, device=device, gguf_file=config.model.gguf_file)
+    policy.model.eval()  # no dropout: behaviour and teacher-forced log-probs agree
+    if not trainable:
+        policy.model.requires_grad_(False)
+    return policy
+
+
+def _critic(config: TrainConfig, settings: Settings, device, resume_from: Path | None):
+    """PPO's critic: the policy's backbone (or ``model.critic_path``'s) with a new value head; on resume its
+    weights come from the checkpoint's ``critic.pt``."""
+    from tokenmdp.policy.value_head import ValueModel
+
+    source = config.model.critic_path or settings.model_path
+    critic = ValueModel.from_policy(source, dtype=config.model.dtype, seed=config.run.seed)
+    if resume_from is not None:
+        file = resume_from / "critic.pt"
+        if not file.is_file():
+            raise TokenMDPError(f"checkpoint {resume_from} has no critic.pt (the run's algorithm needs a critic)")
+        critic.load_state_dict(torch.load(file, map_location="cpu"))
+    critic.eval()
+    return critic.to(device)
+
+
+def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = None,
+                     progress: bool = True) -> Components:
+    """Everything the loop needs. ``resume_from`` is a checkpoint folder (the policy and tokenizer load from its
+    ``model/``; optimizer states are restored by the caller)."""
+    from tokenmdp.rollout import get_engine
+    from tokenmdp.tasks import get_task
+
+    spec = resolve_algo(config)
+    settings = resolve_settings(config, progress=progress)
+    task = get_task(config.task.name, **settings.task_options)
+    accelerator = make_accelerator(config, run_dir)
+    policy_path = str(resume_from / "model") if resume_from is not None else settings.model_path
+    policy = _load(policy_path, config, accelerator.device, trainable=True)
+    ref_model = None
+    if spec.needs_reference:
+        ref_model = _load(settings.model_path, config, accelerator.device, trainable=False).model
+    opt_kw = dict(betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
+                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.optim.lr, **opt_kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.optim.schedule, config.optim.warmup_steps, config.run.steps)
+    )
+    # the model is not wrapped (no DDP): forward passes go through its backbone and head directly
+    # (tokenmdp.policy.logprobs), so gradients are averaged over processes by the update itself
+    model, optimizer = policy.model, accelerator.prepare(optimizer)
+    critic = critic_optimizer = None
+    if spec.critic:
+        critic = _critic(config, settings, accelerator.device, resume_from)
+        critic_lr = config.optim.critic_lr if config.optim.critic_lr is not None else 5 * config.optim.lr
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr, **opt_kw)
+        critic_optimizer = accelerator.prepare(critic_optimizer)
+    engine = get_engine(config.rollout.engine, accelerator.unwrap_model(model), policy.tokenizer,
+                        **config.rollout.engine_options)
+    if config.run.report_to != "none" and accelerator.is_main_process:
+        accelerator.init_trackers(run_dir.name, config=_flat(config.to_dict()))
+    return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
+                      tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
+                      scheduler=scheduler, ref_model=ref_model, critic=critic, critic_optimizer=critic_optimizer)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def set_threads() -> None:
+    """Use the CPU cores this process may run on (``TOKENMDP_THREADS`` overrides)."""
+    wanted = os.environ.get("TOKENMDP_THREADS")
+    if wanted:
+        torch.set_num_threads(max(1, int(wanted)))

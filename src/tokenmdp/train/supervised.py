@@ -1,0 +1,135 @@
+"""The supervised updates of one training step: filtered iterative SFT and DPO.
+
+* Filtered iterative SFT (``kind="isft"``): the step's rollouts are filtered by the verifier (positives, negatives
+  or both, ``spec.isft_mode``) and the kept responses take (negated) log-likelihood steps
+  (:func:`tokenmdp.algos.isft.isft_loss`), with constant or advantage weights.
+* DPO (``kind="dpo"``): pairs are the best and worst response of each group with unequal rewards (on-policy,
+  :func:`tokenmdp.algos.dpo.preference_pairs`), or offline ``(prompt, chosen, rejected)`` pairs from
+  ``task.dpo_data``; the loss is :func:`tokenmdp.algos.dpo.dpo_loss` against the frozen reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
+from tokenmdp.algos.isft import isft_loss, kept_counts
+from tokenmdp.algos.losses import kl_penalty
+from tokenmdp.algos.registry import compute_advantages
+from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
+from tokenmdp.train.batch import Batch
+from tokenmdp.train.updates import (
+    MetricMeter,
+    approx_kl,
+    forward,
+    logprobs_all,
+    micro_batches,
+    minibatches,
+    optimizer_step,
+    select,
+)
+
+
+def isft_update(c, batch: Batch, *, step: int) -> dict:
+    """``spec.mu`` epochs of filtered SFT minibatch steps on the kept responses of ``batch``."""
+    spec, ro = c.spec, batch.rollout
+    adv = None
+    if spec.isft_weighting == "advantage":
+        tok_adv, _, _ = compute_advantages(spec, batch.rewards, ro.response_mask, group_size=batch.group_size)
+        adv = tok_adv[:, 0]  # sequence advantages: every response has at least one token
+    keep = {"+": batch.correct, "-": ~batch.correct, "+-": torch.ones_like(batch.correct)}[spec.isft_mode]
+    rows = torch.arange(len(batch), device=keep.device)[keep].cpu()
+    metrics: dict = {"update/rows": float(len(rows))}
+    if len(rows) == 0:
+        return metrics
+    tensors = {"old": ro.logprobs, "correct": batch.correct, "adv": adv}
+    meter = MetricMeter()
+    generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
+    max_len = spec.max_len or c.settings.max_new_tokens
+    for _ in range(spec.mu):
+        for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
+            mbd = mb.to(keep.device)
+            n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size):
+                sub, t = select(ro, micro, tensors)
+                lp, ent = forward(c, c.model, sub, entropy=True)
+                loss, m = isft_loss(
+                    lp.float(), sub.response_mask, t["correct"], mode=spec.isft_mode, weighting=spec.isft_weighting,
+                    advantages=t["adv"], pos_weight=spec.isft_pos_weight, neg_weight=spec.isft_neg_weight,
+                    aggregation=spec.aggregation, max_len=max_len, num_tokens=n_tok, num_seqs=n_seq,
+                )
+                m["policy/entropy"] = float(ent[sub.response_mask.bool()].mean())
+                m["policy/approx_kl"] = approx_kl(t["old"], lp, sub.response_mask)
+                meter.add(m, float(sub.response_mask.sum()))
+                c.accelerator.backward(loss)
+            meter.end_minibatch()
+            optimizer_step(c, meter)
+    return {**metrics, **meter.result()}
+
+
+def pairs_rollout(c, pairs: list) -> Rollout:
+    """Offline pairs as one rollout: rows ``0..P-1`` the chosen responses, ``P..2P-1`` the rejected ones (each
+    tokenized without special tokens, EOS appended)."""
+    tok = c.tokenizer
+    prompts = [p.prompt for p in pairs] * 2
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    prompt_ids, prompt_mask = encode_prompts(tok, prompts, device=c.device)
+    eos = tok.eos_token_id
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    response_ids = right_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else eos, dtype=torch.long)
+    response_mask = right_pad([[1] * len(r) for r in rows], 0, dtype=torch.long)
+    n = len(rows)
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids.to(c.device),
+        response_mask=response_mask.to(c.device), logprobs=torch.zeros(response_ids.shape, device=c.device),
+        terminated=torch.ones(n, dtype=torch.bool, device=c.device),
+        truncated=torch.zeros(n, dtype=torch.bool, device=c.device), prompts=prompts, responses=texts,
+    )
+
+
+def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) -> dict:
+    """DPO minibatch steps on on-policy pairs of ``batch`` or on the offline ``pairs`` of this step."""
+    if pairs is not None:
+        ro = pairs_rollout(c, pairs)
+        chosen = torch.arange(len(pairs))
+        rejected = chosen + len(pairs)
+    else:
+        ro = batch.rollout
+        chosen, rejected = preference_pairs(batch.rewards.cpu(), group_size=batch.group_size)
+    metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
+    if len(chosen) == 0:
+        return metrics
+    ref = logprobs_all(c, c.ref_model, ro)
+    meter = MetricMeter()
+    generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
+    pair_rows = torch.arange(len(chosen))
+    pairs_per_micro = max(1, c.config.optim.micro_batch_size // 2)
+    pairs_per_minibatch = None if c.config.optim.minibatch_size is None else max(1, c.config.optim.minibatch_size // 2)
+    for _ in range(c.spec.mu):
+        for mb in minibatches(pair_rows, pairs_per_minibatch, generator=generator):
+            for micro in micro_batches(mb, pairs_per_micro):
+                rows = torch.cat([chosen[micro], rejected[micro]])
+                loss = _dpo_micro(c, ro, rows, ref, len(micro), len(mb), meter)
+                c.accelerator.backward(loss)
+            meter.end_minibatch()
+            optimizer_step(c, meter)
+    return {**metrics, **meter.result()}
+
+
+def _dpo_micro(c, ro: Rollout, rows: torch.Tensor, ref: torch.Tensor, n_micro: int, n_mb: int,
+               meter: MetricMeter) -> torch.Tensor:
+    """The DPO loss of one micro-batch of pairs, scaled by its share of the minibatch (exact accumulation)."""
+    spec = c.spec
+    sub, t = select(ro, rows, {"ref": ref})
+    lp, ent = forward(c, c.model, sub, entropy=True)
+    seq = sequence_logps(lp.float(), sub.response_mask)
+    seq_ref = sequence_logps(t["ref"], sub.response_mask)
+    loss, m = dpo_loss(seq[:n_micro], seq[n_micro:], seq_ref[:n_micro], seq_ref[n_micro:], beta=spec.dpo_beta,
+                       loss_type=spec.dpo_loss_type, label_smoothing=spec.dpo_label_smoothing)
+    scale = n_micro / n_mb
+    m["dpo/loss"] = m["dpo/loss"] * scale
+    m["policy/entropy"] = float(ent[sub.response_mask.bool()].mean())
+    kl = kl_penalty(lp.detach().float(), t["ref"], estimator="k3")
+    m["policy/kl_ref"] = float(kl[sub.response_mask.bool()].mean())
+    meter.add(m, float(n_micro))
+    return loss * scale

@@ -1,0 +1,154 @@
+"""The training loop: one on-policy loop for every algorithm of the family.
+
+Each step takes the step's prompts from :func:`prompt_stream` (a function of the seed only), rolls out groups of
+``G`` responses with the run's engine, scores them with the task's verifier, and hands the batch to the update of
+the algorithm's kind: policy gradient (:mod:`tokenmdp.train.pg`: REINFORCE, RLOO, the GRPO family, PPO), filtered
+iterative SFT or DPO (:mod:`tokenmdp.train.supervised`). A run folder records everything (module
+:mod:`tokenmdp.train.run_dir`); ``resume=True`` continues from the newest checkpoint and, on a CPU, ends with the
+same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tokenmdp.train.batch import batch_metrics, collect, sample_rows
+from tokenmdp.train.config import TrainConfig, validate
+from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
+from tokenmdp.train.evaluation import eval_problems, held_out
+from tokenmdp.train.log import MetricsLogger, SampleLogger
+from tokenmdp.train.pg import pg_update
+from tokenmdp.train.run_dir import finish_run, open_run, save_step
+from tokenmdp.train.setup import Components, build_components
+from tokenmdp.train.supervised import dpo_update, isft_update
+
+__all__ = ["train", "prompt_stream", "run_step"]
+
+
+def _callbacks(callbacks: Iterable[Any] | None) -> tuple[list, list]:
+    """Split callbacks into ``on_batch(c, batch, step) -> dict | None`` (before the update) and
+    ``on_step(step, record, c)`` (after logging); a plain callable is an ``on_step``."""
+    before, after = [], []
+    for cb in callbacks or []:
+        if hasattr(cb, "on_batch"):
+            before.append(cb.on_batch)
+        if hasattr(cb, "on_step"):
+            after.append(cb.on_step)
+        elif callable(cb) and not hasattr(cb, "on_batch"):
+            after.append(cb)
+    return before, after
+
+
+def _shard(items: list, c: Components) -> list:
+    """This process's share of the step's prompts (every process rolls out and trains on its own share)."""
+    acc = c.accelerator
+    return items if acc.num_processes == 1 else items[acc.process_index :: acc.num_processes]
+
+
+def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | None = None,
+             before: list[Callable] = ()) -> dict:
+    """One training step on ``items`` (problems, or offline DPO pairs); returns the step's metrics."""
+    t0 = time.perf_counter()
+    spec, record = c.spec, {}
+    offline = spec.kind == "dpo" and c.config.task.dpo_data is not None
+    batch = None
+    if not offline:
+        batch = collect(c, _shard(items, c), step=step)
+        record.update(batch_metrics(batch))
+        record.update(batch.times)
+        if samples is not None:
+            samples.add(sample_rows(batch, step=step, algo=c.config.algo.name, seed=c.config.run.seed))
+    for hook in before:
+        record.update(hook(c, batch, step) or {})
+    record["lr"] = c.scheduler.get_last_lr()[0]
+    t1 = time.perf_counter()
+    if spec.kind == "pg":
+        record.update(pg_update(c, batch, step=step))
+    elif spec.kind == "isft":
+        record.update(isft_update(c, batch, step=step))
+    else:
+        record.update(dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None))
+    c.scheduler.step()
+    c.engine.sync_weights(c.unwrapped())
+    record["time/update"] = time.perf_counter() - t1
+    record["time/step"] = time.perf_counter() - t0
+    return record
+
+
+def _stream(c: Components) -> list[list]:
+    cfg = c.config
+    if c.spec.kind == "dpo" and cfg.task.dpo_data is not None:
+        pairs = load_pairs(cfg.task.dpo_data)
+        return pair_stream(pairs, seed=cfg.run.seed, steps=cfg.run.steps, pairs_per_step=cfg.rollout.prompts_per_step)
+    return prompt_stream(c.task, seed=cfg.run.seed, steps=cfg.run.steps, prompts_per_step=cfg.rollout.prompts_per_step,
+                         split=cfg.task.train_split)
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, done: int, label: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+        task_id = bar.add_task(label, total=total, completed=done, info="")
+        yield lambda info: bar.update(task_id, advance=1, info=info)
+
+
+def _info(record: dict) -> str:
+    parts = []
+    for key, short in (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("eval/accuracy", "eval")):
+        if record.get(key) is not None:
+            parts.append(f"{short} {record[key]:.3f}")
+    return " ".join(parts)
+
+
+def _eval_due(config: TrainConfig, step: int) -> bool:
+    every = config.run.eval_every
+    return every > 0 and (step % every == 0 or step == config.run.steps)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          callbacks: Iterable[Any] | None = None) -> Path:
+    """Train as ``config`` says; returns the run folder (see :mod:`tokenmdp.train.run_dir` for its files).
+
+    ``resume=True`` continues the run in ``config.run_dir()`` from its newest checkpoint (a finished run with
+    more ``run.steps`` is extended). ``callbacks``: objects with ``on_batch(c, batch, step) -> dict | None``
+    (called before each update; returned metrics are logged) and/or ``on_step(step, record, c)`` (after each
+    step is logged), or plain callables ``fn(step, record, c)``.
+    """
+    validate(config)
+    run = open_run(config, resume=resume)
+    if run.already_done:
+        return run.path
+    c = build_components(config, run.path, resume_from=run.checkpoint_path, progress=progress)
+    start = run.restore(c)
+    stream = _stream(c)
+    held = eval_problems(c) if config.run.eval_every > 0 else None
+    run.begin(c)
+    main = c.accelerator.is_main_process
+    metrics = MetricsLogger(run.path / "metrics.jsonl", resume_step=start if run.resumed else None,
+                            trackers=c.accelerator if config.run.report_to != "none" else None) if main else None
+    samples = SampleLogger(run.path / "samples.parquet", resume_step=start if run.resumed else None,
+                           enabled=config.run.log_samples and main)
+    before, after = _callbacks(callbacks)
+    label = f"train {config.algo.name} seed {config.run.seed}"
+    with _progress(progress and main, config.run.steps, start, label) as advance:
+        for step in range(start + 1, config.run.steps + 1):
+            record = run_step(c, stream[step - 1], step, samples=samples, before=before)
+            if _eval_due(config, step):
+                record.update(held_out(c, held, step=step))
+            if metrics is not None:
+                record = metrics.log(step, record)
+            for hook in after:
+                hook(step, record, c)
+            if config.run.save_every and step % config.run.save_every == 0 and step < config.run.steps:
+                save_step(c, run.path, step, samples)
+            advance(_info(record))
+    finish_run(c, run.path, samples, started=run.started)
+    return run.path

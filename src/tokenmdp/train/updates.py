@@ -1,0 +1,160 @@
+"""What every update shares: minibatch and micro-batch iteration, teacher-forced forward passes, the optimizer
+step, and the averaging of loss metrics across micro-batches.
+
+Exact gradient accumulation: a minibatch of rows is cut into micro-batches of ``optim.micro_batch_size`` rows;
+every micro-batch loss is computed with the normalisers of the whole minibatch (``num_seqs``, ``num_tokens``, see
+:mod:`tokenmdp.algos.losses`) and the micro-batch gradients are summed, so the update equals the one of the whole
+minibatch in one pass. One optimizer step is taken per minibatch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+from tokenmdp.policy.logprobs import sequence_logprobs
+from tokenmdp.rollout.base import Rollout
+
+SUMMED = ("policy/loss", "policy/pg_loss", "value/loss", "isft/loss", "dpo/loss", "update/loss")
+
+
+class MetricMeter:
+    """Averages metrics over micro-batches and minibatches.
+
+    Keys in :data:`SUMMED` are summed within a minibatch (micro-batch losses add up to the minibatch loss) and
+    averaged over minibatches; ``*_min`` / ``*_max`` keys keep the extreme; every other key is a mean weighted by
+    the micro-batch's token count.
+    """
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+        self.current: dict[str, float] = defaultdict(float)
+        self.summed: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            if key in SUMMED:
+                self.current[key] += value
+            elif key.endswith("_min"):
+                self.extremes[key] = min(value, self.extremes.get(key, value))
+            elif key.endswith("_max"):
+                self.extremes[key] = max(value, self.extremes.get(key, value))
+            else:
+                self.weighted[key] += value * weight
+                self.weights[key] += weight
+
+    def end_minibatch(self, **extra: float) -> None:
+        for key, value in {**self.current, **extra}.items():
+            self.summed[key].append(value)
+        self.current = defaultdict(float)
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.weighted[k] / self.weights[k] for k in self.weighted if self.weights[k] > 0}
+        out.update(self.extremes)
+        out.update({k: sum(v) / len(v) for k, v in self.summed.items() if v})
+        return out
+
+
+def minibatches(rows: torch.Tensor, size: int | None, *, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``rows`` shuffled by ``generator`` and cut into chunks of ``size`` (None: one chunk, unshuffled)."""
+    if size is None or size >= len(rows):
+        yield rows
+        return
+    order = rows[torch.randperm(len(rows), generator=generator)]
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+def micro_batches(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def select(rollout: Rollout, rows: torch.Tensor, tensors: dict[str, torch.Tensor | None]):
+    """The rows of ``rollout`` (trimmed of all-padding columns) and of the per-row tensors, cut to its width."""
+    sub = rollout.select(rows.to(rollout.device)).trimmed()
+    width = sub.response_ids.shape[1]
+    out = {}
+    for name, t in tensors.items():
+        if t is None:
+            out[name] = None
+        else:
+            t = t.index_select(0, rows.to(t.device))
+            out[name] = t[:, :width] if t.dim() == 2 else t
+    return sub, out
+
+
+def forward(c, model, sub: Rollout, *, entropy: bool = False):
+    """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature."""
+    temperature = c.config.rollout.temperature or 1.0
+    with c.accelerator.autocast():
+        return sequence_logprobs(model, sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                 temperature=temperature, return_entropy=entropy)
+
+
+@torch.no_grad()
+def logprobs_all(c, model, rollout: Rollout) -> torch.Tensor:
+    """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
+    out = torch.zeros_like(rollout.logprobs)
+    rows = torch.arange(len(rollout), device=rollout.device)
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size):
+        sub, _ = select(rollout, micro, {})
+        lp, _ = forward(c, model, sub)
+        out[micro, : lp.shape[1]] = lp.float()
+    return out
+
+
+@torch.no_grad()
+def values_all(c, rollout: Rollout) -> torch.Tensor:
+    """(B, T) critic values V(s_t) of every response token, without gradients."""
+    out = torch.zeros_like(rollout.logprobs)
+    rows = torch.arange(len(rollout), device=rollout.device)
+    critic = c.accelerator.unwrap_model(c.critic)
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size):
+        sub, _ = select(rollout, micro, {})
+        with c.accelerator.autocast():
+            v = critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
+        out[micro, : v.shape[1]] = v.float() * sub.response_mask
+    return out
+
+
+def _sync_gradients(accelerator, params) -> None:
+    """Average gradients over processes (the model is not wrapped in DDP: forward passes bypass ``forward``)."""
+    if accelerator.num_processes <= 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+
+def optimizer_step(c, meter: MetricMeter) -> None:
+    """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients."""
+    max_norm = c.config.optim.max_grad_norm
+    pairs = [(c.model, c.optimizer, "policy/grad_norm")]
+    if c.critic is not None:
+        pairs.append((c.critic, c.critic_optimizer, "value/grad_norm"))
+    for model, optimizer, key in pairs:
+        params = [p for p in model.parameters() if p.requires_grad]
+        _sync_gradients(c.accelerator, params)
+        if max_norm is not None and max_norm > 0:
+            norm = c.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        meter.add({key: float(norm)}, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def approx_kl(old_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over valid tokens of ``rho - 1 - log rho`` with ``rho = pi / pi_old`` (k3 of KL(pi_old || pi))."""
+    from tokenmdp.algos.losses import kl_penalty
+
+    kl = kl_penalty(old_logprobs.detach(), logprobs.detach(), estimator="k3")
+    m = mask.bool()
+    return float(kl[m].mean()) if m.any() else 0.0
