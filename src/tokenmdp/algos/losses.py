@@ -119,7 +119,26 @@ def _broadcast_advantages(advantages: Tensor, shape: torch.Size) -> Tensor:
 def _check_shapes(mask: Tensor, **tensors: Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and tuple(t.shape) != tuple(mask.shape):
-            raise TokenMDPError(f"{name} must have the shape of response_mask {tuple(mask.shape)}, got {tuple(t.shape)}")
+            raise TokenMDPError(
+                f"{name} must have the shape of response_mask {tuple(mask.shape)}, got {tuple(t.shape)}"
+            )
+
+
+def _ratio_metrics(ratio: Tensor, log_ratio: Tensor, adv: Tensor, mask: Tensor, is_clipped: Tensor,
+                   clip_low: float, clip_high: float) -> dict[str, float]:
+    """Clip fractions, ``KL(pi_old || pi)`` by k3 of the ratio, and ratio statistics over the valid tokens."""
+    low = (ratio < 1.0 - clip_low) & (adv < 0) & mask
+    high = (ratio > 1.0 + clip_high) & (adv > 0) & mask
+    valid = ratio[mask]
+    return {
+        "policy/clip_frac": _masked_mean((is_clipped & mask).to(ratio.dtype), mask),
+        "policy/clip_frac_low": _masked_mean(low.to(ratio.dtype), mask),
+        "policy/clip_frac_high": _masked_mean(high.to(ratio.dtype), mask),
+        "policy/approx_kl": _masked_mean(ratio - 1.0 - log_ratio, mask),
+        "policy/ratio_mean": _masked_mean(ratio, mask),
+        "policy/ratio_min": float(valid.min()) if valid.numel() else 1.0,
+        "policy/ratio_max": float(valid.max()) if valid.numel() else 1.0,
+    }
 
 
 def policy_loss(
@@ -197,23 +216,9 @@ def policy_loss(
 
     loss = aggregate(loss_tok, mask, **agg)
     with torch.no_grad():
-        is_clipped = (pg_clipped > pg_unclipped) & mask
-        low = (ratio < 1.0 - clip_low) & (adv < 0) & mask
-        high = (ratio > 1.0 + clip_high) & (adv > 0) & mask
-        valid_ratio = ratio[mask]
-        metrics.update(
-            {
-                "policy/loss": float(loss.detach()),
-                "policy/pg_loss": float(aggregate(pg_tok.detach(), mask, **agg)),
-                "policy/clip_frac": _masked_mean(is_clipped.to(ratio.dtype), mask),
-                "policy/clip_frac_low": _masked_mean(low.to(ratio.dtype), mask),
-                "policy/clip_frac_high": _masked_mean(high.to(ratio.dtype), mask),
-                "policy/approx_kl": _masked_mean(ratio - 1.0 - log_ratio, mask),
-                "policy/ratio_mean": _masked_mean(ratio, mask),
-                "policy/ratio_min": float(valid_ratio.min()) if valid_ratio.numel() else 1.0,
-                "policy/ratio_max": float(valid_ratio.max()) if valid_ratio.numel() else 1.0,
-            }
-        )
+        metrics["policy/loss"] = float(loss.detach())
+        metrics["policy/pg_loss"] = float(aggregate(pg_tok.detach(), mask, **agg))
+        metrics.update(_ratio_metrics(ratio, log_ratio, adv, mask, pg_clipped > pg_unclipped, clip_low, clip_high))
     return loss, metrics
 
 
