@@ -49,6 +49,9 @@ def test_get_algo_overrides_and_string_values():
     spec = get_algo("ppo", mu="4", clip_high="0.3", whiten_advantages="false", max_len="none")
     assert (spec.mu, spec.clip_high, spec.whiten_advantages, spec.max_len) == (4, 0.3, False, None)
     assert get_algo(spec, lam=0.9).lam == 0.9
+    spec = get_algo("grpo", mu=2.0, kl_coef=0, clip_high=None, critic=True, advantage="gae")  # YAML-typed values
+    assert (spec.mu, spec.kl_coef, spec.clip_high, spec.critic) == (2, 0.0, None, True)
+    assert isinstance(spec.mu, int) and isinstance(spec.kl_coef, float)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.mu = 3  # type: ignore[misc]
 
@@ -62,6 +65,11 @@ def test_get_algo_overrides_and_string_values():
     (lambda: get_algo("grpo", lam=1.5), "algo field 'lam' must be in"),
     (lambda: get_algo("grpo", mu=0), "algo field 'mu' must be >= 1"),
     (lambda: get_algo("grpo", mu="two"), "algo field 'mu': cannot read 'two'"),
+    (lambda: get_algo("grpo", mu=1.5), "algo field 'mu': cannot read 1.5 as int"),
+    (lambda: get_algo("grpo", kl_coef=True), "algo field 'kl_coef': cannot read True"),
+    (lambda: get_algo("grpo", critic="maybe"), "algo field 'critic': cannot read 'maybe' as bool"),
+    (lambda: get_algo("grpo", aggregation=3), "algo field 'aggregation': cannot read 3 as str"),
+    (lambda: get_algo("grpo", mu=None), "algo field 'mu' cannot be None"),
     (lambda: get_algo("grpo", advantage="gae"), "GAE needs a critic"),
     (lambda: get_algo("grpo", returns="to_go"), "'returns' is 'to_go' but 'std_scale'"),
     (lambda: get_algo("dpo", dpo_beta=0), "'dpo_beta' must be > 0"),

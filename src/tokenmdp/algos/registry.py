@@ -214,42 +214,61 @@ PRESETS: dict[str, AlgoSpec] = {
 }
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Accept strings from the command line for numeric and boolean fields."""
-    if not isinstance(value, str) or isinstance(default, str):
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _coerce(name: str, value: Any, ftype: str) -> Any:
+    """Check an override against the field's type; accept strings (command line) and integral floats (YAML)."""
+    optional, base = "None" in ftype, ftype.split("|")[0].strip()
+    text = value.strip().lower() if isinstance(value, str) else None
+    if value is None or (base != "str" and text in ("none", "null")):
+        if optional:
+            return None
+        raise TokenMDPError(f"algo field {name!r} cannot be None")
+    bad = TokenMDPError(f"algo field {name!r}: cannot read {value!r} as {base}")
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad
         return value
-    text = value.strip().lower()
-    if text in ("none", "null"):
-        return None
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad
+    if isinstance(value, bool):
+        raise bad
     try:
-        if isinstance(default, bool):
-            if text not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text in ("true", "1", "yes")
-        if isinstance(default, int) or name in ("max_len",):
-            return int(text)
-        return float(text)
+        number = float(text) if text is not None else value
     except ValueError:
-        raise TokenMDPError(f"algo field {name!r}: cannot read {value!r} as {type(default).__name__}") from None
+        raise bad from None
+    if not isinstance(number, (int, float)):
+        raise bad
+    if base == "int":
+        if float(number) != int(number):
+            raise bad
+        return int(number)
+    return float(number)
 
 
 def get_algo(name: str | AlgoSpec, **overrides: Any) -> AlgoSpec:
-    """The preset ``name`` with ``overrides`` applied; an unknown name or field raises :class:`TokenMDPError`."""
+    """The preset ``name`` with ``overrides`` applied; an unknown name or field raises :class:`TokenMDPError`.
+
+    Override values are checked against the field types: strings from the command line are parsed
+    (``"0.3"``, ``"true"``, ``"none"``), integral floats are accepted for integer fields (``mu=2.0``).
+    """
     if isinstance(name, AlgoSpec):
         base = name
     elif name in PRESETS:
         base = PRESETS[name]
     else:
         raise TokenMDPError(f"unknown algorithm {name!r}; choose from {', '.join(PRESETS)}")
-    known = {f.name: f for f in fields(AlgoSpec)}
+    known = {f.name: str(f.type) for f in fields(AlgoSpec)}
     clean: dict[str, Any] = {}
     for key, value in overrides.items():
         if key not in known:
             raise TokenMDPError(f"unknown algo field {key!r}; fields: {', '.join(sorted(known))}")
-        default = getattr(base, key)
-        if default is None:
-            default = {"clip_high": 0.0, "max_len": 0, "value_clip": 0.0}.get(key, default)
-        clean[key] = _coerce(key, value, default)
+        clean[key] = _coerce(key, value, known[key])
     return dataclasses.replace(base, **clean)
 
 
