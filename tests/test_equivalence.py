@@ -59,6 +59,19 @@ def test_on_policy_kl_free_grpo_equals_weighted_filtered_sft(tiny_random, batch)
     assert out["equiv/grad_norm_grpo"] > 0 and out["equiv/clip_frac"] == 0.0
 
 
+def test_accepts_a_rollout(tiny_random, batch):
+    """A Rollout carries the behaviour log-probs as ``logprobs``; the diagnostic reads them from there."""
+    from tokenmdp.rollout.base import Rollout
+
+    model, _ = tiny_random
+    b, adv = batch
+    n = b["response_ids"].shape[0]
+    ro = Rollout(prompt_ids=b["prompt_ids"], prompt_mask=b["prompt_mask"], response_ids=b["response_ids"],
+                 response_mask=b["response_mask"], logprobs=b["old_logprobs"],
+                 terminated=torch.zeros(n, dtype=torch.bool), truncated=torch.ones(n, dtype=torch.bool))
+    assert gradient_cosines(model, ro, adv)["equiv/cosine"] > 0.9999
+
+
 def test_the_length_weighting_matters(tiny_random, batch):
     """Plain (unweighted, token-mean) filtered SFT on the same batch is not the GRPO direction."""
     model, _ = tiny_random
