@@ -213,3 +213,78 @@ def test_vllm_missing_message(tiny):
             get_engine("vllm", *tiny)
     else:  # pragma: no cover - only where vllm is installed
         pytest.skip("vllm is installed")
+
+
+# ---- fast engine internals ---------------------------------------------------------------------------------
+
+
+def test_filter_logits_hand_computed():
+    from tokenmdp.rollout.fast import filter_logits
+
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]]))
+    kept = torch.isfinite(filter_logits(z, top_p=0.6))
+    assert kept.tolist() == [[True, True, False], [False, True, True]]
+    assert torch.isfinite(filter_logits(z, top_k=1)).tolist() == [[True, False, False], [False, False, True]]
+    assert torch.isfinite(filter_logits(z, top_p=0.01)).sum(1).tolist() == [1, 1]  # at least one token kept
+    torch.testing.assert_close(filter_logits(z), z)
+
+
+def _arch_models():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from tokenmdp.policy.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, bos_token_id=None, max_position_embeddings=128)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**common)).eval()
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common)).eval()
+    qwen2_gqa, _ = build_tiny_random(seed=1, hidden_size=32, num_heads=4, num_kv_heads=2)
+    return tok, {"llama": llama, "qwen3": qwen3, "qwen2-gqa": qwen2_gqa}
+
+
+def test_kv_decoder_architectures():
+    """The own decoder runs Llama (no bias), Qwen3 (q/k norms) and grouped-query Qwen2 exactly."""
+    from tokenmdp.rollout.kv_decoder import KVDecoder, kv_decoder_supported, make_decoder
+
+    tok, models = _arch_models()
+    for name, model in models.items():
+        assert kv_decoder_supported(model), name
+        assert isinstance(make_decoder(model), KVDecoder)
+        fast = get_engine("fast", model, tok, decoder="kv")
+        r = fast.generate(PROMPTS, n=2, max_new_tokens=8, temperature=0.9, seed=0)
+        torch.testing.assert_close(r.logprobs, _recompute(model, r, 0.9), atol=1e-4, rtol=0, msg=name)
+        a = get_engine("hf", model, tok).generate(PROMPTS, max_new_tokens=8, temperature=0.0)
+        b = fast.generate(PROMPTS, max_new_tokens=8, temperature=0.0)
+        assert torch.equal(a.response_ids, b.response_ids), name
+
+
+def test_fast_decoders_and_compaction_agree():
+    """kv vs transformers decoder, and compacting the batch at every finish vs never: same greedy rollout."""
+    model, tok = _biased(0.8)  # greedy rows stop at steps 1, 10, 11 or never
+    prompts = [f"{i} + {j} =" for i in range(6) for j in range(3)]
+    outs = []
+    for decoder, frac in [("kv", 0.0), ("kv", 1.0), ("hf", 0.25)]:
+        eng = get_engine("fast", model, tok, decoder=decoder, compact_fraction=frac)
+        outs.append(eng.generate(prompts, max_new_tokens=12, temperature=0.0))
+    assert len(set(outs[0].lengths.tolist())) >= 3 and outs[0].terminated.any() and outs[0].truncated.any()
+    for o in outs[1:]:
+        assert torch.equal(o.response_ids, outs[0].response_ids)
+        torch.testing.assert_close(o.logprobs, outs[0].logprobs, atol=1e-5, rtol=0)
+    sampled = get_engine("fast", model, tok, compact_fraction=0.0).generate(prompts, n=3, max_new_tokens=12, seed=4)
+    torch.testing.assert_close(sampled.logprobs, _recompute(model, sampled), atol=1e-4, rtol=0)
+
+
+def test_fast_bfloat16_runs(tiny):
+    model, tok = build_tiny_random(seed=0)
+    model = model.to(torch.bfloat16)
+    r = get_engine("fast", model, tok).generate(PROMPTS, n=2, max_new_tokens=5, seed=0)
+    assert r.logprobs.dtype == torch.float32 and torch.isfinite(r.logprobs).all()
+    assert (r.logprobs[r.response_mask.bool()] < 0).all()
+
+
+def test_unknown_decoder(tiny):
+    with pytest.raises(TokenMDPError, match="decoder"):
+        get_engine("fast", *tiny, decoder="cuda-graphs")

@@ -1,0 +1,158 @@
+"""The `fast` engine: the project's own sampling loop over a preallocated key-value cache.
+
+One prefill of the left-padded prompts, then one decode step per token (see
+:mod:`tokenmdp.rollout.kv_decoder`), with temperature, top-k and top-p applied in torch, the log-prob of each
+sampled token computed in the loop, each row stopped at its first EOS, finished rows dropped from the batch once a
+quarter of it has finished (``compact_fraction``), and an early exit when every row is done. Everything runs under
+``torch.inference_mode`` with a private ``torch.Generator`` (the global RNG is never touched).
+
+Log-probs are those of the sampled tokens under ``logits / temperature`` without top-k/top-p renormalisation
+(greedy, temperature 0: under the untempered logits), the quantity that
+:func:`tokenmdp.policy.logprobs.sequence_logprobs` recomputes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.rollout.base import (
+    Engine,
+    Rollout,
+    build_rollout,
+    check_sampling,
+    encode_prompts,
+    eos_token_ids,
+    pad_token_id,
+)
+from tokenmdp.rollout.kv_decoder import make_decoder
+
+
+def filter_logits(z: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf the logits outside the top-k set, then outside the nucleus of mass ``top_p``.
+
+    The nucleus keeps, in decreasing probability, every token whose preceding mass is below ``top_p``: with
+    probabilities ``[0.5, 0.3, 0.2]`` and ``top_p=0.6``, tokens 0 and 1 are kept (mass before them 0 and 0.5), token
+    2 is dropped (0.8 >= 0.6). At least one token is always kept. ``z`` is (B, V).
+    """
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        drop = before >= top_p
+        drop[:, 0] = False
+        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return z
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits`` (B, V); return (tokens (B,), log-probs (B,) float32).
+
+    The log-prob is ``z[y] - logsumexp(z)`` with ``z = logits / temperature`` (no top-k/top-p renormalisation);
+    temperature 0 takes the argmax and scores it under the untempered logits.
+    """
+    z = logits.float()
+    if temperature == 0:
+        tokens = z.argmax(dim=-1)
+    else:
+        z = z / temperature
+        probs = torch.softmax(filter_logits(z, top_k=top_k, top_p=top_p), dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return tokens, logp
+
+
+class FastEngine(Engine):
+    """Rollouts through the project's own decode loop.
+
+    Parameters
+    ----------
+    model, tokenizer : a transformers causal LM and its tokenizer.
+    decoder : "auto" (the own key-value decoder for Llama-family models, else the transformers forward), "kv" or
+        "hf".
+    compact_fraction : drop finished rows from the batch once this fraction of it has finished (1 = never).
+    eos_token_id, add_special_tokens : as for the `hf` engine.
+    """
+
+    name = "fast"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, decoder: str = "auto", compact_fraction: float = 0.25,
+                 eos_token_id: int | Sequence[int] | None = None, add_special_tokens: bool | None = None):
+        if decoder not in ("auto", "kv", "hf"):
+            raise TokenMDPError(f"decoder must be 'auto', 'kv' or 'hf', got {decoder!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.compact_fraction = float(compact_fraction)
+        self.eos_ids = eos_token_ids(model, tokenizer, eos_token_id)
+        self.pad_id = pad_token_id(tokenizer)
+        self.add_special_tokens = add_special_tokens
+
+    def _generator(self, device: torch.device, seed: int | None) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(int(seed))
+        return gen
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Rollout:
+        check_sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        device = next(self.model.parameters()).device
+        ids, mask = encode_prompts(self.tokenizer, prompts, n=n, device=device,
+                                   add_special_tokens=self.add_special_tokens)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            response, logprobs = self._loop(ids, mask, max_new_tokens, self._generator(device, seed),
+                                            dict(temperature=temperature, top_k=int(top_k), top_p=float(top_p)))
+        finally:
+            self.model.train(was_training)
+        return build_rollout(self.tokenizer, prompts, n, ids, mask, response, logprobs, self.eos_ids)
+
+    def _loop(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, gen: torch.Generator,
+              sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill + decode; returns response ids (B, steps) and their log-probs (B, steps)."""
+        batch, p_len = ids.shape
+        device = ids.device
+        dec = make_decoder(self.model, self.decoder)
+        logits = dec.prefill(ids, mask, p_len + max_new)
+        out_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
+        out_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
+        rows = torch.arange(batch, device=device)  # original row of each batch row
+        alive = torch.ones(batch, dtype=torch.bool, device=device)
+        pos = mask.sum(1)  # position id of the next token
+        key_valid = torch.zeros(batch, p_len + max_new, dtype=torch.bool, device=device)
+        key_valid[:, :p_len] = mask.bool()
+        eos = torch.tensor(self.eos_ids, device=device)
+        steps = 0
+        for t in range(max_new):
+            tokens, logp = sample_next(logits, generator=gen, **sampling)
+            live = rows[alive]
+            out_ids[live, t] = tokens[alive]
+            out_lp[live, t] = logp[alive]
+            alive = alive & ~torch.isin(tokens, eos)
+            steps = t + 1
+            n_alive = int(alive.sum())
+            if n_alive == 0 or steps == max_new:
+                break
+            if len(alive) - n_alive >= max(1.0, self.compact_fraction * len(alive)) and hasattr(dec, "k"):
+                keep = alive.nonzero().squeeze(1)
+                dec.select(keep)
+                rows, tokens, pos, key_valid = rows[keep], tokens[keep], pos[keep], key_valid[keep]
+                alive = alive[keep]
+            key_valid[:, p_len + t] = True
+            logits = dec.step(tokens, pos, p_len + t, key_valid[:, : p_len + t + 1])
+            pos = pos + 1
+        return out_ids[:, :steps], out_lp[:, :steps]
+
+
+__all__ = ["FastEngine", "sample_next", "filter_logits"]
