@@ -113,6 +113,7 @@ class RunConfig:
     eval_temperature: float = 1.0
     log_samples: bool = True
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for the tiny model
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     equivalence: bool = False  # log the GRPO / weighted-SFT gradient cosine each step (equiv/*)
     report_to: Literal["none", "tensorboard"] = "none"
@@ -317,6 +318,8 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     }
     if config.optim.minibatch_size is not None:
         positive["optim.minibatch_size"] = config.optim.minibatch_size
+    if config.run.threads is not None:
+        positive["run.threads"] = config.run.threads
     if config.rollout.max_new_tokens is not None:
         positive["rollout.max_new_tokens"] = config.rollout.max_new_tokens
     for name, value in positive.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,13 @@ def resolve_settings(config: TrainConfig, *, progress: bool = True) -> Settings:
     max_new = config.rollout.max_new_tokens or int(meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     meta_file = Path(model_path) / META_FILE if meta else None
     return Settings(model_path, options, template, max_new, meta_file)
+
+
+def check_lengths(spec, max_new_tokens: int) -> None:
+    """Length settings of the algorithm that must fit the generation budget."""
+    if spec.overlong_buffer > max_new_tokens:
+        raise TokenMDPError(f"config field 'algo.overlong_buffer' is {spec.overlong_buffer}, more than "
+                            f"rollout.max_new_tokens = {max_new_tokens}")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -167,7 +173,10 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     from tokenmdp.tasks import get_task
 
     spec = resolve_algo(config)
+    if config.run.threads is not None:
+        torch.set_num_threads(config.run.threads)
     settings = resolve_settings(config, progress=progress)
+    check_lengths(spec, settings.max_new_tokens)
     task = get_task(config.task.name, **settings.task_options)
     accelerator = make_accelerator(config, run_dir)
     policy_path = str(resume_from / "model") if resume_from is not None else settings.model_path
@@ -207,10 +216,3 @@ def _flat(data: dict, prefix: str = "") -> dict:
         elif isinstance(value, (int, float, str, bool)):
             out[f"{prefix}{key}"] = value
     return out
-
-
-def set_threads() -> None:
-    """Use the CPU cores this process may run on (``TOKENMDP_THREADS`` overrides)."""
-    wanted = os.environ.get("TOKENMDP_THREADS")
-    if wanted:
-        torch.set_num_threads(max(1, int(wanted)))

@@ -58,7 +58,7 @@ def isft_update(c, batch: Batch, *, step: int) -> dict:
                     advantages=t["adv"], pos_weight=spec.isft_pos_weight, neg_weight=spec.isft_neg_weight,
                     aggregation=spec.aggregation, max_len=max_len, num_tokens=n_tok, num_seqs=n_seq,
                 )
-                m["policy/entropy"] = float(ent[sub.response_mask.bool()].mean())
+                m["policy/entropy"] = float(ent.detach()[sub.response_mask.bool()].mean())
                 m["policy/approx_kl"] = approx_kl(t["old"], lp, sub.response_mask)
                 meter.add(m, float(sub.response_mask.sum()))
                 c.accelerator.backward(loss)
@@ -128,7 +128,7 @@ def _dpo_micro(c, ro: Rollout, rows: torch.Tensor, ref: torch.Tensor, n_micro: i
                        loss_type=spec.dpo_loss_type, label_smoothing=spec.dpo_label_smoothing)
     scale = n_micro / n_mb
     m["dpo/loss"] = m["dpo/loss"] * scale
-    m["policy/entropy"] = float(ent[sub.response_mask.bool()].mean())
+    m["policy/entropy"] = float(ent.detach()[sub.response_mask.bool()].mean())
     kl = kl_penalty(lp.detach().float(), t["ref"], estimator="k3")
     m["policy/kl_ref"] = float(kl[sub.response_mask.bool()].mean())
     meter.add(m, float(n_micro))

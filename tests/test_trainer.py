@@ -1,0 +1,218 @@
+"""The trainer on a locally built random tiny model: every preset trains and moves every parameter (PPO's critic
+too); micro-batch accumulation equals the full batch; resume gives identical parameters; the run folder is never
+overwritten silently and a failed run never looks finished; the prompt stream is a function of the seed only."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenmdp.algos.registry import PRESETS
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.tasks.base import Problem, Score, Task
+from tokenmdp.tasks.registry import register_task
+from tokenmdp.train.config import load_config
+from tokenmdp.train.data import prompt_stream
+from tokenmdp.train.trainer import train
+
+
+class ParityTask(Task):
+    """A task whose verifier a random model passes about half of the time: the first character of the completion
+    has an even code point. Groups are then mixed, so every algorithm gets a learning signal."""
+
+    name = "parity"
+    templates = ("plain",)
+
+    def __init__(self, size: int = 1000):
+        self.size = size
+
+    def problems(self, split="train", n=None, seed=0):
+        g = torch.Generator().manual_seed(seed * 2 + (split == "test"))
+        n = self.size if n is None else min(n, self.size)
+        nums = torch.randint(0, 1000, (n,), generator=g).tolist()
+        return [Problem(id=f"{split}-{i}", question=f"{x}", answer=None) for i, x in enumerate(nums)]
+
+    def render(self, problem, template=None):
+        return f"n={problem.question}:"
+
+    def score(self, problem, completion):
+        ok = bool(completion) and ord(completion[0]) % 2 == 0
+        return Score(reward=1.0 if ok else 0.0, correct=ok, formatted=True, reason="parity")
+
+
+register_task("parity", ParityTask)
+
+SMALL = ["task.name=parity", "rollout.engine=hf", "rollout.prompts_per_step=2", "rollout.group_size=4",
+         "rollout.max_new_tokens=6", "run.steps=2", "run.save_every=0", "optim.lr=1e-3", "run.threads=1"]
+
+
+def _cfg(tmp_path, model_dir, algo: str, *extra: str, name: str | None = None):
+    out = tmp_path / (name or algo)
+    return load_config(None, [f"model.path={model_dir}", f"algo.name={algo}", f"run.out={out}", *SMALL, *extra])
+
+
+def _params(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("algo", list(PRESETS))
+def test_every_preset_moves_every_parameter(tmp_path, tiny_random_dir, algo):
+    extra = ["algo.overlong_buffer=2"] if PRESETS[algo].overlong_buffer else []
+    run = train(_cfg(tmp_path, tiny_random_dir, algo, *extra), progress=False)
+    before, after = _params(tiny_random_dir), _params(run / "final")
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == [], f"{algo} left {unchanged} unchanged"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["update/rows"] > 0 for r in records)
+    for key in ("reward/mean", "reward/accuracy", "length/mean", "policy/entropy", "time/rollout", "time/update", "lr"):
+        assert records[0][key] is not None, key
+    if PRESETS[algo].kind == "pg" and PRESETS[algo].mu == 1:
+        assert abs(records[0]["policy/approx_kl"]) < 1e-5  # one on-policy update: the ratio is 1
+    if PRESETS[algo].critic:
+        from tokenmdp.policy.value_head import ValueModel
+
+        initial = ValueModel.from_policy(str(tiny_random_dir), seed=0).state_dict()
+        trained = torch.load(run / "checkpoints" / "step-2" / "critic.pt")
+        assert [k for k in initial if torch.equal(initial[k], trained[k])] == []
+        assert "value/loss" in records[0] and "value/explained_variance" in records[0]
+    assert (run / "DONE").is_file() and (run / "final" / "tokenizer.json").is_file()
+    samples = pd.read_parquet(run / "samples.parquet")
+    assert len(samples) == 2 * 2 * 4 and set(samples["algo"]) == {algo}
+    assert samples.groupby("step")["group"].nunique().tolist() == [2, 2]
+
+
+def _components(tmp_path, model_dir, algo, *extra):
+    from tokenmdp.train.setup import build_components
+
+    cfg = _cfg(tmp_path, model_dir, algo, "rollout.prompts_per_step=3", "rollout.max_new_tokens=8", *extra)
+    return build_components(cfg, tmp_path / "unused", progress=False)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "bnpo", "dr_grpo", "ppo", "isft+", "isft+-adv", "dpo"])
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo):
+    """One step with micro-batches of 2 rows moves the parameters as the whole batch in one pass does (plain SGD,
+    so the parameter change is the accumulated gradient itself)."""
+    from tokenmdp.train.batch import collect
+    from tokenmdp.train.trainer import run_step
+
+    problems = ParityTask().problems("train", n=3, seed=5)
+    results = []
+    for micro in (64, 2):
+        c = _components(tmp_path, tiny_random_dir, algo, f"optim.micro_batch_size={micro}", "optim.max_grad_norm=null")
+        c.optimizer = torch.optim.SGD(c.model.parameters(), lr=1.0)
+        c.scheduler = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda s: 1.0)
+        if c.critic is not None:
+            c.critic_optimizer = torch.optim.SGD(c.critic.parameters(), lr=1.0)
+        batch = collect(c, problems, step=1)
+        assert 0 < float(batch.correct.float().mean()) < 1
+        start = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+        run_step(c, problems, 1)
+        results.append({k: v.detach() - start[k] for k, v in c.model.state_dict().items()})
+    assert max(float(d.abs().max()) for d in results[0].values()) > 1e-4  # the step did move the model
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_resume_gives_identical_parameters(tmp_path, tiny_random_dir):
+    """4 steps straight == 2 steps, a crash during step 3, and a resume from the step-2 checkpoint."""
+    extra = ("run.steps=4", "optim.minibatch_size=4", "algo.mu=2", "algo.kl_coef=0.05")
+    straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="straight"), progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, record, c):
+        if step == 3:
+            raise Crash
+
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.save_every=2", name="resumed")
+    with pytest.raises(Crash):
+        train(cfg, progress=False, callbacks=[crash_at_3])
+    run = cfg.run_dir()
+    assert not (run / "DONE").exists() and not (run / "final").exists()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    train(cfg, resume=True, progress=False)
+    a, b = _params(straight / "final"), _params(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    first = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/mean"] for m in metrics] == [m["reward/mean"] for m in first]
+    assert len(pd.read_parquet(run / "samples.parquet")) == len(pd.read_parquet(straight / "samples.parquet"))
+    # a finished run resumes to nothing; more steps extend it from its last checkpoint
+    assert train(cfg, resume=True, progress=False) == run
+    longer = load_config(None, [f"model.path={tiny_random_dir}", "algo.name=grpo", f"run.out={run}", *SMALL, *extra,
+                                "run.save_every=2", "run.steps=5"])
+    train(longer, resume=True, progress=False)
+    assert json.loads((run / "DONE").read_text())["steps"] == 5
+
+
+def test_resume_refuses_a_different_config(tmp_path, tiny_random_dir):
+    cfg = _cfg(tmp_path, tiny_random_dir, "isft+", "run.steps=1")
+    train(cfg, progress=False)
+    other = _cfg(tmp_path, tiny_random_dir, "isft+", "run.steps=1", "optim.lr=0.5", name="isft+")
+    with pytest.raises(TokenMDPError, match="'optim.lr'"):
+        train(other, resume=True, progress=False)
+    with pytest.raises(TokenMDPError, match="no such run folder"):
+        train(_cfg(tmp_path, tiny_random_dir, "isft+", name="nothing"), resume=True, progress=False)
+
+
+def test_existing_folder_is_never_overwritten_and_bad_input_leaves_nothing(tmp_path, tiny_random_dir):
+    cfg = _cfg(tmp_path, tiny_random_dir, "isft+", "run.steps=1")
+    run = train(cfg, progress=False)
+    stamp = (run / "DONE").read_text()
+    with pytest.raises(TokenMDPError, match="already exists"):
+        train(cfg, progress=False)
+    bad = _cfg(tmp_path, tiny_random_dir, "isft+", "run.steps=1", "run.overwrite=true",
+               f"model.path={tmp_path / 'no-such-model'}", name="isft+")
+    with pytest.raises(TokenMDPError):
+        train(bad, progress=False)
+    assert (run / "DONE").read_text() == stamp  # the finished run is untouched
+    with pytest.raises(TokenMDPError):
+        train(_cfg(tmp_path, tiny_random_dir, "isft+", "task.options={nope: 1}", name="fresh"), progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_prompt_stream_is_a_function_of_the_seed_only(tmp_path, tiny_random_dir):
+    task = ParityTask()
+    a = prompt_stream(task, seed=3, steps=4, prompts_per_step=5)
+    assert [len(s) for s in a] == [5] * 4
+    assert a == prompt_stream(task, seed=3, steps=4, prompts_per_step=5)
+    assert a[:2] == prompt_stream(task, seed=3, steps=2, prompts_per_step=5)
+    assert a != prompt_stream(task, seed=4, steps=4, prompts_per_step=5)
+    small = ParityTask(size=7)  # a finite data set is cycled through seeded permutations
+    cycled = [p.id for step in prompt_stream(small, seed=1, steps=3, prompts_per_step=5) for p in step]
+    assert sorted(cycled[:7]) == sorted(p.id for p in small.problems("train", seed=1))
+    assert len(cycled) == 15 and sorted(set(cycled)) == sorted(cycled[:7])
+    # two algorithms trained with the same seed saw the same prompts, step by step
+    runs = [train(_cfg(tmp_path, tiny_random_dir, algo, "run.steps=2"), progress=False) for algo in ("rloo", "isft-")]
+    prompts = [pd.read_parquet(r / "samples.parquet").groupby("step")["prompt"].apply(list).tolist() for r in runs]
+    assert prompts[0] == prompts[1]
+
+
+def test_offline_dpo_pairs_and_bad_lines(tmp_path, tiny_random_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"n={i}:", "chosen": "ab", "rejected": "xyz"}) for i in range(5)))
+    run = train(_cfg(tmp_path, tiny_random_dir, "dpo", f"task.dpo_data={data}"), progress=False)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["dpo/pairs"] == 2 and records[0]["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at start
+    assert records[1]["dpo/margin"] > 0  # the first step moved the policy toward the chosen responses
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(TokenMDPError, match=r"pairs.jsonl:2: missing field 'rejected'"):
+        train(_cfg(tmp_path, tiny_random_dir, "dpo", f"task.dpo_data={data}", name="bad"), progress=False)
+
+
+def test_periodic_eval_and_equivalence_metrics(tmp_path, tiny_random_dir):
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", "algo.kl_coef=0", "run.equivalence=true", "run.eval_every=2",
+               "run.eval_n=4", "run.eval_k=2")
+    run = train(cfg, progress=False)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["equiv/cosine_on_policy"] > 0.9999 and records[0]["equiv/cosine"] > 0.9999
+    assert "eval/accuracy" not in records[0]
+    assert 0.0 <= records[1]["eval/accuracy"] <= 1.0 and 0.0 <= records[1]["eval/sampled_accuracy"] <= 1.0
