@@ -72,3 +72,88 @@ def test_bad_settings_are_user_errors(tmp_path):
         compare(["grpo"], 1, model=str(tmp_path), out=tmp_path / "o", eval_n=0)
     with pytest.raises(TokenMDPError, match="unknown option"):
         compare(["grpo"], 1, model=str(tmp_path), out=tmp_path / "o", bogus=1)
+
+
+def _html_rows(path: Path) -> dict[str, list[str]]:
+    from html.parser import HTMLParser
+
+    rows: list[list[str]] = []
+
+    class P(HTMLParser):
+        cell = None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                rows[-1].append(self.cell)
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    P().feed(path.read_text())
+    return {r[0]: r for r in rows if r}
+
+
+def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
+    """2 algorithms x 1 seed x 3 steps on a locally built tiny model: every file, the same prompt stream for both
+    algorithms (asserted here again from the logged samples), and report tables that hold summary.csv's numbers."""
+    from tokenmdp.cli import main
+    from tokenmdp.experiments.report import SUMMARY_METRICS, format_cell
+    from tokenmdp.tasks import get_task
+    from tokenmdp.train.data import prompt_stream
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--algos", "grpo,isft+", "--seeds", "1", "--steps", "3", "--model", str(tiny_random_dir),
+            "--task", "countdown", "-o", "num_count=3", "-o", "high=20", "--template", "compact",
+            "--max-new-tokens", "12", "--eval-n", "4", "--k", "2", "--prompts-per-step", "2", "--group-size", "2",
+            "--out", str(out), "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for name in ("compare.json", "heldout.jsonl", "base_eval.json", "base_eval_records.jsonl", "summary.csv",
+                 "summary.md", "report.html", "plots/final_accuracy.png", "plots/reward.png", "plots/length.png",
+                 "plots/entropy.png", "plots/equivalence.png", "configs/grpo.yaml"):
+        assert (out / name).is_file(), name
+    for algo in ("grpo", "isft+"):
+        run = out / "runs" / algo / "seed-0"
+        for name in ("config.yaml", "metrics.jsonl", "samples.parquet", "DONE", "eval.json", "eval_records.jsonl",
+                     "final/config.json"):
+            assert (run / name).exists(), (algo, name)
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    # the same prompt stream for both algorithms, and it is the seed's stream (asserted from the logged samples)
+    info = json.loads((out / "compare.json").read_text())
+    assert info["fairness"]["seed-0"]["identical"] and info["fairness"]["seed-0"]["steps"] == 3
+    task = get_task("countdown", num_count=3, high=20, template="compact")
+    expected = [sorted({task.render(p) for p in step}) for step in prompt_stream(task, seed=0, steps=3,
+                                                                                   prompts_per_step=2)]
+    for algo in ("grpo", "isft+"):
+        t = pq.read_table(out / "runs" / algo / "seed-0" / "samples.parquet").to_pydict()
+        logged = [sorted({p for p, s in zip(t["prompt"], t["step"]) if s == step}) for step in (1, 2, 3)]
+        assert logged == expected
+        assert len(t["prompt"]) == 3 * 2 * 2  # the same number of sampled responses per algorithm
+    # the held-out set is never trained on
+    held = {json.loads(line)["id"] for line in (out / "heldout.jsonl").read_text().splitlines()}
+    assert len(held) == 4
+    assert not held & {p.id for step in prompt_stream(task, seed=0, steps=3, prompts_per_step=2) for p in step}
+    # summary.csv <- eval.json, and the report's tables hold summary.csv's numbers
+    with (out / "summary.csv").open() as fh:
+        rows = {r["algo"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == ["base", "grpo", "isft+"]
+    ev = json.loads((out / "runs" / "grpo" / "seed-0" / "eval.json").read_text())
+    assert ev["algo"] == "grpo" and ev["settings"]["n"] == 4 and ev["settings"]["k"] == 2
+    assert float(rows["grpo"]["greedy/pass@1_mean"]) == pytest.approx(ev["metrics"]["greedy/pass@1"])
+    html_rows = _html_rows(out / "report.html")
+    md = (out / "summary.md").read_text()
+    for algo, row in rows.items():
+        for j, (key, _, kind) in enumerate(SUMMARY_METRICS):
+            mean = float(row[f"{key}_mean"]) if row[f"{key}_mean"] else float("nan")
+            cell = format_cell({f"{key}_mean": mean, f"{key}_half_width": float("nan")}, key, kind)
+            assert html_rows[algo][2 + j] == cell, (algo, key)
+        assert f"| {algo} | 1 | " in md
+    assert {r["algo"] for r in doc["summary"]} == {"base", "grpo", "isft+"}

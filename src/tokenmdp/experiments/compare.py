@@ -32,7 +32,9 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.compare_run import Tracker, check_same_stream, run_eval, train_run
 
 DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
-HELDOUT_SEED = 20250519  # the held-out draw: one fixed set for every seed and algorithm
+# the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
+# (smaller) set of the same split with the same seed
+HELDOUT_SEED = 0
 
 
 @dataclass
@@ -88,7 +90,7 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
                     "max_new_tokens": max_new_tokens},
         "algo": {"name": algo},
         "optim": {},
-        "run": {"steps": s.steps, "save_every": s.steps, "keep_last": 1, "eval_every": s.eval_every,
+        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": s.eval_every,
                 "eval_n": min(s.eval_n, 100), "report_to": s.report_to, "log_samples": True,
                 "equivalence": algo == "grpo", "overwrite": True},
     }
@@ -146,6 +148,9 @@ def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = Compar
     s = CompareSettings(algos=list(algos), seeds=seed_list, steps=steps, model=model, task=task, eval_n=eval_n,
                         k=k, **options)
     _validate(s)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would break the comparison's own bars
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

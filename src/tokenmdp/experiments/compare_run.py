@@ -4,7 +4,6 @@ held-out set, the fairness check on the logged prompt streams, and the progress 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,14 +58,6 @@ class Tracker:
         self.progress.update(self.overall, advance=units, info=f"reused {label}")
 
 
-def _last_step(path: Path) -> int:
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        return int(json.loads(lines[-1]).get("step", len(lines))) if lines else 0
-    except (OSError, ValueError, json.JSONDecodeError, AttributeError):
-        return 0
-
-
 def train_run(config_path: Path, run_dir: Path, seed: int, s, *, tracker: Tracker, label: str,
               overwrite: bool = False) -> float | None:
     """Train one (algorithm, seed) into ``run_dir``; seconds taken, or None when a finished run was reused."""
@@ -78,25 +69,8 @@ def train_run(config_path: Path, run_dir: Path, seed: int, s, *, tracker: Tracke
         return None
     config = load_config(config_path, list(s.overrides) + [f"run.seed={seed}", f"run.out={json.dumps(str(run_dir))}"])
     tracker.start_job("train", label, s.steps)
-    stop = threading.Event()
-
-    def poll() -> None:
-        done = 0
-        while not stop.wait(0.5):
-            now = min(_last_step(run_dir / "metrics.jsonl"), s.steps)
-            if now > done:
-                tracker.advance(now - done, tracker.step_w)
-                done = now
-        tracker.advance(s.steps - done, tracker.step_w)
-
-    watcher = threading.Thread(target=poll, daemon=True)
     start = time.perf_counter()
-    watcher.start()
-    try:
-        train(config, progress=False)
-    finally:
-        stop.set()
-        watcher.join()
+    train(config, progress=False, callbacks=[lambda step, record, c: tracker.advance(1, tracker.step_w)])
     return time.perf_counter() - start
 
 
