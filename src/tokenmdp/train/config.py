@@ -165,7 +165,7 @@ def _build(cls: type, data: Any, prefix: str, source: str | None) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise TokenMDPError(f"config section {_where(prefix or '<root>', source)} must be a mapping")
+        raise TokenMDPError(f"config section {_where(prefix.rstrip('.') or '<root>', source)} must be a mapping")
     if cls is AlgoConfig:
         return _build_algo(data, prefix, source)
     hints = typing.get_type_hints(cls)
