@@ -46,7 +46,7 @@ class ParityTask(Task):
 
 register_task("parity", ParityTask)
 
-SMALL = ["task.name=parity", "rollout.engine=hf", "rollout.prompts_per_step=2", "rollout.group_size=4",
+SMALL = ["task.name=parity", "rollout.prompts_per_step=2", "rollout.group_size=4",
          "rollout.max_new_tokens=6", "run.steps=2", "run.save_every=0", "optim.lr=1e-3", "run.threads=1"]
 
 
