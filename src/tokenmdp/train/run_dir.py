@@ -93,6 +93,10 @@ class RunHandle:
             elif stale.exists():
                 stale.unlink()
         save_config(self.config, self.path / "config.yaml")
+        if self.config.run.report_to != "none":  # after the folder is (re)created, so its event files survive
+            from tokenmdp.train.setup import _flat
+
+            c.accelerator.init_trackers(self.path.name, config=_flat(self.config.to_dict()))
 
 
 def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:

@@ -201,8 +201,7 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
         critic_optimizer = accelerator.prepare(critic_optimizer)
     engine = get_engine(config.rollout.engine, accelerator.unwrap_model(model), policy.tokenizer,
                         **config.rollout.engine_options)
-    if config.run.report_to != "none" and accelerator.is_main_process:
-        accelerator.init_trackers(run_dir.name, config=_flat(config.to_dict()))
+    # the trackers (run.report_to) start in RunHandle.begin, once the run folder is (re)created
     return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
                       tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
                       scheduler=scheduler, ref_model=ref_model, critic=critic, critic_optimizer=critic_optimizer)
