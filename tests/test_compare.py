@@ -113,7 +113,7 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
     args = ["compare", "--algos", "grpo,isft+", "--seeds", "1", "--steps", "3", "--model", str(tiny_random_dir),
             "--task", "countdown", "-o", "num_count=3", "-o", "high=20", "--template", "compact",
             "--max-new-tokens", "12", "--eval-n", "4", "--k", "2", "--prompts-per-step", "2", "--group-size", "2",
-            "--out", str(out), "--json"]
+            "--report-to", "tensorboard", "--out", str(out), "--json"]
     assert main(args) == 0
     doc = json.loads(capsys.readouterr().out)
     for name in ("compare.json", "heldout.jsonl", "base_eval.json", "base_eval_records.jsonl", "summary.csv",
@@ -157,3 +157,6 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
             assert html_rows[algo][2 + j] == cell, (algo, key)
         assert f"| {algo} | 1 | " in md
     assert {r["algo"] for r in doc["summary"]} == {"base", "grpo", "isft+"}
+    # --report-to tensorboard: accelerate's tracker wrote event files in every run folder
+    for algo in ("grpo", "isft+"):
+        assert list((out / "runs" / algo / "seed-0").rglob("events.out.tfevents*")), algo
