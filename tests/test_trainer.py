@@ -177,6 +177,11 @@ def test_existing_folder_is_never_overwritten_and_bad_input_leaves_nothing(tmp_p
     with pytest.raises(TokenMDPError):
         train(_cfg(tmp_path, tiny_random_dir, "isft+", "task.options={nope: 1}", name="fresh"), progress=False)
     assert not (tmp_path / "fresh").exists()
+    with pytest.raises(TokenMDPError, match="rollout.group_size must be at least 2"):
+        train(_cfg(tmp_path, tiny_random_dir, "grpo", "rollout.group_size=1", name="fresh"), progress=False)
+    with pytest.raises(TokenMDPError, match="'algo.overlong_buffer' is 16, more than rollout.max_new_tokens = 6"):
+        train(_cfg(tmp_path, tiny_random_dir, "dapo", name="fresh"), progress=False)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_prompt_stream_is_a_function_of_the_seed_only(tmp_path, tiny_random_dir):

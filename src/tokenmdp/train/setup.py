@@ -68,8 +68,12 @@ def resolve_settings(config: TrainConfig, *, progress: bool = True) -> Settings:
     return Settings(model_path, options, template, max_new, meta_file)
 
 
-def check_lengths(spec, max_new_tokens: int) -> None:
-    """Length settings of the algorithm that must fit the generation budget."""
+def check_fit(spec, config: TrainConfig, max_new_tokens: int) -> None:
+    """Settings of the algorithm that must fit the rollout settings (checked before anything is written)."""
+    offline = spec.kind == "dpo" and config.task.dpo_data is not None
+    if spec.group_based and not offline and config.rollout.group_size < 2:
+        raise TokenMDPError(f"algo {spec.name!r} compares responses within a group: rollout.group_size must be at "
+                            f"least 2, got {config.rollout.group_size}")
     if spec.overlong_buffer > max_new_tokens:
         raise TokenMDPError(f"config field 'algo.overlong_buffer' is {spec.overlong_buffer}, more than "
                             f"rollout.max_new_tokens = {max_new_tokens}")
@@ -176,7 +180,7 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     if config.run.threads is not None:
         torch.set_num_threads(config.run.threads)
     settings = resolve_settings(config, progress=progress)
-    check_lengths(spec, settings.max_new_tokens)
+    check_fit(spec, config, settings.max_new_tokens)
     task = get_task(config.task.name, **settings.task_options)
     accelerator = make_accelerator(config, run_dir)
     policy_path = str(resume_from / "model") if resume_from is not None else settings.model_path
