@@ -107,31 +107,30 @@ class FastEngine(Engine):
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Rollout:
         check_sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         device = next(self.model.parameters()).device
-        ids, mask = encode_prompts(self.tokenizer, prompts, n=n, device=device,
+        ids, mask = encode_prompts(self.tokenizer, prompts, n=1, device=device,
                                    add_special_tokens=self.add_special_tokens)
         was_training = self.model.training
         self.model.eval()
         try:
-            response, logprobs = self._loop(ids, mask, max_new_tokens, self._generator(device, seed),
+            response, logprobs = self._loop(ids, mask, n, max_new_tokens, self._generator(device, seed),
                                             dict(temperature=temperature, top_k=int(top_k), top_p=float(top_p)))
         finally:
             self.model.train(was_training)
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         return build_rollout(self.tokenizer, prompts, n, ids, mask, response, logprobs, self.eos_ids)
 
-    def _loop(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int, gen: torch.Generator,
+    def _loop(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int, gen: torch.Generator,
               sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill + decode; returns response ids (B, steps) and their log-probs (B, steps)."""
-        batch, p_len = ids.shape
+        """Prefill the distinct prompts, decode n samples each; response ids (B, steps) and log-probs (B, steps)."""
         device = ids.device
+        batch = ids.shape[0] * n
         dec = make_decoder(self.model, self.decoder)
-        logits = dec.prefill(ids, mask, p_len + max_new)
+        logits = dec.prefill(ids, mask, n, max_new)
         out_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-        rows = torch.arange(batch, device=device)  # original row of each batch row
+        rows = torch.arange(batch, device=device)  # original row of each live batch row
         alive = torch.ones(batch, dtype=torch.bool, device=device)
-        pos = mask.sum(1)  # position id of the next token
-        key_valid = torch.zeros(batch, p_len + max_new, dtype=torch.bool, device=device)
-        key_valid[:, :p_len] = mask.bool()
+        pos = mask.sum(1).repeat_interleave(n)  # position id of the next token
         eos = torch.tensor(self.eos_ids, device=device)
         steps = 0
         for t in range(max_new):
@@ -144,13 +143,11 @@ class FastEngine(Engine):
             n_alive = int(alive.sum())
             if n_alive == 0 or steps == max_new:
                 break
-            if len(alive) - n_alive >= max(1.0, self.compact_fraction * len(alive)) and hasattr(dec, "k"):
+            if dec.can_select and len(alive) - n_alive >= max(1.0, self.compact_fraction * len(alive)):
                 keep = alive.nonzero().squeeze(1)
                 dec.select(keep)
-                rows, tokens, pos, key_valid = rows[keep], tokens[keep], pos[keep], key_valid[keep]
-                alive = alive[keep]
-            key_valid[:, p_len + t] = True
-            logits = dec.step(tokens, pos, p_len + t, key_valid[:, : p_len + t + 1])
+                rows, tokens, pos, alive = rows[keep], tokens[keep], pos[keep], alive[keep]
+            logits = dec.step(tokens, pos, t)
             pos = pos + 1
         return out_ids[:, :steps], out_lp[:, :steps]
 

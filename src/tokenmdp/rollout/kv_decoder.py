@@ -1,16 +1,25 @@
-"""Incremental decoders for the `fast` engine: one prefill, then one token per step over a key-value cache.
+"""Incremental decoders for the `fast` engine: one prefill, then one token per row and step over a KV cache.
 
-Two implementations of the same small interface (``prefill``, ``step``, ``select``):
+Both decoders share one interface: ``prefill(prompt_ids, prompt_mask, n, max_new) -> logits (B, V)`` for the
+``B = len(prompts) * n`` rows (row ``i * n + j`` is sample ``j`` of prompt ``i``), ``step(tokens, pos, t) ->
+logits`` for the ``t``-th generated token of every live row, and ``select(keep)`` to drop finished rows (only
+where ``can_select``).
 
-* :class:`KVDecoder`, the project's own forward pass of a Llama-family decoder (Llama, Qwen2, Qwen3, Mistral,
-  SmolLM2 ...), reusing the model's weights: query/key/value projections fused into one matrix and gate/up into
-  another (re-fused at every ``generate`` call, so they always hold the current weights), a preallocated cache of
-  shape ``(B, H_kv, P + max_new_tokens, D)`` per layer written in place, rotary tables computed once by the
-  model's own rotary module, ``scaled_dot_product_attention`` over the filled part of the cache, and
-  ``select(rows)`` to drop finished rows from the batch. Numerically it is the transformers forward (the tests
-  compare log-probs with a teacher-forced pass within 1e-4).
-* :class:`HFDecoder`, any other causal LM: the transformers forward with its own cache, called step by step
-  (no ``select``).
+:class:`KVDecoder` is the project's own forward pass of a Llama-family decoder (Llama, Qwen2, Qwen3, Mistral
+without sliding window, SmolLM2 ...), on the model's own weights (query/key/value fused into one matrix and gate/up
+into another, re-fused at every ``generate`` so they hold the current weights). It uses the group structure of RL
+rollouts, the way prefix caching does: the prompt of a group is prefilled *once* (not ``n`` times) and its keys and
+values are stored once, ``(len(prompts), H_kv, P, D)`` per layer; the generated tokens have their own preallocated
+cache ``(B, H_kv, max_new, D)``, written in place. At a decode step the attention of row ``r`` of group ``g`` is
+one softmax over ``[prompt keys of g | generated keys of r]``:
+
+    s = [q K_g^T, q K_r^T] * scale  (padding of the prompt masked),   out = softmax(s) [V_g; V_r],
+
+where the prompt part is a real matrix product per group (the ``n`` queries of a group times its shared keys) and
+the generated part a batched product per row. Rotary tables come from the model's own rotary module. Numerically
+this is the transformers forward; the tests compare the log-probs with a teacher-forced pass within 1e-4.
+
+:class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
 """
 
 from __future__ import annotations
@@ -69,140 +78,173 @@ def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:
     return norm.weight, float(eps)
 
 
+def _fuse(layer: nn.Module, head_dim: int) -> _Layer:
+    a, m = layer.self_attn, layer.mlp
+    projs = (a.q_proj, a.k_proj, a.v_proj)
+    b_qkv = None
+    if any(p.bias is not None for p in projs):
+        b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in projs])
+    return _Layer(
+        w_qkv=torch.cat([p.weight for p in projs]),
+        b_qkv=b_qkv,
+        o_proj=a.o_proj,
+        ln1=_norm_parts(layer.input_layernorm),
+        ln2=_norm_parts(layer.post_attention_layernorm),
+        w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+        down=m.down_proj,
+        act=m.act_fn,
+        q_norm=getattr(a, "q_norm", None),
+        k_norm=getattr(a, "k_norm", None),
+        scaling=float(getattr(a, "scaling", None) or head_dim**-0.5),
+    )
+
+
 class KVDecoder:
-    """Own incremental forward of a Llama-family decoder (see the module docstring)."""
+    """Own incremental forward of a Llama-family decoder with a shared prompt cache (see the module docstring)."""
+
+    can_select = True
 
     def __init__(self, model: nn.Module):
         cfg = model.config
         base = model.model
-        self.model = model
         self.embed = base.embed_tokens
         self.final_norm = _norm_parts(base.norm)
         self.rotary = base.rotary_emb
         self.head = model.get_output_embeddings()
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers = [self._fuse(layer, self.head_dim) for layer in base.layers]
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.hq = cfg.num_attention_heads
+        self.hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layers = [_fuse(layer, self.d) for layer in base.layers]
 
-    @staticmethod
-    def _fuse(layer: nn.Module, head_dim: int) -> _Layer:
-        a, m = layer.self_attn, layer.mlp
-        biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
-        b_qkv = None
-        if any(b is not None for b in biases):
-            b_qkv = torch.cat([b if b is not None else p.weight.new_zeros(p.weight.shape[0])
-                               for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
-        return _Layer(
-            w_qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-            b_qkv=b_qkv,
-            o_proj=a.o_proj,
-            ln1=_norm_parts(layer.input_layernorm),
-            ln2=_norm_parts(layer.post_attention_layernorm),
-            w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-            down=m.down_proj,
-            act=m.act_fn,
-            q_norm=getattr(a, "q_norm", None),
-            k_norm=getattr(a, "k_norm", None),
-            scaling=float(getattr(a, "scaling", None) or head_dim**-0.5),
-        )
-
-    # cache --------------------------------------------------------------------------------------------------
-    def allocate(self, batch: int, length: int) -> None:
-        """Preallocate the key-value cache for ``batch`` rows of up to ``length`` tokens."""
-        w = self.embed.weight
-        shape = (batch, self.n_kv, length, self.head_dim)
-        self.k = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
-        self.v = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.layers]
-        pos = torch.arange(length, device=w.device).unsqueeze(0)
-        cos, sin = self.rotary(w[:1].unsqueeze(0), pos)
-        self.cos, self.sin = cos[0], sin[0]  # (length, D)
-
-    def select(self, rows: torch.Tensor) -> bool:
-        """Keep only ``rows`` of the batch (drop finished sequences)."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        return True
-
-    # forward ------------------------------------------------------------------------------------------------
-    def _attention(self, x: torch.Tensor, layer: _Layer, li: int, pos: torch.Tensor, start: int,
-                   mask: torch.Tensor) -> torch.Tensor:
+    # shared pieces ------------------------------------------------------------------------------------------
+    def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
+        """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S)."""
         b, s, _ = x.shape
-        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
-        qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
-        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-        q, k, v = q.view(b, s, hq, d), k.view(b, s, hk, d), v.view(b, s, hk, d)
+        q, k, v = F.linear(x, layer.w_qkv, layer.b_qkv).split([self.hq * self.d, self.hk * self.d,
+                                                               self.hk * self.d], dim=-1)
+        q, k, v = q.view(b, s, self.hq, self.d), k.view(b, s, self.hk, self.d), v.view(b, s, self.hk, self.d)
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
-        cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)  # (B, S, 1, D)
-        q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)
-        k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)
-        end = start + s
-        self.k[li][:, :, start:end] = k
-        self.v[li][:, :, start:end] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, self.k[li][:, :, :end], self.v[li][:, :, :end], attn_mask=mask, scale=layer.scaling,
-            enable_gqa=hq != hk,
-        )
-        return layer.o_proj(out.transpose(1, 2).reshape(b, s, hq * d))
+        cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the last column (B, H) after writing columns ``start: start + S`` of the cache."""
-        x = self.embed(ids)
-        for li, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
-            x = x + self._attention(h, layer, li, pos, start, mask)
-            h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + layer.down(layer.act(gate) * up)
-        last = x[:, -1]
-        return F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1])
+    def _block(self, x: torch.Tensor, layer: _Layer, attend) -> torch.Tensor:
+        h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
+        x = x + layer.o_proj(attend(h))
+        h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
+        gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+        return x + layer.down(layer.act(gate) * up)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
-        """Run the left-padded prompts (B, P) and return the next-token logits (B, V)."""
-        b, p = ids.shape
-        self.allocate(b, length)
+    def _logits(self, last: torch.Tensor) -> torch.Tensor:
+        return self.head(F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1]))
+
+    # prefill ------------------------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
+        """Run the distinct left-padded prompts (G, P) once; return next-token logits (G * n, V)."""
+        g, p = ids.shape
+        w = self.embed.weight
+        self.n, self.g, self.p = n, g, p
+        self.rows = torch.arange(g * n, device=ids.device)  # original row of each live row
+        cos, sin = self.rotary(w[:1].unsqueeze(0), torch.arange(p + max_new, device=w.device).unsqueeze(0))
+        self.cos, self.sin = cos[0], sin[0]
+        self.prompt_bias = torch.zeros(g, p, dtype=w.dtype, device=w.device).masked_fill(~mask.bool(), float("-inf"))
+        gen_shape = (g * n, self.hk, max_new, self.d)
+        self.kg = [torch.empty(gen_shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        self.vg = [torch.empty(gen_shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        self.kp, self.vp = [], []
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
-        attn = causal.unsqueeze(0) & mask.bool().unsqueeze(1)  # (B, P, P): key valid and not in the future
-        attn |= torch.eye(p, dtype=torch.bool, device=ids.device)  # pad queries see themselves (no NaN rows)
-        return self.head(self._forward(ids, pos, 0, attn.unsqueeze(1)))
+        attn = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril().unsqueeze(0) & mask.bool().unsqueeze(1)
+        attn = (attn | torch.eye(p, dtype=torch.bool, device=ids.device)).unsqueeze(1)  # pad rows see themselves
 
-    def step(self, tokens: torch.Tensor, pos: torch.Tensor, column: int, key_valid: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at cache column ``column``; ``key_valid`` (B, column + 1). Returns logits (B, V)."""
-        mask = key_valid[:, None, None, :]
-        return self.head(self._forward(tokens.unsqueeze(1), pos.unsqueeze(1), column, mask))
+        def attend(h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+            q, k, v = self._qkv(h, layer, pos)
+            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            self.kp.append(k)
+            self.vp.append(v)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attn, scale=layer.scaling,
+                                                 enable_gqa=self.hq != self.hk)
+            return out.transpose(1, 2).reshape(g, p, self.hq * self.d)
+
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = self._block(x, layer, lambda h, layer=layer: attend(h, layer))
+        return self._logits(x[:, -1]).repeat_interleave(n, dim=0)
+
+    # decode -------------------------------------------------------------------------------------------------
+    def _to_groups(self, t: torch.Tensor, full: bool) -> torch.Tensor:
+        """Per-live-row (R, Hkv, rep, X) -> per-group (G, Hkv, n * rep, X), dead rows zero."""
+        if not full:
+            buf = t.new_zeros((self.g * self.n,) + tuple(t.shape[1:]))
+            t = buf.index_copy(0, self.rows, t)
+        g, n = self.g, self.n
+        return t.view(g, n, self.hk, -1, t.shape[-1]).transpose(1, 2).reshape(g, self.hk, -1, t.shape[-1])
+
+    def _from_groups(self, t: torch.Tensor, full: bool) -> torch.Tensor:
+        """Per-group (G, Hkv, n * rep, X) -> per-live-row (R, Hkv, rep, X)."""
+        g, n = self.g, self.n
+        t = t.view(g, self.hk, n, -1, t.shape[-1]).transpose(1, 2).reshape(g * n, self.hk, -1, t.shape[-1])
+        return t if full else t.index_select(0, self.rows)
+
+    def _decode_attention(self, h: torch.Tensor, layer: _Layer, li: int, pos: torch.Tensor, t: int):
+        r = h.shape[0]
+        q, k, v = self._qkv(h, layer, pos)  # (R, 1, H, D)
+        self.kg[li][:, :, t] = k[:, 0]
+        self.vg[li][:, :, t] = v[:, 0]
+        q = q.view(r, self.hk, self.hq // self.hk, self.d) * layer.scaling
+        full = r == self.g * self.n
+        s_prompt = self._to_groups(q, full) @ self.kp[li].transpose(-1, -2)  # (G, Hkv, n*rep, P)
+        s_prompt = self._from_groups(s_prompt + self.prompt_bias[:, None, None, :], full)
+        kg, vg = self.kg[li][:, :, : t + 1], self.vg[li][:, :, : t + 1]
+        s_gen = q @ kg.transpose(-1, -2)  # (R, Hkv, rep, t+1)
+        probs = torch.softmax(torch.cat([s_prompt, s_gen], dim=-1), dim=-1)
+        p_prompt, p_gen = probs.split([self.p, t + 1], dim=-1)
+        out = self._from_groups(self._to_groups(p_prompt, full) @ self.vp[li], full) + p_gen @ vg
+        return out.reshape(r, 1, self.hq * self.d)
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed the ``t``-th generated token (R,) of each live row at positions ``pos`` (R,); logits (R, V)."""
+        x = self.embed(tokens.unsqueeze(1))
+        pos = pos.unsqueeze(1)
+        for li, layer in enumerate(self.layers):
+            x = self._block(x, layer, lambda h, li=li, layer=layer: self._decode_attention(h, layer, li, pos, t))
+        return self._logits(x[:, -1])
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the live rows ``keep`` (indices into the current live rows)."""
+        self.rows = self.rows.index_select(0, keep)
+        self.kg = [k.index_select(0, keep) for k in self.kg]
+        self.vg = [v.index_select(0, keep) for v in self.vg]
 
 
 class HFDecoder:
-    """The generic path: the model's own forward and cache, one token per step."""
+    """The generic path: the model's own transformers forward and cache, one token per step (no ``select``)."""
+
+    can_select = False
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.past: Any = None
         self.attn: torch.Tensor | None = None
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
         from transformers import DynamicCache
 
-        self.past = DynamicCache(config=self.model.config)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        self.attn = mask
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.past,
-                         use_cache=True, logits_to_keep=1)
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        self.attn = mask.long()
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
         self.past = out.past_key_values
         return out.logits[:, -1]
 
-    def step(self, tokens: torch.Tensor, pos: torch.Tensor, column: int, key_valid: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=key_valid.long(), position_ids=pos.unsqueeze(1),
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=pos.unsqueeze(1),
                          past_key_values=self.past, use_cache=True, logits_to_keep=1)
         self.past = out.past_key_values
         return out.logits[:, -1]
 
-    def select(self, rows: torch.Tensor) -> bool:
-        return False
+    def select(self, keep: torch.Tensor) -> None:  # pragma: no cover - guarded by can_select
+        raise NotImplementedError
 
 
 def make_decoder(model: nn.Module, kind: str = "auto") -> KVDecoder | HFDecoder:

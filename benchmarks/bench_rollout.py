@@ -1,0 +1,184 @@
+"""Rollout throughput: the `hf` engine (transformers generate) vs the `fast` engine, side by side, in one run.
+
+Shapes of a GRPO step by default: 64 Countdown prompts (compact template) x 8 samples x 64 new tokens, temperature
+1. The model is the embedded tiny base model when it is in the cache (``tokenmdp pretrain`` /
+``ensure_tiny_base``), else a random model of the same size (Qwen2, hidden 128, 4 layers, 4 heads, char vocab).
+
+Figures printed per engine: wall time (best of ``--repeats``), generated tokens per second (tokens counted by the
+response masks, EOS included), model FLOP/s and its fraction of this CPU's peak float32 FLOP/s, measured in the
+same run as the best of a few 2048^3 matrix products. Model FLOPs of one token at context length c:
+``2 * N + 4 * n_layers * c * d_attn`` (N = parameters outside the embedding table, the tied head counted once;
+d_attn = n_heads * head_dim: QK^T and AV), summed over the tokens of each distinct prompt once (prefill) and every
+counted response token; redundant work (a prompt prefilled once per sample, padding, rows that already finished)
+is not counted, so both engines are credited with the same useful work.
+
+    .venv/bin/python benchmarks/bench_rollout.py [--threads 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tokenmdp.rollout import get_engine  # noqa: E402
+
+
+def peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of a ``size``^3 matrix product on this CPU (with the current thread count)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def load_model(path: str | None):
+    """(model, tokenizer, description): the given folder, the cached tiny base model, or a random one."""
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.policy.tiny import BASE_NAME, BASE_SETTINGS, build_tiny_random, cache_root
+
+    candidate = Path(path) if path else cache_root() / BASE_NAME
+    if candidate.exists():
+        pol = load_policy(candidate)
+        return pol.model, pol.tokenizer, f"{candidate}"
+    if path:
+        raise SystemExit(f"model folder not found: {path}")
+    size = {k: BASE_SETTINGS[k] for k in ("hidden_size", "num_layers", "num_heads")}
+    model, tok = build_tiny_random(seed=0, **size)
+    return model, tok, f"random Qwen2 {size} (tiny base not cached)"
+
+
+def make_prompts(count: int, seed: int = 0) -> list[str]:
+    try:
+        from tokenmdp.policy.tiny import BASE_TASK_KWARGS
+        from tokenmdp.tasks import get_task
+
+        task = get_task("countdown", **BASE_TASK_KWARGS)
+        return [task.render(p, template="compact") for p in task.problems("test", n=count, seed=seed)]
+    except Exception:  # tasks not available: Countdown-shaped synthetic prompts
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randint(1, 21, (count, 4), generator=g).tolist()
+        return [f"Numbers: {a} {b} {c}. Target: {5 * d}.\n<think>" for a, b, c, d in rows]
+
+
+def model_flops(model, rollout, n: int) -> float:
+    """Useful forward FLOPs of a rollout of ``len(rollout) / n`` distinct prompts (see the module docstring).
+
+    Each distinct prompt is prefilled once (an engine that prefills it n times does redundant work, not counted);
+    each counted response token costs 2 N plus attention over its context.
+    """
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    dense = n_params - (0 if tied else emb)  # the embedding lookup is free; a tied head is a matmul
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim  # per (query, key) pair
+    p_len = rollout.prompt_mask.sum(1).double()
+    t_len = rollout.lengths.double()
+    p0 = p_len[::n]
+    prefill = (2 * dense * p0 + attn * p0 * (p0 + 1) / 2).sum()
+    # response token k (1-based) attends to p + k positions
+    decode = (2 * dense * t_len + attn * (p_len * t_len + t_len * (t_len + 1) / 2)).sum()
+    return float(prefill + decode)
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, desc = load_model(args.model)
+    prompts = make_prompts(args.prompts)
+    peak = peak_flops()
+    engines = [("hf", {}), ("fast", {})] + ([("fast", {"decoder": "hf"})] if args.with_hf_forward else [])
+    kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for name, extra in engines:  # warm-up
+        get_engine(name, model, tok, **extra).generate(prompts[:2], n=2, max_new_tokens=4, seed=0)
+    results: dict[str, dict] = {}
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True)) as bar:
+        job = bar.add_task("benchmarking", total=args.repeats * len(engines))
+        for rep in range(args.repeats):
+            for name, extra in engines:
+                label = name if not extra else f"{name}[decoder={extra['decoder']}]"
+                eng = get_engine(name, model, tok, **extra)
+                t0 = time.perf_counter()
+                r = eng.generate(prompts, seed=args.seed + rep, **kw)
+                dt = time.perf_counter() - t0
+                res = results.setdefault(label, {"seconds": float("inf")})
+                if dt < res["seconds"]:
+                    tokens = int(r.lengths.sum())
+                    flops = model_flops(model, r, args.n)
+                    res.update(seconds=dt, tokens=tokens, tokens_per_s=tokens / dt, model_flops_per_s=flops / dt,
+                               peak_fraction=flops / dt / peak, mean_length=tokens / len(r),
+                               terminated=float(r.terminated.float().mean()))
+                bar.advance(job)
+    speedup = results["hf"]["seconds"] / results["fast"]["seconds"]
+    tps_ratio = results["fast"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    return {
+        "model": desc,
+        "params": sum(p.numel() for p in model.parameters()),
+        "shape": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
+                  "temperature": args.temperature, "rows": args.prompts * args.n},
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus_visible": os.cpu_count(),
+        "torch": torch.__version__,
+        "peak_flops_per_s": peak,
+        "engines": results,
+        "fast_over_hf": speedup,
+        "fast_over_hf_tokens_per_s": tps_ratio,
+    }
+
+
+def print_table(out: dict) -> None:
+    s = out["shape"]
+    print(f"model: {out['model']} ({out['params'] / 1e6:.2f} M params), torch {out['torch']}, "
+          f"{out['threads']} thread(s)")
+    print(f"shape: {s['prompts']} prompts x {s['n']} samples x {s['max_new_tokens']} new tokens "
+          f"(temperature {s['temperature']})")
+    print(f"peak float32 matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"{'engine':<22}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}")
+    for name, r in out["engines"].items():
+        print(f"{name:<22}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
+              f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}")
+    print(f"fast / hf speed-up: {out['fast_over_hf']:.2f}x wall time, "
+          f"{out['fast_over_hf_tokens_per_s']:.2f}x tokens/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: cached tiny base, else a random one)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--with-hf-forward", action="store_true",
+                    help="also time the fast loop over the transformers forward (decoder='hf')")
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    args = ap.parse_args(argv)
+    out = run(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
