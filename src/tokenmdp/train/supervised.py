@@ -3,9 +3,9 @@
 * Filtered iterative SFT (``kind="isft"``): the step's rollouts are filtered by the verifier (positives, negatives
   or both, ``spec.isft_mode``) and the kept responses take (negated) log-likelihood steps
   (:func:`tokenmdp.algos.isft.isft_loss`), with constant or advantage weights.
-* DPO (``kind="dpo"``): pairs are the best and worst response of each group with unequal rewards (on-policy,
-  :func:`tokenmdp.algos.dpo.preference_pairs`), or offline ``(prompt, chosen, rejected)`` pairs from
-  ``task.dpo_data``; the loss is :func:`tokenmdp.algos.dpo.dpo_loss` against the frozen reference.
+* DPO (``kind="dpo"``): pairs are a correct (chosen) and an incorrect (rejected) response of each group that has
+  both (on-policy, :func:`tokenmdp.algos.dpo.preference_pairs` on the verifier's verdicts), or offline
+  ``(prompt, chosen, rejected)`` pairs from ``task.dpo_data``; the loss is :func:`tokenmdp.algos.dpo.dpo_loss` against the frozen reference.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) 
         chosen = torch.arange(len(pairs))
         rejected = chosen + len(pairs)
     else:
-        ro = batch.rollout
-        chosen, rejected = preference_pairs(batch.rewards.cpu(), group_size=batch.group_size)
+        ro = batch.rollout  # a correct (chosen) and an incorrect (rejected) response of the same prompt
+        chosen, rejected = preference_pairs(batch.correct.float().cpu(), group_size=batch.group_size)
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
     if len(chosen) == 0:
         return metrics
