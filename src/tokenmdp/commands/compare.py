@@ -34,7 +34,8 @@ def compare_cmd(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the trainer's)."),
     engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
-    eval_every: int = typer.Option(0, "--eval-every", min=0, help="Trainer's periodic held-out accuracy (0: off)."),
+    eval_every: int | None = typer.Option(None, "--eval-every", min=0, help="Steps between the trainer's held-out "
+                                          "accuracy points (default: steps // 4; 0: off)."),
     report_to: str = typer.Option("none", "--report-to", help="none or tensorboard (accelerate trackers)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Training config override key=value, repeatable."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),

@@ -6,7 +6,9 @@ Fair by construction, and checked: for a given seed every algorithm trains on th
 per step; after training, the prompts logged in each run's ``samples.parquet`` are compared step by step across
 the algorithms and with that stream (:func:`check_same_stream`), and a mismatch stops the comparison. The held-out
 set (``eval_n`` problems of the test split, drawn with :data:`HELDOUT_SEED`) is fixed for the whole comparison,
-disjoint from every training prompt (asserted), and evaluated for the base model and every final model.
+disjoint from every training prompt (asserted), and evaluated for the base model and every final model. The
+trainer's periodic held-out curve (``eval/accuracy``, every ``steps // 4`` steps by default) uses the first
+``curve_n`` problems of that same set (the task's problems of one seed are prefixes of each other).
 
 Layout of ``out``::
 
@@ -57,7 +59,9 @@ class CompareSettings:
     engine: str = "fast"
     eval_batch_size: int = 512
     eval_temperature: float = 1.0
-    eval_every: int = 0
+    eval_every: int | None = None  # the trainer's held-out curve: None = every steps // 4 steps, 0 = off
+    curve_n: int = 100  # problems of that curve (the first of the held-out set), greedy + curve_k samples each
+    curve_k: int = 1
     report_to: str = "none"
     overrides: list[str] = field(default_factory=list)
     heldout_seed: int = HELDOUT_SEED
@@ -76,9 +80,13 @@ def _validate(s: CompareSettings) -> None:
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
         raise TokenMDPError(f"--seeds: need at least one seed and no repeats, got {s.seeds}")
-    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size"):
+    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_k"):
         if getattr(s, name) < 1:
             raise TokenMDPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+
+
+def _eval_every(s: CompareSettings) -> int:
+    return max(1, s.steps // 4) if s.eval_every is None else s.eval_every
 
 
 def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens: int) -> dict:
@@ -90,8 +98,9 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
                     "max_new_tokens": max_new_tokens},
         "algo": {"name": algo},
         "optim": {},
-        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": s.eval_every,
-                "eval_n": min(s.eval_n, 100), "report_to": s.report_to, "log_samples": True,
+        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": _eval_every(s),
+                "eval_n": min(s.eval_n, s.curve_n), "eval_k": s.curve_k, "eval_greedy": True,
+                "report_to": s.report_to, "log_samples": True,
                 "equivalence": algo == "grpo", "overwrite": True},
     }
     if s.lr is not None:

@@ -19,13 +19,18 @@ class Tracker:
     """Two rich bars on stderr: the whole comparison (phase, run, time left) and the current job.
 
     Overall work is counted in sampled completions: a training step weighs ``2 * prompts_per_step * group_size``
-    (sampling plus the update), an evaluation ``eval_n * (k + 1)``; the time left is rich's estimate from them.
+    (sampling plus the update) plus its share of the trainer's held-out curve, an evaluation ``eval_n * (k + 1)``;
+    the time left is rich's estimate from them.
     """
 
     def __init__(self, settings, *, enabled: bool = True):
         s = settings
         self.enabled = enabled
-        self.step_w = 2 * s.prompts_per_step * s.group_size
+        from tokenmdp.experiments.compare import _eval_every
+
+        every = _eval_every(s)
+        curve = (s.steps // every if every else 0) * min(s.eval_n, s.curve_n) * (s.curve_k + 1)
+        self.step_w = 2 * s.prompts_per_step * s.group_size + curve // s.steps  # the trainer's curve, spread
         self.eval_w = s.eval_n * (s.k + 1)
         runs = len(s.algos) * len(s.seeds)
         self.total = self.eval_w * (runs + 1) + runs * s.steps * self.step_w
