@@ -1,22 +1,56 @@
-"""The embedded tiny base model: a character-level tokenizer and a small Qwen2 model.
+"""The embedded tiny base model: a character-level tokenizer and a small Qwen2 model pretrained on search traces.
 
-This module builds both from scratch with no hub: the tokenizer with the `tokenizers` library (saved as standard
-Hugging Face tokenizer files) and the model from a `transformers.Qwen2Config`. Tests use
-:func:`build_tiny_random` for a random model; `tokenmdp pretrain` trains one on derivational traces.
+Both are built from scratch with no hub: the tokenizer with the `tokenizers` library (saved as standard Hugging
+Face tokenizer files) and the model from a `transformers.Qwen2Config`. Tests use :func:`build_tiny_random` for a
+random model. :func:`pretrain` (``tokenmdp pretrain``) trains one on the derivational traces of
+:mod:`tokenmdp.policy.traces` (loss on the completion only, EOS at the end) with AdamW and a warmup + cosine
+schedule, and saves it atomically as a folder that loads with ``AutoModelForCausalLM.from_pretrained``.
+:func:`ensure_tiny_base` finds the default base model in a cache folder or builds it there;
+:func:`tokenmdp.policy.tiny_eval.measure_base` measures how much room it leaves for RL.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from tokenmdp.errors import TokenMDPError
 
 PAD = "<pad>"
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+META_FILE = "tokenmdp.json"
+BASE_NAME = "tiny-countdown-v1"
+TRACE_TASKS = ("countdown",)
+
+# The embedded default base model (ensure_tiny_base): chosen so that it trains in a few minutes on 2 CPU cores
+# and lands with room for RL (see benchmarks/RESULTS.md, "Tiny base model").
+BASE_TASK_KWARGS: dict[str, Any] = {"num_count": 3, "low": 1, "high": 20, "target_low": 1, "target_high": 100}
+BASE_SETTINGS: dict[str, Any] = {
+    "steps": 1200,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "hidden_size": 128,
+    "num_layers": 4,
+    "num_heads": 4,
+    "seed": 0,
+    "max_failures": 2,
+    "train_problems": 10000,
+}
+BASE_EVAL: dict[str, int] = {"eval_problems": 64, "eval_k": 8}
 
 
 def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
@@ -40,6 +74,16 @@ def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     return tok
+
+
+def load_char_tokenizer(path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer saved by :func:`build_char_tokenizer` (``save_pretrained``).
+
+    transformers 5 maps the `qwen2` model type to `Qwen2Tokenizer`, whose byte-level pre-tokenizer drops this
+    tokenizer's spaces and newlines, so `AutoTokenizer` must not be used on these folders; this loads the
+    `tokenizer.json` as it was saved.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(str(path), padding_side="left")
 
 
 def tiny_config(
@@ -69,27 +113,297 @@ def tiny_config(
     )
 
 
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **size: int) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 model sized by ``size`` (see :func:`tiny_config`) for ``tokenizer``."""
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_config(tokenizer, **size))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_tiny_random(
     *, seed: int = 0, **size: int
 ) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A randomly initialised tiny Qwen2 model and the character tokenizer (for tests; nothing downloaded)."""
     tokenizer = build_char_tokenizer()
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_config(tokenizer, **size))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = build_tiny_model(tokenizer, seed=seed, **size)
     model.eval()
     return model, tokenizer
 
 
-__all__ = ["build_char_tokenizer", "tiny_config", "build_tiny_random", "CHARS", "PAD", "EOS"]
+# ------------------------------------------------------------------------------------------------ pretraining
+def lr_at(step: int, *, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine decay to ``min_ratio * lr``.
 
-
-def load_char_tokenizer(path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer saved by :func:`build_char_tokenizer` (``save_pretrained``).
-
-    transformers 5 maps the `qwen2` model type to `Qwen2Tokenizer`, whose byte-level pre-tokenizer drops this
-    tokenizer's spaces and newlines, so `AutoTokenizer` must not be used on these folders; this loads the
-    `tokenizer.json` as it was saved.
+    ``lr(s) = lr * (s + 1) / warmup`` for ``s < warmup``; otherwise with ``p = (s - warmup) / (steps - warmup)``,
+    ``lr(s) = lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2)``.
+    Hand-computed (steps=10, lr=1, warmup=2, min_ratio=0.1): s=0 -> 0.5, s=1 -> 1.0, s=2 -> 1.0, s=6 -> 0.55,
+    s=10 -> 0.1.
     """
-    return PreTrainedTokenizerFast.from_pretrained(str(path), padding_side="left")
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)``, each (B, L), for (prompt, completion) pairs.
+
+    A row is ``prompt + completion + EOS``; ``labels`` equal ``input_ids`` on the completion and the EOS and are
+    -100 on the prompt and the padding, so the causal-LM loss counts only the completion.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
+    comps = tokenizer([c for _, c in examples], add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(c) + 1 for p, c in zip(prompts, comps))
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        row = p + c + [eos]
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(p) : len(row)] = ids[i, len(p) : len(row)]
+    return ids, mask, labels
+
+
+class TraceStream:
+    """Training examples: an endless stream of (prompt, trace) pairs cycling over a pool of problems.
+
+    Example ``k`` is problem ``k % len(problems)`` with its trace seeded by ``(seed, k)``, so every pass over the
+    pool shows each problem with a new order of attempts. ``longest`` is the longest completion seen (characters).
+    """
+
+    def __init__(self, task, problems: list, *, seed: int, max_failures: int, template: str = "compact"):
+        if not problems:
+            raise TokenMDPError("pretraining needs at least one training problem")
+        self.task, self.problems, self.seed = task, problems, seed
+        self.max_failures, self.template = max_failures, template
+        self.prompts = [task.render(p, template=template) for p in problems]
+        self.longest = 0
+
+    def example(self, k: int) -> tuple[str, str]:
+        from tokenmdp.policy.traces import countdown_trace, problem_numbers
+
+        i = k % len(self.problems)
+        nums, target = problem_numbers(self.problems[i])
+        trace = countdown_trace(nums, target, seed=self.seed * 1_000_003 + k, max_failures=self.max_failures)
+        self.longest = max(self.longest, len(trace))
+        return self.prompts[i], trace
+
+    def batch(self, step: int, batch_size: int) -> list[tuple[str, str]]:
+        return [self.example(step * batch_size + j) for j in range(batch_size)]
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from tokenmdp.commands._common import err_console
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled,
+    )
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def train_loop(model, tokenizer, stream: TraceStream, *, steps: int, batch_size: int, lr: float,
+               warmup: int, weight_decay: float, progress: bool) -> dict[str, float]:
+    """Train ``model`` in place on ``stream``'s batches; returns loss and throughput figures."""
+    opt = _optimizer(model, lr, weight_decay)
+    model.train()
+    ema, first, tokens, start = None, None, 0, time.perf_counter()
+    tail: deque[float] = deque(maxlen=max(1, steps // 10))  # final_loss: mean over the last 10% of steps
+    with _progress(progress) as bar:
+        job = bar.add_task("pretrain", total=steps, info="")
+        for step in range(steps):
+            ids, mask, labels = encode_examples(tokenizer, stream.batch(step, batch_size))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps=steps, lr=lr, warmup=warmup)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            first = value if first is None else first
+            tail.append(value)
+            tokens += int(mask.sum())
+            bar.update(job, advance=1, info=f"loss {ema:.3f}")
+    model.eval()
+    seconds = time.perf_counter() - start
+    return {"first_loss": round(first, 4), "final_loss": round(sum(tail) / len(tail), 4),
+            "train_s": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
+
+
+def _write_folder(path: Path, model, tokenizer, meta: dict) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    write_meta(path, meta)
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """Write ``tokenmdp.json`` (the description of a tiny base model folder)."""
+    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``tokenmdp.json`` of a model folder; :class:`TokenMDPError` naming the file when missing or invalid."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        raise TokenMDPError(f"{file} not found: not a tokenmdp tiny model folder (build one with `tokenmdp pretrain`)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TokenMDPError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def save_atomic(out: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Run ``write(tmp)`` on a fresh temporary folder beside ``out``, then rename it to ``out``.
+
+    On any failure (or interrupt) the temporary folder is removed, so ``out`` is either absent, the old folder,
+    or complete. An existing ``out`` is replaced only when ``overwrite`` (else :class:`TokenMDPError`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            if not overwrite:
+                raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def pretrain(
+    task: str = "countdown",
+    out: str | Path | None = None,
+    *,
+    steps: int = BASE_SETTINGS["steps"],
+    batch_size: int = BASE_SETTINGS["batch_size"],
+    lr: float = BASE_SETTINGS["lr"],
+    hidden_size: int = BASE_SETTINGS["hidden_size"],
+    num_layers: int = BASE_SETTINGS["num_layers"],
+    num_heads: int = BASE_SETTINGS["num_heads"],
+    seed: int = BASE_SETTINGS["seed"],
+    task_kwargs: dict | None = None,
+    train_problems: int = BASE_SETTINGS["train_problems"],
+    max_failures: int = BASE_SETTINGS["max_failures"],
+    warmup: int | None = None,
+    weight_decay: float = 0.01,
+    eval_problems: int = BASE_EVAL["eval_problems"],
+    eval_k: int = BASE_EVAL["eval_k"],
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build the char tokenizer and a small Qwen2 model, train it on ``task``'s derivational traces, save to ``out``.
+
+    The folder (written atomically, see :func:`save_atomic`) holds ``model.safetensors``, ``config.json``, the
+    tokenizer files and ``tokenmdp.json``: tokenizer kind, task, task kwargs, template, ``max_new_tokens``, the
+    pretraining settings and figures, and (``eval_problems > 0``) the held-out figures of
+    :func:`tokenmdp.policy.tiny_eval.evaluate_base` on ``eval_problems`` test problems with ``eval_k`` samples each.
+    """
+    from tokenmdp.tasks import get_task
+
+    if task not in TRACE_TASKS:
+        raise TokenMDPError(f"task {task!r}: no derivational traces for it; pretrain supports {', '.join(TRACE_TASKS)}")
+    if out is None:
+        raise TokenMDPError("pretrain needs an output folder (--out)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_k", eval_k)):
+        if value < 1:
+            raise TokenMDPError(f"{name} must be >= 1, got {value}")
+    task_kwargs = {"template": "compact", **(BASE_TASK_KWARGS if task_kwargs is None else task_kwargs)}
+    if task_kwargs["template"] != "compact":
+        raise TokenMDPError(f"task_kwargs: template must be 'compact' (the traces' format), got {task_kwargs['template']!r}")
+    task_obj = get_task(task, **task_kwargs)
+    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
+    started = time.perf_counter()
+    problems = task_obj.problems("train", n=min(train_problems, steps * batch_size), seed=seed)
+    stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures)
+    tokenizer = build_char_tokenizer()
+    size = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    model = build_tiny_model(tokenizer, seed=seed, **size)
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    fit = train_loop(model, tokenizer, stream, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                     weight_decay=weight_decay, progress=progress)
+    longest = stream.longest + 1  # characters are tokens; + EOS
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
+                "max_failures": max_failures, "train_problems": train_problems}
+    meta: dict[str, Any] = {
+        "name": BASE_NAME, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
+        "max_new_tokens": int(16 * math.ceil((longest + 16) / 16)),
+        "trace": {"kind": "restart-search", "max_failures": max_failures, "longest_completion_tokens": longest},
+        "pretrain": {"settings": settings, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+                     "weight_decay": weight_decay, "seed": seed, "size": size,
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},
+    }
+    if eval_problems > 0:
+        from tokenmdp.policy.tiny_eval import evaluate_base
+
+        held_out = task_obj.problems("test", n=eval_problems, seed=seed)
+        meta["eval"] = evaluate_base(model, tokenizer, task_obj, held_out, k=eval_k,
+                                     max_new_tokens=meta["max_new_tokens"], seed=seed, progress=progress)
+    meta["pretrain"]["total_s"] = round(time.perf_counter() - started, 1)
+    return save_atomic(out, lambda tmp: _write_folder(tmp, model, tokenizer, meta), overwrite=overwrite)
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder: ``cache_dir``, else ``$TOKENMDP_CACHE``, else ``~/.cache/tokenmdp``."""
+    root = cache_dir or os.environ.get("TOKENMDP_CACHE") or Path.home() / ".cache" / "tokenmdp"
+    return Path(root).expanduser()
+
+
+def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
+    """The embedded base model's folder ``<cache>/tiny-countdown-v1``: found there, or pretrained there first.
+
+    The default settings are :data:`BASE_SETTINGS` on Countdown with :data:`BASE_TASK_KWARGS`. A cached folder
+    built with other settings (an older default) is rebuilt in place (atomically). A folder without
+    ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`.
+    """
+    path = cache_root(cache_dir) / BASE_NAME
+    wanted_task = {"template": "compact", **BASE_TASK_KWARGS}
+    if (path / META_FILE).is_file():
+        meta = read_meta(path)
+        if meta.get("task_kwargs") == wanted_task and meta.get("pretrain", {}).get("settings") == BASE_SETTINGS:
+            return path
+    elif path.exists():
+        raise TokenMDPError(f"{path} exists but holds no {META_FILE}; remove it so the base model can be rebuilt")
+    try:
+        return pretrain("countdown", path, task_kwargs=dict(BASE_TASK_KWARGS), progress=progress, overwrite=True,
+                        **BASE_SETTINGS, **BASE_EVAL)
+    except OSError:
+        if (path / META_FILE).is_file():  # another process renamed its build into place first
+            return path
+        raise
+
+
+__all__ = [
+    "BASE_EVAL", "BASE_NAME", "BASE_SETTINGS", "BASE_TASK_KWARGS", "CHARS", "EOS", "META_FILE", "PAD",
+    "build_char_tokenizer", "build_tiny_model", "build_tiny_random", "cache_root", "encode_examples",
+    "ensure_tiny_base", "load_char_tokenizer", "lr_at", "pretrain", "read_meta", "save_atomic", "tiny_config",
+    "TraceStream",
+]

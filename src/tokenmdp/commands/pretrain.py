@@ -1,0 +1,114 @@
+"""`tokenmdp pretrain`: build (or find) the embedded tiny base model and print its held-out figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tokenmdp.errors import TokenMDPError
+
+FIGURES = [
+    ("sampled_accuracy", "sampled accuracy (T=1)"),
+    ("greedy_accuracy", "greedy accuracy"),
+    ("mixed_fraction", "mixed groups"),
+    ("all_correct_fraction", "all-correct groups"),
+    ("all_wrong_fraction", "all-wrong groups"),
+    ("format_rate", "formatted answers"),
+    ("truncated_rate", "truncated"),
+    ("mean_length", "mean completion length (tokens)"),
+    ("mean_length_correct", "  of correct ones"),
+    ("mean_length_incorrect", "  of incorrect ones"),
+]
+
+
+def parse_task_args(items: list[str]) -> dict:
+    """``["high=20", "num_count=3"]`` -> ``{"high": 20, "num_count": 3}`` (values read as YAML scalars/lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TokenMDPError(f"--task-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise TokenMDPError(f"--task-arg {item!r}: cannot read the value ({exc})") from exc
+    return out
+
+
+def _print_summary(path: Path, meta: dict, figures: dict | None) -> None:
+    from rich.table import Table
+
+    from tokenmdp.commands._common import console
+
+    pre = meta.get("pretrain", {})
+    console.print(f"[bold]{path}[/]  task {meta.get('task')} {meta.get('task_kwargs')}, "
+                  f"{pre.get('parameters', 0) / 1e6:.2f} M parameters, {pre.get('steps')} steps, "
+                  f"trained in {pre.get('train_s')} s, final loss {pre.get('final_loss')}")
+    if figures:
+        table = Table(title=f"held-out figures ({figures['n_problems']} problems x {figures['k']} samples)")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key, label in FIGURES:
+            value = figures.get(key)
+            table.add_row(label, "-" if value is None else (f"{value:.1%}" if "length" not in key else f"{value:.1f}"))
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("pretrain")
+    def pretrain_cmd(
+        task: str = typer.Option("countdown", "--task", help="Task whose derivational traces to train on."),
+        out: Optional[Path] = typer.Option(
+            None, "--out", help="Output folder (default: the embedded base model in the cache, "
+            "$TOKENMDP_CACHE or ~/.cache/tokenmdp, with the default settings)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 1200)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine)."),
+        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model width."),
+        num_layers: Optional[int] = typer.Option(None, "--layers", help="Transformer layers."),
+        num_heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the problems, the traces and the initialisation."),
+        task_arg: list[str] = typer.Option([], "--task-arg", help="Task setting KEY=VALUE (repeatable), "
+                                           "e.g. --task-arg high=20 (default: the embedded base model's)."),
+        evaluate: bool = typer.Option(False, "--eval", help="Measure held-out figures; on an existing --out folder, "
+                                      "measure only (no training)."),
+        eval_problems: int = typer.Option(64, "--eval-problems", help="Held-out problems to measure (0: none)."),
+        k: int = typer.Option(8, "--k", help="Samples per held-out problem (the group size)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    ) -> None:
+        """Pretrain the tiny base model on derivational search traces (char tokenizer, small Qwen2)."""
+        from tokenmdp.commands._common import emit_json
+        from tokenmdp.policy.tiny import BASE_SETTINGS, ensure_tiny_base, pretrain, read_meta
+        from tokenmdp.policy.tiny_eval import measure_base
+
+        given = {"steps": steps, "batch_size": batch_size, "lr": lr, "hidden_size": hidden_size,
+                 "num_layers": num_layers, "num_heads": num_heads}
+        settings = {**BASE_SETTINGS, **{key: v for key, v in given.items() if v is not None}, "seed": seed}
+        task_kwargs = parse_task_args(task_arg) if task_arg else None
+        measure_only = evaluate and out is not None and out.exists() and not overwrite
+        if measure_only:
+            path = out
+        elif out is None and not overwrite and settings == BASE_SETTINGS and task == "countdown" and not task_arg:
+            path = ensure_tiny_base(progress=not quiet)
+        else:
+            if out is None:
+                raise TokenMDPError("--out is required when settings differ from the embedded base model's")
+            path = pretrain(task, out, task_kwargs=task_kwargs, overwrite=overwrite, progress=not quiet,
+                            eval_problems=eval_problems, eval_k=k, **settings)
+        meta = read_meta(path)
+        figures = meta.get("eval")
+        if evaluate and (measure_only or figures is None or figures.get("n_problems") != eval_problems
+                         or figures.get("k") != k):
+            figures = measure_base(path, n_problems=eval_problems, k=k, seed=seed, progress=not quiet)
+        if as_json:
+            emit_json({"path": str(path), "pretrain": meta.get("pretrain"), "max_new_tokens": meta["max_new_tokens"],
+                       "task": meta.get("task"), "task_kwargs": meta.get("task_kwargs"),
+                       "eval": figures if evaluate else meta.get("eval")})
+        else:
+            _print_summary(path, meta, figures if evaluate else meta.get("eval"))

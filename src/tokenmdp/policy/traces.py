@@ -1,0 +1,188 @@
+"""Derivational traces for Countdown: a visible search with dead ends, then the answer.
+
+The embedded tiny base model (:mod:`tokenmdp.policy.tiny`) is pretrained on these traces so that it learns to
+*search*: to try a line of reasoning, check where it lands, abandon it, and try another. A trace is a sequence of
+**attempts**. Each attempt is a full derivation from the given numbers: ``n - 1`` steps ``a op b=c`` (one per line,
+the notation of :func:`tokenmdp.tasks.countdown_solve.format_step`), each merging two numbers of the current pool
+into one. Every step is arithmetically true; intermediate results are positive integers (``-`` and ``/`` only
+when the result is a positive integer, the larger operand first). An attempt whose last result misses the target
+is a **dead end** and its last line ends with :data:`DEAD_END` (``" no"``); the next attempt starts again from the
+given numbers. The last attempt reaches the target, and the answer follows::
+
+    Numbers: 3 5 7. Target: 56.
+    <think>7-5=2
+    3*2=6 no
+    5+3=8
+    8*7=56
+    </think><answer>(5+3)*7</answer>
+
+The order of attempts is a random-order depth-first search over the first move: the first moves are shuffled
+(seeded), each one is expanded, and a first move from which the target cannot be reached is shown as one dead
+end, completed by the path whose final value lands closest to the target (a near miss). At most
+``max_failures`` dead ends are shown, so a trace stays short: with ``max_failures=2``, 3 numbers give at most 6
+step lines. The trace is a function of ``(numbers, target, seed)`` only.
+
+When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
+falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from tokenmdp.tasks.countdown_solve import format_step, solve_tree, to_expression, to_steps
+from tokenmdp.tasks.countdown_verify import apply_op
+
+DEAD_END = " no"
+THINK_CLOSE = "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+OPS = ("+", "-", "*", "/")
+
+# A step is (a, op, b, c); a pool entry is (value, tree) with the tree in countdown_solve's format.
+Step = tuple[int, str, int, int]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One derivation of a trace: its steps, and whether it reached the target."""
+
+    steps: tuple[Step, ...]
+    reached: bool
+
+
+def moves(values: Sequence[int]) -> list[tuple[int, int, str, int]]:
+    """All legal merges of a pool: ``(i, j, op, c)`` with ``c = values[i] op values[j]`` a positive integer.
+
+    Operands are ordered larger first (``values[i] >= values[j]``); ``+`` and ``*`` always apply, ``-`` only when
+    the difference is positive and ``/`` only when it divides exactly. Duplicate merges of equal values are kept
+    once. Example: ``moves([6, 2])`` gives ``6+2=8, 6-2=4, 6*2=12, 6/2=3``; ``moves([3, 3])`` gives ``3+3=6,
+    3*3=9, 3/3=1`` (no ``3-3``).
+    """
+    out, seen = [], set()
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if i == j or values[i] < values[j] or (values[i] == values[j] and i > j):
+                continue
+            for op in OPS:
+                a, b = values[i], values[j]
+                if (op == "-" and a == b) or (op == "/" and a % b):
+                    continue
+                c = int(apply_op(op, a, b))
+                if c <= 0 or (a, op, b) in seen:
+                    continue
+                seen.add((a, op, b))
+                out.append((i, j, op, c))
+    return out
+
+
+def _merge(pool: list[tuple[int, object]], i: int, j: int, op: str, c: int) -> list[tuple[int, object]]:
+    rest = [e for k, e in enumerate(pool) if k not in (i, j)]
+    return rest + [(c, (op, pool[i][1], pool[j][1], c))]
+
+
+def _completions(pool: list[tuple[int, object]]) -> list[tuple[tuple[Step, ...], object]]:
+    """Every full derivation of ``pool``: ``(steps, tree)`` down to one number (exhaustive; fine for n <= 4)."""
+    if len(pool) == 1:
+        return [((), pool[0][1])]
+    out = []
+    values = [v for v, _ in pool]
+    for i, j, op, c in moves(values):
+        step = (values[i], op, values[j], c)
+        for steps, tree in _completions(_merge(pool, i, j, op, c)):
+            out.append(((step,) + steps, tree))
+    return out
+
+
+def _final(tree: object) -> int:
+    return tree[3] if isinstance(tree, tuple) else tree  # type: ignore[index]
+
+
+def search(numbers: Sequence[int], target: int, rng: random.Random, max_failures: int) -> tuple[list[Attempt], object]:
+    """The attempts of a seeded random-order search and the expression tree of the last (successful) one.
+
+    Returns ``([], None)`` when no derivation in this move set reaches ``target``.
+    """
+    pool: list[tuple[int, object]] = [(int(x), int(x)) for x in numbers]
+    values = [v for v, _ in pool]
+    firsts = moves(values)
+    rng.shuffle(firsts)
+    attempts: list[Attempt] = []
+    failures: list[Attempt] = []
+    for i, j, op, c in firsts:
+        first = (values[i], op, values[j], c)
+        paths = _completions(_merge(pool, i, j, op, c))
+        hits = [p for p in paths if _final(p[1]) == target]
+        if hits:
+            steps, tree = rng.choice(hits)
+            attempts = failures + [Attempt((first,) + steps, True)]
+            return attempts, tree
+        if len(failures) < max_failures and paths:
+            best = min(abs(_final(t) - target) for _, t in paths)
+            steps, _ = rng.choice([p for p in paths if abs(_final(p[1]) - target) == best])
+            failures.append(Attempt((first,) + steps, False))
+    return [], None
+
+
+def render_trace(attempts: Sequence[Attempt], answer: str) -> str:
+    """The completion text of a trace (without EOS): attempts, ``</think>``, then ``<answer>answer</answer>``."""
+    lines = []
+    for att in attempts:
+        for k, step in enumerate(att.steps):
+            dead = not att.reached and k == len(att.steps) - 1
+            lines.append(format_step(*step) + (DEAD_END if dead else ""))
+    return "\n".join(lines) + "\n" + THINK_CLOSE + ANSWER_OPEN + answer + ANSWER_CLOSE
+
+
+def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_failures: int = 2) -> str:
+    """The derivational trace (completion text, no EOS) of a Countdown problem; see the module docstring.
+
+    Deterministic in ``(numbers, target, seed)``. Raises ``ValueError`` when ``target`` cannot be reached from
+    ``numbers`` at all.
+    """
+    rng = random.Random(f"{seed}|{','.join(map(str, numbers))}|{target}")
+    attempts, tree = search(numbers, target, rng, max_failures)
+    if tree is None:
+        tree = solve_tree(list(numbers), target)
+        if tree is None:
+            raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
+        attempts = [Attempt(tuple(to_steps(tree)), True)]
+    return render_trace(attempts, to_expression(tree))
+
+
+_LINE = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)( no)?$")
+
+
+def parse_trace(completion: str) -> tuple[list[Attempt], str]:
+    """Parse a trace back into attempts and the answer text (inverse of :func:`render_trace` on its outputs).
+
+    Raises ``ValueError`` naming the first line that does not follow the format.
+    """
+    think, sep, rest = completion.partition(THINK_CLOSE)
+    if not sep or not rest.startswith(ANSWER_OPEN) or not rest.endswith(ANSWER_CLOSE):
+        raise ValueError("trace must end with '</think><answer>...</answer>'")
+    attempts: list[Attempt] = []
+    current: list[Step] = []
+    for lineno, line in enumerate(think.rstrip("\n").split("\n"), start=1):
+        m = _LINE.match(line)
+        if m is None:
+            raise ValueError(f"line {lineno} is not a step: {line!r}")
+        current.append((int(m[1]), m[2], int(m[3]), int(m[4])))
+        if m[5]:
+            attempts.append(Attempt(tuple(current), False))
+            current = []
+    if current:
+        attempts.append(Attempt(tuple(current), True))
+    return attempts, rest[len(ANSWER_OPEN) : -len(ANSWER_CLOSE)]
+
+
+def problem_numbers(problem) -> tuple[list[int], int]:
+    """``(numbers, target)`` of a Countdown :class:`~tokenmdp.tasks.base.Problem` (``metadata["nums"]``, ``answer``)."""
+    return [int(x) for x in problem.metadata["nums"]], int(problem.answer)
+
+
+__all__ = [
+    "Attempt", "DEAD_END", "countdown_trace", "moves", "parse_trace", "problem_numbers", "render_trace", "search",
+]

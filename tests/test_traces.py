@@ -1,0 +1,111 @@
+"""Derivational traces: well-formed, arithmetically true, correct answers, seeded variety."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from tokenmdp.policy.traces import DEAD_END, Attempt, countdown_trace, moves, parse_trace, render_trace
+from tokenmdp.tasks.countdown_verify import apply_op, verify_equation
+
+
+def _random_problems(n_numbers: int, count: int, max_number: int = 20, seed: int = 0):
+    """Problems whose target is the value of a random positive-integer derivation of the numbers."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        nums = [rng.randint(1, max_number) for _ in range(n_numbers)]
+        pool = list(nums)
+        while len(pool) > 1:
+            i, j, _, c = rng.choice(moves(pool))
+            pool = [v for k, v in enumerate(pool) if k not in (i, j)] + [c]
+        out.append((nums, pool[0]))
+    return out
+
+
+def test_moves_hand_enumerated():
+    assert [(op, c) for _, _, op, c in moves([6, 2])] == [("+", 8), ("-", 4), ("*", 12), ("/", 3)]
+    assert [(op, c) for _, _, op, c in moves([3, 3])] == [("+", 6), ("*", 9), ("/", 1)]
+    # larger operand first, so 2-6 and 2/6 never appear; 7 and 2 do not divide
+    assert [(i, j, op) for i, j, op, _ in moves([2, 7])] == [(1, 0, "+"), (1, 0, "-"), (1, 0, "*")]
+    assert len(moves([1, 2, 3])) == 3 + 4 + 4  # pairs (2,1): +,-,*,/ ; (3,1): +,-,*,/ ; (3,2): +,-,* (no 3/2)
+
+
+def test_hand_checked_trace():
+    # seed 1 on (3 5 7 -> 56): two dead ends, each completed by its nearest miss, then the solution.
+    text = countdown_trace([3, 5, 7], 56, seed=1)
+    assert text == "7-5=2\n3*2=6 no\n7*5=35\n35+3=38 no\n5+3=8\n8*7=56\n</think><answer>(5+3)*7</answer>"
+    # nearest misses by hand: from {3, 2}: 5, 1, 6, (3/2 not an integer) -> 6 is closest to 56;
+    # from {35, 3}: 38, 32, 105 -> 38 is closest.
+    attempts, answer = parse_trace(text)
+    assert [a.reached for a in attempts] == [False, False, True]
+    assert answer == "(5+3)*7"
+
+
+def _check_trace(nums, target, text, max_failures):
+    attempts, answer = parse_trace(text)
+    assert verify_equation(answer, nums, target) is None, (nums, target, text)
+    assert 1 <= len(attempts) <= max_failures + 1
+    assert all(not a.reached for a in attempts[:-1]) and attempts[-1].reached
+    for att in attempts:
+        assert len(att.steps) == len(nums) - 1
+        pool = Counter(nums)
+        for a, op, b, c in att.steps:
+            assert apply_op(op, a, b) == c and c > 0 and a >= b  # arithmetic true, positive, larger first
+            need = Counter([a, b])
+            assert all(pool[x] >= need[x] for x in need), (text, a, b)  # operands available in this attempt
+            pool -= need
+            pool[c] += 1
+        final = att.steps[-1][3]
+        assert (final == target) == att.reached  # a dead end misses the target, the last attempt hits it
+    return attempts
+
+
+@pytest.mark.parametrize("n_numbers,max_failures", [(3, 2), (3, 0), (4, 2)])
+def test_traces_well_formed_and_correct(n_numbers, max_failures):
+    problems = _random_problems(n_numbers, 60 if n_numbers == 3 else 25, seed=n_numbers)
+    for i, (nums, target) in enumerate(problems):
+        text = countdown_trace(nums, target, seed=i, max_failures=max_failures)
+        _check_trace(nums, target, text, max_failures)
+        assert text.count(DEAD_END + "\n") == text.count(DEAD_END) <= max_failures
+
+
+def test_trace_length_is_bounded():
+    problems = _random_problems(3, 100, seed=7)
+    lines = [countdown_trace(n, t, seed=s).split("</think>")[0].count("\n") for s, (n, t) in enumerate(problems)]
+    assert max(lines) <= 6  # 3 attempts x 2 steps
+    assert min(lines) == 2  # some traces go straight to a solution
+    assert 2 < sum(lines) / len(lines) < 6  # and on average some dead ends are shown
+
+
+def test_deterministic_and_varied():
+    assert countdown_trace([3, 5, 7], 56, seed=3) == countdown_trace([3, 5, 7], 56, seed=3)
+    traces = {countdown_trace([3, 5, 7], 56, seed=s) for s in range(40)}
+    firsts = {t.split("\n")[0] for t in traces}
+    assert len(traces) >= 8 and len(firsts) >= 5  # the order of attempts varies with the seed
+
+
+def test_fallback_to_reference_when_fractions_needed():
+    # 24 from 1 5 5 5 needs 5*(5-1/5): no positive-integer derivation exists, so the reference solution is used
+    text = countdown_trace([1, 5, 5, 5], 24, seed=0)
+    assert DEAD_END not in text
+    answer = text.split("<answer>")[1].split("</answer>")[0]
+    assert verify_equation(answer, [1, 5, 5, 5], 24) is None
+    with pytest.raises(ValueError, match="no solution"):
+        countdown_trace([1, 1, 1], 5)
+
+
+def test_parse_trace_rejects_malformed_lines():
+    with pytest.raises(ValueError, match="line 2"):
+        parse_trace("3+5=8\n8*7 = 56\n</think><answer>(3+5)*7</answer>")
+    with pytest.raises(ValueError, match="</think>"):
+        parse_trace("3+5=8\n8*7=56\n<answer>(3+5)*7</answer>")
+
+
+def test_render_parse_round_trip():
+    attempts = [Attempt(((7, "-", 5, 2), (3, "*", 2, 6)), False), Attempt(((5, "+", 3, 8), (8, "*", 7, 56)), True)]
+    text = render_trace(attempts, "(5+3)*7")
+    assert text == "7-5=2\n3*2=6 no\n5+3=8\n8*7=56\n</think><answer>(5+3)*7</answer>"
+    assert parse_trace(text) == (attempts, "(5+3)*7")
