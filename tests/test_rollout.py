@@ -297,3 +297,62 @@ def test_fast_bfloat16_runs(tiny):
 def test_unknown_decoder(tiny):
     with pytest.raises(TokenMDPError, match="decoder"):
         get_engine("fast", *tiny, decoder="cuda-graphs")
+
+
+# ---- the Rollout batch -------------------------------------------------------------------------------------
+
+
+def _manual_rollout(prompts, responses, eos=1, pad=0):
+    from tokenmdp.rollout.base import Rollout, left_pad, response_mask_from_eos, right_pad
+
+    ids = right_pad(responses, pad)
+    valid = right_pad([[1] * len(r) for r in responses], 0)
+    mask, term = response_mask_from_eos(ids, [eos], valid)
+    return Rollout(
+        prompt_ids=left_pad(prompts, pad), prompt_mask=left_pad([[1] * len(p) for p in prompts], 0),
+        response_ids=ids, response_mask=mask, logprobs=-0.5 * mask.float(), terminated=term, truncated=~term,
+        prompts=[str(p) for p in prompts], responses=[str(r) for r in responses], pad_token_id=pad,
+    )
+
+
+def test_padding_helpers_and_eos_mask():
+    from tokenmdp.rollout.base import left_pad, response_mask_from_eos, right_pad
+
+    assert left_pad([[1, 2], [3]]).tolist() == [[1, 2], [0, 3]]
+    assert right_pad([[1, 2], [3]], 9).tolist() == [[1, 2], [3, 9]]
+    assert left_pad([[1, 2, 3]], length=2).tolist() == [[2, 3]]  # keeps the end (the prompt's last tokens)
+    mask, term = response_mask_from_eos(torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 1, 1, 1]]), [1])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert term.tolist() == [True, False, True]
+    # several EOS ids (a chat model's <|im_end|> and <|endoftext|>), and columns never generated
+    mask, term = response_mask_from_eos(torch.tensor([[5, 2, 7], [5, 0, 0]]), [1, 2],
+                                        valid=torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert mask.tolist() == [[1, 1, 0], [1, 0, 0]] and term.tolist() == [True, False]
+
+
+def test_rollout_select_to_lengths_concat():
+    a = _manual_rollout([[7, 8, 9], [7]], [[4, 1], [4, 4, 4]])
+    b = _manual_rollout([[6, 6, 6, 6]], [[3]])
+    assert len(a) == 2 and a.lengths.tolist() == [2, 3]
+    assert a.terminated.tolist() == [True, False]
+    s = a.select([1])
+    assert s.prompts == ["[7]"] and s.response_ids.tolist() == [[4, 4, 4]] and s.lengths.tolist() == [3]
+    assert a.select(torch.tensor([False, True])).prompts == s.prompts
+    assert a.select(slice(0, 1)).response_ids.tolist() == [[4, 1, 0]]
+    c = a.concat([a, b])
+    assert c.prompt_ids.tolist() == [[0, 7, 8, 9], [0, 0, 0, 7], [6, 6, 6, 6]]
+    assert c.prompt_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
+    assert c.response_ids.tolist() == [[4, 1, 0], [4, 4, 4], [3, 0, 0]]
+    assert c.lengths.tolist() == [2, 3, 1] and c.logprobs.sum().item() == -3.0
+    assert c.prompts == ["[7, 8, 9]", "[7]", "[6, 6, 6, 6]"]
+    assert c.to("cpu").response_ids.device.type == "cpu"
+    t = c.select([2]).trimmed()
+    assert t.prompt_ids.shape == (1, 4) and t.response_ids.shape == (1, 1)
+    ids, mask = a.full_sequences()
+    assert ids.shape == (2, 6) and mask.sum().item() == 4 + 5
+
+
+def test_rollout_validates_shapes():
+    a = _manual_rollout([[7]], [[4]])
+    with pytest.raises(ValueError, match="rows"):
+        type(a)(**{**a.__dict__, "terminated": torch.tensor([True, False])})

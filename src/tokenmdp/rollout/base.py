@@ -144,6 +144,11 @@ class Rollout:
             kw[name] = kw[name].to(device)
         return Rollout(**kw)
 
+    @staticmethod
+    def concat(rollouts: Sequence[Rollout]) -> Rollout:
+        """Row-wise concatenation, re-padded to common widths (see :func:`concat_rollouts`)."""
+        return concat_rollouts(rollouts)
+
     def full_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[prompt | response]`` ids and attention mask, (B, P + T) each."""
         ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
