@@ -1,7 +1,9 @@
 """The `vllm` engine (optional extra ``tokenmdp[vllm]``, needs a CUDA GPU).
 
 Sampling runs in ``vllm.LLM``; the policy being trained stays an in-process transformers model. After each update
-:meth:`VLLMEngine.sync_weights` copies its weights into vLLM's model (``load_weights``) and clears the prefix cache.
+:meth:`VLLMEngine.sync_weights` copies its weights into vLLM's model (``load_weights``, through ``LLM.apply_model``,
+which with vLLM's multiprocess V1 engine needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` or
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and clears the prefix cache.
 
 Log-probabilities: vLLM reports either raw log-probs (temperature 1) or processed ones (after temperature *and*
 top-k/top-p renormalisation), neither of which is the project's contract (``log_softmax(logits / temperature)``
