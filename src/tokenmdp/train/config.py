@@ -94,7 +94,7 @@ class OptimConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     minibatch_size: int | None = None
-    micro_batch_size: int = 64
+    micro_batch_size: int = 16
 
 
 @dataclass

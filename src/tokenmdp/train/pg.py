@@ -22,6 +22,7 @@ from tokenmdp.train.updates import (
     micro_batches,
     minibatches,
     optimizer_step,
+    row_lengths,
     select,
     values_all,
 )
@@ -108,11 +109,12 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
         return metrics
     meter = MetricMeter()
     mask = batch.rollout.response_mask
+    lengths = row_lengths(batch.rollout)
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
     for _ in range(c.spec.mu):
         for mb in minibatches(rows.cpu(), c.config.optim.minibatch_size, generator=generator):
             n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size):
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size, lengths):
                 sub, t = select(batch.rollout, micro, tensors)
                 loss = _micro_loss(c, sub, t, n_tok, n_seq, meter)
                 c.accelerator.backward(loss)

@@ -26,6 +26,7 @@ from tokenmdp.train.updates import (
     micro_batches,
     minibatches,
     optimizer_step,
+    row_lengths,
     select,
 )
 
@@ -50,7 +51,7 @@ def isft_update(c, batch: Batch, *, step: int) -> dict:
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size):
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size, row_lengths(ro)):
                 sub, t = select(ro, micro, tensors)
                 lp, ent = forward(c, c.model, sub, entropy=True)
                 loss, m = isft_loss(

@@ -71,9 +71,20 @@ def minibatches(rows: torch.Tensor, size: int | None, *, generator: torch.Genera
         yield order[start : start + size]
 
 
-def micro_batches(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """``rows`` cut into chunks of ``size``; with ``lengths`` (per row of the batch), longest rows first, so that
+    each micro-batch holds rows of similar length and little padding (the result does not depend on the order:
+    the normalisers are those of the whole minibatch)."""
+    if lengths is not None and len(rows) > size:
+        order = torch.argsort(lengths.index_select(0, rows.to(lengths.device)).cpu(), descending=True, stable=True)
+        rows = rows[order.to(rows.device)]
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
+
+
+def row_lengths(rollout: Rollout) -> torch.Tensor:
+    """Prompt plus response tokens of each row (B,): the cost of its forward pass."""
+    return rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
 
 
 def select(rollout: Rollout, rows: torch.Tensor, tensors: dict[str, torch.Tensor | None]):
@@ -103,7 +114,7 @@ def logprobs_all(c, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
         sub, _ = select(rollout, micro, {})
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
@@ -116,7 +127,7 @@ def values_all(c, rollout: Rollout) -> torch.Tensor:
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
     critic = c.accelerator.unwrap_model(c.critic)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
         sub, _ = select(rollout, micro, {})
         with c.accelerator.autocast():
             v = critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
