@@ -174,6 +174,11 @@ def test_existing_folder_is_never_overwritten_and_bad_input_leaves_nothing(tmp_p
     with pytest.raises(TokenMDPError):
         train(bad, progress=False)
     assert (run / "DONE").read_text() == stamp  # the finished run is untouched
+    precious = tmp_path / "precious"
+    (precious / "notes").mkdir(parents=True)
+    with pytest.raises(TokenMDPError, match="not a run folder"):
+        train(_cfg(tmp_path, tiny_random_dir, "isft+", "run.overwrite=true", name="precious"), progress=False)
+    assert (precious / "notes").is_dir()
     with pytest.raises(TokenMDPError):
         train(_cfg(tmp_path, tiny_random_dir, "isft+", "task.options={nope: 1}", name="fresh"), progress=False)
     assert not (tmp_path / "fresh").exists()

@@ -34,6 +34,10 @@ RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_e
                      "run.report_to", "run.equivalence", "model.cache_dir"}
 
 
+#: files that mark a folder as a run folder (only such a folder is ever deleted by run.overwrite)
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "DONE")
+
+
 def _flatten(data: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in data.items():
@@ -103,9 +107,15 @@ def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
     """Check the run folder against ``resume`` / ``run.overwrite`` before anything is built or written."""
     path = config.run_dir()
     if not resume:
-        if path.exists() and any(path.iterdir()) and not config.run.overwrite:
-            raise TokenMDPError(f"run folder {path} already exists; pass --resume to continue it, --overwrite to "
-                                "replace it, or choose another --out")
+        if path.exists() and not path.is_dir():
+            raise TokenMDPError(f"run folder {path} is a file")
+        if path.exists() and any(path.iterdir()):
+            if not config.run.overwrite:
+                raise TokenMDPError(f"run folder {path} already exists; pass --resume to continue it, --overwrite "
+                                    "to replace it, or choose another --out")
+            if not any((path / name).exists() for name in RUN_MARKERS):
+                raise TokenMDPError(f"--overwrite: {path} is not a run folder (no {' or '.join(RUN_MARKERS)}); "
+                                    "refusing to delete it")
         return RunHandle(config, path, resumed=False)
     if not path.is_dir():
         raise TokenMDPError(f"cannot resume {path}: no such run folder")
