@@ -145,3 +145,22 @@ def test_empty_response(model):
     prompt, pmask, _, _ = _batch()
     lp, ent = sequence_logprobs(model, prompt, pmask, prompt[:, :0], pmask[:, :0], return_entropy=True)
     assert lp.shape == (3, 0) and ent.shape == (3, 0)
+
+
+class _Wrapper(nn.Module):
+    """A model wrapper that hides the backbone/head split (like some adapters): the full-logits path is used."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+
+def test_unsplittable_model_falls_back_to_logits(model):
+    batch = _batch(seed=4)
+    ref, ref_ent = sequence_logprobs(model, *batch, return_entropy=True)
+    lp, ent = sequence_logprobs(_Wrapper(model), *batch, return_entropy=True, chunk_size=2)
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)

@@ -128,7 +128,7 @@ def token_logprobs_from_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked log-probs (N,) and entropies (N,) of ``targets`` given predictor hidden states ``hidden`` (N, H)."""
     n = hidden.shape[0]
-    vocab = parts.head.weight.shape[0] if hasattr(parts.head, "weight") else 32768
+    vocab = parts.head.weight.shape[0] if hasattr(parts.head, "weight") else hidden.shape[-1]
     if chunk_size is None:
         chunk_size = max(1, CHUNK_BYTES // (4 * vocab))
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad and n > chunk_size
@@ -144,6 +144,21 @@ def token_logprobs_from_hidden(
         return empty, (empty if return_entropy else None)
     logp = torch.cat(out_lp)
     return logp, (torch.cat(out_ent) if return_entropy else None)
+
+
+def _final_states(model: nn.Module, input_ids: torch.Tensor, attn: torch.Tensor) -> tuple[HeadParts, torch.Tensor]:
+    """The backbone's last hidden states (B, L, H) and the head to apply to them; for a model that cannot be split
+    (a wrapper without ``get_output_embeddings``) the full logits (B, L, V) and an identity head."""
+    kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
+    try:
+        parts = split_causal_lm(model)
+    except TypeError:
+        parts = None
+    if parts is not None:
+        out = parts.backbone(**kw)
+        if getattr(out, "last_hidden_state", None) is not None:
+            return parts, out.last_hidden_state
+    return HeadParts(backbone=model, head=nn.Identity(), transform=None), model(**kw).logits
 
 
 def sequence_logprobs(
@@ -187,15 +202,9 @@ def sequence_logprobs(
     out_ent = torch.zeros_like(out_lp) if return_entropy else None
     if t_len == 0:
         return out_lp, out_ent
-    parts = split_causal_lm(model)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attn = torch.cat([prompt_mask, response_mask], dim=1).long()
-    hidden = parts.backbone(
-        input_ids=input_ids,
-        attention_mask=attn,
-        position_ids=position_ids_from_mask(attn),
-        use_cache=False,
-    ).last_hidden_state
+    parts, hidden = _final_states(model, input_ids, attn)
     pred = predictor_index(attn, p_len)  # (B, T)
     counted = response_mask.bool() & (pred >= 0)
     rows, cols = counted.nonzero(as_tuple=True)
