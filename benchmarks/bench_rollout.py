@@ -32,32 +32,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tokenmdp.rollout import get_engine  # noqa: E402
 
 
-def peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a ``size``^3 matrix product on this CPU (with the current thread count)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_flops(size: int = 2048, repeats: int = 5, *, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best FLOP/s of a ``size``^3 matrix product on ``device`` (on a CPU: with the current thread count)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best
 
 
-def load_model(path: str | None):
-    """(model, tokenizer, description): the given folder, the cached tiny base model, or a random one."""
-    from tokenmdp.policy.model import load_policy
+def load_model(path: str | None, *, random_init: bool = False, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer, description): the given folder, the cached tiny base model, or a random one.
+
+    With ``random_init`` the folder's config and tokenizer are used with freshly initialised weights (a
+    full-size architecture without its checkpoint).
+    """
+    from tokenmdp.policy.model import DTYPES, load_policy
     from tokenmdp.policy.tiny import BASE_NAME, BASE_SETTINGS, build_tiny_random, cache_root
 
     candidate = Path(path) if path else cache_root() / BASE_NAME
+    if random_init and path:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(0)
+        cfg = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype]).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        return model, tok, f"random {cfg.model_type} with the config of {path}"
     if candidate.exists():
-        pol = load_policy(candidate)
+        pol = load_policy(candidate, dtype=dtype, device=device)
         return pol.model, pol.tokenizer, f"{candidate}"
     if path:
         raise SystemExit(f"model folder not found: {path}")
     size = {k: BASE_SETTINGS[k] for k in ("hidden_size", "num_layers", "num_heads")}
     model, tok = build_tiny_random(seed=0, **size)
-    return model, tok, f"random Qwen2 {size} (tiny base not cached)"
+    return model.to(device=device, dtype=DTYPES[dtype]), tok, f"random Qwen2 {size} (tiny base not cached)"
 
 
 def make_prompts(count: int, seed: int = 0) -> list[str]:
@@ -98,9 +119,10 @@ def model_flops(model, rollout, n: int) -> float:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, desc = load_model(args.model)
+    model, tok, desc = load_model(args.model, random_init=args.random_init, device=args.device, dtype=args.dtype)
     prompts = make_prompts(args.prompts)
-    peak = peak_flops()
+    peak = peak_flops(8192 if args.device.startswith("cuda") else 2048, device=args.device,
+                      dtype=model.dtype)
     engines = [("hf", {}), ("fast", {})] + ([("fast", {"decoder": "hf"})] if args.with_hf_forward else [])
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     for name, extra in engines:  # warm-up
@@ -114,8 +136,10 @@ def run(args) -> dict:
             for name, extra in engines:
                 label = name if not extra else f"{name}[decoder={extra['decoder']}]"
                 eng = get_engine(name, model, tok, **extra)
+                _sync(args.device)
                 t0 = time.perf_counter()
                 r = eng.generate(prompts, seed=args.seed + rep, **kw)
+                _sync(args.device)
                 dt = time.perf_counter() - t0
                 res = results.setdefault(label, {"seconds": float("inf")})
                 if dt < res["seconds"]:
@@ -133,6 +157,8 @@ def run(args) -> dict:
         "shape": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "rows": args.prompts * args.n},
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "dtype": str(model.dtype).removeprefix("torch."),
         "cpu": platform.processor() or platform.machine(),
         "cpus_visible": os.cpu_count(),
         "torch": torch.__version__,
@@ -145,11 +171,11 @@ def run(args) -> dict:
 
 def print_table(out: dict) -> None:
     s = out["shape"]
-    print(f"model: {out['model']} ({out['params'] / 1e6:.2f} M params), torch {out['torch']}, "
-          f"{out['threads']} thread(s)")
+    print(f"model: {out['model']} ({out['params'] / 1e6:.2f} M params, {out['dtype']}), torch {out['torch']}, "
+          f"device {out['device']}, {out['threads']} CPU thread(s)")
     print(f"shape: {s['prompts']} prompts x {s['n']} samples x {s['max_new_tokens']} new tokens "
           f"(temperature {s['temperature']})")
-    print(f"peak float32 matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"peak {out['dtype']} matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
     print(f"{'engine':<22}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}")
     for name, r in out["engines"].items():
         print(f"{name:<22}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
@@ -168,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--random-init", action="store_true",
+                    help="random weights with the config and tokenizer of --model (full-size shapes, no checkpoint)")
     ap.add_argument("--with-hf-forward", action="store_true",
                     help="also time the fast loop over the transformers forward (decoder='hf')")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
