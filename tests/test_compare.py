@@ -157,6 +157,15 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
             assert html_rows[algo][2 + j] == cell, (algo, key)
         assert f"| {algo} | 1 | " in md
     assert {r["algo"] for r in doc["summary"]} == {"base", "grpo", "isft+"}
+    # run again in the same folder: finished runs and evaluations are reused; a changed config is refused
+    before = (out / "runs" / "grpo" / "seed-0" / "eval.json").read_text()
+    assert main(args) == 0
+    capsys.readouterr()
+    again = json.loads((out / "compare.json").read_text())["timings"]
+    assert again["grpo/seed-0"]["train_s"] is None and again["isft+/seed-0"]["train_s"] is None
+    assert (out / "runs" / "grpo" / "seed-0" / "eval.json").read_text() == before
+    assert main([a if a != "3" else "4" for a in args]) == 2  # --steps 4
+    assert "run.steps" in capsys.readouterr().err
     # --report-to tensorboard: accelerate's tracker wrote event files in every run folder
     for algo in ("grpo", "isft+"):
         assert list((out / "runs" / algo / "seed-0").rglob("events.out.tfevents*")), algo

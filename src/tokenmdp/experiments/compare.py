@@ -135,6 +135,69 @@ def _heldout(s: CompareSettings, task, out: Path, streams_ids: set[str]) -> list
     return problems
 
 
+@dataclass
+class _Plan:
+    """What every run of a comparison shares: the task, held-out set, prompt streams, configs, info record."""
+
+    task: object
+    heldout: list
+    streams: dict
+    configs: dict
+    max_new_tokens: int
+    info: dict
+
+    def eval_kw(self, s: CompareSettings) -> dict:
+        return dict(task=self.task, problems=self.heldout, settings=s, max_new_tokens=self.max_new_tokens)
+
+
+def _make_settings(algos, seeds, steps, model, task, eval_n, k, options) -> CompareSettings:
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
+    unknown = set(options) - set(CompareSettings.__dataclass_fields__)
+    if unknown:
+        raise TokenMDPError(f"compare: unknown option(s) {', '.join(sorted(unknown))}")
+    s = CompareSettings(algos=list(algos), seeds=seed_list, steps=steps, model=model, task=task, eval_n=eval_n,
+                        k=k, **options)
+    _validate(s)
+    return s
+
+
+def _prepare(s: CompareSettings, out: Path, model_path: str, timings: dict) -> _Plan:
+    """Resolve the task and lengths from the model folder, validate the configs, draw the held-out set (checked
+    disjoint from every seed's prompt stream) and write the first ``compare.json``."""
+    from tokenmdp.experiments.evaluate import resolve_eval_setup
+    from tokenmdp.tasks import get_task
+    from tokenmdp.train.data import prompt_stream
+
+    setup = resolve_eval_setup(model_path, s.task, s.task_kwargs, s.template, s.max_new_tokens)
+    s.task_kwargs, s.template = setup["task_kwargs"], setup["template"]
+    task_obj = get_task(s.task, **s.task_kwargs)
+    configs = _load_configs(s, out, model_path, setup["max_new_tokens"])
+    streams = {seed: prompt_stream(task_obj, seed=seed, steps=s.steps, prompts_per_step=s.prompts_per_step)
+               for seed in s.seeds}
+    heldout = _heldout(s, task_obj, out, {p.id for st in streams.values() for step in st for p in step})
+    info = {"settings": asdict(s) | {"model": model_path}, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
+            "max_new_tokens": setup["max_new_tokens"], "timings": timings}
+    (out / "compare.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return _Plan(task_obj, heldout, streams, configs, setup["max_new_tokens"], info)
+
+
+def _run_seed(s: CompareSettings, out: Path, seed: int, plan: _Plan, tracker: Tracker, timings: dict,
+              overwrite: bool) -> dict:
+    """Train and evaluate every algorithm on one seed; then check that they all saw the seed's prompt stream."""
+    run_dirs = {}
+    for algo in s.algos:
+        run_dir = out / "runs" / algo / f"seed-{seed}"
+        label = f"{algo}/seed-{seed}"
+        t_train = train_run(plan.configs[algo], run_dir, seed, s, tracker=tracker, label=label, overwrite=overwrite)
+        t_eval = run_eval(run_dir / "final", run_dir / "eval.json", tracker=tracker, label=label,
+                          extra={"algo": algo, "seed": seed}, reuse=t_train is None, **plan.eval_kw(s))
+        timings[label] = {"train_s": t_train, "eval_s": t_eval}
+        run_dirs[algo] = run_dir
+    expected = [[plan.task.render(p, template=s.template) for p in step] for step in plan.streams[seed]]
+    return check_same_stream(run_dirs, expected)
+
+
 def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = CompareSettings.steps,
             model: str | None = None, task: str = "countdown", out: str | Path = "runs/compare",
             eval_n: int = 500, k: int = CompareSettings.k, *, progress: bool = True, overwrite: bool = False,
@@ -142,67 +205,33 @@ def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = Compar
     """Train every algorithm of ``algos`` for each seed, evaluate them on one held-out set, build the report.
 
     ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder (None: the embedded tiny base model,
-    pretrained on first use). ``options`` are the other fields of :class:`CompareSettings`. Runs already finished
-    in ``out`` (``DONE`` and ``eval.json``) are reused unless ``overwrite``. Returns ``out``.
+    pretrained on first use). ``options`` are the other fields of :class:`CompareSettings`. Finished runs in
+    ``out`` whose config matches are reused unless ``overwrite`` (a run whose config differs is an error), and so
+    are evaluations made with the same settings. Returns ``out``.
     """
-    from tokenmdp.experiments.evaluate import resolve_eval_setup
-    from tokenmdp.experiments.report import build_report
-    from tokenmdp.tasks import get_task
-    from tokenmdp.train.data import prompt_stream
-
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
-    unknown = set(options) - {f for f in CompareSettings.__dataclass_fields__}
-    if unknown:
-        raise TokenMDPError(f"compare: unknown option(s) {', '.join(sorted(unknown))}")
-    s = CompareSettings(algos=list(algos), seeds=seed_list, steps=steps, model=model, task=task, eval_n=eval_n,
-                        k=k, **options)
-    _validate(s)
     from transformers.utils import logging as hf_logging
 
+    from tokenmdp.experiments.report import build_report
+
+    s = _make_settings(algos, seeds, steps, model, task, eval_n, k, options)
     hf_logging.disable_progress_bar()  # per-file load/save bars would break the comparison's own bars
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    timings: dict = {}
+    started, timings = time.perf_counter(), {}
     model_path = s.model
     if model_path is None:  # before the comparison's own bars: pretraining shows its own
         from tokenmdp.policy.tiny import ensure_tiny_base
 
-        t0 = time.perf_counter()
         model_path = str(ensure_tiny_base(s.cache_dir, progress=progress))
-        timings["pretrain_s"] = time.perf_counter() - t0
+        timings["pretrain_s"] = time.perf_counter() - started
     with Tracker(s, enabled=progress) as tracker:
-        setup = resolve_eval_setup(model_path, s.task, s.task_kwargs, s.template, s.max_new_tokens)
-        s.task_kwargs, s.template = setup["task_kwargs"], setup["template"]
-        task_obj = get_task(s.task, **s.task_kwargs)
-        configs = _load_configs(s, out, model_path, setup["max_new_tokens"])
-        streams = {seed: prompt_stream(task_obj, seed=seed, steps=s.steps, prompts_per_step=s.prompts_per_step)
-                   for seed in s.seeds}
-        heldout = _heldout(s, task_obj, out, {p.id for st in streams.values() for step in st for p in step})
-        info = {"settings": asdict(s) | {"model": model_path}, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "machine": f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
-                "max_new_tokens": setup["max_new_tokens"], "timings": timings}
-        (out / "compare.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        ev_kw = dict(task=task_obj, problems=heldout, settings=s, max_new_tokens=setup["max_new_tokens"])
+        plan = _prepare(s, out, model_path, timings)
         timings["base_eval_s"] = run_eval(model_path, out / "base_eval.json", tracker=tracker, label="base",
-                                          **ev_kw)
-        fairness = {}
-        for seed in s.seeds:
-            run_dirs = {}
-            for algo in s.algos:
-                run_dir = out / "runs" / algo / f"seed-{seed}"
-                label = f"{algo}/seed-{seed}"
-                t_train = train_run(configs[algo], run_dir, seed, s, tracker=tracker, label=label,
-                                    overwrite=overwrite)
-                t_eval = run_eval(run_dir / "final", run_dir / "eval.json", tracker=tracker, label=label,
-                                  extra={"algo": algo, "seed": seed}, reuse=t_train is None, **ev_kw)
-                timings[label] = {"train_s": t_train, "eval_s": t_eval}
-                run_dirs[algo] = run_dir
-            expected = [[task_obj.render(p, template=s.template) for p in step] for step in streams[seed]]
-            fairness[f"seed-{seed}"] = check_same_stream(run_dirs, expected)
+                                          reuse=not overwrite, **plan.eval_kw(s))
+        fairness = {f"seed-{seed}": _run_seed(s, out, seed, plan, tracker, timings, overwrite) for seed in s.seeds}
         tracker.phase("report")
         timings["total_s"] = time.perf_counter() - started
-        info.update(timings=timings, fairness=fairness)
-        (out / "compare.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        plan.info.update(timings=timings, fairness=fairness)
+        (out / "compare.json").write_text(json.dumps(plan.info, indent=2, default=str) + "\n")
         build_report(out)
     return out

@@ -3,6 +3,7 @@ held-out set, the fairness check on the logged prompt streams, and the progress 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -67,16 +68,34 @@ def train_run(config_path: Path, run_dir: Path, seed: int, s, *, tracker: Tracke
               overwrite: bool = False) -> float | None:
     """Train one (algorithm, seed) into ``run_dir``; seconds taken, or None when a finished run was reused."""
     from tokenmdp.train.config import load_config
+    from tokenmdp.train.run_dir import check_same_run
     from tokenmdp.train.trainer import train
 
-    if not overwrite and (run_dir / "DONE").exists() and (run_dir / "eval.json").is_file():
-        tracker.skip(s.steps * tracker.step_w + tracker.eval_w, label)
-        return None
     config = load_config(config_path, list(s.overrides) + [f"run.seed={seed}", f"run.out={json.dumps(str(run_dir))}"])
+    if not overwrite and (run_dir / "DONE").exists():
+        try:
+            check_same_run(config, run_dir)
+            done = json.loads((run_dir / "DONE").read_text() or "{}")
+            if done.get("steps", config.run.steps) != config.run.steps:
+                raise TokenMDPError(f"{run_dir} was trained for run.steps={done['steps']}, not {config.run.steps}")
+        except (TokenMDPError, json.JSONDecodeError) as exc:
+            raise TokenMDPError(f"{exc}; pass --overwrite to retrain it, or choose another --out") from None
+        tracker.skip(s.steps * tracker.step_w, label)
+        return None
     tracker.start_job("train", label, s.steps)
     start = time.perf_counter()
     train(config, progress=False, callbacks=[lambda step, record, c: tracker.advance(1, tracker.step_w)])
     return time.perf_counter() - start
+
+
+def eval_key(s, problems, max_new_tokens: int) -> dict:
+    """What an evaluation's numbers are a function of (besides the model): a saved evaluation with the same key
+    is reused by a comparison run again in the same folder."""
+    ids = hashlib.sha1("\n".join(p.id for p in problems).encode()).hexdigest()
+    return json.loads(json.dumps({
+        "task": s.task, "task_kwargs": s.task_kwargs, "template": s.template, "problems": ids, "k": s.k,
+        "temperature": s.eval_temperature, "max_new_tokens": max_new_tokens, "seed": s.heldout_seed,
+        "batch_size": s.eval_batch_size, "engine": s.engine}, default=str))
 
 
 def run_eval(model_dir, out_json: Path, *, task, problems, settings, max_new_tokens: int, tracker: Tracker,
@@ -86,8 +105,12 @@ def run_eval(model_dir, out_json: Path, *, task, problems, settings, max_new_tok
     from tokenmdp.policy.model import load_policy
 
     s = settings
+    key = eval_key(s, problems, max_new_tokens)
     if reuse and out_json.is_file():
-        return float(json.loads(out_json.read_text()).get("time_s", 0.0))
+        old = json.loads(out_json.read_text())
+        if old.get("key") == key:
+            tracker.skip(tracker.eval_w, f"{label} evaluation")
+            return float(old.get("time_s", 0.0))
     if not Path(model_dir).exists():
         raise TokenMDPError(f"no final model to evaluate: {model_dir} (did the run finish?)")
     policy = load_policy(str(model_dir))
@@ -96,7 +119,7 @@ def run_eval(model_dir, out_json: Path, *, task, problems, settings, max_new_tok
                       max_new_tokens=max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
                       template=s.template, progress=tracker.advance)
     records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")
-    save_eval(result, out_json, records=records, model=str(model_dir), **(extra or {}))
+    save_eval(result, out_json, records=records, model=str(model_dir), key=key, **(extra or {}))
     return result["time_s"]
 
 
