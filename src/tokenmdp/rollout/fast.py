@@ -62,8 +62,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int = 0, top
         tokens = z.argmax(dim=-1)
     else:
         z = z / temperature
-        probs = torch.softmax(filter_logits(z, top_k=top_k, top_p=top_p), dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # inverse-CDF sampling: one uniform number per row (a zero-probability token is never picked)
+        cdf = torch.softmax(filter_logits(z, top_k=top_k, top_p=top_p), dim=-1).cumsum(dim=-1)
+        u = torch.rand(z.shape[0], 1, generator=generator, device=z.device, dtype=cdf.dtype) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
     logp = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return tokens, logp
 

@@ -120,13 +120,13 @@ class KVDecoder:
     def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
         """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S)."""
         b, s, _ = x.shape
-        q, k, v = F.linear(x, layer.w_qkv, layer.b_qkv).split([self.hq * self.d, self.hk * self.d,
-                                                               self.hk * self.d], dim=-1)
-        q, k, v = q.view(b, s, self.hq, self.d), k.view(b, s, self.hk, self.d), v.view(b, s, self.hk, self.d)
+        qk, v = F.linear(x, layer.w_qkv, layer.b_qkv).split([(self.hq + self.hk) * self.d, self.hk * self.d], dim=-1)
+        qk, v = qk.view(b, s, self.hq + self.hk, self.d), v.view(b, s, self.hk, self.d)
         if layer.q_norm is not None:
-            q, k = layer.q_norm(q), layer.k_norm(k)
+            qk = torch.cat([layer.q_norm(qk[:, :, : self.hq]), layer.k_norm(qk[:, :, self.hq :])], dim=2)
         cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
+        return qk[:, :, : self.hq], qk[:, :, self.hq :], v
 
     def _block(self, x: torch.Tensor, layer: _Layer, attend) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
