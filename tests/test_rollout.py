@@ -271,12 +271,12 @@ def test_kv_decoder_architectures():
 
 
 def test_fast_decoders_and_compaction_agree():
-    """kv vs transformers decoder, and compacting the batch at every finish vs never: same greedy rollout."""
+    """kv vs transformers decoder, compacting at every finish vs never, fused weights or not: same greedy rollout."""
     model, tok = _biased(0.8)  # greedy rows stop at steps 1, 10, 11 or never
     prompts = [f"{i} + {j} =" for i in range(6) for j in range(3)]
     outs = []
-    for decoder, frac in [("kv", 0.0), ("kv", 1.0), ("hf", 0.25)]:
-        eng = get_engine("fast", model, tok, decoder=decoder, compact_fraction=frac)
+    for decoder, frac, fuse in [("kv", 0.0, True), ("kv", 1.0, True), ("kv", 0.25, False), ("hf", 0.25, None)]:
+        eng = get_engine("fast", model, tok, decoder=decoder, compact_fraction=frac, fuse_weights=fuse)
         outs.append(eng.generate(prompts, max_new_tokens=12, temperature=0.0))
     assert len(set(outs[0].lengths.tolist())) >= 3 and outs[0].terminated.any() and outs[0].truncated.any()
     for o in outs[1:]:

@@ -182,7 +182,10 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     pad = rollouts[0].pad_token_id
     p = max(r.prompt_ids.shape[1] for r in rollouts)
     t = max(r.response_ids.shape[1] for r in rollouts)
-    cat = lambda name, w, v, left: torch.cat([_repad(getattr(r, name), w, v, left=left) for r in rollouts])  # noqa: E731
+
+    def cat(name: str, width: int, value: int | float, left: bool) -> torch.Tensor:
+        return torch.cat([_repad(getattr(r, name), width, value, left=left) for r in rollouts])
+
     has_text = all(len(r.prompts) == len(r) for r in rollouts)
     has_resp = all(len(r.responses) == len(r) for r in rollouts)
     return Rollout(

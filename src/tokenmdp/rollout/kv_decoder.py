@@ -6,9 +6,10 @@ logits`` for the ``t``-th generated token of every live row, and ``select(keep)`
 where ``can_select``).
 
 :class:`KVDecoder` is the project's own forward pass of a Llama-family decoder (Llama, Qwen2, Qwen3, Mistral
-without sliding window, SmolLM2 ...), on the model's own weights (query/key/value fused into one matrix and gate/up
-into another, re-fused at every ``generate`` so they hold the current weights). It uses the group structure of RL
-rollouts, the way prefix caching does: the prompt of a group is prefilled *once* (not ``n`` times) and its keys and
+without sliding window, SmolLM2 ...) on the model's own weights. Up to a billion parameters, query/key/value are
+fused into one matrix and gate/up into another, re-fused at every ``generate`` so that they hold the current
+weights (larger models use their projections as they are, to spare the copy). It uses the group structure of RL
+rollouts the way prefix caching does: the prompt of a group is prefilled *once* (not ``n`` times) and its keys and
 values are stored once, ``(len(prompts), H_kv, P, D)`` per layer; the generated tokens have their own preallocated
 cache ``(B, H_kv, max_new, D)``, written in place. At a decode step the attention of row ``r`` of group ``g`` is
 one softmax over ``[prompt keys of g | generated keys of r]``:
@@ -41,12 +42,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Layer:
-    w_qkv: torch.Tensor  # (Hq*D + 2*Hkv*D, H)
+    w_qkv: torch.Tensor | None  # (Hq*D + 2*Hkv*D, H), None when not fused
     b_qkv: torch.Tensor | None
+    w_gate_up: torch.Tensor | None  # (2*I, H), None when not fused
+    attn: nn.Module
+    mlp: nn.Module
     o_proj: nn.Module
     ln1: tuple[torch.Tensor, float]
     ln2: tuple[torch.Tensor, float]
-    w_gate_up: torch.Tensor  # (2*I, H)
     down: nn.Module
     act: Any
     q_norm: nn.Module | None
@@ -78,19 +81,26 @@ def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:
     return norm.weight, float(eps)
 
 
-def _fuse(layer: nn.Module, head_dim: int) -> _Layer:
+def _fuse(layer: nn.Module, head_dim: int, fuse: bool) -> _Layer:
+    """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy)."""
     a, m = layer.self_attn, layer.mlp
     projs = (a.q_proj, a.k_proj, a.v_proj)
-    b_qkv = None
-    if any(p.bias is not None for p in projs):
-        b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in projs])
+    w_qkv = b_qkv = w_gate_up = None
+    if fuse:
+        w_qkv = torch.cat([p.weight for p in projs])
+        w_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        if any(p.bias is not None for p in projs):
+            b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
+                               for p in projs])
     return _Layer(
-        w_qkv=torch.cat([p.weight for p in projs]),
+        w_qkv=w_qkv,
         b_qkv=b_qkv,
+        w_gate_up=w_gate_up,
+        attn=a,
+        mlp=m,
         o_proj=a.o_proj,
         ln1=_norm_parts(layer.input_layernorm),
         ln2=_norm_parts(layer.post_attention_layernorm),
-        w_gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
         down=m.down_proj,
         act=m.act_fn,
         q_norm=getattr(a, "q_norm", None),
@@ -99,14 +109,20 @@ def _fuse(layer: nn.Module, head_dim: int) -> _Layer:
     )
 
 
+#: Models up to this many parameters get fused projection weights (a copy of ~2/3 of the weights per generate).
+FUSE_MAX_PARAMS = 1_000_000_000
+
+
 class KVDecoder:
     """Own incremental forward of a Llama-family decoder with a shared prompt cache (see the module docstring)."""
 
     can_select = True
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, fuse: bool | None = None):
         cfg = model.config
         base = model.model
+        if fuse is None:
+            fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.embed = base.embed_tokens
         self.final_norm = _norm_parts(base.norm)
         self.rotary = base.rotary_emb
@@ -114,13 +130,17 @@ class KVDecoder:
         self.hq = cfg.num_attention_heads
         self.hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers = [_fuse(layer, self.d) for layer in base.layers]
+        self.layers = [_fuse(layer, self.d, fuse) for layer in base.layers]
 
     # shared pieces ------------------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
         """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S)."""
         b, s, _ = x.shape
-        qk, v = F.linear(x, layer.w_qkv, layer.b_qkv).split([(self.hq + self.hk) * self.d, self.hk * self.d], dim=-1)
+        if layer.w_qkv is not None:
+            qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
+        else:
+            qkv = torch.cat([layer.attn.q_proj(x), layer.attn.k_proj(x), layer.attn.v_proj(x)], dim=-1)
+        qk, v = qkv.split([(self.hq + self.hk) * self.d, self.hk * self.d], dim=-1)
         qk, v = qk.view(b, s, self.hq + self.hk, self.d), v.view(b, s, self.hk, self.d)
         if layer.q_norm is not None:
             qk = torch.cat([layer.q_norm(qk[:, :, : self.hq]), layer.k_norm(qk[:, :, self.hq :])], dim=2)
@@ -132,7 +152,10 @@ class KVDecoder:
         h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
         x = x + layer.o_proj(attend(h))
         h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
-        gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+        if layer.w_gate_up is not None:
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = layer.mlp.gate_proj(h), layer.mlp.up_proj(h)
         return x + layer.down(layer.act(gate) * up)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
@@ -247,11 +270,14 @@ class HFDecoder:
         raise NotImplementedError
 
 
-def make_decoder(model: nn.Module, kind: str = "auto") -> KVDecoder | HFDecoder:
-    """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``."""
+def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = None) -> KVDecoder | HFDecoder:
+    """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``.
+
+    ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
+    """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
         return HFDecoder(model)
-    return KVDecoder(model)
+    return KVDecoder(model, fuse=fuse)
 
 
 __all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]

@@ -9,7 +9,8 @@ Log-probabilities: vLLM reports either raw log-probs (temperature 1) or processe
 top-k/top-p renormalisation), neither of which is the project's contract (``log_softmax(logits / temperature)``
 without renormalisation). So by default (``logprobs="recompute"``) the engine recomputes them teacher-forced with
 :func:`tokenmdp.policy.logprobs.sequence_logprobs` on the in-process model, which is what the training loss sees
-anyway; ``logprobs="vllm"`` keeps vLLM's processed values instead (exact when top-k and top-p are off; needs vLLM >= 0.10.2 for ``logprobs_mode``).
+anyway; ``logprobs="vllm"`` keeps vLLM's processed values instead (exact when top-k and top-p are off; needs
+vLLM >= 0.10.2 for ``logprobs_mode``).
 """
 
 from __future__ import annotations
