@@ -57,8 +57,9 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: str | os.PathLike | nn.Module, *, dtype: str = "float32",
-                    seed: int | None = None) -> ValueModel:
-        """A critic whose backbone is a copy of a causal LM's (a folder, or an in-memory model), new value head."""
+                    seed: int | None = None, gguf_file: str | None = None) -> ValueModel:
+        """A critic whose backbone is a copy of a causal LM's (a folder, a ``.gguf`` file, a folder and its
+        ``gguf_file``, or an in-memory model), with a new value head."""
         import copy
 
         from transformers import AutoModel
@@ -68,7 +69,7 @@ class ValueModel(nn.Module):
             return cls(backbone, seed=seed)
         from tokenmdp.policy.model import DTYPES, _resolve
 
-        source, gguf, _ = _resolve(policy, None)
+        source, gguf, _ = _resolve(policy, gguf_file)
         try:
             backbone = AutoModel.from_pretrained(source, dtype=DTYPES.get(dtype, torch.float32), gguf_file=gguf)
         except (OSError, ValueError) as exc:
