@@ -81,3 +81,9 @@ def test_errors(tmp_path, tiny_random_dir):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(TokenMDPError, match=str(tmp_path)):
         load_policy(tmp_path)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TokenMDPError, match="cannot load a causal LM from no-such-org/no-such-model"):
+        load_policy("no-such-org/no-such-model")

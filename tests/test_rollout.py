@@ -356,3 +356,16 @@ def test_rollout_validates_shapes():
     a = _manual_rollout([[7]], [[4]])
     with pytest.raises(ValueError, match="rows"):
         type(a)(**{**a.__dict__, "terminated": torch.tensor([True, False])})
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_left_padding_does_not_change_a_prompt(engine, tiny):
+    """A short prompt decoded alone or left-padded beside a long one: same greedy tokens and log-probs."""
+    model, tok = tiny
+    eng = get_engine(engine, model, tok)
+    alone = eng.generate(["a"], max_new_tokens=10, temperature=0.0)
+    batch = eng.generate(["a", "a much longer prompt, padded to the left\n"], max_new_tokens=10, temperature=0.0)
+    assert batch.prompt_mask[0].sum() == 1 and batch.prompt_mask.shape[1] > 30
+    n = int(alone.lengths[0])
+    assert torch.equal(batch.response_ids[0, :n], alone.response_ids[0, :n])
+    torch.testing.assert_close(batch.logprobs[0, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
