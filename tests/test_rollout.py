@@ -270,6 +270,23 @@ def test_kv_decoder_architectures():
         assert torch.equal(a.response_ids, b.response_ids), name
 
 
+def test_kv_decoder_falls_back_for_unsupported_models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from tokenmdp.policy.tiny import build_char_tokenizer
+    from tokenmdp.rollout.kv_decoder import HFDecoder, kv_decoder_supported, make_decoder
+
+    tok = build_char_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=None)).eval()
+    assert not kv_decoder_supported(gpt2) and isinstance(make_decoder(gpt2), HFDecoder)
+    r = get_engine("fast", gpt2, tok).generate(PROMPTS, n=2, max_new_tokens=6, seed=0)
+    torch.testing.assert_close(r.logprobs, _recompute(gpt2, r), atol=1e-4, rtol=0)
+    dyn = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert not kv_decoder_supported(dyn)
+
+
 def test_fast_decoders_and_compaction_agree():
     """kv vs transformers decoder, compacting at every finish vs never, fused weights or not: same greedy rollout."""
     model, tok = _biased(0.8)  # greedy rows stop at steps 1, 10, 11 or never

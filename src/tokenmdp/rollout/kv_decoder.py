@@ -66,6 +66,9 @@ def kv_decoder_supported(model: nn.Module) -> bool:
         return False
     if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
         return False
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return False  # rotary frequencies that depend on the current sequence length
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
         return False
