@@ -214,7 +214,6 @@ def test_unknown_engine(tiny):
 
 
 def test_vllm_missing_message(tiny):
-    pytest.importorskip("pytest")
     try:
         import vllm  # noqa: F401
     except ImportError:
