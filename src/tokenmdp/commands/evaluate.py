@@ -42,6 +42,8 @@ def eval_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the problem draw and of sampling."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "
+                                       "embedded tiny model, the fastest on a small CPU; else torch's default)."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics, settings and per-problem records as JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics and settings as one JSON document."),
 ) -> None:
@@ -50,6 +52,22 @@ def eval_cmd(
     Greedy pass@1, sampled pass@1 (mean over the k samples), pass@k (unbiased estimator), majority vote, best-of-k
     with the verifier, format rate, and the mean length (tokens) of correct and incorrect responses.
     """
+    result = run_eval_command(model=model, task=task, data=data, split=split, n=n, k=k, n_samples=n_samples,
+                              template=template, option=option, temperature=temperature,
+                              max_new_tokens=max_new_tokens, engine=engine, batch_size=batch_size,
+                              greedy=not no_greedy, seed=seed, device=device, dtype=dtype, threads=threads)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if as_json:
+        emit_json({key: result[key] for key in ("metrics", "settings", "time_s")})
+        return
+    _print_table(result)
+
+
+def run_eval_command(*, model, task, data, split, n, k, n_samples, template, option, temperature, max_new_tokens,
+                     engine, batch_size, greedy, seed, device, dtype, threads) -> dict:
+    """Resolve the defaults (the embedded model, ``tokenmdp.json``), load, evaluate with a progress bar."""
     from tokenmdp.commands.tasks import parse_options
     from tokenmdp.experiments.evaluate import evaluate, load_eval_problems, resolve_eval_setup
     from tokenmdp.policy.model import load_policy
@@ -59,27 +77,25 @@ def eval_cmd(
         from tokenmdp.policy.tiny import ensure_tiny_base
 
         model = str(ensure_tiny_base())
+        threads = threads or 1
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     setup = resolve_eval_setup(model, task, parse_options(option), template, max_new_tokens)
     task_obj = get_task(setup["task"], **setup["task_kwargs"])
     problems = load_eval_problems(task_obj, data=data, split=split, n=n, seed=seed)
     policy = load_policy(model, dtype=dtype, device=device)
-    total = len(problems) * ((n_samples or k) + (0 if no_greedy else 1))
+    total = len(problems) * ((n_samples or k) + (1 if greedy else 0))
     with progress_bar() as bar:
         job = bar.add_task("eval", total=total, info=f"{len(problems)} problems x {n_samples or k} + greedy")
         result = evaluate(policy, None, task_obj, problems, k=k, n_samples=n_samples, engine=engine,
-                          temperature=temperature, max_new_tokens=setup["max_new_tokens"], greedy=not no_greedy,
+                          temperature=temperature, max_new_tokens=setup["max_new_tokens"], greedy=greedy,
                           batch_size=batch_size, seed=seed, template=setup["template"],
                           progress=lambda m: bar.update(job, advance=m))
     result["settings"].update(model=str(model), data=str(data) if data else None, split=None if data else split,
                               task_kwargs=setup["task_kwargs"])
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    summary = {key: result[key] for key in ("metrics", "settings", "time_s")}
-    if as_json:
-        emit_json(summary)
-        return
-    _print_table(result)
+    return result
 
 
 def _print_table(result: dict) -> None:

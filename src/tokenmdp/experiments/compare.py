@@ -66,6 +66,7 @@ class CompareSettings:
     overrides: list[str] = field(default_factory=list)
     heldout_seed: int = HELDOUT_SEED
     cache_dir: str | None = None
+    threads: int | None = None  # torch CPU threads; None: 1 for the embedded tiny model (fastest), else torch's
 
 
 def _validate(s: CompareSettings) -> None:
@@ -76,6 +77,8 @@ def _validate(s: CompareSettings) -> None:
     for a in s.algos:
         if a not in PRESETS:
             raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
+    if s.threads is not None and s.threads < 1:
+        raise TokenMDPError(f"--threads must be at least 1, got {s.threads}")
     if len(set(s.algos)) != len(s.algos):
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
@@ -105,6 +108,8 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
     }
     if s.lr is not None:
         cfg["optim"]["lr"] = s.lr
+    if s.threads is not None:
+        cfg["run"]["threads"] = s.threads
     return cfg
 
 
@@ -224,6 +229,11 @@ def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = Compar
 
         model_path = str(ensure_tiny_base(s.cache_dir, progress=progress))
         timings["pretrain_s"] = time.perf_counter() - started
+        s.threads = 1 if s.threads is None else s.threads
+    if s.threads is not None:  # the evaluations run in this process
+        import torch
+
+        torch.set_num_threads(s.threads)
     with Tracker(s, enabled=progress) as tracker:
         plan = _prepare(s, out, model_path, timings)
         timings["base_eval_s"] = run_eval(model_path, out / "base_eval.json", tracker=tracker, label="base",
