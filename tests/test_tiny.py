@@ -16,15 +16,14 @@ from tokenmdp.policy import tiny
 from tokenmdp.policy.tiny import (
     META_FILE,
     build_char_tokenizer,
-    encode_examples,
     ensure_tiny_base,
     load_char_tokenizer,
-    lr_at,
     pretrain,
     read_meta,
     save_atomic,
 )
 from tokenmdp.policy.tiny_eval import group_figures, measure_base
+from tokenmdp.policy.tiny_train import TraceStream, encode_examples, lr_at
 
 SMALL = dict(steps=12, batch_size=8, lr=3e-3, hidden_size=32, num_layers=1, num_heads=2, train_problems=64,
              eval_problems=3, eval_k=2, progress=False)
@@ -183,3 +182,18 @@ def test_default_base_model_in_acceptance_band():
     assert 0.15 <= figs["sampled_accuracy"] <= 0.60, figs
     assert figs["mixed_fraction"] >= 0.5, figs
     assert figs["format_rate"] >= 0.8, figs
+
+
+def test_trace_stream_groups_batches_by_length():
+    from tokenmdp.tasks import get_task
+
+    task = get_task("countdown", template="compact", num_count=3, high=20)
+    stream = TraceStream(task, task.problems("train", n=10, seed=0), seed=0, max_failures=2)
+    batches = [stream.batch(s, 4, group=3) for s in range(3)]
+    expected = [stream.example(k) for k in range(12)]  # example k: problem k % 10, trace seeded by k
+    assert sorted(ex for b in batches for ex in b) == sorted(expected)
+    lengths = [[len(p) + len(c) for p, c in b] for b in batches]
+    spans = sorted((min(x), max(x)) for x in lengths)
+    assert all(hi1 <= lo2 for (_, hi1), (lo2, _) in zip(spans, spans[1:]))  # sorted into length bands
+    assert stream.batch(1, 4, group=3) == batches[1]  # deterministic
+    assert stream.example(3)[0] == stream.example(13)[0]  # example k cycles over the problems

@@ -5,7 +5,8 @@ Face tokenizer files) and the model from a `transformers.Qwen2Config`. Tests use
 random model. :func:`pretrain` (``tokenmdp pretrain``) trains one on the derivational traces of
 :mod:`tokenmdp.policy.traces` (loss on the completion only, EOS at the end) with AdamW and a warmup + cosine
 schedule, and saves it atomically as a folder that loads with ``AutoModelForCausalLM.from_pretrained``.
-:func:`ensure_tiny_base` finds the default base model in a cache folder or builds it there;
+:func:`ensure_tiny_base` finds the default base model in a cache folder or builds it there. The training pieces
+are in :mod:`tokenmdp.policy.tiny_train`;
 :func:`tokenmdp.policy.tiny_eval.measure_base` measures how much room it leaves for RL.
 """
 
@@ -17,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy.tiny_train import TraceStream, default_threads, train_loop
 
 PAD = "<pad>"
 EOS = "<|endoftext|>"
@@ -132,120 +133,6 @@ def build_tiny_random(
     return model, tokenizer
 
 
-# ------------------------------------------------------------------------------------------------ pretraining
-def lr_at(step: int, *, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine decay to ``min_ratio * lr``.
-
-    ``lr(s) = lr * (s + 1) / warmup`` for ``s < warmup``; otherwise with ``p = (s - warmup) / (steps - warmup)``,
-    ``lr(s) = lr * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2)``.
-    Hand-computed (steps=10, lr=1, warmup=2, min_ratio=0.1): s=0 -> 0.5, s=1 -> 1.0, s=2 -> 1.0, s=6 -> 0.55,
-    s=10 -> 0.1.
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
-
-
-def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(input_ids, attention_mask, labels)``, each (B, L), for (prompt, completion) pairs.
-
-    A row is ``prompt + completion + EOS``; ``labels`` equal ``input_ids`` on the completion and the EOS and are
-    -100 on the prompt and the padding, so the causal-LM loss counts only the completion.
-    """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
-    comps = tokenizer([c for _, c in examples], add_special_tokens=False)["input_ids"]
-    width = max(len(p) + len(c) + 1 for p, c in zip(prompts, comps))
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, comps)):
-        row = p + c + [eos]
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, len(p) : len(row)] = ids[i, len(p) : len(row)]
-    return ids, mask, labels
-
-
-class TraceStream:
-    """Training examples: an endless stream of (prompt, trace) pairs cycling over a pool of problems.
-
-    Example ``k`` is problem ``k % len(problems)`` with its trace seeded by ``(seed, k)``, so every pass over the
-    pool shows each problem with a new order of attempts. ``longest`` is the longest completion seen (characters).
-    """
-
-    def __init__(self, task, problems: list, *, seed: int, max_failures: int, template: str = "compact"):
-        if not problems:
-            raise TokenMDPError("pretraining needs at least one training problem")
-        self.task, self.problems, self.seed = task, problems, seed
-        self.max_failures, self.template = max_failures, template
-        self.prompts = [task.render(p, template=template) for p in problems]
-        self.longest = 0
-
-    def example(self, k: int) -> tuple[str, str]:
-        from tokenmdp.policy.traces import countdown_trace, problem_numbers
-
-        i = k % len(self.problems)
-        nums, target = problem_numbers(self.problems[i])
-        trace = countdown_trace(nums, target, seed=self.seed * 1_000_003 + k, max_failures=self.max_failures)
-        self.longest = max(self.longest, len(trace))
-        return self.prompts[i], trace
-
-    def batch(self, step: int, batch_size: int) -> list[tuple[str, str]]:
-        return [self.example(step * batch_size + j) for j in range(batch_size)]
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from tokenmdp.commands._common import err_console
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled,
-    )
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-
-
-def train_loop(model, tokenizer, stream: TraceStream, *, steps: int, batch_size: int, lr: float,
-               warmup: int, weight_decay: float, progress: bool) -> dict[str, float]:
-    """Train ``model`` in place on ``stream``'s batches; returns loss and throughput figures."""
-    opt = _optimizer(model, lr, weight_decay)
-    model.train()
-    ema, first, tokens, start = None, None, 0, time.perf_counter()
-    tail: deque[float] = deque(maxlen=max(1, steps // 10))  # final_loss: mean over the last 10% of steps
-    with _progress(progress) as bar:
-        job = bar.add_task("pretrain", total=steps, info="")
-        for step in range(steps):
-            ids, mask, labels = encode_examples(tokenizer, stream.batch(step, batch_size))
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps=steps, lr=lr, warmup=warmup)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            ema = value if ema is None else 0.95 * ema + 0.05 * value
-            first = value if first is None else first
-            tail.append(value)
-            tokens += int(mask.sum())
-            bar.update(job, advance=1, info=f"loss {ema:.3f}")
-    model.eval()
-    seconds = time.perf_counter() - start
-    return {"first_loss": round(first, 4), "final_loss": round(sum(tail) / len(tail), 4),
-            "train_s": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
-
-
 def _write_folder(path: Path, model, tokenizer, meta: dict) -> None:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -339,7 +226,7 @@ def pretrain(
     if task_kwargs["template"] != "compact":
         raise TokenMDPError(f"task_kwargs: template must be 'compact' (the traces' format), got {task_kwargs['template']!r}")
     task_obj = get_task(task, **task_kwargs)
-    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(threads or default_threads())
     started = time.perf_counter()
     problems = task_obj.problems("train", n=min(train_problems, steps * batch_size), seed=seed)
     stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures)
@@ -403,7 +290,6 @@ def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = Tr
 
 __all__ = [
     "BASE_EVAL", "BASE_NAME", "BASE_SETTINGS", "BASE_TASK_KWARGS", "CHARS", "EOS", "META_FILE", "PAD",
-    "build_char_tokenizer", "build_tiny_model", "build_tiny_random", "cache_root", "encode_examples",
-    "ensure_tiny_base", "load_char_tokenizer", "lr_at", "pretrain", "read_meta", "save_atomic", "tiny_config",
-    "TraceStream",
+    "build_char_tokenizer", "build_tiny_model", "build_tiny_random", "cache_root", "ensure_tiny_base",
+    "load_char_tokenizer", "pretrain", "read_meta", "save_atomic", "tiny_config",
 ]

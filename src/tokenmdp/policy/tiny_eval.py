@@ -58,7 +58,7 @@ def evaluate_base(model, tokenizer, task, problems: list, *, k: int = 8, max_new
     with a parseable answer), ``truncated_rate``, mean completion length in tokens (all, correct, incorrect) and
     the seconds taken.
     """
-    from tokenmdp.policy.tiny import _progress
+    from tokenmdp.policy.tiny_train import progress_bar
 
     if not problems:
         raise TokenMDPError("evaluation needs at least one problem")
@@ -66,7 +66,7 @@ def evaluate_base(model, tokenizer, task, problems: list, *, k: int = 8, max_new
     engine = _engine(model, tokenizer)
     prompts = [task.render(p, template=template) for p in problems]
     scores, lengths, truncated, greedy = [], [], [], []
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         job = bar.add_task("evaluate", total=len(problems), info=f"k={k}")
         for lo in range(0, len(problems), chunk):
             batch = prompts[lo : lo + chunk]
@@ -102,7 +102,10 @@ def measure_base(model_dir: str | Path, n_problems: int = 64, k: int = 8, seed: 
     from tokenmdp.policy.tiny import load_char_tokenizer, read_meta
     from tokenmdp.tasks import get_task
 
+    from tokenmdp.policy.tiny_train import default_threads
+
     meta = read_meta(model_dir)
+    torch.set_num_threads(default_threads())
     if n_problems < 1 or k < 1:
         raise TokenMDPError(f"measure_base needs n_problems >= 1 and k >= 1, got {n_problems} and {k}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
