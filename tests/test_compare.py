@@ -113,8 +113,8 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
     args = ["compare", "--algos", "grpo,isft+", "--seeds", "1", "--steps", "3", "--model", str(tiny_random_dir),
             "--task", "countdown", "-o", "num_count=3", "-o", "high=20", "--template", "compact",
             "--max-new-tokens", "12", "--eval-n", "4", "--k", "2", "--prompts-per-step", "2", "--group-size", "2",
-            "--report-to", "tensorboard", "--out", str(out), "--json"]
-    assert main(args) == 0
+            "--report-to", "tensorboard", "--threads", "1", "--out", str(out), "--json"]
+    assert main(args + ["--workers", "2"]) == 0  # two worker processes
     doc = json.loads(capsys.readouterr().out)
     for name in ("compare.json", "heldout.jsonl", "base_eval.json", "base_eval_records.jsonl", "summary.csv",
                  "summary.md", "report.html", "plots/final_accuracy.png", "plots/reward.png", "plots/length.png",

@@ -41,6 +41,8 @@ def compare_cmd(
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "
                                        "embedded tiny model, the fastest on a small CPU; else torch's default)."),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="Runs trained in parallel processes "
+                                       "(default: 2 for the embedded tiny model on a machine with 2+ CPUs, else 1)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs already finished in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON document."),
 ) -> None:
@@ -53,7 +55,8 @@ def compare_cmd(
 
     opts = {"task_kwargs": parse_options(option), "template": template, "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
-            "overrides": list(set_ or []), "cache_dir": cache_dir, "threads": threads}
+            "overrides": list(set_ or []), "cache_dir": cache_dir, "threads": threads,
+            "workers": workers}
     for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
         if value is not None:
             opts[name] = value

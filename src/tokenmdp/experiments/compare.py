@@ -23,6 +23,7 @@ Layout of ``out``::
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.compare_run import Tracker, check_same_stream, run_eval, train_run
+from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
+from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
 
 DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
 # the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
@@ -67,6 +69,7 @@ class CompareSettings:
     heldout_seed: int = HELDOUT_SEED
     cache_dir: str | None = None
     threads: int | None = None  # torch CPU threads; None: 1 for the embedded tiny model (fastest), else torch's
+    workers: int | None = None  # runs in parallel processes; None: 2 for the embedded tiny model on >= 2 CPUs, else 1
 
 
 def _validate(s: CompareSettings) -> None:
@@ -77,8 +80,9 @@ def _validate(s: CompareSettings) -> None:
     for a in s.algos:
         if a not in PRESETS:
             raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
-    if s.threads is not None and s.threads < 1:
-        raise TokenMDPError(f"--threads must be at least 1, got {s.threads}")
+    for name in ("threads", "workers"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            raise TokenMDPError(f"--{name} must be at least 1, got {getattr(s, name)}")
     if len(set(s.algos)) != len(s.algos):
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
@@ -151,8 +155,6 @@ class _Plan:
     max_new_tokens: int
     info: dict
 
-    def eval_kw(self, s: CompareSettings) -> dict:
-        return dict(task=self.task, problems=self.heldout, settings=s, max_new_tokens=self.max_new_tokens)
 
 
 def _make_settings(algos, seeds, steps, model, task, eval_n, k, options) -> CompareSettings:
@@ -187,20 +189,28 @@ def _prepare(s: CompareSettings, out: Path, model_path: str, timings: dict) -> _
     return _Plan(task_obj, heldout, streams, configs, setup["max_new_tokens"], info)
 
 
-def _run_seed(s: CompareSettings, out: Path, seed: int, plan: _Plan, tracker: Tracker, timings: dict,
-              overwrite: bool) -> dict:
-    """Train and evaluate every algorithm on one seed; then check that they all saw the seed's prompt stream."""
-    run_dirs = {}
-    for algo in s.algos:
-        run_dir = out / "runs" / algo / f"seed-{seed}"
-        label = f"{algo}/seed-{seed}"
-        t_train = train_run(plan.configs[algo], run_dir, seed, s, tracker=tracker, label=label, overwrite=overwrite)
-        t_eval = run_eval(run_dir / "final", run_dir / "eval.json", tracker=tracker, label=label,
-                          extra={"algo": algo, "seed": seed}, reuse=t_train is None, **plan.eval_kw(s))
-        timings[label] = {"train_s": t_train, "eval_s": t_eval}
-        run_dirs[algo] = run_dir
-    expected = [[plan.task.render(p, template=s.template) for p in step] for step in plan.streams[seed]]
-    return check_same_stream(run_dirs, expected)
+def _jobs(s: CompareSettings, out: Path, model_path: str, plan: _Plan, overwrite: bool) -> list[Job]:
+    """The base model's evaluation, then one train-and-evaluate job per (seed, algorithm)."""
+    common = dict(settings=asdict(s), max_new_tokens=plan.max_new_tokens, heldout=str(out / "heldout.jsonl"),
+                  step_w=step_weight(s), overwrite=overwrite)
+    jobs = [Job(label="base", model_dir=model_path, out_json=str(out / "base_eval.json"), **common)]
+    for seed in s.seeds:
+        for algo in s.algos:
+            run_dir = out / "runs" / algo / f"seed-{seed}"
+            jobs.append(Job(label=f"{algo}/seed-{seed}", model_dir=str(run_dir / "final"),
+                            out_json=str(run_dir / "eval.json"), algo=algo, seed=seed,
+                            config_path=str(plan.configs[algo]), run_dir=str(run_dir), **common))
+    return jobs
+
+
+def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
+    """:func:`check_same_stream` for every seed: all algorithms logged the prompts of the seed's stream."""
+    result = {}
+    for seed in s.seeds:
+        run_dirs = {algo: out / "runs" / algo / f"seed-{seed}" for algo in s.algos}
+        expected = [[plan.task.render(p, template=s.template) for p in step] for step in plan.streams[seed]]
+        result[f"seed-{seed}"] = check_same_stream(run_dirs, expected)
+    return result
 
 
 def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = CompareSettings.steps,
@@ -234,11 +244,17 @@ def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = Compar
         import torch
 
         torch.set_num_threads(s.threads)
-    with Tracker(s, enabled=progress) as tracker:
+    if s.workers is None:
+        s.workers = 2 if s.model is None and (os.cpu_count() or 1) >= 2 else 1
+    runs = len(s.algos) * len(s.seeds)
+    with Tracker(eval_units(s) * (runs + 1) + runs * s.steps * step_weight(s), enabled=progress) as tracker:
         plan = _prepare(s, out, model_path, timings)
-        timings["base_eval_s"] = run_eval(model_path, out / "base_eval.json", tracker=tracker, label="base",
-                                          reuse=not overwrite, **plan.eval_kw(s))
-        fairness = {f"seed-{seed}": _run_seed(s, out, seed, plan, tracker, timings, overwrite) for seed in s.seeds}
+        results = run_jobs(_jobs(s, out, model_path, plan, overwrite), tracker, workers=s.workers,
+                           threads=s.threads)
+        timings["base_eval_s"] = results[0]["eval_s"]
+        for r in results[1:]:
+            timings[r["label"]] = {"train_s": r["train_s"], "eval_s": r["eval_s"]}
+        fairness = _fairness(s, out, plan)
         tracker.phase("report")
         timings["total_s"] = time.perf_counter() - started
         plan.info.update(timings=timings, fairness=fairness)

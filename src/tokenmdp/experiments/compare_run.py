@@ -1,5 +1,6 @@
-"""The pieces of one comparison (:mod:`tokenmdp.experiments.compare`): training one run, evaluating one model on the
-held-out set, the fairness check on the logged prompt streams, and the progress display."""
+"""The pieces of one comparison (:mod:`tokenmdp.experiments.compare`): a job (train one run and evaluate its final
+model on the held-out set, or evaluate the base model), runnable in this process or in a worker process, and the
+fairness check on the logged prompt streams."""
 
 from __future__ import annotations
 
@@ -7,84 +8,96 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
+
+Report = Callable[..., None]  # report(event, label, *args): ("start", name, total), ("advance", n, weight), ("skip", units)
 
 
 class FairnessError(RuntimeError):
     """The algorithms of one seed did not see the same prompts (a bug in the trainer or the data stream)."""
 
 
-class Tracker:
-    """Two rich bars on stderr: the whole comparison (phase, run, time left) and the current job.
+@dataclass
+class Job:
+    """One unit of a comparison: train ``algo`` on ``seed`` (unless a finished run can be reused) and evaluate its
+    final model, or (``algo=None``) evaluate the base model. Plain data, so it can go to a worker process."""
 
-    Overall work is counted in sampled completions: a training step weighs ``2 * prompts_per_step * group_size``
-    (sampling plus the update) plus its share of the trainer's held-out curve, an evaluation ``eval_n * (k + 1)``;
-    the time left is rich's estimate from them.
-    """
-
-    def __init__(self, settings, *, enabled: bool = True):
-        s = settings
-        self.enabled = enabled
-        from tokenmdp.experiments.compare import _eval_every
-
-        every = _eval_every(s)
-        curve = (s.steps // every if every else 0) * min(s.eval_n, s.curve_n) * (s.curve_k + 1)
-        self.step_w = 2 * s.prompts_per_step * s.group_size + curve // s.steps  # the trainer's curve, spread
-        self.eval_w = s.eval_n * (s.k + 1)
-        runs = len(s.algos) * len(s.seeds)
-        self.total = self.eval_w * (runs + 1) + runs * s.steps * self.step_w
-        self.progress = None
-
-    def __enter__(self) -> Tracker:
-        from tokenmdp.commands.evaluate import progress_bar
-
-        self.progress = progress_bar(self.enabled)
-        self.progress.__enter__()
-        self.overall = self.progress.add_task("compare", total=self.total, info="")
-        self.job = self.progress.add_task("", total=1, info="", visible=False)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-
-    def phase(self, text: str) -> None:
-        self.progress.update(self.overall, info=text)
-
-    def start_job(self, name: str, label: str, total: int) -> None:
-        self.progress.reset(self.job, total=total, description=f"{name} {label}", info="", visible=True)
-        self.phase(f"{name} {label}")
-
-    def advance(self, amount: int, weight: int = 1) -> None:
-        self.progress.update(self.job, advance=amount)
-        self.progress.update(self.overall, advance=amount * weight)
-
-    def skip(self, units: int, label: str) -> None:
-        self.progress.update(self.overall, advance=units, info=f"reused {label}")
+    label: str
+    settings: dict  # asdict(CompareSettings)
+    max_new_tokens: int
+    heldout: str  # heldout.jsonl
+    model_dir: str
+    out_json: str
+    step_w: int
+    algo: str | None = None
+    seed: int | None = None
+    config_path: str | None = None
+    run_dir: str | None = None
+    overwrite: bool = False
 
 
-def train_run(config_path: Path, run_dir: Path, seed: int, s, *, tracker: Tracker, label: str,
-              overwrite: bool = False) -> float | None:
-    """Train one (algorithm, seed) into ``run_dir``; seconds taken, or None when a finished run was reused."""
-    from tokenmdp.train.config import load_config
+def step_weight(s) -> int:
+    """Overall-progress weight of one training step, in sampled completions: sampling and the update
+    (``2 * prompts_per_step * group_size``) plus the step's share of the trainer's held-out curve."""
+    from tokenmdp.experiments.compare import _eval_every
+
+    every = _eval_every(s)
+    curve = (s.steps // every if every else 0) * min(s.eval_n, s.curve_n) * (s.curve_k + 1)
+    return 2 * s.prompts_per_step * s.group_size + curve // s.steps
+
+
+def eval_units(s) -> int:
+    """Overall-progress weight of one held-out evaluation: its completions, ``eval_n * (k + 1)``."""
+    return s.eval_n * (s.k + 1)
+
+
+def execute(job: Job, report: Report) -> dict:
+    """Run ``job``; returns ``{"label", "train_s", "eval_s"}`` (``train_s`` None when a finished run was reused)."""
+    from tokenmdp.experiments.compare import CompareSettings
+    from tokenmdp.tasks import get_task
+
+    s = CompareSettings(**job.settings)
+    task = get_task(s.task, **s.task_kwargs)
+    problems = task.load_problems(job.heldout)
+    t_train = _train(job, s, report) if job.algo is not None else None
+    extra = {"algo": job.algo, "seed": job.seed} if job.algo is not None else {}
+    reuse = t_train is None and not (job.algo is None and job.overwrite)
+    t_eval = _evaluate(job, s, task, problems, report, extra=extra, reuse=reuse)
+    return {"label": job.label, "train_s": t_train, "eval_s": t_eval}
+
+
+def _check_reusable(config, run_dir: Path) -> None:
+    """A finished run may stand in for a new one only when its config and steps match."""
     from tokenmdp.train.run_dir import check_same_run
+
+    try:
+        check_same_run(config, run_dir)
+        done = json.loads((run_dir / "DONE").read_text() or "{}")
+        if done.get("steps", config.run.steps) != config.run.steps:
+            raise TokenMDPError(f"{run_dir} was trained for run.steps={done['steps']}, not {config.run.steps}")
+    except (TokenMDPError, json.JSONDecodeError) as exc:
+        raise TokenMDPError(f"{exc}; pass --overwrite to retrain it, or choose another --out") from None
+
+
+def _train(job: Job, s, report: Report) -> float | None:
+    """Train one (algorithm, seed) into ``job.run_dir``; seconds taken, or None when a finished run was reused."""
+    from tokenmdp.train.config import load_config
     from tokenmdp.train.trainer import train
 
-    config = load_config(config_path, list(s.overrides) + [f"run.seed={seed}", f"run.out={json.dumps(str(run_dir))}"])
-    if not overwrite and (run_dir / "DONE").exists():
-        try:
-            check_same_run(config, run_dir)
-            done = json.loads((run_dir / "DONE").read_text() or "{}")
-            if done.get("steps", config.run.steps) != config.run.steps:
-                raise TokenMDPError(f"{run_dir} was trained for run.steps={done['steps']}, not {config.run.steps}")
-        except (TokenMDPError, json.JSONDecodeError) as exc:
-            raise TokenMDPError(f"{exc}; pass --overwrite to retrain it, or choose another --out") from None
-        tracker.skip(s.steps * tracker.step_w, label)
+    run_dir = Path(job.run_dir)
+    config = load_config(job.config_path, list(s.overrides) + [f"run.seed={job.seed}",
+                                                                f"run.out={json.dumps(str(run_dir))}"])
+    if not job.overwrite and (run_dir / "DONE").exists():
+        _check_reusable(config, run_dir)
+        report("skip", job.label, s.steps * job.step_w)
         return None
-    tracker.start_job("train", label, s.steps)
+    report("start", job.label, "train", s.steps)
     start = time.perf_counter()
-    train(config, progress=False, callbacks=[lambda step, record, c: tracker.advance(1, tracker.step_w)])
+    train(config, progress=False, callbacks=[lambda step, record, c: report("advance", job.label, 1, job.step_w)])
     return time.perf_counter() - start
 
 
@@ -98,28 +111,28 @@ def eval_key(s, problems, max_new_tokens: int) -> dict:
         "batch_size": s.eval_batch_size, "engine": s.engine}, default=str))
 
 
-def run_eval(model_dir, out_json: Path, *, task, problems, settings, max_new_tokens: int, tracker: Tracker,
-             label: str, extra: dict | None = None, reuse: bool = False) -> float:
-    """Evaluate ``model_dir`` on the held-out ``problems``; writes ``out_json`` and the records beside it."""
+def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict, reuse: bool) -> float:
+    """Evaluate ``job.model_dir`` on the held-out ``problems``; writes ``job.out_json`` and the records beside it.
+    A saved evaluation with the same :func:`eval_key` is reused when ``reuse``."""
     from tokenmdp.experiments.evaluate import evaluate, save_eval
     from tokenmdp.policy.model import load_policy
 
-    s = settings
-    key = eval_key(s, problems, max_new_tokens)
+    out_json = Path(job.out_json)
+    key = eval_key(s, problems, job.max_new_tokens)
     if reuse and out_json.is_file():
         old = json.loads(out_json.read_text())
         if old.get("key") == key:
-            tracker.skip(tracker.eval_w, f"{label} evaluation")
+            report("skip", job.label, eval_units(s))
             return float(old.get("time_s", 0.0))
-    if not Path(model_dir).exists():
-        raise TokenMDPError(f"no final model to evaluate: {model_dir} (did the run finish?)")
-    policy = load_policy(str(model_dir))
-    tracker.start_job("eval", label, len(problems) * (s.k + 1))
+    if not Path(job.model_dir).exists():
+        raise TokenMDPError(f"no final model to evaluate: {job.model_dir} (did the run finish?)")
+    policy = load_policy(job.model_dir)
+    report("start", job.label, "eval", len(problems) * (s.k + 1))
     result = evaluate(policy, None, task, problems, k=s.k, engine=s.engine, temperature=s.eval_temperature,
-                      max_new_tokens=max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
-                      template=s.template, progress=tracker.advance)
+                      max_new_tokens=job.max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
+                      template=s.template, progress=lambda m: report("advance", job.label, m, 1))
     records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")
-    save_eval(result, out_json, records=records, model=str(model_dir), key=key, **(extra or {}))
+    save_eval(result, out_json, records=records, model=str(job.model_dir), key=key, **extra)
     return result["time_s"]
 
 

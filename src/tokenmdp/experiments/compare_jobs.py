@@ -1,0 +1,110 @@
+"""Running the jobs of a comparison, in this process or in worker processes, behind one progress display.
+
+On a small CPU a tiny model gains little from a second torch thread, but two independent runs in two processes
+(one thread each) take about half the time of running them one after the other; every job is seeded, so the
+results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+from tokenmdp.experiments.compare_run import Job, execute
+
+
+class Tracker:
+    """Rich bars on stderr: the whole comparison (phase, time left) and one bar per running job.
+
+    Called as a report function: ``tracker(event, label, *args)`` with ``("start", name, total)``,
+    ``("advance", n, weight)`` (the job's bar moves by ``n``, the overall one by ``n * weight``) or
+    ``("skip", units)`` (a reused run or evaluation: the overall bar moves by ``units``).
+    """
+
+    def __init__(self, total: int, *, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.jobs: dict[str, int] = {}
+
+    def __enter__(self) -> Tracker:
+        from tokenmdp.commands.evaluate import progress_bar
+
+        self.progress = progress_bar(self.enabled)
+        self.progress.__enter__()
+        self.overall = self.progress.add_task("compare", total=self.total, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def phase(self, text: str) -> None:
+        self.progress.update(self.overall, info=text)
+
+    def __call__(self, event: str, label: str, *args) -> None:
+        if event == "start":
+            name, total = args
+            if label in self.jobs:
+                self.progress.remove_task(self.jobs[label])
+            self.jobs[label] = self.progress.add_task(f"{name} {label}", total=total, info="")
+            self.phase(f"{name} {label}")
+        elif event == "advance":
+            n, weight = args
+            if label in self.jobs:
+                self.progress.update(self.jobs[label], advance=n)
+            self.progress.update(self.overall, advance=n * weight)
+        elif event == "skip":
+            self.progress.update(self.overall, advance=args[0], info=f"reused {label}")
+
+    def done(self, label: str) -> None:
+        if label in self.jobs:
+            self.progress.remove_task(self.jobs.pop(label))
+
+
+def _init_worker(threads: int | None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def _in_worker(job: Job, queue) -> dict:
+    return execute(job, lambda *message: queue.put(message))
+
+
+def _drain(queue, tracker: Tracker) -> None:
+    while not queue.empty():
+        tracker(*queue.get_nowait())
+
+
+def run_jobs(jobs: list[Job], tracker: Tracker, *, workers: int = 1, threads: int | None = None) -> list[dict]:
+    """Run ``jobs`` (in order, ``workers`` at a time); returns their results in the order of ``jobs``.
+
+    The first job to fail stops the others (pending jobs are cancelled) and its error is raised here.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        results = []
+        for job in jobs:
+            results.append(execute(job, tracker))
+            tracker.done(job.label)
+        return results
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    by_label: dict[str, dict] = {}
+    with ctx.Manager() as manager:
+        queue = manager.Queue()
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(threads,))
+        try:
+            pending = {pool.submit(_in_worker, job, queue): job for job in jobs}
+            while pending:
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(queue, tracker)
+                for future in done:
+                    job = pending.pop(future)
+                    by_label[job.label] = future.result()
+                    tracker.done(job.label)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _drain(queue, tracker)
+    return [by_label[job.label] for job in jobs]
