@@ -141,7 +141,7 @@ def test_mdp_from_file(capsys, tmp_path):
 
 
 def test_demo_json(capsys):
-    d = run_json(capsys, "demo", "--episodes", "500")
+    d = run_json(capsys, "demo", "--tabular", "--episodes", "500")
     np.testing.assert_allclose(np.array(d["gridworld"]["V_random"])[0], [0, -14, -20, -22], atol=1e-9)
     assert d["gridworld"]["iterative_max_diff"] < 1e-6
     assert d["cliff"]["q-learning"]["path_steps"] == 13
@@ -149,6 +149,6 @@ def test_demo_json(capsys):
 
 
 def test_demo_prints(capsys):
-    code, out, _ = run(capsys, "demo")
+    code, out, _ = run(capsys, "demo", "--tabular")
     assert code == 0
     assert "Gridworld 4x4" in out and "Cliff walking" in out and "q-learning: greedy path, 13 steps" in out

@@ -1,4 +1,4 @@
-"""`tokenmdp demo`: for now the tabular demo (kept later as `tokenmdp demo --tabular`).
+"""`tokenmdp demo`: the main job (`tokenmdp compare` with its defaults); `tokenmdp demo --tabular`: the tabular demo.
 
 :func:`tabular_demo` runs (1) exact and iterative evaluation of the random policy on Sutton & Barto's 4x4
 gridworld (figure 4.1) and (2) Q-learning vs SARSA on cliff walking (example 6.6), printing values, greedy
@@ -88,15 +88,28 @@ def tabular_demo(
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        tabular: bool = typer.Option(True, "--tabular/--no-tabular", help="Run the tabular MDP demo."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the TD learners."),
-        episodes: int = typer.Option(500, "--episodes", help="Episodes of Q-learning and SARSA."),
+        tabular: bool = typer.Option(False, "--tabular", help="Run the tabular MDP demo instead (about a second)."),
+        out: str = typer.Option("runs/demo", "--out", help="Output folder of the comparison."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the TD learners (--tabular)."),
+        episodes: int = typer.Option(500, "--episodes", help="Episodes of Q-learning and SARSA (--tabular)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     ) -> None:
-        """The main demo on the embedded default: for now tabular MDPs (gridworld values, cliff walking)."""
-        if not tabular:
-            err_console.print("nothing to run: only the tabular demo exists so far")
+        """The main job on the embedded default: `tokenmdp compare` with its defaults (the embedded tiny base model,
+        built on first use, on Countdown: GRPO, Dr. GRPO, PPO, RLOO and filtered iterative SFT side by side over
+        3 seeds, with report.html). With --tabular: gridworld values and cliff walking (Q-learning vs SARSA)."""
+        if tabular:
+            result = tabular_demo(seed=seed, episodes=episodes, quiet=json_out)
+            if json_out:
+                emit_json(result)
             return
-        result = tabular_demo(seed=seed, episodes=episodes, quiet=json_out)
-        if json_out:
-            emit_json(result)
+        from tokenmdp.commands.compare import compare_cmd
+
+        args = ["--out", out] + (["--json"] if json_out else [])
+        _run_compare(compare_cmd, args)
+
+
+def _run_compare(compare_cmd, args: list[str]) -> None:
+    """Run `tokenmdp compare ARGS` in-process (the same command a user types)."""
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub.command()(compare_cmd)
+    sub(args=args, standalone_mode=False)
