@@ -6,10 +6,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models run fastest on one thread: with torch's default on a small shared CPU, every small op stalls on
+# thread hand-offs (measured: tests/test_rollout.py 124 s on 2 threads, 8 s on 1).
+torch.set_num_threads(int(os.environ.get("TOKENMDP_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
