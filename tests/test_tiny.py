@@ -127,7 +127,7 @@ def test_ensure_tiny_base_finds_or_builds(tmp_path, monkeypatch):
     monkeypatch.setitem(tiny.BASE_SETTINGS, "steps", 3)  # the defaults changed: the stale cache is rebuilt
     assert ensure_tiny_base(progress=False) == path
     assert read_meta(path)["pretrain"]["steps"] == 3
-    assert sorted(p.name for p in path.parent.iterdir()) == [tiny.BASE_NAME]
+    assert sorted(p.name for p in path.parent.iterdir()) == [f".{tiny.BASE_NAME}.lock", tiny.BASE_NAME]
     stray = tmp_path / "other" / tiny.BASE_NAME
     stray.mkdir(parents=True)
     with pytest.raises(TokenMDPError, match="no tokenmdp.json"):
@@ -197,3 +197,27 @@ def test_trace_stream_groups_batches_by_length():
     assert all(hi1 <= lo2 for (_, hi1), (lo2, _) in zip(spans, spans[1:]))  # sorted into length bands
     assert stream.batch(1, 4, group=3) == batches[1]  # deterministic
     assert stream.example(3)[0] == stream.example(13)[0]  # example k cycles over the problems
+
+
+def test_ensure_tiny_base_builds_once_when_asked_concurrently(tmp_path, monkeypatch):
+    import threading
+
+    for key, value in SMALL.items():
+        if key in tiny.BASE_SETTINGS:
+            monkeypatch.setitem(tiny.BASE_SETTINGS, key, value)
+    monkeypatch.setitem(tiny.BASE_EVAL, "eval_problems", 0)
+    calls, real = [], tiny.pretrain
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tiny, "pretrain", counting)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_tiny_base(tmp_path, progress=False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [tmp_path / tiny.BASE_NAME] * 3

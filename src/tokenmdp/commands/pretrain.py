@@ -105,6 +105,11 @@ def register(app: typer.Typer) -> None:
         figures = meta.get("eval")
         if evaluate and (measure_only or figures is None or figures.get("n_problems") != eval_problems
                          or figures.get("k") != k):
+            import torch
+
+            from tokenmdp.policy.tiny_train import default_threads
+
+            torch.set_num_threads(default_threads())
             figures = measure_base(path, n_problems=eval_problems, k=k, seed=seed, progress=not quiet)
         if as_json:
             emit_json({"path": str(path), "pretrain": meta.get("pretrain"), "max_new_tokens": meta["max_new_tokens"],

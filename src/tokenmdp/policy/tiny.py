@@ -264,28 +264,40 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(root).expanduser()
 
 
+def _is_current(path: Path) -> bool:
+    """Whether ``path`` holds a base model built with the current defaults."""
+    if not (path / META_FILE).is_file():
+        return False
+    meta = read_meta(path)
+    wanted_task = {"template": "compact", **BASE_TASK_KWARGS}
+    return meta.get("task_kwargs") == wanted_task and meta.get("pretrain", {}).get("settings") == BASE_SETTINGS
+
+
 def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
     """The embedded base model's folder ``<cache>/tiny-countdown-v1``: found there, or pretrained there first.
 
     The default settings are :data:`BASE_SETTINGS` on Countdown with :data:`BASE_TASK_KWARGS`. A cached folder
     built with other settings (an older default) is rebuilt in place (atomically). A folder without
-    ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`.
+    ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`. Processes that
+    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v1.lock``) while one of them builds.
     """
     path = cache_root(cache_dir) / BASE_NAME
-    wanted_task = {"template": "compact", **BASE_TASK_KWARGS}
-    if (path / META_FILE).is_file():
-        meta = read_meta(path)
-        if meta.get("task_kwargs") == wanted_task and meta.get("pretrain", {}).get("settings") == BASE_SETTINGS:
-            return path
-    elif path.exists():
+    if _is_current(path):
+        return path
+    if path.exists() and not (path / META_FILE).is_file():
         raise TokenMDPError(f"{path} exists but holds no {META_FILE}; remove it so the base model can be rebuilt")
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{BASE_NAME}.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # no fcntl (Windows): build without the lock
+            pass
+        if _is_current(path):  # built by another process while this one waited
+            return path
         return pretrain("countdown", path, task_kwargs=dict(BASE_TASK_KWARGS), progress=progress, overwrite=True,
                         **BASE_SETTINGS, **BASE_EVAL)
-    except OSError:
-        if (path / META_FILE).is_file():  # another process renamed its build into place first
-            return path
-        raise
 
 
 __all__ = [

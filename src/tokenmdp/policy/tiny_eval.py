@@ -102,10 +102,7 @@ def measure_base(model_dir: str | Path, n_problems: int = 64, k: int = 8, seed: 
     from tokenmdp.policy.tiny import load_char_tokenizer, read_meta
     from tokenmdp.tasks import get_task
 
-    from tokenmdp.policy.tiny_train import default_threads
-
     meta = read_meta(model_dir)
-    torch.set_num_threads(default_threads())
     if n_problems < 1 or k < 1:
         raise TokenMDPError(f"measure_base needs n_problems >= 1 and k >= 1, got {n_problems} and {k}")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
