@@ -56,18 +56,22 @@ def eval_units(s) -> int:
 
 
 def execute(job: Job, report: Report) -> dict:
-    """Run ``job``; returns ``{"label", "train_s", "eval_s"}`` (``train_s`` None when a finished run was reused)."""
+    """Run ``job``; returns ``{"label", "train_s", "eval_s", "train_cpu_s", "eval_cpu_s"}`` (wall and CPU seconds
+    of this process; ``train_s`` None when a finished run was reused)."""
     from tokenmdp.experiments.compare import CompareSettings
     from tokenmdp.tasks import get_task
 
     s = CompareSettings(**job.settings)
     task = get_task(s.task, **s.task_kwargs)
     problems = task.load_problems(job.heldout)
+    cpu0 = time.process_time()
     t_train = _train(job, s, report) if job.algo is not None else None
+    cpu1 = time.process_time()
     extra = {"algo": job.algo, "seed": job.seed} if job.algo is not None else {}
     reuse = t_train is None and not (job.algo is None and job.overwrite)
     t_eval = _evaluate(job, s, task, problems, report, extra=extra, reuse=reuse)
-    return {"label": job.label, "train_s": t_train, "eval_s": t_eval}
+    return {"label": job.label, "train_s": t_train, "eval_s": t_eval, "train_cpu_s": cpu1 - cpu0,
+            "eval_cpu_s": time.process_time() - cpu1}
 
 
 def _check_reusable(config, run_dir: Path) -> None:
