@@ -23,7 +23,7 @@ CURVES: list[tuple[str, str, str, list[tuple[tuple[str, ...], str]]]] = [
     ("reward", "Training reward (mean over the step's samples)", "reward", [(("reward/mean",), "")]),
     ("heldout_accuracy", "Held-out accuracy during training", "accuracy",
      [(("eval/accuracy", "eval/greedy_accuracy", "eval/pass@1"), "")]),
-    ("length", "Response length of correct (solid) and incorrect (dashed) samples", "tokens",
+    ("length", "Response length of the training samples (tokens)", "tokens",
      [(("length/correct",), "correct"), (("length/incorrect",), "incorrect")]),
     ("kl", "KL to the reference policy", "KL",
      [(("policy/kl", "policy/kl_ref", "policy/approx_kl"), "")]),
@@ -65,35 +65,36 @@ def seed_band(frames: Sequence[pd.DataFrame], key: str) -> pd.DataFrame:
 
 
 def curve_figure(col: Collection, name: str) -> bytes | None:
-    """The per-step figure ``name`` of :data:`CURVES`: a line per algorithm (mean over seeds), band min..max."""
+    """The per-step figure ``name`` of :data:`CURVES`: a line per algorithm (mean over seeds), band min..max over
+    seeds; one panel per metric of the entry (the length figure: correct | incorrect)."""
     _, title, ylabel, lines = next(c for c in CURVES if c[0] == name)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    drawn = False
+    fig, axes = plt.subplots(1, len(lines), figsize=(6.4 * len(lines) ** 0.8, 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, algo in enumerate(col.algos):
-        frames = [r.metrics for r in col.runs_of(algo) if not r.metrics.empty]
-        for candidates, suffix in lines:
+    drawn = False
+    for ax, (candidates, suffix) in zip(axes[0], lines):
+        for i, algo in enumerate(col.algos):
+            frames = [r.metrics for r in col.runs_of(algo) if not r.metrics.empty]
             key = _first_key(frames, candidates)
-            if key is None:
-                continue
-            band = seed_band(frames, key)
-            if band.empty:
+            band = seed_band(frames, key) if key is not None else None
+            if band is None or band.empty:
                 continue
             color = colors[i % len(colors)]
-            label = f"{algo} ({suffix})" if suffix else algo
-            ax.plot(band.index, band["mean"], _STYLES[suffix], color=color, label=label, lw=1.6,
+            ax.plot(band.index, band["mean"], _STYLES[suffix], color=color, label=algo, lw=1.6,
                     marker="o" if len(band) < 4 else None, ms=3)
             if (band["n"] > 1).any():
                 ax.fill_between(band.index, band["low"], band["high"], color=color, alpha=0.15, lw=0)
             drawn = True
+        ax.set_title(f"{suffix} responses" if suffix else title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if len(lines) > 1:
+        fig.suptitle(title, fontsize=10)
     return _png(fig)
 
 
@@ -116,7 +117,10 @@ def heldout_bars(rows: Sequence[dict], metrics: Sequence[tuple[str, str]]) -> by
                yerr=np.where(np.isfinite(errs), errs, 0.0), capsize=3)
     ax.set_xticks(x, [r["algo"] for r in rows], fontsize=8)
     ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1)
+    tops = np.array([[r.get(f"{k}_mean", np.nan), r.get(f"{k}_half_width", np.nan)] for r in rows
+                     for k, _ in present], dtype=float)
+    top = max(float(np.nanmax(np.nan_to_num(tops[:, 0], nan=0.0) + np.nan_to_num(tops[:, 1], nan=0.0))), 0.05)
+    ax.set_ylim(0, min(1.0, 1.2 * top + 0.02))
     ax.set_title("Final held-out accuracy (error bars: 95% CI over seeds)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)

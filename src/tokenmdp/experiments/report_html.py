@@ -68,19 +68,19 @@ def _timings(col: Collection) -> str:
             parts.append(f"<p class='note'>{_e(info.get('_source', ''))}</p>" + _table(["phase", "time"], top))
         for label, v in t.items():
             if isinstance(v, dict):
-                train_wall[(info.get("_source"), label)] = v.get("train_s")
+                train_wall[(info.get("_source"), label)] = (v.get("train_s"), v.get("train_cpu_s"))
     body = []
     for r in col.runs:
         m = r.metrics
         sums = {k: float(m[k].sum()) if k in m.columns else math.nan for k in ("time/rollout", "time/update")}
         ev_t = (r.eval or {}).get("time_s", math.nan)
         steps = int(m.index.max()) if not m.empty else 0
-        wall = next((v for (src, lab), v in train_wall.items() if lab == r.label and src
-                     and str(r.path).startswith(str(src))), math.nan)
-        body.append([r.label, str(steps), _seconds(wall), _seconds(sums["time/rollout"]),
+        wall, cpu = next((v for (src, lab), v in train_wall.items() if lab == r.label and src
+                          and str(r.path).startswith(str(src))), (math.nan, math.nan))
+        body.append([r.label, str(steps), _seconds(wall), _seconds(cpu), _seconds(sums["time/rollout"]),
                      _seconds(sums["time/update"]), _seconds(ev_t), "yes" if r.done else "no", str(r.path)])
-    parts.append(_table(["run", "steps", "training (wall)", "rollout", "update", "held-out eval", "DONE", "folder"],
-                        body))
+    parts.append(_table(["run", "steps", "training (wall)", "training (CPU)", "rollout", "update", "held-out eval",
+                         "DONE", "folder"], body))
     return "".join(parts)
 
 
