@@ -109,3 +109,15 @@ def test_render_parse_round_trip():
     text = render_trace(attempts, "(5+3)*7")
     assert text == "7-5=2\n3*2=6 no\n5+3=8\n8*7=56\n</think><answer>(5+3)*7</answer>"
     assert parse_trace(text) == (attempts, "(5+3)*7")
+
+
+def test_every_step_scores_correct_with_the_task_step_verifier():
+    from tokenmdp.tasks import get_task
+
+    task = get_task("countdown", template="compact", num_count=(3, 4), high=20)
+    for i, prob in enumerate(task.problems("train", n=40, seed=3)):
+        text = countdown_trace(prob.metadata["nums"], prob.answer, seed=i)
+        assert task.score(prob, text).correct, text
+        steps = task.score_steps(prob, text)
+        assert len(steps) == text.split("</think>")[0].count("\n")  # one step a line, all found
+        assert all(s.correct for s in steps), (text, [s.reason for s in steps])  # dead ends reset the pool

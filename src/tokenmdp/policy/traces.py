@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tokenmdp.tasks.countdown_solve import format_step, solve_tree, to_expression, to_steps
-from tokenmdp.tasks.countdown_verify import apply_op
+from tokenmdp.tasks.countdown_verify import DEAD_END, apply_op
 
-DEAD_END = " no"
 THINK_CLOSE = "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 OPS = ("+", "-", "*", "/")
@@ -152,7 +151,7 @@ def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_f
     return render_trace(attempts, to_expression(tree))
 
 
-_LINE = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)( no)?$")
+_LINE = re.compile(rf"^(\d+)([-+*/])(\d+)=(\d+)({re.escape(DEAD_END)})?$")
 
 
 def parse_trace(completion: str) -> tuple[list[Attempt], str]:

@@ -17,7 +17,8 @@ Steps (:func:`score_steps`) are the matches of ``a op b = c`` inside the reasoni
 integers or fractions such as ``(-3)`` or ``(7/2)``; ``op`` is one of ``+ - * /`` (``x``, ``×`` and ``÷`` are
 read as ``*`` and ``/``); the result may also be written ``-3`` or ``7/2``. A step is correct when its arithmetic
 is true and both operands are available: the pool starts as the given numbers, a correct step consumes its two
-operands and adds its result.
+operands and adds its result. A step followed by ``" no"`` (:data:`DEAD_END`, the marker of an abandoned attempt
+in the tiny base model's search traces, :mod:`tokenmdp.policy.traces`) resets the pool to the given numbers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ Number = Union[int, Fraction]
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_CLOSE = "</think>"
 DEFAULT_MAX_CHARS = 256
+DEAD_END = " no"  # after a step: that attempt is abandoned; the next step starts again from the given numbers
 
 _BAD_CHAR = re.compile(r"[^0-9+\-*/() \t\n=]")
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -232,4 +234,6 @@ def score_steps(completion: str, nums: Sequence[int]) -> list[StepScore]:
                     pool[c] += 1
                     correct = True
         out.append(StepScore(text=m.group(), correct=correct, reason=reason, start=m.start(), end=m.end()))
+        if completion.startswith(DEAD_END, m.end()):
+            pool = Counter(nums)
     return out
