@@ -72,7 +72,7 @@ def compare_cmd(
         clean = [{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows]
         emit_json({"out": str(folder), "report": str(folder / "report.html"), "summary": clean})
         return
-    console.print(markdown_table(col, rows), markup=False, highlight=False)
+    console.print(markdown_table(col, rows), markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {folder / 'report.html'}", markup=False, highlight=False)
 
 
