@@ -1,61 +1,73 @@
-"""GRPO on the embedded tiny base model raises held-out sampled Countdown accuracy by at least 10 points within
-10 minutes of CPU time (the base model is found in, or built into, the tokenmdp cache first; that is not timed)."""
+"""Runs that must actually learn: the whole on-policy loop (rollout, verifier, advantages, update) raises held-out
+accuracy on a task whose reward a model can learn in a few dozen steps.
+
+The task: the completion must start with a decimal digit. A random tiny Qwen2 (character vocabulary of 98
+symbols, 10 of them digits) starts near 10%, so most groups of 8 are all wrong or hold one right answer: the
+group-relative methods only learn from the few mixed groups, as on a real verifier.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+import torch
 
-from tokenmdp.experiments.evaluate import evaluate
-from tokenmdp.policy.model import load_policy
-from tokenmdp.policy.tiny import ensure_tiny_base
-from tokenmdp.tasks import get_task
+from tokenmdp.tasks import Problem, Score, Task
+from tokenmdp.tasks.registry import register_task
 from tokenmdp.train.config import load_config
-from tokenmdp.train.setup import model_meta
 from tokenmdp.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
-HELD_OUT = 200  # test-split problems, never trained on
-SAMPLES = 4  # sampled completions per problem at temperature 1: sampled accuracy over 800 completions
-SETTINGS = [
-    "algo.name=grpo",
-    "algo.kl_coef=0.0",
-    "rollout.prompts_per_step=16",
-    "rollout.group_size=8",
-    "optim.lr=1e-3",
-    "run.steps=40",
-    "run.save_every=0",
-    "run.seed=0",
-    "run.threads=2",
-]
+
+class LeadingDigitTask(Task):
+    """Reward 1 when the completion starts with a digit 0-9, else 0."""
+
+    name = "leading_digit"
+    templates = ("plain",)
+
+    def problems(self, split="train", n=None, seed=0):
+        g = torch.Generator().manual_seed(seed * 2 + (split == "test"))
+        n = 500 if n is None else n
+        words = torch.randint(0, 10_000, (n,), generator=g).tolist()
+        return [Problem(id=f"{split}-{i}", question=f"w{x}", answer=None) for i, x in enumerate(words)]
+
+    def render(self, problem, template=None):
+        return f"{problem.question}>"
+
+    def score(self, problem, completion):
+        ok = bool(completion) and completion[0] in "0123456789"
+        return Score(reward=1.0 if ok else 0.0, correct=ok, formatted=True, reason="leading digit")
 
 
-def _sampled_accuracy(model_dir, task, problems, template, max_new_tokens) -> float:
-    policy = load_policy(str(model_dir))
-    result = evaluate(policy, None, task, problems, k=SAMPLES, greedy=False, temperature=1.0,
-                      max_new_tokens=max_new_tokens, seed=1234, template=template)
+register_task("leading_digit", LeadingDigitTask)
+
+
+def _heldout_accuracy(run_or_model_dir, n=200, k=4) -> float:
+    from tokenmdp.experiments.evaluate import evaluate
+    from tokenmdp.policy.model import load_policy
+
+    policy = load_policy(str(run_or_model_dir))
+    task = LeadingDigitTask()
+    result = evaluate(policy, None, task, task.problems("test", n=n, seed=0), k=k, greedy=False, temperature=1.0,
+                      max_new_tokens=4, seed=7)
     return result["metrics"]["sampled/pass@1"]
 
 
-def test_grpo_raises_heldout_sampled_accuracy(tmp_path):
-    base = ensure_tiny_base(progress=False)
-    meta = model_meta(base)
-    task = get_task("countdown", **meta.get("task_kwargs", {}))
-    problems = task.problems("test", n=HELD_OUT, seed=0)
-    before = _sampled_accuracy(base, task, problems, meta["template"], meta["max_new_tokens"])
-
-    config = load_config(None, [f"model.path={base}", f"run.out={tmp_path / 'grpo'}", *SETTINGS])
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "isft+"])
+def test_algorithm_raises_heldout_accuracy(tmp_path, tiny_random_dir, algo):
+    before = _heldout_accuracy(tiny_random_dir)
+    config = load_config(None, [
+        f"model.path={tiny_random_dir}", "task.name=leading_digit", f"algo.name={algo}", "algo.kl_coef=0.0",
+        "rollout.prompts_per_step=16", "rollout.group_size=8", "rollout.max_new_tokens=4", "optim.lr=3e-3",
+        "run.steps=25", "run.save_every=0", "run.seed=0", "run.threads=1", f"run.out={tmp_path / algo}",
+    ])
     run = train(config, progress=False)
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    after = _sampled_accuracy(run / "final", task, problems, meta["template"], meta["max_new_tokens"])
-
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    print(f"\nsampled accuracy {before:.3f} -> {after:.3f} (+{100 * (after - before):.1f} points); training "
-          f"{cpu:.0f} s CPU, {wall:.0f} s wall, {len(records)} steps; train reward/accuracy "
-          f"{records[0]['reward/accuracy']:.3f} -> {records[-1]['reward/accuracy']:.3f}")
-    assert cpu < 600, f"training took {cpu:.0f} s of CPU time"
-    assert after - before >= 0.10, f"held-out sampled accuracy {before:.3f} -> {after:.3f}"
+    after = _heldout_accuracy(run / "final")
+    curve = [json.loads(line)["reward/accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    print(f"\n{algo}: held-out sampled accuracy {before:.3f} -> {after:.3f}; train accuracy by step "
+          f"{[round(x, 2) for x in curve]}")
+    assert before < 0.25
+    assert after - before >= 0.40, (before, after, curve)
+    assert sum(curve[-5:]) / 5 > sum(curve[:5]) / 5 + 0.3  # the learning curve moves
