@@ -32,7 +32,7 @@ def compare_cmd(
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", min=1, help="Prompts per training step."),
     group_size: int | None = typer.Option(None, "--group-size", min=1, help="Samples per prompt in training."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json."),
-    lr: float | None = typer.Option(None, "--lr", help="Learning rate of every algorithm (default: 1e-3 "
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate of every algorithm (default: 1e-4 "
                                       "for the embedded tiny model, else the trainer's)."),
     engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
     eval_every: int | None = typer.Option(None, "--eval-every", min=0, help="Steps between the trainer's held-out "
