@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
 
-Report = Callable[..., None]  # report(event, label, *args): ("start", name, total), ("advance", n, weight), ("skip", units)
+# report(event, label, *args): ("start", name, total), ("advance", n, weight) or ("skip", units)
+Report = Callable[..., None]
 
 
 class FairnessError(RuntimeError):
