@@ -119,13 +119,13 @@ def test_user_defined_task(user_module, tmp_path):
         get_task(f"{user_module}:NotATask")
     with pytest.raises(TokenMDPError, match="unknown template 'fancy'.*known templates: plain"):
         task.render(problems[0], "fancy")
-    register_task("parity", task_factory := type(task))
+    register_task("user-parity", task_factory := type(task))  # a name no other test module registers
     try:
-        assert "parity" in known_tasks() and isinstance(get_task("parity", size=2), task_factory)
+        assert "user-parity" in known_tasks() and isinstance(get_task("user-parity", size=2), task_factory)
     finally:
         from tokenmdp.tasks import registry
 
-        registry._REGISTERED.pop("parity")
+        registry._REGISTERED.pop("user-parity")
 
 
 def test_abstract_task_cannot_be_instantiated():
