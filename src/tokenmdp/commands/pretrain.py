@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(
             None, "--out", help="Output folder (default: the embedded base model in the cache, "
             "$TOKENMDP_CACHE or ~/.cache/tokenmdp, with the default settings)."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 1200)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 1500)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine)."),
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model width."),
