@@ -210,22 +210,16 @@ def pretrain(
     tokenizer files and ``tokenmdp.json``: tokenizer kind, task, task kwargs, template, ``max_new_tokens``, the
     pretraining settings and figures, and (``eval_problems > 0``) the held-out figures of
     :func:`tokenmdp.policy.tiny_eval.evaluate_base` on ``eval_problems`` test problems with ``eval_k`` samples each.
+    Sets torch's thread count to ``threads`` (default: the idle cores, :func:`~tokenmdp.policy.tiny_train.
+    default_threads`). Training problems: the first ``min(train_problems, steps * batch_size)`` of the train split.
     """
     from tokenmdp.tasks import get_task
 
-    if task not in TRACE_TASKS:
-        raise TokenMDPError(f"task {task!r}: no derivational traces for it; pretrain supports {', '.join(TRACE_TASKS)}")
-    if out is None:
-        raise TokenMDPError("pretrain needs an output folder (--out)")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_k", eval_k)):
-        if value < 1:
-            raise TokenMDPError(f"{name} must be >= 1, got {value}")
+    out = _check_pretrain_args(task, out, overwrite, steps=steps, batch_size=batch_size, eval_k=eval_k)
     task_kwargs = {"template": "compact", **(BASE_TASK_KWARGS if task_kwargs is None else task_kwargs)}
     if task_kwargs["template"] != "compact":
-        raise TokenMDPError(f"task_kwargs: template must be 'compact' (the traces' format), got {task_kwargs['template']!r}")
+        raise TokenMDPError(f"task_kwargs: template must be 'compact' (the traces' format), "
+                            f"got {task_kwargs['template']!r}")
     task_obj = get_task(task, **task_kwargs)
     torch.set_num_threads(threads or default_threads())
     started = time.perf_counter()
@@ -238,16 +232,16 @@ def pretrain(
     fit = train_loop(model, tokenizer, stream, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                      weight_decay=weight_decay, progress=progress)
     longest = stream.longest + 1  # characters are tokens; + EOS
-    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
-                "max_failures": max_failures, "train_problems": train_problems}
     meta: dict[str, Any] = {
-        "name": BASE_NAME, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
+        "name": out.name, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
         "max_new_tokens": int(16 * math.ceil((longest + 16) / 16)),
         "trace": {"kind": "restart-search", "max_failures": max_failures, "longest_completion_tokens": longest},
-        "pretrain": {"settings": settings, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-                     "weight_decay": weight_decay, "seed": seed, "size": size,
-                     "parameters": sum(p.numel() for p in model.parameters()),
-                     "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},
+        "pretrain": {
+            "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
+                         "max_failures": max_failures, "train_problems": train_problems},
+            "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+            "seed": seed, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
+            "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},
     }
     if eval_problems > 0:
         from tokenmdp.policy.tiny_eval import evaluate_base
@@ -257,6 +251,19 @@ def pretrain(
                                      max_new_tokens=meta["max_new_tokens"], seed=seed, progress=progress)
     meta["pretrain"]["total_s"] = round(time.perf_counter() - started, 1)
     return save_atomic(out, lambda tmp: _write_folder(tmp, model, tokenizer, meta), overwrite=overwrite)
+
+
+def _check_pretrain_args(task: str, out: str | Path | None, overwrite: bool, **positive: int) -> Path:
+    if task not in TRACE_TASKS:
+        raise TokenMDPError(f"task {task!r}: no derivational traces for it; pretrain supports {', '.join(TRACE_TASKS)}")
+    if out is None:
+        raise TokenMDPError("pretrain needs an output folder (--out)")
+    if Path(out).exists() and not overwrite:
+        raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
+    for name, value in positive.items():
+        if value < 1:
+            raise TokenMDPError(f"{name} must be >= 1, got {value}")
+    return Path(out)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

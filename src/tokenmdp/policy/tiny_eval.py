@@ -109,7 +109,8 @@ def measure_base(model_dir: str | Path, n_problems: int = 64, k: int = 8, seed: 
     tokenizer = load_char_tokenizer(model_dir)
     task = get_task(meta["task"], **meta.get("task_kwargs", {}))
     problems = task.problems("test", n=n_problems, seed=seed)
-    return evaluate_base(model, tokenizer, task, problems, k=k, max_new_tokens=int(max_new_tokens or meta["max_new_tokens"]),
+    max_new_tokens = int(max_new_tokens or meta["max_new_tokens"])
+    return evaluate_base(model, tokenizer, task, problems, k=k, max_new_tokens=max_new_tokens,
                          seed=seed, template=meta.get("template", "compact"), progress=progress)
 
 
