@@ -34,7 +34,7 @@ UNK = "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 META_FILE = "tokenmdp.json"
-BASE_NAME = "tiny-countdown-v1"
+BASE_NAME = "tiny-countdown-v2"
 TRACE_TASKS = ("countdown",)
 
 # The embedded default base model (ensure_tiny_base): chosen so that it trains in a few minutes on 2 CPU cores
@@ -282,12 +282,12 @@ def _is_current(path: Path) -> bool:
 
 
 def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
-    """The embedded base model's folder ``<cache>/tiny-countdown-v1``: found there, or pretrained there first.
+    """The embedded base model's folder ``<cache>/tiny-countdown-v2``: found there, or pretrained there first.
 
     The default settings are :data:`BASE_SETTINGS` on Countdown with :data:`BASE_TASK_KWARGS`. A cached folder
     built with other settings (an older default) is rebuilt in place (atomically). A folder without
     ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`. Processes that
-    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v1.lock``) while one of them builds.
+    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v2.lock``) while one of them builds.
     """
     path = cache_root(cache_dir) / BASE_NAME
     if _is_current(path):
