@@ -169,3 +169,21 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
     # --report-to tensorboard: accelerate's tracker wrote event files in every run folder
     for algo in ("grpo", "isft+"):
         assert list((out / "runs" / algo / "seed-0").rglob("events.out.tfevents*")), algo
+
+
+def test_tracker_writes_plain_lines_where_bars_do_not_show():
+    """Without a terminal (a log file, `make demo | tee`) every job start and end is one line with the share
+    done; the share follows the weighted units of the overall bar."""
+    from tokenmdp.experiments.compare_jobs import Tracker, _minutes
+
+    lines: list[str] = []
+    with Tracker(total=8, enabled=False, log=lines.append) as tracker:
+        tracker("start", "grpo/seed-0", "train", 4)
+        tracker("advance", "grpo/seed-0", 4, 1.0)
+        tracker.done("grpo/seed-0")
+        tracker("skip", "base", 2)
+    assert len(lines) == 3
+    assert lines[0].endswith("  0% done: train grpo/seed-0")
+    assert lines[1].endswith(" 50% done, about 0m00s left: finished grpo/seed-0")
+    assert lines[2].endswith(" 75% done, about 0m00s left: reused base")
+    assert _minutes(75) == "1m15s" and _minutes(3600) == "60m00s"

@@ -16,14 +16,6 @@ from tokenmdp.policy.model import find_smollm2_gguf, load_policy
 from tokenmdp.rollout import get_engine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core CPU two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 pytestmark = pytest.mark.gguf
 
 

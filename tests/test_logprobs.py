@@ -12,14 +12,6 @@ from tokenmdp.policy.logprobs import position_ids_from_mask, predictor_index, se
 from tokenmdp.policy.tiny import build_tiny_random
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core CPU two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -12,14 +12,6 @@ from tokenmdp.policy import load_policy
 from tokenmdp.policy.model import _is_char_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core CPU two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_load_local_folder(tiny_random, tiny_random_dir):
     model, tok = tiny_random

@@ -177,6 +177,20 @@ def test_merge_folders_from_two_machines(tmp_path):
     assert rows["rloo"]["runs"] == "1" and "base" not in rows
 
 
+def test_unfinished_runs_are_left_out(compare_dir):
+    """A run that stopped early (no DONE, no eval.json) is named in summary.md but counted nowhere."""
+    crashed = write_run(compare_dir, "grpo", 3, reward0=5.0)
+    (crashed / "DONE").unlink()
+    col = collect([compare_dir])
+    assert [r.label for r in col.unfinished] == ["grpo/seed-3"]
+    out = build_report(compare_dir)
+    rows = read_csv(out / "summary.csv")
+    assert rows["grpo"]["runs"] == "3" and rows["grpo"]["seeds"] == "0 1 2"
+    # train/final_reward: last fifth (1 step) of reward0 + 0.1 * step with reward0 0.2, 5 steps -> 0.7
+    assert float(rows["grpo"]["train/final_reward_mean"]) == pytest.approx(0.7)
+    assert "Left out (not finished: no DONE, no held-out evaluation): grpo/seed-3." in (out / "summary.md").read_text()
+
+
 def test_seed_band_and_metrics_reader(tmp_path):
     import pandas as pd
 

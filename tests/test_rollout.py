@@ -14,14 +14,6 @@ from tokenmdp.rollout import get_engine
 import importlib.util
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core CPU two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 ENGINES = ["hf"] + (["fast"] if importlib.util.find_spec("tokenmdp.rollout.fast") else [])
 PROMPTS = ["12 3 4 = 7\n", "a", "hello world = 5\n"]
 

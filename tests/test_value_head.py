@@ -9,14 +9,6 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.value_head import ValueModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core CPU two threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _batch():
     prompt = torch.tensor([[0, 0, 10, 11], [12, 13, 14, 15]])

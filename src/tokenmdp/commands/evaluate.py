@@ -8,19 +8,10 @@ from pathlib import Path
 import typer
 
 from tokenmdp.commands._common import console, emit_json, err_console
+from tokenmdp.progress import progress_bar
 
 PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",
            "sampled/format_rate", "sampled/truncated_rate")
-
-
-def progress_bar(enabled: bool = True):
-    """A rich progress bar on stderr with the time left (shared by `eval` and `compare`)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"),
-                    TimeRemainingColumn(), console=err_console, disable=not enabled)
 
 
 def eval_cmd(

@@ -21,23 +21,43 @@ class Tracker:
     ``("skip", units)`` (a reused run or evaluation: the overall bar moves by ``units``).
     """
 
-    def __init__(self, total: int, *, enabled: bool = True):
+    def __init__(self, total: int, *, enabled: bool = True, log=None):
         self.total, self.enabled = total, enabled
         self.jobs: dict[str, int] = {}
+        self.log = log  # None: plain lines on stderr when it is not a terminal (a log file, `| tee`), else no lines
 
     def __enter__(self) -> Tracker:
-        from tokenmdp.commands.evaluate import progress_bar
+        import time
+
+        from tokenmdp.progress import plain_log, progress_bar
 
         self.progress = progress_bar(self.enabled)
         self.progress.__enter__()
         self.overall = self.progress.add_task("compare", total=self.total, info="")
+        if self.log is None:
+            self.log = plain_log(self.enabled)
+        self.started = time.monotonic()
         return self
+
+    def _line(self, text: str) -> None:
+        """One plain progress line (where bars are not shown): elapsed time, share done, time left, ``text``."""
+        if not self.log:
+            return
+        import time
+
+        elapsed = time.monotonic() - self.started
+        done = self.progress.tasks[self.overall].completed if self.total else 0.0
+        share = min(1.0, done / self.total) if self.total else 0.0
+        left = f", about {_minutes(elapsed * (1 - share) / share)} left" if share > 0.02 else ""
+        self.log(f"[compare {_minutes(elapsed)}] {100 * share:3.0f}% done{left}: {text}")
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def phase(self, text: str) -> None:
+    def phase(self, text: str, *, line: bool = False) -> None:
         self.progress.update(self.overall, info=text)
+        if line:
+            self._line(text)
 
     def __call__(self, event: str, label: str, *args) -> None:
         if event == "start":
@@ -45,7 +65,7 @@ class Tracker:
             if label in self.jobs:
                 self.progress.remove_task(self.jobs[label])
             self.jobs[label] = self.progress.add_task(f"{name} {label}", total=total, info="")
-            self.phase(f"{name} {label}")
+            self.phase(f"{name} {label}", line=True)
         elif event == "advance":
             n, weight = args
             if label in self.jobs:
@@ -53,10 +73,18 @@ class Tracker:
             self.progress.update(self.overall, advance=n * weight)
         elif event == "skip":
             self.progress.update(self.overall, advance=args[0], info=f"reused {label}")
+            self._line(f"reused {label}")
 
     def done(self, label: str) -> None:
         if label in self.jobs:
             self.progress.remove_task(self.jobs.pop(label))
+            self._line(f"finished {label}")
+
+
+def _minutes(seconds: float) -> str:
+    """``75`` -> ``1m15s``."""
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _init_worker(threads: int | None) -> None:

@@ -73,7 +73,7 @@ def curve_figure(col: Collection, name: str) -> bytes | None:
     drawn = False
     for ax, (candidates, suffix) in zip(axes[0], lines):
         for i, algo in enumerate(col.algos):
-            frames = [r.metrics for r in col.runs_of(algo) if not r.metrics.empty]
+            frames = [r.metrics for r in col.runs_of(algo, finished=True) if not r.metrics.empty]
             key = _first_key(frames, candidates)
             band = seed_band(frames, key) if key is not None else None
             if band is None or band.empty:

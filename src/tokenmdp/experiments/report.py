@@ -70,7 +70,9 @@ def summary_rows(col: Collection) -> list[dict]:
         groups.append((BASE, [{k: float(v) for k, v in _eval_metrics(e).items() if isinstance(v, (int, float))}
                               for e in col.base_evals], []))
     for algo in col.algos:
-        runs = col.runs_of(algo)
+        runs = col.runs_of(algo, finished=True)
+        if not runs:
+            continue
         groups.append((algo, [run_values(r) for r in runs], [r.seed for r in runs]))
     rows = []
     for algo, values, seeds in groups:
@@ -133,7 +135,7 @@ def _mean(row: dict | None, key: str) -> float:
 def _trend(col: Collection, algo: str) -> tuple[float, float]:
     """Mean ``length/incorrect`` of the training samples over the first and the last fifth of the steps."""
     firsts, lasts = [], []
-    for run in col.runs_of(algo):
+    for run in col.runs_of(algo, finished=True):
         m = run.metrics
         if m.empty or "length/incorrect" not in m.columns:
             continue
@@ -220,7 +222,11 @@ def build_report(run_dirs, out: str | Path | None = None) -> Path:
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
           + ", ".join(str(s) for s in col.sources) + ".", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
-          "(accuracies in %, lengths in tokens).", "", markdown_table(col, rows), "", "## Length effect", ""]
+          "(accuracies in %, lengths in tokens).", ""]
+    if col.unfinished:
+        md += [f"Left out (not finished: no DONE, no held-out evaluation): "
+               + ", ".join(r.label for r in col.unfinished) + ".", ""]
+    md += [markdown_table(col, rows), "", "## Length effect", ""]
     md += [f"- {line}" for line in reading]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     k = _k_of(col)

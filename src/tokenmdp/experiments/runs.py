@@ -41,6 +41,11 @@ class RunData:
     def label(self) -> str:
         return f"{self.algo}/seed-{self.seed}"
 
+    @property
+    def finished(self) -> bool:
+        """The run ended: its ``DONE`` marker, or the held-out evaluation a comparison writes after training."""
+        return self.done or self.eval is not None
+
 
 @dataclass
 class Collection:
@@ -60,8 +65,14 @@ class Collection:
                 seen.append(r.algo)
         return seen
 
-    def runs_of(self, algo: str) -> list[RunData]:
-        return [r for r in self.runs if r.algo == algo]
+    def runs_of(self, algo: str, *, finished: bool = False) -> list[RunData]:
+        """The runs of ``algo``; ``finished=True``: only those that ended (``DONE``, or a held-out evaluation)."""
+        return [r for r in self.runs if r.algo == algo and (not finished or r.finished)]
+
+    @property
+    def unfinished(self) -> list[RunData]:
+        """Runs that stopped early or are still going: left out of the summary table."""
+        return [r for r in self.runs if not r.finished]
 
 
 def read_json(path: Path) -> Any:

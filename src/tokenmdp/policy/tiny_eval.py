@@ -16,16 +16,6 @@ import torch
 from tokenmdp.errors import TokenMDPError
 
 
-def _engine(model, tokenizer):
-    """The project's fast sampler when it is available, else transformers' generate."""
-    from tokenmdp.rollout import get_engine
-
-    try:
-        return get_engine("fast", model, tokenizer)
-    except (ImportError, AttributeError):
-        return get_engine("hf", model, tokenizer)
-
-
 def group_figures(correct: Sequence[bool], k: int) -> dict[str, float]:
     """Figures of ``correct`` (length ``N * k``, row ``i * k + j`` = sample ``j`` of problem ``i``).
 
@@ -54,35 +44,28 @@ def evaluate_base(model, tokenizer, task, problems: list, *, k: int = 8, max_new
                   seed: int = 0, template: str = "compact", chunk: int = 64, progress: bool = False) -> dict:
     """Sampled (temperature 1, ``k`` per problem) and greedy figures of ``model`` on ``problems``.
 
-    Returns sampled and greedy accuracy, the group figures of :func:`group_figures`, ``format_rate`` (samples
-    with a parseable answer), ``truncated_rate``, mean completion length in tokens (all, correct, incorrect) and
-    the seconds taken.
+    The completions come from :func:`tokenmdp.experiments.evaluate.evaluate` (the ``fast`` engine, ``chunk``
+    prompts at a time); this adds the group view. Returns sampled and greedy accuracy, the group figures of
+    :func:`group_figures`, ``format_rate`` (samples with a parseable answer), ``truncated_rate``, mean completion
+    length in tokens (all, correct, incorrect) and the seconds taken.
     """
-    from tokenmdp.policy.tiny_train import progress_bar
+    from tokenmdp.experiments.evaluate import evaluate
+    from tokenmdp.progress import progress_bar
 
     if not problems:
         raise TokenMDPError("evaluation needs at least one problem")
     start = time.perf_counter()
-    engine = _engine(model, tokenizer)
-    prompts = [task.render(p, template=template) for p in problems]
-    scores, lengths, truncated, greedy = [], [], [], []
     with progress_bar(progress) as bar:
-        job = bar.add_task("evaluate", total=len(problems), info=f"k={k}")
-        for lo in range(0, len(problems), chunk):
-            batch = prompts[lo : lo + chunk]
-            ro = engine.generate(batch, n=k, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + lo)
-            for i, text in enumerate(ro.responses):
-                scores.append(task.score(problems[lo + i // k], text))
-            lengths += ro.lengths.tolist()
-            truncated += ro.truncated.tolist()
-            gr = engine.generate(batch, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-            greedy += [task.score(problems[lo + i], t).correct for i, t in enumerate(gr.responses)]
-            bar.update(job, advance=len(batch))
-    correct = [s.correct for s in scores]
+        job = bar.add_task("evaluate", total=len(problems) * (k + 1), info=f"k={k}")
+        result = evaluate(model, tokenizer, task, problems, k=k, max_new_tokens=max_new_tokens, seed=seed,
+                          template=template, batch_size=chunk * k, progress=lambda m: bar.update(job, advance=m))
+    samples = [s for r in result["records"] for s in r["samples"]]
+    correct = [s["correct"] for s in samples]
+    lengths = [s["length"] for s in samples]
     out = {"n_problems": len(problems), "k": k, **group_figures(correct, k)}
-    out["greedy_accuracy"] = sum(greedy) / len(greedy)
-    out["format_rate"] = sum(s.formatted for s in scores) / len(scores)
-    out["truncated_rate"] = sum(truncated) / len(truncated)
+    out["greedy_accuracy"] = result["metrics"]["greedy/pass@1"]
+    out["format_rate"] = result["metrics"]["sampled/format_rate"]
+    out["truncated_rate"] = result["metrics"]["sampled/truncated_rate"]
     out["mean_length"] = _mean(lengths)
     out["mean_length_correct"] = _mean([n for n, c in zip(lengths, correct) if c])
     out["mean_length_incorrect"] = _mean([n for n, c in zip(lengths, correct) if not c])

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.progress import plain_log, progress_bar
 
 
 def default_threads() -> int:
@@ -103,18 +104,6 @@ class TraceStream:
         return self._chunks[step - start]
 
 
-def progress_bar(enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    from tokenmdp.commands._common import err_console
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled,
-    )
-
-
 def optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -129,6 +118,7 @@ def train_loop(model, tokenizer, stream: TraceStream, *, steps: int, batch_size:
     model.train()
     ema, first, tokens, start = None, None, 0, time.perf_counter()
     tail: deque[float] = deque(maxlen=max(1, steps // 10))  # final_loss: mean over the last 10% of steps
+    log = plain_log(progress)
     with progress_bar(progress) as bar:
         job = bar.add_task("pretrain", total=steps, info="")
         for step in range(steps):
@@ -146,10 +136,14 @@ def train_loop(model, tokenizer, stream: TraceStream, *, steps: int, batch_size:
             tail.append(value)
             tokens += int(mask.sum())
             bar.update(job, advance=1, info=f"loss {ema:.3f}")
+            if log and (step + 1) % max(1, steps // 10) == 0:
+                spent = time.perf_counter() - start
+                log(f"[pretrain] step {step + 1}/{steps}, loss {ema:.3f}, {spent:.0f} s, "
+                    f"about {spent * (steps - step - 1) / (step + 1):.0f} s left")
     model.eval()
     seconds = time.perf_counter() - start
     return {"first_loss": round(first, 4), "final_loss": round(sum(tail) / len(tail), 4),
             "train_s": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / max(seconds, 1e-9))}
 
 
-__all__ = ["TraceStream", "default_threads", "encode_examples", "lr_at", "optimizer", "progress_bar", "train_loop"]
+__all__ = ["TraceStream", "default_threads", "encode_examples", "lr_at", "optimizer", "train_loop"]

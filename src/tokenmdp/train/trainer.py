@@ -11,6 +11,7 @@ same parameters as an uninterrupted run.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -71,11 +72,20 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
         record.update(isft_update(c, batch, step=step))
     else:
         record.update(dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None))
-    c.scheduler.step()
+    _schedule_step(c)
     c.engine.sync_weights(c.unwrapped())
     record["time/update"] = time.perf_counter() - t1
     record["time/step"] = time.perf_counter() - t0
     return record
+
+
+def _schedule_step(c: Components) -> None:
+    """Advance the learning-rate schedule by one training step, whether or not the step updated the model (an
+    iterative-SFT step with no kept response, a DPO step with no pair); torch warns about a scheduler step before
+    the first optimizer step, which here is by design: the schedule counts training steps, not updates."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        c.scheduler.step()
 
 
 def _stream(c: Components) -> list[list]:
