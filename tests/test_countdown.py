@@ -247,6 +247,25 @@ def test_generator_options_and_errors():
         cd.problems("validation")
 
 
+def test_num_problems_counts_the_distinct_problems_and_the_stream_cycles():
+    """Two numbers in 1..2, targets >= 1: (1,1) reaches 1 and 2; (1,2) reaches 1, 2, 3; (2,2) reaches 1 and 4:
+    7 problems in all, each one generated exactly once."""
+    from tokenmdp.train.data import prompt_stream
+
+    cd = Countdown(num_count=2, low=1, high=2, template="compact")
+    sizes = {split: cd.num_problems(split) for split in ("train", "test")}
+    assert sum(sizes.values()) == 7
+    for split, size in sizes.items():
+        if size:
+            assert len({(tuple(sorted(p.metadata["nums"])), p.answer) for p in cd.problems(split, n=size)}) == size
+    assert Countdown().num_problems("train") is None  # 3-4 numbers in 1..99: too many to count
+    train = sizes["train"]
+    stream = prompt_stream(cd, seed=3, steps=5, prompts_per_step=train)  # five epochs of the train split
+    epochs = [sorted(p.id for p in step) for step in stream]
+    assert all(e == epochs[0] for e in epochs) and len(set(epochs[0])) == train
+    assert stream == prompt_stream(cd, seed=3, steps=5, prompts_per_step=train)
+
+
 # ------------------------------------------------------------------------------------------------------ data sets
 def test_load_public_set_from_local_files(tmp_path):
     rows = [{"target": 56, "nums": [3, 5, 7]}, {"target": 24, "nums": [4, 4, 10, 10]}]

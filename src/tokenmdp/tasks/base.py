@@ -134,6 +134,13 @@ class Task(ABC):
         """Scores of the intermediate steps of ``completion``; tasks without a step verifier return ``[]``."""
         return []
 
+    def num_problems(self, split: str = "train") -> int | None:
+        """How many distinct problems ``split`` holds, or None when unknown or too many to count (a generator).
+
+        A training run that needs more prompts than this cycles over them in epochs
+        (:func:`tokenmdp.train.data.prompt_stream`)."""
+        return None
+
     def reference(self, problem: Problem, template: str | None = None) -> str | None:
         """One correct completion in ``template``'s format, or ``None`` if the task cannot produce one."""
         return None

@@ -37,6 +37,8 @@ Scoring (the verifier is in :mod:`tokenmdp.tasks.countdown_verify`)
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import random
 from pathlib import Path
 from typing import Sequence
@@ -66,6 +68,7 @@ R1_TEMPLATE = (
 )
 COMPACT_TEMPLATE = "Numbers: {nums}. Target: {target}.\n<think>"
 DEFAULT_SIZES = {"train": 1000, "test": 200}
+COUNTABLE = 50_000  # Countdown.num_problems counts the problems of at most this many number multisets
 
 
 def _as_int(value: object, field: str, where: str) -> int:
@@ -131,6 +134,7 @@ class Countdown(Task):
         self.test_fraction = test_fraction
         self.data = data
         self._data_cache: dict[str, list[Problem]] | None = None
+        self._sizes: dict[str, int] | None = None
 
     # ------------------------------------------------------------------------------------------------ problems
     def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
@@ -149,6 +153,25 @@ class Countdown(Task):
         order = list(range(len(rows)))
         random.Random(f"countdown-data/{split}/{seed}").shuffle(order)
         return [rows[i] for i in order[: len(rows) if n is None else n]]
+
+    def num_problems(self, split: str = "train") -> int | None:
+        """Distinct problems (sorted numbers, target) of ``split``: the data's rows, or for generated problems an
+        exact count over every multiset of numbers when there are at most :data:`COUNTABLE` of them (else None).
+        3 numbers in 1..10, targets 1..100: 2,616 train and 299 test problems at ``test_fraction`` 0.1."""
+        check_split(split)
+        if self.data is not None:
+            return len(self._data_split(split))
+        if self._sizes is None:
+            multisets = sum(math.comb(self.high - self.low + c, c) for c in self.counts)
+            if multisets > COUNTABLE:
+                return None
+            sizes = {"train": 0, "test": 0}
+            for c in self.counts:
+                for nums in itertools.combinations_with_replacement(range(self.low, self.high + 1), c):
+                    sizes[split_of(nums, self.test_fraction)] += len(
+                        reachable_targets(nums, self.target_low, self.target_high))
+            self._sizes = sizes
+        return self._sizes[split]
 
     def generate(self, split: str, n: int, seed: int) -> list[Problem]:
         """``n`` distinct generated problems of ``split`` (see the module docstring for the distribution)."""

@@ -188,6 +188,10 @@ class GSM8K(Task):
         random.Random(f"gsm8k/{split}/{seed}").shuffle(order)
         return [rows[i] for i in order[: len(rows) if n is None else n]]
 
+    def num_problems(self, split: str = "train") -> int | None:
+        """The rows of ``split`` (7,473 train and 1,319 test in the public set)."""
+        return len(self._split(check_split(split)))
+
     def _split(self, split: str) -> list[Problem]:
         if split not in self._cache:
             if self.data_dir is not None:

@@ -17,8 +17,9 @@ from tokenmdp.errors import TokenMDPError
 def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: str = "train") -> list[list]:
     """The problems of every training step: ``steps`` lists of ``prompts_per_step`` problems.
 
-    The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A finite dataset
-    that holds fewer problems is cycled: epoch ``e >= 1`` is a permutation of the pool drawn from
+    The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A split that holds
+    fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled: its problems in the
+    task's seeded order, then epoch ``e >= 1`` as a permutation of them drawn from
     ``numpy.random.default_rng([seed, e])``. Nothing here depends on the algorithm or the model.
     """
     if steps < 0 or prompts_per_step < 1:
@@ -26,7 +27,8 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     need = steps * prompts_per_step
     if need == 0:
         return []
-    pool = list(task.problems(split, n=need, seed=seed))
+    size = task.num_problems(split) if hasattr(task, "num_problems") else None
+    pool = list(task.problems(split, n=need if size is None else min(need, size), seed=seed))
     if not pool:
         raise TokenMDPError(f"task {getattr(task, 'name', task)!r} has no {split!r} problems")
     flat = pool[:need]
