@@ -176,16 +176,14 @@ def test_cli_pretrain(tmp_path, small_base, capsys):
 
 @pytest.mark.slow
 def test_default_base_model_in_acceptance_band():
-    """The embedded base model (cached, or built with the default settings) leaves room for RL.
-
-    The issue asks for 15-60% sampled accuracy and at least half of the groups of 8 mixed; the default build
-    measured 13.9% sampled (23.4% greedy) and 56% mixed on 64 held-out problems, so the floor asserted here is
-    lower than the issue's until the base model is retuned (see the issue note)."""
+    """The embedded base model (cached, or built with the default settings) leaves room for RL: the issue's band
+    of 15-60% held-out sampled accuracy at temperature 1 and at least half of the groups of 8 mixed (measured on
+    the default build: see benchmarks/RESULTS.md, "Tiny base model")."""
     path = ensure_tiny_base(progress=False)
-    figs = measure_base(path, n_problems=128, k=8, seed=1)
-    assert 0.05 <= figs["sampled_accuracy"] <= 0.60, figs
-    assert figs["mixed_fraction"] >= 0.3, figs
-    assert figs["format_rate"] >= 0.8, figs
+    figs = measure_base(path, n_problems=256, k=8, seed=1)
+    assert 0.15 <= figs["sampled_accuracy"] <= 0.60, figs
+    assert figs["mixed_fraction"] >= 0.5, figs
+    assert figs["format_rate"] >= 0.9, figs
 
 
 def test_trace_stream_groups_batches_by_length():
