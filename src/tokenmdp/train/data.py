@@ -31,13 +31,23 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     pool = list(task.problems(split, n=need if size is None else min(need, size), seed=seed))
     if not pool:
         raise TokenMDPError(f"task {getattr(task, 'name', task)!r} has no {split!r} problems")
-    flat = pool[:need]
-    epoch = 1
+    return _cut(_epochs(pool, need, seed=seed, first=pool[:need]), prompts_per_step, steps)
+
+
+def _epochs(pool: list, need: int, *, seed: int, first: list | None = None) -> list:
+    """``need`` items of ``pool``: ``first`` (epoch 0, when given), then epochs ``e`` as permutations of the pool
+    drawn from ``numpy.random.default_rng([seed, e])``."""
+    flat = list(first) if first is not None else []
+    epoch = 0 if first is None else 1
     while len(flat) < need:
         order = np.random.default_rng([seed, epoch]).permutation(len(pool))
         flat.extend(pool[i] for i in order[: need - len(flat)])
         epoch += 1
-    return [flat[i * prompts_per_step : (i + 1) * prompts_per_step] for i in range(steps)]
+    return flat
+
+
+def _cut(flat: list, per_step: int, steps: int) -> list[list]:
+    return [flat[i * per_step : (i + 1) * per_step] for i in range(steps)]
 
 
 @dataclass(frozen=True)
@@ -71,11 +81,4 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
 
 def pair_stream(pairs: list[PreferencePair], *, seed: int, steps: int, pairs_per_step: int) -> list[list[PreferencePair]]:
     """The offline pairs of every step: epochs of seeded permutations (``default_rng([seed, e])``), cut in steps."""
-    need = steps * pairs_per_step
-    flat: list[PreferencePair] = []
-    epoch = 0
-    while len(flat) < need:
-        order = np.random.default_rng([seed, epoch]).permutation(len(pairs))
-        flat.extend(pairs[i] for i in order[: need - len(flat)])
-        epoch += 1
-    return [flat[i * pairs_per_step : (i + 1) * pairs_per_step] for i in range(steps)]
+    return _cut(_epochs(pairs, steps * pairs_per_step, seed=seed), pairs_per_step, steps)
