@@ -185,5 +185,10 @@ def test_tracker_writes_plain_lines_where_bars_do_not_show():
     assert len(lines) == 3
     assert lines[0].endswith("  0% done: train grpo/seed-0")
     assert lines[1].endswith(" 50% done, about 0m00s left: finished grpo/seed-0")
-    assert lines[2].endswith(" 75% done, about 0m00s left: reused base")
+    assert lines[2].endswith(" 75% done, about 0m00s left: reused base")  # 4 units computed, 2 reused, 2 to do
+
+    lines.clear()
+    with Tracker(total=10, enabled=False, log=lines.append) as tracker:
+        tracker("skip", "base", 9)  # nothing computed yet: no estimate of the time left
+    assert lines == [lines[0]] and lines[0].endswith(" 90% done: reused base")
     assert _minutes(75) == "1m15s" and _minutes(3600) == "60m00s"

@@ -189,6 +189,10 @@ def test_unfinished_runs_are_left_out(compare_dir):
     # train/final_reward: last fifth (1 step) of reward0 + 0.1 * step with reward0 0.2, 5 steps -> 0.7
     assert float(rows["grpo"]["train/final_reward_mean"]) == pytest.approx(0.7)
     assert "Left out (not finished: no DONE, no held-out evaluation): grpo/seed-3." in (out / "summary.md").read_text()
+    assert "left out, not finished: grpo/seed-3" in (out / "report.html").read_text()
+    lone = write_run(compare_dir, "rloo", 0)  # an algorithm whose only run is unfinished: no row at all
+    (lone / "DONE").unlink()
+    assert "rloo" not in read_csv(build_report(compare_dir) / "summary.csv")
 
 
 def test_seed_band_and_metrics_reader(tmp_path):

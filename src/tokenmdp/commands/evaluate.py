@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tokenmdp.commands._common import console, emit_json, err_console
+from tokenmdp.commands._common import console, emit_json
 from tokenmdp.progress import progress_bar
 
 PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",

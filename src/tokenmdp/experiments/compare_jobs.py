@@ -14,7 +14,8 @@ from tokenmdp.experiments.compare_run import Job, execute
 
 
 class Tracker:
-    """Rich bars on stderr: the whole comparison (phase, time left) and one bar per running job.
+    """Rich bars on stderr: the whole comparison (phase, time left) and one bar per running job; where stderr is
+    not a terminal (bars hidden), one plain line per job start and end instead (``log``, see :meth:`_line`).
 
     Called as a report function: ``tracker(event, label, *args)`` with ``("start", name, total)``,
     ``("advance", n, weight)`` (the job's bar moves by ``n``, the overall one by ``n * weight``) or
@@ -24,6 +25,7 @@ class Tracker:
     def __init__(self, total: int, *, enabled: bool = True, log=None):
         self.total, self.enabled = total, enabled
         self.jobs: dict[str, int] = {}
+        self.skipped = 0.0  # units reused rather than computed: they take no time
         self.log = log  # None: plain lines on stderr when it is not a terminal (a log file, `| tee`), else no lines
 
     def __enter__(self) -> Tracker:
@@ -40,7 +42,9 @@ class Tracker:
         return self
 
     def _line(self, text: str) -> None:
-        """One plain progress line (where bars are not shown): elapsed time, share done, time left, ``text``."""
+        """One plain progress line (where bars are not shown): elapsed time, share done, time left, ``text``.
+
+        The time left extrapolates the rate of the units computed so far (reused units took no time)."""
         if not self.log:
             return
         import time
@@ -48,7 +52,8 @@ class Tracker:
         elapsed = time.monotonic() - self.started
         done = self.progress.tasks[self.overall].completed if self.total else 0.0
         share = min(1.0, done / self.total) if self.total else 0.0
-        left = f", about {_minutes(elapsed * (1 - share) / share)} left" if share > 0.02 else ""
+        computed, todo = done - self.skipped, self.total - done
+        left = f", about {_minutes(elapsed * todo / computed)} left" if computed > 0.02 * self.total else ""
         self.log(f"[compare {_minutes(elapsed)}] {100 * share:3.0f}% done{left}: {text}")
 
     def __exit__(self, *exc) -> None:
@@ -72,6 +77,7 @@ class Tracker:
                 self.progress.update(self.jobs[label], advance=n)
             self.progress.update(self.overall, advance=n * weight)
         elif event == "skip":
+            self.skipped += args[0]
             self.progress.update(self.overall, advance=args[0], info=f"reused {label}")
             self._line(f"reused {label}")
 

@@ -122,7 +122,7 @@ def render_html(col: Collection, rows: list[dict], figures: dict[str, bytes], re
 <html lang="en"><head><meta charset="utf-8"><title>tokenmdp report</title><style>{CSS}</style></head><body>
 <h1>tokenmdp comparison report</h1>
 <p class="note">Generated {_e(time.strftime('%Y-%m-%d %H:%M'))} on {_e(platform.node() or platform.machine())} from
-{_e(', '.join(str(s) for s in col.sources))}: {len(col.runs)} runs of {len(col.algos)} algorithms.</p>
+{_e(', '.join(str(s) for s in col.sources))}: {len(col.runs)} runs of {len(col.algos)} algorithms{_left_out(col)}.</p>
 <h2>Held-out results</h2>
 <p class="note">Final models on the fixed held-out set: mean ± half width of the 95% Student-t interval over seeds
 (accuracies in %, lengths in tokens; one seed gives no interval). The base row is the model before training.</p>
@@ -133,3 +133,10 @@ def render_html(col: Collection, rows: list[dict], figures: dict[str, bytes], re
 <h2>Timings</h2>{_timings(col)}
 </body></html>
 """
+
+
+def _left_out(col) -> str:
+    """The note on unfinished runs, which the tables and curves leave out."""
+    if not col.unfinished:
+        return ""
+    return "; left out, not finished: " + _e(", ".join(r.label for r in col.unfinished))

@@ -58,10 +58,10 @@ class Collection:
 
     @property
     def algos(self) -> list[str]:
-        """Algorithms in order of first appearance."""
+        """Algorithms with at least one finished run, in order of first appearance."""
         seen: list[str] = []
         for r in self.runs:
-            if r.algo not in seen:
+            if r.finished and r.algo not in seen:
                 seen.append(r.algo)
         return seen
 

@@ -44,8 +44,9 @@ def evaluate_base(model, tokenizer, task, problems: list, *, k: int = 8, max_new
                   seed: int = 0, template: str = "compact", chunk: int = 64, progress: bool = False) -> dict:
     """Sampled (temperature 1, ``k`` per problem) and greedy figures of ``model`` on ``problems``.
 
-    The completions come from :func:`tokenmdp.experiments.evaluate.evaluate` (the ``fast`` engine, ``chunk``
-    prompts at a time); this adds the group view. Returns sampled and greedy accuracy, the group figures of
+    The completions come from :func:`tokenmdp.experiments.evaluate.evaluate` (the ``fast`` engine, which runs
+    Llama-family models such as the tiny Qwen2 with its own decoder and any other causal LM through transformers;
+    ``chunk * k`` rows per call); this adds the group view. Returns sampled and greedy accuracy, the group figures of
     :func:`group_figures`, ``format_rate`` (samples with a parseable answer), ``truncated_rate``, mean completion
     length in tokens (all, correct, incorrect) and the seconds taken.
     """

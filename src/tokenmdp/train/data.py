@@ -18,9 +18,8 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     """The problems of every training step: ``steps`` lists of ``prompts_per_step`` problems.
 
     The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A split that holds
-    fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled: its problems in the
-    task's seeded order, then epoch ``e >= 1`` as a permutation of them drawn from
-    ``numpy.random.default_rng([seed, e])``. Nothing here depends on the algorithm or the model.
+    fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled in epochs, epoch
+    ``e >= 0`` a permutation of all of them drawn from ``numpy.random.default_rng([seed, e])``. Nothing here depends on the algorithm or the model.
     """
     if steps < 0 or prompts_per_step < 1:
         raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, {prompts_per_step}")
@@ -31,7 +30,9 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     pool = list(task.problems(split, n=need if size is None else min(need, size), seed=seed))
     if not pool:
         raise TokenMDPError(f"task {getattr(task, 'name', task)!r} has no {split!r} problems")
-    return _cut(_epochs(pool, need, seed=seed, first=pool[:need]), prompts_per_step, steps)
+    # a split that fits whole is shuffled from the first epoch on: a generator finds its rarest problems last
+    first = pool[:need] if len(pool) >= need else None
+    return _cut(_epochs(pool, need, seed=seed, first=first), prompts_per_step, steps)
 
 
 def _epochs(pool: list, need: int, *, seed: int, first: list | None = None) -> list:
