@@ -182,10 +182,11 @@ def test_tracker_writes_plain_lines_where_bars_do_not_show():
         tracker("advance", "grpo/seed-0", 4, 1.0)
         tracker.done("grpo/seed-0")
         tracker("skip", "base", 2)
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].endswith("  0% done: train grpo/seed-0")
-    assert lines[1].endswith(" 50% done, about 0m00s left: finished grpo/seed-0")
-    assert lines[2].endswith(" 75% done, about 0m00s left: reused base")  # 4 units computed, 2 reused, 2 to do
+    assert lines[1].endswith(" 50% done, about 0m00s left: compare running: grpo/seed-0")  # crossed 10%..50%
+    assert lines[2].endswith(" 50% done, about 0m00s left: finished grpo/seed-0")
+    assert lines[3].endswith(" 75% done, about 0m00s left: reused base")  # 4 units computed, 2 reused, 2 to do
 
     lines.clear()
     with Tracker(total=10, enabled=False, log=lines.append) as tracker:

@@ -26,6 +26,7 @@ class Tracker:
         self.total, self.enabled = total, enabled
         self.jobs: dict[str, int] = {}
         self.skipped = 0.0  # units reused rather than computed: they take no time
+        self.next_tenth = 0.1  # plain lines also mark every tenth of the whole
         self.log = log  # None: plain lines on stderr when it is not a terminal (a log file, `| tee`), else no lines
 
     def __enter__(self) -> Tracker:
@@ -76,6 +77,10 @@ class Tracker:
             if label in self.jobs:
                 self.progress.update(self.jobs[label], advance=n)
             self.progress.update(self.overall, advance=n * weight)
+            if self.log and self.total and self.progress.tasks[self.overall].completed >= self.next_tenth * self.total:
+                while self.next_tenth * self.total <= self.progress.tasks[self.overall].completed:
+                    self.next_tenth += 0.1
+                self._line(f"{self.progress.tasks[self.overall].description} running: {', '.join(self.jobs)}")
         elif event == "skip":
             self.skipped += args[0]
             self.progress.update(self.overall, advance=args[0], info=f"reused {label}")
