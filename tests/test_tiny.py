@@ -168,6 +168,8 @@ def test_cli_pretrain(tmp_path, small_base, capsys):
                  "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["eval"]["n_problems"] == 2 and doc["eval"]["k"] == 2 and doc["pretrain"]["steps"] == 12
+    assert main(["pretrain", "--out", str(small_base), "--eval-problems", "3", "--k", "2", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval"]["n_problems"] == 3  # --eval-problems alone implies --eval
     assert main(["pretrain", "--task", "gsm8k", "--out", str(tmp_path / "g")]) == 2
     assert "gsm8k" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(tmp_path / "t"), "--task-arg", "nonsense"]) == 2

@@ -76,7 +76,8 @@ def register(app: typer.Typer) -> None:
                                            "e.g. --task-arg high=20 (default: the embedded base model's)."),
         evaluate: bool = typer.Option(False, "--eval", help="Measure held-out figures; on an existing --out folder, "
                                       "measure only (no training)."),
-        eval_problems: int = typer.Option(64, "--eval-problems", help="Held-out problems to measure (0: none)."),
+        eval_problems: int | None = typer.Option(None, "--eval-problems", help="Held-out problems to measure "
+                                                 "(default 64; 0: none); giving it implies --eval."),
         k: int = typer.Option(8, "--k", help="Samples per held-out problem (the group size)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -84,8 +85,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pretrain the tiny base model on derivational search traces (char tokenizer, small Qwen2)."""
         from tokenmdp.commands._common import emit_json
-        from tokenmdp.policy.tiny import BASE_SETTINGS, ensure_tiny_base, pretrain, read_meta
+        from tokenmdp.policy.tiny import BASE_EVAL, BASE_SETTINGS, ensure_tiny_base, pretrain, read_meta
         from tokenmdp.policy.tiny_eval import measure_base
+
+        if eval_problems is not None and eval_problems > 0:
+            evaluate = True  # asking for a number of held-out problems is asking for the measurement
+        eval_problems = BASE_EVAL["eval_problems"] if eval_problems is None else eval_problems
 
         given = {"steps": steps, "batch_size": batch_size, "lr": lr, "hidden_size": hidden_size,
                  "num_layers": num_layers, "num_heads": num_heads}
