@@ -8,6 +8,7 @@ results do not depend on the number of workers.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from tokenmdp.experiments.compare_run import Job, execute
@@ -25,13 +26,12 @@ class Tracker:
     def __init__(self, total: int, *, enabled: bool = True, log=None):
         self.total, self.enabled = total, enabled
         self.jobs: dict[str, int] = {}
+        self.completed = 0.0  # units done, as the overall bar counts them
         self.skipped = 0.0  # units reused rather than computed: they take no time
         self.next_tenth = 0.1  # plain lines also mark every tenth of the whole
         self.log = log  # None: plain lines on stderr when it is not a terminal (a log file, `| tee`), else no lines
 
     def __enter__(self) -> Tracker:
-        import time
-
         from tokenmdp.progress import plain_log, progress_bar
 
         self.progress = progress_bar(self.enabled)
@@ -48,10 +48,8 @@ class Tracker:
         The time left extrapolates the rate of the units computed so far (reused units took no time)."""
         if not self.log:
             return
-        import time
-
         elapsed = time.monotonic() - self.started
-        done = self.progress.tasks[self.overall].completed if self.total else 0.0
+        done = self.completed
         share = min(1.0, done / self.total) if self.total else 0.0
         computed, todo = done - self.skipped, self.total - done
         left = f", about {_minutes(elapsed * todo / computed)} left" if computed > 0.02 * self.total else ""
@@ -77,12 +75,14 @@ class Tracker:
             if label in self.jobs:
                 self.progress.update(self.jobs[label], advance=n)
             self.progress.update(self.overall, advance=n * weight)
-            if self.log and self.total and self.progress.tasks[self.overall].completed >= self.next_tenth * self.total:
-                while self.next_tenth * self.total <= self.progress.tasks[self.overall].completed:
+            self.completed += n * weight
+            if self.total and self.completed >= self.next_tenth * self.total:
+                while self.next_tenth * self.total <= self.completed:
                     self.next_tenth += 0.1
-                self._line(f"{self.progress.tasks[self.overall].description} running: {', '.join(self.jobs)}")
+                self._line(f"compare running: {', '.join(self.jobs)}")
         elif event == "skip":
             self.skipped += args[0]
+            self.completed += args[0]
             self.progress.update(self.overall, advance=args[0], info=f"reused {label}")
             self._line(f"reused {label}")
 

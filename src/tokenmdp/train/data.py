@@ -19,7 +19,8 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
 
     The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A split that holds
     fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled in epochs, epoch
-    ``e >= 0`` a permutation of all of them drawn from ``numpy.random.default_rng([seed, e])``. Nothing here depends on the algorithm or the model.
+    ``e >= 0`` a permutation of all of them drawn from ``numpy.random.default_rng([seed, e])``. Nothing here
+    depends on the algorithm or the model.
     """
     if steps < 0 or prompts_per_step < 1:
         raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, {prompts_per_step}")
