@@ -122,6 +122,36 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, a
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-7, msg=key)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "bnpo"])
+def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, tiny_random_dir, algo):
+    """Rows of a group with equal rewards have advantage 0 and skip the forward/backward; the AdamW step (two
+    steps, so the moments matter) equals the one that runs them. With a KL term in the loss nothing is skipped."""
+    from tokenmdp.train.batch import collect
+    from tokenmdp.train.pg import pg_update
+
+    problems = ParityTask().problems("train", n=3, seed=5)
+    results, skipped = {}, {}
+    for skip in (False, True):
+        c = _components(tmp_path, tiny_random_dir, algo, "algo.kl_coef=0", "optim.micro_batch_size=2",
+                        "optim.max_grad_norm=null", f"optim.skip_zero_advantage={str(skip).lower()}")
+        start = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+        for step in (1, 2):
+            batch = collect(c, problems, step=step)
+            batch.rewards[:4] = 1.0  # the first group: all right (advantage 0)
+            batch.rewards[4:8] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # the second: mixed
+            metrics = pg_update(c, batch, step=step)
+            skipped[skip] = metrics["update/skipped_rows"]
+        results[skip] = {k: v.detach() - start[k] for k, v in c.model.state_dict().items()}
+    assert skipped[False] == 0 and skipped[True] >= 4
+    assert max(float(d.abs().max()) for d in results[False].values()) > 1e-5
+    for key in results[False]:
+        torch.testing.assert_close(results[True][key], results[False][key], rtol=1e-4, atol=1e-6, msg=key)
+    c = _components(tmp_path, tiny_random_dir, "grpo", "algo.kl_coef=0.04")
+    batch = collect(c, problems, step=1)
+    batch.rewards[:4] = 1.0
+    assert pg_update(c, batch, step=1)["update/skipped_rows"] == 0
+
+
 def test_resume_gives_identical_parameters(tmp_path, tiny_random_dir):
     """4 steps straight == 2 steps, a crash during step 3, and a resume from the step-2 checkpoint."""
     extra = ("run.steps=4", "optim.minibatch_size=4", "algo.mu=2", "algo.kl_coef=0.05")

@@ -95,6 +95,9 @@ class OptimConfig:
     warmup_steps: int = 0
     minibatch_size: int | None = None
     micro_batch_size: int = 16
+    # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
+    # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage)
+    skip_zero_advantage: bool = True
 
 
 @dataclass

@@ -77,6 +77,33 @@ def train_rows(c, batch: Batch) -> torch.Tensor:
     return rows[mixed]
 
 
+def can_skip_zero_advantage(c) -> bool:
+    """Whether rows with a zero advantage on every token may skip the forward and backward pass.
+
+    With ``A_t = 0`` the clipped policy term ``-min(rho A_t, clip(rho) A_t)`` is 0 whatever ``rho`` is, so such a
+    row adds exactly nothing to the gradient, provided nothing else in the loss reads it: no KL term in the loss,
+    no entropy bonus, no critic. The normalisers (``num_seqs``, ``num_tokens``) stay those of the whole
+    minibatch, so the update is the same as with the row (up to float summation order). GRPO, RLOO and Dr. GRPO
+    give exactly 0 to every row of a group whose rewards are all equal (all right or all wrong).
+    """
+    spec = c.spec
+    return (c.config.optim.skip_zero_advantage and c.critic is None and spec.entropy_coef == 0
+            and not (spec.kl_in == "loss" and spec.kl_coef > 0))
+
+
+def signal_rows(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows with a non-zero advantage on some counted token."""
+    return ((adv != 0) & mask.bool()).any(dim=1)
+
+
+def _zero_missing_grads(model) -> None:
+    """Give every trainable parameter without a gradient a zero one, so that the optimizer step (AdamW's moments
+    and weight decay) and the cross-process gradient average treat it as a zero gradient, not as absent."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def _micro_loss(c, sub, t: dict, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
     spec = c.spec
     lp, ent = forward(c, c.model, sub, entropy=True)
@@ -111,13 +138,20 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
     mask = batch.rollout.response_mask
     lengths = row_lengths(batch.rollout)
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
+    live = signal_rows(tensors["adv"], mask).cpu() if can_skip_zero_advantage(c) else None
+    skipped = 0
     for _ in range(c.spec.mu):
         for mb in minibatches(rows.cpu(), c.config.optim.minibatch_size, generator=generator):
             n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size, lengths):
+            work = mb if live is None else mb[live[mb]]
+            skipped += len(mb) - len(work)
+            for micro in micro_batches(work, c.config.optim.micro_batch_size, lengths):
                 sub, t = select(batch.rollout, micro, tensors)
                 loss = _micro_loss(c, sub, t, n_tok, n_seq, meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()
+            if len(work) < len(mb):
+                _zero_missing_grads(c.model)
             optimizer_step(c, meter)
+    metrics["update/skipped_rows"] = skipped / c.spec.mu
     return {**metrics, **meter.result()}
