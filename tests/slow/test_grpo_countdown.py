@@ -8,9 +8,17 @@ as in Dr. GRPO and DAPO: the reference model's forward pass would take a quarter
 after ``WARMUP`` warmup steps, one torch thread. The CPU time of the training is printed: the issue's budget is
 10 minutes.
 
-Measured on the 2-core development machine (2026-11-22): 22.0% -> 30.3% (+8.3 points) in 9.4 CPU minutes, short
-of the issue's +10; the assertion asks for +5 so that a different CPU's rounding (another trajectory) still passes,
-and a run that does not learn (about +0) fails.
+Measured (held-out draw: ``HELDOUT`` problems x ``K`` samples; the figures move by one or two points between
+draws, see below):
+
+* 2026-11-22, 2-core development machine, 300 x 4: 22.0% -> 30.3% (+8.3 points) in 9.4 CPU minutes. The same
+  training inside the long comparison of the README: +10.2 points on 500 x 4.
+* 2026-12-01, a 2-core machine 2.3x slower (the base model's build took 899 s instead of 384 s), run eval every
+  20 steps on 300 x 4: 20.9% -> 22.9 / 25.8 / 26.8 / 28.2 / 27.5 / 27.0% at steps 20 ... 120 (+6.1), 26 CPU
+  minutes (two runs sharing the two cores).
+
+So the effect is +6 to +10 points, short of the issue's +10 for a robust test; the assertion asks for +5, which a
+run that does not learn (about +0, with a sampling noise near one point on 500 x 8) fails.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from tokenmdp.train.trainer import train
 pytestmark = pytest.mark.slow
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "grpo.yaml"
-HELDOUT, K = 300, 4
+HELDOUT, K = 500, 8
 STEPS, PROMPTS, LR, WARMUP = 120, 32, 2e-4, 10
 
 
