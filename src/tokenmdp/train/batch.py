@@ -67,32 +67,82 @@ def _mean(x: torch.Tensor) -> float | None:
     return float(x.float().mean()) if x.numel() else None
 
 
-def batch_metrics(batch: Batch) -> dict[str, Any]:
-    """``reward/*`` and ``length/*`` metrics of a scored batch.
+def gather_parts(c, part: dict[str, list]) -> list[dict[str, list]]:
+    """``part`` of every process, in process order (just ``[part]`` in a single process)."""
+    acc = None if c is None else c.accelerator
+    if acc is None or acc.num_processes <= 1:
+        return [part]
+    from accelerate.utils import gather_object
+
+    return gather_object([part])
+
+
+def total_over_processes(c, count: int) -> int:
+    """``count`` summed over the run's processes (``count`` itself in a single process)."""
+    return int(sum(p["n"] for p in gather_parts(c, {"n": int(count)})))
+
+
+#: Update metrics that add up over processes (each process counts its own rows); ``*_min`` / ``*_max`` keep the
+#: extreme; every other metric is averaged over processes.
+SUMMED_OVER_PROCESSES = ("update/rows", "update/skipped_rows", "dpo/pairs")
+
+
+def reduce_over_processes(c, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` of this process's share of a step combined with those of the other processes (unchanged in a
+    single process): sums for :data:`SUMMED_OVER_PROCESSES`, min / max for ``*_min`` / ``*_max``, else means."""
+    parts = gather_parts(c, metrics)
+    if len(parts) == 1:
+        return metrics
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        values = [p[key] for p in parts if isinstance(p.get(key), (int, float))]
+        if not values:
+            out[key] = None
+        elif key in SUMMED_OVER_PROCESSES:
+            out[key] = float(sum(values))
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def batch_metrics(batch: Batch, c=None) -> dict[str, Any]:
+    """``reward/*`` and ``length/*`` metrics of a scored batch; with components ``c`` of a run in several
+    processes, of the whole step (every process's share of the prompts gathered first).
 
     ``reward/groups_mixed`` is the fraction of groups with both correct and incorrect responses (the groups that
     give group-relative methods a signal); ``length/*`` count response tokens, EOS included.
     """
-    lengths = batch.rollout.lengths.float()
-    correct = batch.correct
+    part = {"rewards": batch.rewards.tolist(), "correct": batch.correct.tolist(),
+            "formatted": batch.formatted.tolist(), "lengths": batch.rollout.lengths.tolist(),
+            "truncated": batch.rollout.truncated.tolist()}
+    cols = {k: [x for p in gather_parts(c, part) for x in p[k]] for k in part}
+    rewards = torch.tensor(cols["rewards"], dtype=torch.float32)
+    lengths = torch.tensor(cols["lengths"], dtype=torch.float32)
+    correct = torch.tensor(cols["correct"], dtype=torch.bool)
     by_group = correct.view(-1, batch.group_size).float().mean(dim=1)
     return {
-        "reward/mean": _mean(batch.rewards),
-        "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+        "reward/mean": _mean(rewards),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/accuracy": _mean(correct),
-        "reward/format": _mean(batch.formatted),
+        "reward/format": _mean(torch.tensor(cols["formatted"], dtype=torch.bool)),
         "reward/groups_mixed": _mean((by_group > 0) & (by_group < 1)),
         "length/mean": _mean(lengths),
         "length/correct": _mean(lengths[correct]),
         "length/incorrect": _mean(lengths[~correct]),
-        "length/truncated": _mean(batch.rollout.truncated),
+        "length/truncated": _mean(torch.tensor(cols["truncated"], dtype=torch.bool)),
     }
 
 
-def sample_rows(batch: Batch, *, step: int, algo: str, seed: int) -> dict[str, list]:
-    """The batch as columns of ``samples.parquet`` (``group`` = index of the prompt within the step)."""
+def sample_rows(batch: Batch, *, step: int, algo: str, seed: int, c=None) -> dict[str, list]:
+    """The batch as columns of ``samples.parquet`` (``group`` = index of the prompt within the step); with
+    components ``c`` of a run in several processes, the rows of every process (process ``r`` holds the prompts
+    ``r, r + n, r + 2n, ...`` of the step, see :func:`tokenmdp.train.trainer.run_step`)."""
     n = len(batch)
-    return {
+    part = {
         "prompt": list(batch.rollout.prompts),
         "completion": list(batch.rollout.responses),
         "reward": [float(s.reward) for s in batch.scores],
@@ -103,6 +153,10 @@ def sample_rows(batch: Batch, *, step: int, algo: str, seed: int) -> dict[str, l
         "algo": [algo] * n,
         "seed": [seed] * n,
     }
+    parts = gather_parts(c, part)
+    for rank, p in enumerate(parts):
+        p["group"] = [g * len(parts) + rank for g in p["group"]]
+    return {k: [x for p in parts for x in p[k]] for k in part}
 
 
 def _token_end(tokenizer, ids: list[int], char_end: int) -> int:

@@ -94,6 +94,8 @@ class SampleLogger:
         self.path = Path(path)
         self.enabled = enabled
         self.columns: dict[str, list] = {name: [] for name in SAMPLE_COLUMNS}
+        if not enabled:  # another process writes the file (or nobody): leave it alone
+            return
         if resume_step is not None and self.path.exists():
             table = pq.read_table(self.path)
             for name in SAMPLE_COLUMNS:

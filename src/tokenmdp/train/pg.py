@@ -13,11 +13,12 @@ import torch
 from tokenmdp.algos.losses import kl_reward, policy_loss, value_loss
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.mdp.credit import assign_credit, process
-from tokenmdp.train.batch import Batch, step_rewards
+from tokenmdp.train.batch import Batch, step_rewards, total_over_processes
 from tokenmdp.train.evaluation import equivalence
 from tokenmdp.train.updates import (
     MetricMeter,
     forward,
+    idle_update,
     logprobs_all,
     micro_batches,
     minibatches,
@@ -25,6 +26,7 @@ from tokenmdp.train.updates import (
     row_lengths,
     select,
     values_all,
+    zero_missing_grads,
 )
 
 
@@ -96,14 +98,6 @@ def signal_rows(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((adv != 0) & mask.bool()).any(dim=1)
 
 
-def _zero_missing_grads(model) -> None:
-    """Give every trainable parameter without a gradient a zero one, so that the optimizer step (AdamW's moments
-    and weight decay) and the cross-process gradient average treat it as a zero gradient, not as absent."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
 def _micro_loss(c, sub, t: dict, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
     spec = c.spec
     lp, ent = forward(c, c.model, sub, entropy=True)
@@ -133,7 +127,10 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
     rows = train_rows(c, batch)
     metrics["update/rows"] = float(len(rows))
     if len(rows) == 0:
+        if total_over_processes(c, 0) > 0:  # the other processes train: join their optimizer steps
+            idle_update(c, epochs=c.spec.mu)
         return metrics
+    total_over_processes(c, len(rows))
     meter = MetricMeter()
     mask = batch.rollout.response_mask
     lengths = row_lengths(batch.rollout)
@@ -151,7 +148,7 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
                 c.accelerator.backward(loss)
             meter.end_minibatch()
             if len(work) < len(mb):
-                _zero_missing_grads(c.model)
+                zero_missing_grads(c.model)
             optimizer_step(c, meter)
     metrics["update/skipped_rows"] = skipped / c.spec.mu
     return {**metrics, **meter.result()}

@@ -126,6 +126,21 @@ class Components:
         return self.accelerator.unwrap_model(self.model)
 
 
+def check_processes(config: TrainConfig, spec, num_processes: int) -> None:
+    """Settings a run in several processes needs: every process takes the same number of optimizer steps (the
+    gradients are averaged at each), so the prompts of a step split evenly, and a process whose share keeps fewer
+    rows (filtered SFT, DPO pairs, dynamic sampling) must not cut them into a different number of minibatches."""
+    if num_processes <= 1:
+        return
+    if config.rollout.prompts_per_step % num_processes:
+        raise TokenMDPError(f"config field 'rollout.prompts_per_step' ({config.rollout.prompts_per_step}) must be a "
+                            f"multiple of the number of processes ({num_processes})")
+    uneven = spec.kind in ("isft", "dpo") or spec.filter_groups
+    if uneven and config.optim.minibatch_size is not None:
+        raise TokenMDPError(f"config field 'optim.minibatch_size' must be null (one minibatch a step) for "
+                            f"{spec.name!r} in {num_processes} processes: their shares keep unequal numbers of rows")
+
+
 def make_accelerator(config: TrainConfig, run_dir: Path):
     """An ``accelerate.Accelerator`` for the run's device and mixed precision (trackers when asked)."""
     from accelerate import Accelerator
@@ -183,6 +198,7 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     check_fit(spec, config, settings.max_new_tokens)
     task = get_task(config.task.name, **settings.task_options)
     accelerator = make_accelerator(config, run_dir)
+    check_processes(config, spec, accelerator.num_processes)
     policy_path = str(resume_from / "model") if resume_from is not None else settings.model_path
     policy = _load(policy_path, config, accelerator.device, trainable=True)
     ref_model = None

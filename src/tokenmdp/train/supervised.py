@@ -17,11 +17,12 @@ from tokenmdp.algos.isft import isft_loss, kept_counts
 from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
-from tokenmdp.train.batch import Batch
+from tokenmdp.train.batch import Batch, total_over_processes
 from tokenmdp.train.updates import (
     MetricMeter,
     approx_kl,
     forward,
+    idle_update,
     logprobs_all,
     micro_batches,
     minibatches,
@@ -42,7 +43,10 @@ def isft_update(c, batch: Batch, *, step: int) -> dict:
     rows = torch.arange(len(batch), device=keep.device)[keep].cpu()
     metrics: dict = {"update/rows": float(len(rows))}
     if len(rows) == 0:
+        if total_over_processes(c, 0) > 0:  # the other processes train: join their optimizer steps
+            idle_update(c, epochs=spec.mu)
         return metrics
+    total_over_processes(c, len(rows))
     tensors = {"old": ro.logprobs, "correct": batch.correct, "adv": adv}
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
@@ -99,7 +103,10 @@ def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) 
         chosen, rejected = preference_pairs(batch.correct.float().cpu(), group_size=batch.group_size)
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
     if len(chosen) == 0:
+        if total_over_processes(c, 0) > 0:
+            idle_update(c, epochs=c.spec.mu)
         return metrics
+    total_over_processes(c, len(chosen))
     ref = logprobs_all(c, c.ref_model, ro)
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from tokenmdp.train.batch import batch_metrics, collect, sample_rows
+from tokenmdp.train.batch import batch_metrics, collect, reduce_over_processes, sample_rows
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
 from tokenmdp.train.evaluation import eval_problems, held_out
@@ -58,20 +58,22 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     batch = None
     if not offline:
         batch = collect(c, _shard(items, c), step=step)
-        record.update(batch_metrics(batch))
+        record.update(batch_metrics(batch, c))
         record.update(batch.times)
-        if samples is not None:
-            samples.add(sample_rows(batch, step=step, algo=c.config.algo.name, seed=c.config.run.seed))
+        if samples is not None and c.config.run.log_samples:  # every process: the rows are gathered
+            rows = sample_rows(batch, step=step, algo=c.config.algo.name, seed=c.config.run.seed, c=c)
+            samples.add(rows)
     for hook in before:
         record.update(hook(c, batch, step) or {})
     record["lr"] = c.scheduler.get_last_lr()[0]
     t1 = time.perf_counter()
     if spec.kind == "pg":
-        record.update(pg_update(c, batch, step=step))
+        update = pg_update(c, batch, step=step)
     elif spec.kind == "isft":
-        record.update(isft_update(c, batch, step=step))
+        update = isft_update(c, batch, step=step)
     else:
-        record.update(dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None))
+        update = dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None)
+    record.update(reduce_over_processes(c, update))
     _schedule_step(c)
     c.engine.sync_weights(c.unwrapped())
     record["time/update"] = time.perf_counter() - t1

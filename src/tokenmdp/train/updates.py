@@ -144,6 +144,26 @@ def _sync_gradients(accelerator, params) -> None:
             p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+def zero_missing_grads(model) -> None:
+    """Give every trainable parameter without a gradient a zero one, so that the optimizer step (AdamW's moments
+    and weight decay) and the cross-process gradient average treat it as a zero gradient, not as absent."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def idle_update(c, *, epochs: int) -> None:
+    """A process whose share of the step has no row to train on takes part in the others' optimizer steps (one
+    per epoch: one minibatch per epoch, see :func:`tokenmdp.train.config.validate`) with zero gradients, so that
+    the cross-process gradient average and the parameters stay in step."""
+    meter = MetricMeter()
+    for _ in range(epochs):
+        zero_missing_grads(c.model)
+        if c.critic is not None:
+            zero_missing_grads(c.critic)
+        optimizer_step(c, meter)
+
+
 def optimizer_step(c, meter: MetricMeter) -> None:
     """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients."""
     max_norm = c.config.optim.max_grad_norm
