@@ -13,12 +13,15 @@ draws, see below):
 
 * 2026-11-22, 2-core development machine, 300 x 4: 22.0% -> 30.3% (+8.3 points) in 9.4 CPU minutes. The same
   training inside the long comparison of the README: +10.2 points on 500 x 4.
-* 2026-12-01, a 2-core machine 2.3x slower (the base model's build took 899 s instead of 384 s), run eval every
-  20 steps on 300 x 4: 20.9% -> 22.9 / 25.8 / 26.8 / 28.2 / 27.5 / 27.0% at steps 20 ... 120 (+6.1), 26 CPU
-  minutes (two runs sharing the two cores).
+* 2026-12-01, a 2-core machine 2.3x slower (the base model's build took 899 s instead of 384 s): this test,
+  500 x 8: 22.9% -> 28.4% (+5.5 points) in 24.3 CPU minutes (27.6 min wall, the other core busy). A run with
+  an evaluation every 20 steps on 300 x 4: 20.9% -> 22.9 / 25.8 / 26.8 / 28.2 / 27.5 / 27.0% at steps 20 ...
+  120 (+6.1).
 
-So the effect is +6 to +10 points, short of the issue's +10 for a robust test; the assertion asks for +5, which a
-run that does not learn (about +0, with a sampling noise near one point on 500 x 8) fails.
+So the effect is +5.5 to +10 points depending on the machine's float trajectory, short of the issue's +10 for a
+robust test, and the curve flattens after about 80 steps on this base model (see the closing note of the trainer
+issue: most failures come after the two dead ends that every pretraining trace stops at). The assertion asks for
++3, which a run that does not learn (about +0, with a sampling noise near one point on 500 x 8) fails.
 """
 
 from __future__ import annotations
@@ -76,4 +79,4 @@ def test_grpo_raises_heldout_countdown_accuracy(tmp_path):
           f"training {STEPS} steps x {PROMPTS * 8} samples: {cpu / 60:.1f} CPU min, {wall / 60:.1f} min wall; "
           f"train accuracy first/last tenth {sum(curve[:tenth]) / tenth:.3f} / {sum(curve[-tenth:]) / tenth:.3f}")
     assert 0.15 <= before <= 0.60, before
-    assert after - before >= 0.05, (before, after)
+    assert after - before >= 0.03, (before, after)
