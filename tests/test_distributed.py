@@ -26,7 +26,8 @@ def _launch(tmp_path, model_dir, algo, task, *extra):
     overrides = [f"model.path={model_dir}", f"algo.name={algo}", f"task.name={task}",
                  f"rollout.prompts_per_step={P}", f"rollout.group_size={G}", "rollout.max_new_tokens=6",
                  f"run.steps={STEPS}", "run.save_every=0", "optim.lr=1e-3", f"run.out={out / 'run'}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # loopback for gloo: the processes talk on this machine only, whatever its hostname resolves to
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(out), *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
