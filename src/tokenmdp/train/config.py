@@ -96,8 +96,10 @@ class OptimConfig:
     minibatch_size: int | None = None
     micro_batch_size: int = 16
     # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
-    # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage)
-    skip_zero_advantage: bool = True
+    # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage). Off by
+    # default: policy/entropy, clip_frac and approx_kl are then means over the rows that ran only, which would
+    # make them incomparable between algorithms that skip and algorithms that do not
+    skip_zero_advantage: bool = False
 
 
 @dataclass

@@ -139,9 +139,8 @@ def _sync_gradients(accelerator, params) -> None:
     """Average gradients over processes (the model is not wrapped in DDP: forward passes bypass ``forward``)."""
     if accelerator.num_processes <= 1:
         return
-    for p in params:
-        if p.grad is not None:
-            p.grad = accelerator.reduce(p.grad, reduction="mean")
+    for p in params:  # every parameter, a zero gradient where this process has none: the same calls everywhere
+        p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
 
 
 def zero_missing_grads(model) -> None:
