@@ -13,15 +13,15 @@ import torch
 from tokenmdp.algos.losses import kl_reward, policy_loss, value_loss
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.mdp.credit import assign_credit, process
-from tokenmdp.train.batch import Batch, step_rewards, total_over_processes
+from tokenmdp.train.batch import Batch, step_rewards
 from tokenmdp.train.evaluation import equivalence
 from tokenmdp.train.updates import (
     MetricMeter,
     forward,
-    idle_update,
     logprobs_all,
     micro_batches,
     minibatches,
+    nothing_to_train,
     optimizer_step,
     row_lengths,
     select,
@@ -126,11 +126,8 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
         metrics.update(equivalence(c, batch, tensors))
     rows = train_rows(c, batch)
     metrics["update/rows"] = float(len(rows))
-    if len(rows) == 0:
-        if total_over_processes(c, 0) > 0:  # the other processes train: join their optimizer steps
-            idle_update(c, epochs=c.spec.mu)
+    if nothing_to_train(c, len(rows), epochs=c.spec.mu):
         return metrics
-    total_over_processes(c, len(rows))
     meter = MetricMeter()
     mask = batch.rollout.response_mask
     lengths = row_lengths(batch.rollout)

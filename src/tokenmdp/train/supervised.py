@@ -17,15 +17,15 @@ from tokenmdp.algos.isft import isft_loss, kept_counts
 from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
-from tokenmdp.train.batch import Batch, total_over_processes
+from tokenmdp.train.batch import Batch
 from tokenmdp.train.updates import (
     MetricMeter,
     approx_kl,
     forward,
-    idle_update,
     logprobs_all,
     micro_batches,
     minibatches,
+    nothing_to_train,
     optimizer_step,
     row_lengths,
     select,
@@ -42,11 +42,8 @@ def isft_update(c, batch: Batch, *, step: int) -> dict:
     keep = {"+": batch.correct, "-": ~batch.correct, "+-": torch.ones_like(batch.correct)}[spec.isft_mode]
     rows = torch.arange(len(batch), device=keep.device)[keep].cpu()
     metrics: dict = {"update/rows": float(len(rows))}
-    if len(rows) == 0:
-        if total_over_processes(c, 0) > 0:  # the other processes train: join their optimizer steps
-            idle_update(c, epochs=spec.mu)
+    if nothing_to_train(c, len(rows), epochs=spec.mu):
         return metrics
-    total_over_processes(c, len(rows))
     tensors = {"old": ro.logprobs, "correct": batch.correct, "adv": adv}
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
@@ -102,11 +99,8 @@ def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) 
         ro = batch.rollout  # a correct (chosen) and an incorrect (rejected) response of the same prompt
         chosen, rejected = preference_pairs(batch.correct.float().cpu(), group_size=batch.group_size)
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
-    if len(chosen) == 0:
-        if total_over_processes(c, 0) > 0:
-            idle_update(c, epochs=c.spec.mu)
+    if nothing_to_train(c, len(chosen), epochs=c.spec.mu):
         return metrics
-    total_over_processes(c, len(chosen))
     ref = logprobs_all(c, c.ref_model, ro)
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)

@@ -151,16 +151,25 @@ def zero_missing_grads(model) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def idle_update(c, *, epochs: int) -> None:
-    """A process whose share of the step has no row to train on takes part in the others' optimizer steps (one
-    per epoch: one minibatch per epoch, see :func:`tokenmdp.train.config.validate`) with zero gradients, so that
-    the cross-process gradient average and the parameters stay in step."""
-    meter = MetricMeter()
-    for _ in range(epochs):
-        zero_missing_grads(c.model)
-        if c.critic is not None:
-            zero_missing_grads(c.critic)
-        optimizer_step(c, meter)
+def nothing_to_train(c, count: int, *, epochs: int) -> bool:
+    """Whether this process's share of the step has no row to train on (``count == 0``): the caller then returns.
+
+    Every process calls it once per update (it counts the rows of all processes). A process with no row while
+    others have some takes part in their optimizer steps with zero gradients, one per epoch (one minibatch per
+    epoch: :func:`tokenmdp.train.setup.check_processes`), so that the cross-process gradient average and the
+    parameters stay in step.
+    """
+    from tokenmdp.train.batch import total_over_processes
+
+    total = total_over_processes(c, count)
+    if count == 0 and total > 0:
+        meter = MetricMeter()
+        for _ in range(epochs):
+            zero_missing_grads(c.model)
+            if c.critic is not None:
+                zero_missing_grads(c.critic)
+            optimizer_step(c, meter)
+    return count == 0
 
 
 def optimizer_step(c, meter: MetricMeter) -> None:
