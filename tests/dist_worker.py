@@ -1,4 +1,6 @@
-"""Worker of tests/test_distributed.py (started by torch.distributed.run): trains, then each rank saves its parameters."""
+"""Worker of tests/test_distributed.py (started by torch.distributed.run): trains, then each rank saves its
+parameters."""
+
 import os
 import sys
 from pathlib import Path
