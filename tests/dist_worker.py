@@ -1,6 +1,7 @@
 """Worker of tests/test_distributed.py (started by torch.distributed.run): trains, then each rank saves its
 parameters."""
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -35,5 +36,7 @@ def on_step(step, record, c):
         save_file(state, str(out / f"rank{rank}.safetensors"))
 
 
+# a run here takes about 15 s: past 120 s, print every thread's stack (where it waits) and exit
+faulthandler.dump_traceback_later(120, exit=True)
 torch.set_num_threads(1)
 train(load_config(None, overrides), progress=False, callbacks=[on_step])
