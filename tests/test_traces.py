@@ -121,3 +121,89 @@ def test_every_step_scores_correct_with_the_task_step_verifier():
         steps = task.score_steps(prob, text)
         assert len(steps) == text.split("</think>")[0].count("\n")  # one step a line, all found
         assert all(s.correct for s in steps), (text, [s.reason for s in steps])  # dead ends reset the pool
+
+
+def _check_give_up_trace(nums, target, text, max_failures):
+    """A give-up trace: true lines, dead ends only before the end, and either a hit or a wrong closest near miss."""
+    attempts, answer = parse_trace(text)
+    assert all(not a.reached for a in attempts[:-1])
+    assert 1 <= len(attempts) <= max_failures + 1
+    if attempts[-1].reached:
+        assert verify_equation(answer, nums, target) is None, text
+    else:
+        assert len(attempts) <= max_failures
+        assert verify_equation(answer, nums, target) is not None, text  # gave up: a wrong answer
+        finals = [a.steps[-1][3] for a in attempts]
+        closest = min(finals, key=lambda v: abs(v - target))
+        value = next(a.steps[-1][3] for a in attempts if a.steps[-1][3] == closest)
+        assert verify_equation(answer, nums, value) is None, text  # the answer is the closest near miss
+    for att in attempts:
+        pool = Counter(nums)
+        for a, op, b, c in att.steps:
+            assert apply_op(op, a, b) == c and c > 0 and a >= b
+            pool -= Counter([a, b])
+            pool[c] += 1
+        assert (att.steps[-1][3] == target) == att.reached
+    return attempts
+
+
+def test_hand_checked_give_up_trace():
+    # seed 1 on (3 5 7 -> 56) visits the first moves in the order of the restart trace above (7-5, 7*5, 5+3); with
+    # give_up 0.5 the writer's coin lets it go on after the first dead end and stops it after the second. It
+    # answers its closest near miss: 38 (|56 - 38| = 18) beats 6 (50), so 7*5+3, which the verifier scores wrong.
+    text = countdown_trace([3, 5, 7], 56, seed=1, max_failures=8, give_up=0.5)
+    assert text == "7-5=2\n3*2=6 no\n7*5=35\n35+3=38 no\n</think><answer>7*5+3</answer>"
+    attempts, answer = parse_trace(text)
+    assert [a.reached for a in attempts] == [False, False] and answer == "7*5+3"
+    assert verify_equation(answer, [3, 5, 7], 38) is None and verify_equation(answer, [3, 5, 7], 56) is not None
+    # max_failures 1: the writer always stops at its first dead end
+    assert countdown_trace([3, 5, 7], 56, seed=1, max_failures=1, give_up=0.01) == (
+        "7-5=2\n3*2=6 no\n</think><answer>3*(7-5)</answer>")
+    # give_up 0 is the restart search of the v3 base model, unchanged
+    assert countdown_trace([3, 5, 7], 56, seed=1, give_up=0.0) == countdown_trace([3, 5, 7], 56, seed=1)
+
+
+@pytest.mark.parametrize("give_up,max_failures", [(0.4, 8), (0.9, 3), (0.01, 1)])
+def test_give_up_traces_well_formed(give_up, max_failures):
+    for n_numbers in (3, 4):
+        problems = _random_problems(n_numbers, 60 if n_numbers == 3 else 20, seed=10 + n_numbers)
+        for i, (nums, target) in enumerate(problems):
+            _check_give_up_trace(nums, target, countdown_trace(nums, target, seed=i, max_failures=max_failures,
+                                                               give_up=give_up), max_failures)
+
+
+def test_give_up_rate_matches_the_geometric_patience():
+    """Exact: on problems whose first viable first move comes after d dead ends in the search order, the writer
+    reaches the target with probability (1 - g)^d (d < max_failures), so the mean over many seeds is close to it."""
+    import tokenmdp.policy.traces as traces
+
+    g, rng = 0.4, random.Random(5)
+    by_depth: dict[int, list[bool]] = {}
+    for nums, target in _random_problems(3, 300, max_number=10, seed=4):
+        seed = rng.randrange(10**6)
+        order = random.Random(f"{seed}|{','.join(map(str, nums))}|{target}")
+        firsts = moves(nums)
+        order.shuffle(firsts)
+        depth = None
+        for k, (i, j, op, c) in enumerate(firsts):
+            pool = [(v, v) for v in nums]
+            if any(traces._final(t) == target for _, t in traces._completions(traces._merge(pool, i, j, op, c))):
+                depth = k
+                break
+        if depth is None or depth >= 8:
+            continue
+        attempts, _ = parse_trace(countdown_trace(nums, target, seed=seed, max_failures=8, give_up=g))
+        by_depth.setdefault(depth, []).append(attempts[-1].reached)
+        assert len(attempts) <= depth + 1  # never more attempts than the search needs
+    for depth in (0, 1, 2):
+        hits = by_depth[depth]
+        assert len(hits) >= 30
+        rate, expected = sum(hits) / len(hits), (1 - g) ** depth
+        assert abs(rate - expected) <= 3 * (expected * (1 - expected) / len(hits)) ** 0.5 + 1e-9, (depth, rate)
+
+
+def test_give_up_settings_checked():
+    with pytest.raises(ValueError, match="give_up"):
+        countdown_trace([3, 5, 7], 56, give_up=1.0)
+    with pytest.raises(ValueError, match="max_failures"):
+        countdown_trace([3, 5, 7], 56, max_failures=0, give_up=0.5)

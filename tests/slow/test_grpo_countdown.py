@@ -47,9 +47,9 @@ HELDOUT, K = 500, 8
 STEPS, PROMPTS, LR, WARMUP = 120, 32, 2e-4, 10
 
 
-def _sampled_accuracy(model_dir, task, problems, template) -> float:
+def _sampled_accuracy(model_dir, task, problems, meta) -> float:
     result = evaluate(load_policy(str(model_dir)), None, task, problems, k=K, greedy=False, temperature=1.0,
-                      max_new_tokens=128, seed=11, template=template)
+                      max_new_tokens=meta["max_new_tokens"], seed=11, template=meta["template"])
     return result["metrics"]["sampled/pass@1"]
 
 
@@ -58,7 +58,7 @@ def test_grpo_raises_heldout_countdown_accuracy(tmp_path):
     meta = read_meta(base)
     task = get_task("countdown", **meta["task_kwargs"])
     problems = task.problems("test", n=HELDOUT, seed=0)
-    before = _sampled_accuracy(base, task, problems, meta["template"])
+    before = _sampled_accuracy(base, task, problems, meta)
     config = load_config(CONFIG, [
         f"model.path={base}", f"rollout.prompts_per_step={PROMPTS}", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}",
         "algo.kl_coef=0", f"run.steps={STEPS}",
@@ -72,7 +72,7 @@ def test_grpo_raises_heldout_countdown_accuracy(tmp_path):
     finally:
         torch.set_num_threads(threads)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    after = _sampled_accuracy(run / "final", task, problems, meta["template"])
+    after = _sampled_accuracy(run / "final", task, problems, meta)
     curve = [json.loads(line)["reward/accuracy"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     tenth = max(1, len(curve) // 10)
     print(f"\ngrpo on the tiny base: held-out sampled accuracy {before:.3f} -> {after:.3f} ({HELDOUT} problems x {K}); "

@@ -34,7 +34,7 @@ UNK = "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 META_FILE = "tokenmdp.json"
-BASE_NAME = "tiny-countdown-v3"
+BASE_NAME = "tiny-countdown-v4"
 TRACE_TASKS = ("countdown",)
 
 # The embedded default base model (ensure_tiny_base): chosen so that it trains in a few minutes on 2 CPU cores
@@ -51,7 +51,8 @@ BASE_SETTINGS: dict[str, Any] = {
     "num_layers": 4,
     "num_heads": 4,
     "seed": 0,
-    "max_failures": 2,
+    "max_failures": 8,
+    "give_up": 0.4,
     "train_problems": 2000,
 }
 BASE_EVAL: dict[str, int] = {"eval_problems": 64, "eval_k": 8}
@@ -198,6 +199,7 @@ def pretrain(
     task_kwargs: dict | None = None,
     train_problems: int = BASE_SETTINGS["train_problems"],
     max_failures: int = BASE_SETTINGS["max_failures"],
+    give_up: float = BASE_SETTINGS["give_up"],
     warmup: int | None = None,
     weight_decay: float = 0.01,
     eval_problems: int = BASE_EVAL["eval_problems"],
@@ -226,7 +228,11 @@ def pretrain(
     torch.set_num_threads(threads or default_threads())
     started = time.perf_counter()
     problems = task_obj.problems("train", n=min(train_problems, steps * batch_size), seed=seed)
-    stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures)
+    if not 0.0 <= give_up < 1.0:
+        raise TokenMDPError(f"give_up must be in [0, 1), got {give_up}")
+    if give_up > 0 and max_failures < 1:
+        raise TokenMDPError(f"max_failures must be >= 1 when give_up > 0, got {max_failures}")
+    stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up)
     tokenizer = build_char_tokenizer()
     size = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     model = build_tiny_model(tokenizer, seed=seed, **size)
@@ -237,10 +243,11 @@ def pretrain(
     meta: dict[str, Any] = {
         "name": out.name, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
         "max_new_tokens": int(16 * math.ceil((longest + 16) / 16)),
-        "trace": {"kind": "restart-search", "max_failures": max_failures, "longest_completion_tokens": longest},
+        "trace": {"kind": "give-up-search" if give_up > 0 else "restart-search", "max_failures": max_failures,
+                  "give_up": give_up, "longest_completion_tokens": longest},
         "pretrain": {
             "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
-                         "max_failures": max_failures, "train_problems": train_problems},
+                         "max_failures": max_failures, "give_up": give_up, "train_problems": train_problems},
             "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
             "seed": seed, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},
@@ -284,12 +291,12 @@ def _is_current(path: Path) -> bool:
 
 
 def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
-    """The embedded base model's folder ``<cache>/tiny-countdown-v3``: found there, or pretrained there first.
+    """The embedded base model's folder ``<cache>/tiny-countdown-v4``: found there, or pretrained there first.
 
     The default settings are :data:`BASE_SETTINGS` on Countdown with :data:`BASE_TASK_KWARGS`. A cached folder
     built with other settings (an older default) is rebuilt in place (atomically). A folder without
     ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`. Processes that
-    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v3.lock``) while one of them builds.
+    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v4.lock``) while one of them builds.
     """
     path = cache_root(cache_dir) / BASE_NAME
     if _is_current(path):

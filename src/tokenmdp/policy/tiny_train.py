@@ -73,11 +73,12 @@ class TraceStream:
     pool shows each problem with a new order of attempts. ``longest`` is the longest completion seen (characters).
     """
 
-    def __init__(self, task, problems: list, *, seed: int, max_failures: int, template: str = "compact"):
+    def __init__(self, task, problems: list, *, seed: int, max_failures: int, give_up: float = 0.0,
+                 template: str = "compact"):
         if not problems:
             raise TokenMDPError("pretraining needs at least one training problem")
         self.task, self.problems, self.seed = task, problems, seed
-        self.max_failures, self.template = max_failures, template
+        self.max_failures, self.give_up, self.template = max_failures, give_up, template
         self.prompts = [task.render(p, template=template) for p in problems]
         self.longest = 0
 
@@ -86,7 +87,8 @@ class TraceStream:
 
         i = k % len(self.problems)
         nums, target = problem_numbers(self.problems[i])
-        trace = countdown_trace(nums, target, seed=self.seed * 1_000_003 + k, max_failures=self.max_failures)
+        trace = countdown_trace(nums, target, seed=self.seed * 1_000_003 + k, max_failures=self.max_failures,
+                                give_up=self.give_up)
         self.longest = max(self.longest, len(trace))
         return self.prompts[i], trace
 

@@ -20,7 +20,22 @@ The order of attempts is a random-order depth-first search over the first move: 
 (seeded), each one is expanded, and a first move from which the target cannot be reached is shown as one dead
 end, completed by the path whose final value lands closest to the target (a near miss). At most
 ``max_failures`` dead ends are shown, so a trace stays short: with ``max_failures=2``, 3 numbers give at most 6
-step lines. The trace is a function of ``(numbers, target, seed)`` only.
+step lines: later dead ends are skipped and the trace goes on with a first move that reaches the target (a
+*restart search*, the traces of the ``tiny-countdown-v3`` base model). The trace is a function of ``(numbers,
+target, seed)`` and the settings only.
+
+A **give-up search** (``give_up > 0``, the traces of the default base model) shows every dead end in order, and
+after each one its writer gives up with probability ``give_up`` (always after ``max_failures`` of them): it closes
+the think block and answers its closest near miss, a wrong answer in the right format::
+
+    Numbers: 3 5 7. Target: 56.
+    <think>7-5=2
+    3*2=6 no
+    </think><answer>3*(7-5)</answer>
+
+So the corpus mixes patient and impatient writers (patience is geometric), every line of it is still true, and a
+model pretrained on it gives up on problems it could solve by searching on: the room that RL (or filtered SFT)
+has to fill by choosing to continue.
 
 When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
 falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
@@ -99,29 +114,43 @@ def _final(tree: object) -> int:
     return tree[3] if isinstance(tree, tuple) else tree  # type: ignore[index]
 
 
-def search(numbers: Sequence[int], target: int, rng: random.Random, max_failures: int) -> tuple[list[Attempt], object]:
-    """The attempts of a seeded random-order search and the expression tree of the last (successful) one.
+def search(
+    numbers: Sequence[int], target: int, rng: random.Random, max_failures: int, give_up: float = 0.0
+) -> tuple[list[Attempt], object]:
+    """The attempts of a seeded random-order search and the expression tree of its answer.
 
-    Returns ``([], None)`` when no derivation in this move set reaches ``target``.
+    ``give_up == 0`` (restart search): the answer is the last attempt's, which reaches the target; at most
+    ``max_failures`` dead ends are shown and later ones are skipped. ``give_up > 0`` (give-up search): every dead end
+    is shown; after each one the writer gives up with probability ``give_up``, and always after the
+    ``max_failures``-th; a trace that gives up ends with its dead ends only, and its answer is the tree of its
+    closest near miss (the first of equally close ones), which misses the target. Returns ``([], None)`` when no
+    derivation in this move set reaches ``target`` before the search stops.
     """
+    if not 0.0 <= give_up < 1.0:
+        raise ValueError(f"give_up must be in [0, 1), got {give_up}")
+    if give_up > 0 and max_failures < 1:
+        raise ValueError(f"a give-up search needs max_failures >= 1, got {max_failures}")
     pool: list[tuple[int, object]] = [(int(x), int(x)) for x in numbers]
     values = [v for v, _ in pool]
     firsts = moves(values)
     rng.shuffle(firsts)
-    attempts: list[Attempt] = []
     failures: list[Attempt] = []
+    misses: list[object] = []
     for i, j, op, c in firsts:
         first = (values[i], op, values[j], c)
         paths = _completions(_merge(pool, i, j, op, c))
         hits = [p for p in paths if _final(p[1]) == target]
         if hits:
             steps, tree = rng.choice(hits)
-            attempts = failures + [Attempt((first,) + steps, True)]
-            return attempts, tree
+            return failures + [Attempt((first,) + steps, True)], tree
         if len(failures) < max_failures and paths:
             best = min(abs(_final(t) - target) for _, t in paths)
-            steps, _ = rng.choice([p for p in paths if abs(_final(p[1]) - target) == best])
+            steps, miss = rng.choice([p for p in paths if abs(_final(p[1]) - target) == best])
             failures.append(Attempt((first,) + steps, False))
+            misses.append(miss)
+            if give_up > 0 and (len(failures) == max_failures or rng.random() < give_up):
+                closest = min(range(len(misses)), key=lambda k: abs(_final(misses[k]) - target))
+                return failures, misses[closest]
     return [], None
 
 
@@ -135,14 +164,16 @@ def render_trace(attempts: Sequence[Attempt], answer: str) -> str:
     return "\n".join(lines) + "\n" + THINK_CLOSE + ANSWER_OPEN + answer + ANSWER_CLOSE
 
 
-def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_failures: int = 2) -> str:
+def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_failures: int = 2,
+                    give_up: float = 0.0) -> str:
     """The derivational trace (completion text, no EOS) of a Countdown problem; see the module docstring.
 
-    Deterministic in ``(numbers, target, seed)``. Raises ``ValueError`` when ``target`` cannot be reached from
-    ``numbers`` at all.
+    Deterministic in ``(numbers, target, seed)`` (and the two settings). Raises ``ValueError`` when ``target``
+    cannot be reached from ``numbers`` at all. With ``give_up > 0`` the trace may end in dead ends and a wrong answer
+    (see :func:`search`).
     """
     rng = random.Random(f"{seed}|{','.join(map(str, numbers))}|{target}")
-    attempts, tree = search(numbers, target, rng, max_failures)
+    attempts, tree = search(numbers, target, rng, max_failures, give_up)
     if tree is None:
         tree = solve_tree(list(numbers), target)
         if tree is None:
