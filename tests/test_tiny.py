@@ -64,6 +64,7 @@ def test_pretrain_end_to_end(small_base):
     assert meta["max_new_tokens"] >= meta["trace"]["longest_completion_tokens"] + 16
     assert meta["max_new_tokens"] % 16 == 0
     assert meta["eval"]["n_problems"] == 3 and meta["eval"]["k"] == 2
+    assert meta["trace"]["kind"] == "restart-search" and meta["trace"]["give_up"] == 0
     assert not [p for p in small_base.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
@@ -110,6 +111,26 @@ def test_pretrain_rejects_bad_input(tmp_path, small_base):
         pretrain("countdown", tmp_path / "x", **{**SMALL, "steps": 0})
     with pytest.raises(TokenMDPError, match="template"):
         pretrain("countdown", tmp_path / "x", task_kwargs={"template": "r1"}, **SMALL)
+    with pytest.raises(TokenMDPError, match="give_up"):
+        pretrain("countdown", tmp_path / "x", give_up=1.5, **SMALL)
+    with pytest.raises(TokenMDPError, match="max_failures"):
+        pretrain("countdown", tmp_path / "x", max_failures=0, give_up=0.4, **SMALL)
+    assert not (tmp_path / "x").exists()
+
+
+def test_pretrain_cli_builds_other_trace_kinds(tmp_path, capsys):
+    small = ["--steps", "2", "--batch-size", "4", "--hidden-size", "16", "--layers", "1", "--heads", "2",
+             "--eval-problems", "0", "--quiet", "--json"]
+    out = tmp_path / "give-up"
+    assert main(["pretrain", "--out", str(out), *small, "--give-up", "0.4", "--max-failures", "8"]) == 0
+    trace = read_meta(out)["trace"]
+    assert trace["kind"] == "give-up-search" and trace["max_failures"] == 8 and trace["give_up"] == 0.4
+    assert read_meta(out)["pretrain"]["settings"]["give_up"] == 0.4
+    assert main(["pretrain", "--out", str(tmp_path / "bluff"), *small, "--give-up", "0.4", "--bluff"]) == 0
+    assert read_meta(tmp_path / "bluff")["trace"]["kind"] == "bluff-search"
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(tmp_path / "bad"), *small, "--give-up", "1"]) == 2
+    assert "give_up" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_ensure_tiny_base_finds_or_builds(tmp_path, monkeypatch):
@@ -123,6 +144,12 @@ def test_ensure_tiny_base_finds_or_builds(tmp_path, monkeypatch):
     assert read_meta(path)["pretrain"]["settings"] == tiny.BASE_SETTINGS
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_base(progress=False) == path  # found, not rebuilt
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    meta = read_meta(path)  # a folder written before the give_up and bluff settings existed is still current
+    for key in tiny.TRACE_DEFAULTS:
+        del meta["pretrain"]["settings"][key]
+    tiny.write_meta(path, meta)
+    assert ensure_tiny_base(progress=False) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     monkeypatch.setitem(tiny.BASE_SETTINGS, "steps", 3)  # the defaults changed: the stale cache is rebuilt
     assert ensure_tiny_base(progress=False) == path

@@ -123,12 +123,19 @@ def test_every_step_scores_correct_with_the_task_step_verifier():
         assert all(s.correct for s in steps), (text, [s.reason for s in steps])  # dead ends reset the pool
 
 
-def _check_give_up_trace(nums, target, text, max_failures):
+def _check_give_up_trace(nums, target, text, max_failures, bluff=False):
     """A give-up trace: true lines, dead ends only before the end, and either a hit or a wrong closest near miss."""
     attempts, answer = parse_trace(text)
     assert all(not a.reached for a in attempts[:-1])
     assert 1 <= len(attempts) <= max_failures + 1
-    if attempts[-1].reached:
+    if bluff:
+        assert attempts[-1].reached  # never ends on a marked dead end
+        value = attempts[-1].steps[-1][3]
+        assert verify_equation(answer, nums, value) is None, text  # the answer is the last attempt's
+        if value != target:
+            assert len(attempts) <= max_failures
+        attempts = attempts[:-1] + [Attempt(attempts[-1].steps, value == target)]
+    elif attempts[-1].reached:
         assert verify_equation(answer, nums, target) is None, text
     else:
         assert len(attempts) <= max_failures
@@ -170,6 +177,29 @@ def test_give_up_traces_well_formed(give_up, max_failures):
         for i, (nums, target) in enumerate(problems):
             _check_give_up_trace(nums, target, countdown_trace(nums, target, seed=i, max_failures=max_failures,
                                                                give_up=give_up), max_failures)
+
+
+def test_hand_checked_bluff_trace():
+    # the same search as the give-up trace of seed 1, but the writer presents its second attempt (38) as a success
+    text = countdown_trace([3, 5, 7], 56, seed=1, max_failures=8, give_up=0.5, bluff=True)
+    assert text == "7-5=2\n3*2=6 no\n7*5=35\n35+3=38\n</think><answer>7*5+3</answer>"
+    attempts, answer = parse_trace(text)
+    assert [a.reached for a in attempts] == [False, True]  # parsed as the writer wrote it: not marked
+    assert verify_equation(answer, [3, 5, 7], 56) is not None  # and the verifier scores it wrong
+    # where the writer does not give up, the bluff setting changes nothing
+    for seed in range(30):
+        honest = countdown_trace([3, 5, 7], 56, seed=seed, max_failures=8, give_up=0.5)
+        if parse_trace(honest)[0][-1].reached:
+            assert countdown_trace([3, 5, 7], 56, seed=seed, max_failures=8, give_up=0.5, bluff=True) == honest
+
+
+@pytest.mark.parametrize("give_up,max_failures", [(0.4, 8), (0.9, 3)])
+def test_bluff_traces_well_formed(give_up, max_failures):
+    for n_numbers in (3, 4):
+        problems = _random_problems(n_numbers, 60 if n_numbers == 3 else 20, seed=20 + n_numbers)
+        for i, (nums, target) in enumerate(problems):
+            text = countdown_trace(nums, target, seed=i, max_failures=max_failures, give_up=give_up, bluff=True)
+            _check_give_up_trace(nums, target, text, max_failures, bluff=True)
 
 
 def test_give_up_rate_matches_the_geometric_patience():

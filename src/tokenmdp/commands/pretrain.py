@@ -71,6 +71,13 @@ def register(app: typer.Typer) -> None:
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model width."),
         num_layers: Optional[int] = typer.Option(None, "--layers", help="Transformer layers."),
         num_heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads."),
+        max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Most dead ends a trace shows "
+                                                   "(default 2)."),
+        give_up: Optional[float] = typer.Option(None, "--give-up", help="Chance that a trace's writer stops after "
+                                                "each dead end (default 0: never; the trace skips to a first move that reaches the target)."),
+        bluff: Optional[bool] = typer.Option(None, "--bluff/--no-bluff", help="With --give-up: a writer who "
+                                             "stops presents its last attempt as a success, or (default) marks it "
+                                             "as a dead end and answers its closest near miss."),
         seed: int = typer.Option(0, "--seed", help="Seed of the problems, the traces and the initialisation."),
         task_arg: list[str] = typer.Option([], "--task-arg", help="Task setting KEY=VALUE (repeatable), "
                                            "e.g. --task-arg high=20 (default: the embedded base model's)."),
@@ -93,7 +100,8 @@ def register(app: typer.Typer) -> None:
         eval_problems = BASE_EVAL["eval_problems"] if eval_problems is None else eval_problems
 
         given = {"steps": steps, "batch_size": batch_size, "lr": lr, "hidden_size": hidden_size,
-                 "num_layers": num_layers, "num_heads": num_heads}
+                 "num_layers": num_layers, "num_heads": num_heads, "max_failures": max_failures,
+                 "give_up": give_up, "bluff": bluff}
         settings = {**BASE_SETTINGS, **{key: v for key, v in given.items() if v is not None}, "seed": seed}
         task_kwargs = parse_task_args(task_arg) if task_arg else None
         measure_only = evaluate and out is not None and out.exists() and not overwrite

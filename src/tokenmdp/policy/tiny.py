@@ -34,7 +34,7 @@ UNK = "<unk>"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 META_FILE = "tokenmdp.json"
-BASE_NAME = "tiny-countdown-v4"
+BASE_NAME = "tiny-countdown-v3"
 TRACE_TASKS = ("countdown",)
 
 # The embedded default base model (ensure_tiny_base): chosen so that it trains in a few minutes on 2 CPU cores
@@ -51,10 +51,13 @@ BASE_SETTINGS: dict[str, Any] = {
     "num_layers": 4,
     "num_heads": 4,
     "seed": 0,
-    "max_failures": 8,
-    "give_up": 0.4,
+    "max_failures": 2,
+    "give_up": 0.0,
+    "bluff": False,
     "train_problems": 2000,
 }
+# The trace settings added after the v3 build, at the values that reproduce its traces (the restart search).
+TRACE_DEFAULTS: dict[str, Any] = {"give_up": 0.0, "bluff": False}
 BASE_EVAL: dict[str, int] = {"eval_problems": 64, "eval_k": 8}
 
 
@@ -200,6 +203,7 @@ def pretrain(
     train_problems: int = BASE_SETTINGS["train_problems"],
     max_failures: int = BASE_SETTINGS["max_failures"],
     give_up: float = BASE_SETTINGS["give_up"],
+    bluff: bool = BASE_SETTINGS["bluff"],
     warmup: int | None = None,
     weight_decay: float = 0.01,
     eval_problems: int = BASE_EVAL["eval_problems"],
@@ -232,7 +236,8 @@ def pretrain(
         raise TokenMDPError(f"give_up must be in [0, 1), got {give_up}")
     if give_up > 0 and max_failures < 1:
         raise TokenMDPError(f"max_failures must be >= 1 when give_up > 0, got {max_failures}")
-    stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up)
+    stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up,
+                         bluff=bluff)
     tokenizer = build_char_tokenizer()
     size = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     model = build_tiny_model(tokenizer, seed=seed, **size)
@@ -243,11 +248,12 @@ def pretrain(
     meta: dict[str, Any] = {
         "name": out.name, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
         "max_new_tokens": int(16 * math.ceil((longest + 16) / 16)),
-        "trace": {"kind": "give-up-search" if give_up > 0 else "restart-search", "max_failures": max_failures,
-                  "give_up": give_up, "longest_completion_tokens": longest},
+        "trace": {"kind": _trace_kind(give_up, bluff), "max_failures": max_failures, "give_up": give_up,
+                  "bluff": bluff, "longest_completion_tokens": longest},
         "pretrain": {
             "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
-                         "max_failures": max_failures, "give_up": give_up, "train_problems": train_problems},
+                         "max_failures": max_failures, "give_up": give_up, "bluff": bluff,
+                         "train_problems": train_problems},
             "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
             "seed": seed, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},
@@ -260,6 +266,12 @@ def pretrain(
                                      max_new_tokens=meta["max_new_tokens"], seed=seed, progress=progress)
     meta["pretrain"]["total_s"] = round(time.perf_counter() - started, 1)
     return save_atomic(out, lambda tmp: _write_folder(tmp, model, tokenizer, meta), overwrite=overwrite)
+
+
+def _trace_kind(give_up: float, bluff: bool) -> str:
+    if give_up == 0:
+        return "restart-search"
+    return "bluff-search" if bluff else "give-up-search"
 
 
 def _check_pretrain_args(task: str, out: str | Path | None, overwrite: bool, **positive: int) -> Path:
@@ -287,16 +299,17 @@ def _is_current(path: Path) -> bool:
         return False
     meta = read_meta(path)
     wanted_task = {"template": "compact", **BASE_TASK_KWARGS}
-    return meta.get("task_kwargs") == wanted_task and meta.get("pretrain", {}).get("settings") == BASE_SETTINGS
+    settings = {**TRACE_DEFAULTS, **meta.get("pretrain", {}).get("settings", {})}  # folders from before give_up
+    return meta.get("task_kwargs") == wanted_task and settings == BASE_SETTINGS
 
 
 def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = True) -> Path:
-    """The embedded base model's folder ``<cache>/tiny-countdown-v4``: found there, or pretrained there first.
+    """The embedded base model's folder ``<cache>/tiny-countdown-v3``: found there, or pretrained there first.
 
     The default settings are :data:`BASE_SETTINGS` on Countdown with :data:`BASE_TASK_KWARGS`. A cached folder
     built with other settings (an older default) is rebuilt in place (atomically). A folder without
     ``tokenmdp.json`` at that path (not written by :func:`pretrain`) raises :class:`TokenMDPError`. Processes that
-    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v4.lock``) while one of them builds.
+    ask at the same time wait on a lock file (``<cache>/.tiny-countdown-v3.lock``) while one of them builds.
     """
     path = cache_root(cache_dir) / BASE_NAME
     if _is_current(path):

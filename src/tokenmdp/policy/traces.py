@@ -21,21 +21,32 @@ The order of attempts is a random-order depth-first search over the first move: 
 end, completed by the path whose final value lands closest to the target (a near miss). At most
 ``max_failures`` dead ends are shown, so a trace stays short: with ``max_failures=2``, 3 numbers give at most 6
 step lines: later dead ends are skipped and the trace goes on with a first move that reaches the target (a
-*restart search*, the traces of the ``tiny-countdown-v3`` base model). The trace is a function of ``(numbers,
-target, seed)`` and the settings only.
+*restart search*, the traces of the default ``tiny-countdown-v3`` base model). The trace is a function of
+``(numbers, target, seed)`` and the settings only.
 
-A **give-up search** (``give_up > 0``, the traces of the default base model) shows every dead end in order, and
-after each one its writer gives up with probability ``give_up`` (always after ``max_failures`` of them): it closes
-the think block and answers its closest near miss, a wrong answer in the right format::
+A **give-up search** (``give_up > 0``) shows every dead end in order, and after each one its writer gives up with
+probability ``give_up`` (always after ``max_failures`` of them): it closes the think block and answers its closest
+near miss, a wrong answer in the right format::
 
     Numbers: 3 5 7. Target: 56.
     <think>7-5=2
     3*2=6 no
     </think><answer>3*(7-5)</answer>
 
-So the corpus mixes patient and impatient writers (patience is geometric), every line of it is still true, and a
-model pretrained on it gives up on problems it could solve by searching on: the room that RL (or filtered SFT)
-has to fill by choosing to continue.
+A **bluff search** (``give_up > 0`` and ``bluff``) gives up the other way: the writer presents the attempt it stops
+at as a success, without the dead-end mark, and answers it::
+
+    Numbers: 3 5 7. Target: 56.
+    <think>7-5=2
+    3*2=6 no
+    7*5=35
+    35+3=38
+    </think><answer>7*5+3</answer>
+
+In both, the corpus mixes patient and impatient writers (patience is geometric), every line of it is still true,
+and a model pretrained on it stops on problems it could solve by searching on: room that RL (or filtered SFT)
+could fill by choosing to continue. ``tokenmdp pretrain --give-up 0.4 --max-failures 8 [--bluff]`` builds such a
+model; what GRPO made of them is in ``benchmarks/RESULTS.md`` ("Other trace kinds").
 
 When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
 falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
@@ -115,7 +126,8 @@ def _final(tree: object) -> int:
 
 
 def search(
-    numbers: Sequence[int], target: int, rng: random.Random, max_failures: int, give_up: float = 0.0
+    numbers: Sequence[int], target: int, rng: random.Random, max_failures: int, give_up: float = 0.0,
+    bluff: bool = False,
 ) -> tuple[list[Attempt], object]:
     """The attempts of a seeded random-order search and the expression tree of its answer.
 
@@ -123,8 +135,10 @@ def search(
     ``max_failures`` dead ends are shown and later ones are skipped. ``give_up > 0`` (give-up search): every dead end
     is shown; after each one the writer gives up with probability ``give_up``, and always after the
     ``max_failures``-th; a trace that gives up ends with its dead ends only, and its answer is the tree of its
-    closest near miss (the first of equally close ones), which misses the target. Returns ``([], None)`` when no
-    derivation in this move set reaches ``target`` before the search stops.
+    closest near miss (the first of equally close ones), which misses the target. With ``bluff`` the writer gives up
+    by presenting its last attempt as if it had reached the target: that attempt comes back with ``reached=True``
+    (it is not marked as a dead end) and the answer is its own tree. Returns ``([], None)`` when no derivation in
+    this move set reaches ``target`` before the search stops.
     """
     if not 0.0 <= give_up < 1.0:
         raise ValueError(f"give_up must be in [0, 1), got {give_up}")
@@ -149,6 +163,8 @@ def search(
             failures.append(Attempt((first,) + steps, False))
             misses.append(miss)
             if give_up > 0 and (len(failures) == max_failures or rng.random() < give_up):
+                if bluff:
+                    return failures[:-1] + [Attempt(failures[-1].steps, True)], miss
                 closest = min(range(len(misses)), key=lambda k: abs(_final(misses[k]) - target))
                 return failures, misses[closest]
     return [], None
@@ -165,15 +181,15 @@ def render_trace(attempts: Sequence[Attempt], answer: str) -> str:
 
 
 def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_failures: int = 2,
-                    give_up: float = 0.0) -> str:
+                    give_up: float = 0.0, bluff: bool = False) -> str:
     """The derivational trace (completion text, no EOS) of a Countdown problem; see the module docstring.
 
     Deterministic in ``(numbers, target, seed)`` (and the two settings). Raises ``ValueError`` when ``target``
-    cannot be reached from ``numbers`` at all. With ``give_up > 0`` the trace may end in dead ends and a wrong answer
-    (see :func:`search`).
+    cannot be reached from ``numbers`` at all. With ``give_up > 0`` the trace may end in dead ends and a wrong answer,
+    or with ``bluff`` in an unmarked miss and its wrong answer (see :func:`search`).
     """
     rng = random.Random(f"{seed}|{','.join(map(str, numbers))}|{target}")
-    attempts, tree = search(numbers, target, rng, max_failures, give_up)
+    attempts, tree = search(numbers, target, rng, max_failures, give_up, bluff)
     if tree is None:
         tree = solve_tree(list(numbers), target)
         if tree is None:
