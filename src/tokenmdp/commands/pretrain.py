@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
         max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Most dead ends a trace shows "
                                                    "(default 2)."),
         give_up: Optional[float] = typer.Option(None, "--give-up", help="Chance that a trace's writer stops after "
-                                                "each dead end (default 0: never; the trace skips to a first move that reaches the target)."),
+                                                "each dead end (default 0: never; the trace skips ahead to a "
+                                                "first move that reaches the target)."),
         bluff: Optional[bool] = typer.Option(None, "--bluff/--no-bluff", help="With --give-up: a writer who "
                                              "stops presents its last attempt as a success, or (default) marks it "
                                              "as a dead end and answers its closest near miss."),
