@@ -115,6 +115,8 @@ def test_pretrain_rejects_bad_input(tmp_path, small_base):
         pretrain("countdown", tmp_path / "x", give_up=1.5, **SMALL)
     with pytest.raises(TokenMDPError, match="max_failures"):
         pretrain("countdown", tmp_path / "x", max_failures=0, give_up=0.4, **SMALL)
+    with pytest.raises(TokenMDPError, match="bluff"):
+        pretrain("countdown", tmp_path / "x", bluff=True, **SMALL)
     assert not (tmp_path / "x").exists()
 
 

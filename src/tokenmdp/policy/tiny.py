@@ -236,6 +236,8 @@ def pretrain(
         raise TokenMDPError(f"give_up must be in [0, 1), got {give_up}")
     if give_up > 0 and max_failures < 1:
         raise TokenMDPError(f"max_failures must be >= 1 when give_up > 0, got {max_failures}")
+    if bluff and give_up == 0:
+        raise TokenMDPError("bluff needs give_up > 0 (a writer who never stops has nothing to bluff)")
     stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up,
                          bluff=bluff)
     tokenizer = build_char_tokenizer()
