@@ -2,8 +2,8 @@
 
 The base model is the default one (built into the cache on first use, a few minutes); the held-out problems are
 the first ``HELDOUT`` of the test split, whose number sets never occur in training. Accuracy is sampled pass@1 at
-temperature 1 over ``K`` samples per problem, before and after ``STEPS`` GRPO steps of ``PROMPTS`` prompts x 8
-samples on the train split (the grpo preset: group std, per-sequence token mean, clip 0.2; without its KL term,
+temperature 1 over ``K`` samples per problem (within the model folder's ``max_new_tokens``, the training runs'
+budget), before and after ``STEPS`` GRPO steps of ``PROMPTS`` prompts x 8 samples on the train split (the grpo preset: group std, per-sequence token mean, clip 0.2; without its KL term,
 as in Dr. GRPO and DAPO: the reference model's forward pass would take a quarter of each step), AdamW at ``LR``
 after ``WARMUP`` warmup steps, one torch thread. The CPU time of the training is printed: the issue's budget is
 10 minutes.
@@ -17,6 +17,9 @@ draws, see below):
   500 x 8: 22.9% -> 28.4% (+5.5 points) in 24.3 CPU minutes (27.6 min wall, the other core busy). A run with
   an evaluation every 20 steps on 300 x 4: 20.9% -> 22.9 / 25.8 / 26.8 / 28.2 / 27.5 / 27.0% at steps 20 ...
   120 (+6.1).
+
+A base pretrained on give-up traces (``tokenmdp pretrain --give-up 0.4 --max-failures 8``) gained +8.6 to +10.5
+points at steps 80-120 from 13.3%, below the base model's band (benchmarks/RESULTS.md, "Other trace kinds").
 
 So the effect is +5.5 to +10 points depending on the machine's float trajectory, short of the issue's +10 for a
 robust test, and the curve flattens after about 80 steps on this base model (see the closing note of the trainer
