@@ -6,8 +6,7 @@ temperature 1 over ``K`` samples per problem (within the model folder's ``max_ne
 budget), before and after ``STEPS`` GRPO steps of ``PROMPTS`` prompts x 8 samples on the train split (the grpo
 preset: group std, per-sequence token mean, clip 0.2; without its KL term, as in Dr. GRPO and DAPO: the reference
 model's forward pass would take a quarter of each step), AdamW at ``LR`` after ``WARMUP`` warmup steps, one torch
-thread. The CPU time of the training is printed: the issue's budget is
-10 minutes.
+thread. The CPU time of the training is printed: the issue's budget is 10 minutes.
 
 Measured (held-out draw: ``HELDOUT`` problems x ``K`` samples; the figures move by one or two points between
 draws, see below):
