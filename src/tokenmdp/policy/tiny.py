@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.tiny_train import TraceStream, default_threads, train_loop
+from tokenmdp.policy.traces import check_settings
 
 PAD = "<pad>"
 EOS = "<|endoftext|>"
@@ -224,6 +225,10 @@ def pretrain(
     from tokenmdp.tasks import get_task
 
     out = _check_pretrain_args(task, out, overwrite, steps=steps, batch_size=batch_size, eval_k=eval_k)
+    try:
+        check_settings(max_failures, give_up, bluff)
+    except ValueError as exc:
+        raise TokenMDPError(str(exc)) from None
     task_kwargs = {"template": "compact", **(BASE_TASK_KWARGS if task_kwargs is None else task_kwargs)}
     if task_kwargs["template"] != "compact":
         raise TokenMDPError(f"task_kwargs: template must be 'compact' (the traces' format), "
@@ -232,12 +237,6 @@ def pretrain(
     torch.set_num_threads(threads or default_threads())
     started = time.perf_counter()
     problems = task_obj.problems("train", n=min(train_problems, steps * batch_size), seed=seed)
-    if not 0.0 <= give_up < 1.0:
-        raise TokenMDPError(f"give_up must be in [0, 1), got {give_up}")
-    if give_up > 0 and max_failures < 1:
-        raise TokenMDPError(f"max_failures must be >= 1 when give_up > 0, got {max_failures}")
-    if bluff and give_up == 0:
-        raise TokenMDPError("bluff needs give_up > 0 (a writer who never stops has nothing to bluff)")
     stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up,
                          bluff=bluff)
     tokenizer = build_char_tokenizer()

@@ -125,6 +125,16 @@ def _final(tree: object) -> int:
     return tree[3] if isinstance(tree, tuple) else tree  # type: ignore[index]
 
 
+def check_settings(max_failures: int, give_up: float, bluff: bool) -> None:
+    """``ValueError`` naming the setting when ``(max_failures, give_up, bluff)`` describe no search."""
+    if not 0.0 <= give_up < 1.0:
+        raise ValueError(f"give_up must be in [0, 1), got {give_up}")
+    if give_up > 0 and max_failures < 1:
+        raise ValueError(f"max_failures must be >= 1 when give_up > 0, got {max_failures}")
+    if bluff and give_up == 0:
+        raise ValueError("bluff needs give_up > 0 (a writer who never stops has nothing to bluff)")
+
+
 def search(
     numbers: Sequence[int], target: int, rng: random.Random, max_failures: int, give_up: float = 0.0,
     bluff: bool = False,
@@ -140,10 +150,7 @@ def search(
     (it is not marked as a dead end) and the answer is its own tree. Returns ``([], None)`` when no derivation in
     this move set reaches ``target`` before the search stops.
     """
-    if not 0.0 <= give_up < 1.0:
-        raise ValueError(f"give_up must be in [0, 1), got {give_up}")
-    if give_up > 0 and max_failures < 1:
-        raise ValueError(f"a give-up search needs max_failures >= 1, got {max_failures}")
+    check_settings(max_failures, give_up, bluff)
     pool: list[tuple[int, object]] = [(int(x), int(x)) for x in numbers]
     values = [v for v, _ in pool]
     firsts = moves(values)
@@ -230,5 +237,6 @@ def problem_numbers(problem) -> tuple[list[int], int]:
 
 
 __all__ = [
-    "Attempt", "DEAD_END", "countdown_trace", "moves", "parse_trace", "problem_numbers", "render_trace", "search",
+    "Attempt", "DEAD_END", "check_settings", "countdown_trace", "moves", "parse_trace", "problem_numbers",
+    "render_trace", "search",
 ]
