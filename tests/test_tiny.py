@@ -117,6 +117,8 @@ def test_pretrain_rejects_bad_input(tmp_path, small_base):
         pretrain("countdown", tmp_path / "x", max_failures=0, give_up=0.4, **SMALL)
     with pytest.raises(TokenMDPError, match="bluff"):
         pretrain("countdown", tmp_path / "x", bluff=True, **SMALL)
+    with pytest.raises(TokenMDPError, match="direct"):
+        pretrain("countdown", tmp_path / "x", direct=1.0, **SMALL)
     assert not (tmp_path / "x").exists()
 
 
@@ -130,6 +132,10 @@ def test_pretrain_cli_builds_other_trace_kinds(tmp_path, capsys):
     assert read_meta(out)["pretrain"]["settings"]["give_up"] == 0.4
     assert main(["pretrain", "--out", str(tmp_path / "bluff"), *small, "--give-up", "0.4", "--bluff"]) == 0
     assert read_meta(tmp_path / "bluff")["trace"]["kind"] == "bluff-search"
+    assert main(["pretrain", "--out", str(tmp_path / "direct"), *small, "--direct", "0.6", "--max-failures", "4"]) == 0
+    meta = read_meta(tmp_path / "direct")
+    assert meta["trace"]["kind"] == "restart-search" and meta["trace"]["direct"] == 0.6
+    assert meta["pretrain"]["settings"]["direct"] == 0.6
     capsys.readouterr()
     assert main(["pretrain", "--out", str(tmp_path / "bad"), *small, "--give-up", "1"]) == 2
     assert "give_up" in capsys.readouterr().err and not (tmp_path / "bad").exists()

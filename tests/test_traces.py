@@ -237,3 +237,55 @@ def test_give_up_settings_checked():
         countdown_trace([3, 5, 7], 56, give_up=1.0)
     with pytest.raises(ValueError, match="max_failures"):
         countdown_trace([3, 5, 7], 56, max_failures=0, give_up=0.5)
+
+
+def test_hand_checked_direct_answer():
+    # seed 0 on (3 5 7 -> 56) draws a direct answer at direct 0.5; the writer's first attempt opens with 7*5=35,
+    # whose completions land on 38 (35+3), 32 (35-3), 105 (35*3): 38 is the closest to 56, so it answers 7*5+3
+    # without a line of work. Seed 3 shows its work, and that trace is the one of direct 0.
+    assert countdown_trace([3, 5, 7], 56, seed=0, max_failures=4, direct=0.5) == "</think><answer>7*5+3</answer>"
+    assert countdown_trace([3, 5, 7], 56, seed=3, max_failures=4, direct=0.5) == (
+        "5+3=8\n8*7=56\n</think><answer>(5+3)*7</answer>")
+    assert parse_trace("</think><answer>7*5+3</answer>") == ([], "7*5+3")
+    for seed in range(40):  # a trace that shows its work is the one of direct 0, byte for byte
+        text = countdown_trace([3, 5, 7], 56, seed=seed, max_failures=4, direct=0.5)
+        if not text.startswith("</think>"):
+            assert text == countdown_trace([3, 5, 7], 56, seed=seed, max_failures=4)
+
+
+def test_direct_answers_share_and_accuracy_match_exact_enumeration():
+    """Exact: a trace is direct with probability ``direct``, and a direct answer is right with probability (viable
+    first moves) / (first moves) of its problem, the chance that the first move of a shuffled order reaches the
+    target. Both means over many problems and seeds lie within 3 standard errors of those values."""
+    import tokenmdp.policy.traces as traces
+
+    share, rng = 0.6, random.Random(9)
+    direct, right, expected = 0, [], []
+    problems = _random_problems(3, 600, max_number=10, seed=6)
+    for nums, target in problems:
+        seed = rng.randrange(10**6)
+        text = countdown_trace(nums, target, seed=seed, max_failures=4, direct=share)
+        attempts, answer = parse_trace(text)
+        if attempts:
+            continue
+        direct += 1
+        firsts = moves(nums)
+        pool = [(v, v) for v in nums]
+        viable = sum(any(traces._final(t) == target for _, t in traces._completions(traces._merge(pool, i, j, op, c)))
+                     for i, j, op, c in firsts)
+        expected.append(viable / len(firsts))
+        right.append(verify_equation(answer, nums, target) is None)
+        assert all(int(x) in nums for x in answer.replace("(", " ").replace(")", " ").replace("+", " ")
+                   .replace("-", " ").replace("*", " ").replace("/", " ").split())
+    n = len(problems)
+    assert abs(direct / n - share) <= 3 * (share * (1 - share) / n) ** 0.5
+    p = sum(expected) / len(expected)
+    assert 0.1 < p < 0.5  # the check has power: neither always right nor always wrong
+    assert abs(sum(right) / len(right) - p) <= 3 * (p * (1 - p) / len(right)) ** 0.5
+
+
+def test_direct_setting_checked():
+    with pytest.raises(ValueError, match="direct"):
+        countdown_trace([3, 5, 7], 56, direct=1.0)
+    with pytest.raises(ValueError, match="direct"):
+        countdown_trace([3, 5, 7], 56, direct=-0.1)

@@ -79,6 +79,8 @@ def register(app: typer.Typer) -> None:
         bluff: Optional[bool] = typer.Option(None, "--bluff/--no-bluff", help="With --give-up: a writer who "
                                              "stops presents its last attempt as a success, or (default) marks it "
                                              "as a dead end and answers its closest near miss."),
+        direct: Optional[float] = typer.Option(None, "--direct", help="Share of traces whose writer answers "
+                                               "directly, without search lines (default 0)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the problems, the traces and the initialisation."),
         task_arg: list[str] = typer.Option([], "--task-arg", help="Task setting KEY=VALUE (repeatable), "
                                            "e.g. --task-arg high=20 (default: the embedded base model's)."),
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
         given = {"steps": steps, "batch_size": batch_size, "lr": lr, "hidden_size": hidden_size,
                  "num_layers": num_layers, "num_heads": num_heads, "max_failures": max_failures,
-                 "give_up": give_up, "bluff": bluff}
+                 "give_up": give_up, "bluff": bluff, "direct": direct}
         settings = {**BASE_SETTINGS, **{key: v for key, v in given.items() if v is not None}, "seed": seed}
         task_kwargs = parse_task_args(task_arg) if task_arg else None
         measure_only = evaluate and out is not None and out.exists() and not overwrite

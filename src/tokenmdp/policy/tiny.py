@@ -55,10 +55,11 @@ BASE_SETTINGS: dict[str, Any] = {
     "max_failures": 2,
     "give_up": 0.0,
     "bluff": False,
+    "direct": 0.0,
     "train_problems": 2000,
 }
 # The trace settings added after the v3 build, at the values that reproduce its traces (the restart search).
-TRACE_DEFAULTS: dict[str, Any] = {"give_up": 0.0, "bluff": False}
+TRACE_DEFAULTS: dict[str, Any] = {"give_up": 0.0, "bluff": False, "direct": 0.0}
 BASE_EVAL: dict[str, int] = {"eval_problems": 64, "eval_k": 8}
 
 
@@ -205,6 +206,7 @@ def pretrain(
     max_failures: int = BASE_SETTINGS["max_failures"],
     give_up: float = BASE_SETTINGS["give_up"],
     bluff: bool = BASE_SETTINGS["bluff"],
+    direct: float = BASE_SETTINGS["direct"],
     warmup: int | None = None,
     weight_decay: float = 0.01,
     eval_problems: int = BASE_EVAL["eval_problems"],
@@ -226,7 +228,7 @@ def pretrain(
 
     out = _check_pretrain_args(task, out, overwrite, steps=steps, batch_size=batch_size, eval_k=eval_k)
     try:
-        check_settings(max_failures, give_up, bluff)
+        check_settings(max_failures, give_up, bluff, direct)
     except ValueError as exc:
         raise TokenMDPError(str(exc)) from None
     task_kwargs = {"template": "compact", **(BASE_TASK_KWARGS if task_kwargs is None else task_kwargs)}
@@ -238,7 +240,7 @@ def pretrain(
     started = time.perf_counter()
     problems = task_obj.problems("train", n=min(train_problems, steps * batch_size), seed=seed)
     stream = TraceStream(task_obj, problems, seed=seed, max_failures=max_failures, give_up=give_up,
-                         bluff=bluff)
+                         bluff=bluff, direct=direct)
     tokenizer = build_char_tokenizer()
     size = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
     model = build_tiny_model(tokenizer, seed=seed, **size)
@@ -250,11 +252,11 @@ def pretrain(
         "name": out.name, "tokenizer": "char", "task": task, "task_kwargs": task_kwargs, "template": "compact",
         "max_new_tokens": int(16 * math.ceil((longest + 16) / 16)),
         "trace": {"kind": _trace_kind(give_up, bluff), "max_failures": max_failures, "give_up": give_up,
-                  "bluff": bluff, "longest_completion_tokens": longest},
+                  "bluff": bluff, "direct": direct, "longest_completion_tokens": longest},
         "pretrain": {
             "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, **size, "seed": seed,
                          "max_failures": max_failures, "give_up": give_up, "bluff": bluff,
-                         "train_problems": train_problems},
+                         "direct": direct, "train_problems": train_problems},
             "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
             "seed": seed, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "threads": torch.get_num_threads(), "train_problems": len(problems), **fit},

@@ -74,11 +74,12 @@ class TraceStream:
     """
 
     def __init__(self, task, problems: list, *, seed: int, max_failures: int, give_up: float = 0.0,
-                 bluff: bool = False, template: str = "compact"):
+                 bluff: bool = False, direct: float = 0.0, template: str = "compact"):
         if not problems:
             raise TokenMDPError("pretraining needs at least one training problem")
         self.task, self.problems, self.seed = task, problems, seed
         self.max_failures, self.give_up, self.bluff, self.template = max_failures, give_up, bluff, template
+        self.direct = direct
         self.prompts = [task.render(p, template=template) for p in problems]
         self.longest = 0
 
@@ -88,7 +89,7 @@ class TraceStream:
         i = k % len(self.problems)
         nums, target = problem_numbers(self.problems[i])
         trace = countdown_trace(nums, target, seed=self.seed * 1_000_003 + k, max_failures=self.max_failures,
-                                give_up=self.give_up, bluff=self.bluff)
+                                give_up=self.give_up, bluff=self.bluff, direct=self.direct)
         self.longest = max(self.longest, len(trace))
         return self.prompts[i], trace
 

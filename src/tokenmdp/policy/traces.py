@@ -48,6 +48,20 @@ and a model pretrained on it stops on problems it could solve by searching on: r
 could fill by choosing to continue. ``tokenmdp pretrain --give-up 0.4 --max-failures 8 [--bluff]`` builds such a
 model; what GRPO made of them is in ``benchmarks/RESULTS.md`` ("Other trace kinds").
 
+A **direct answer** (``direct > 0``: the share of writers who do not show their work) has no search lines at
+all: the writer answers what its first attempt (the first first move of its shuffled order, completed as above)
+gives, the target when that move reaches it and its near miss otherwise, so it is right exactly when a search
+would have shown no dead end (22% of the default base model's training problems). Whether a trace is direct is
+drawn apart from the search itself, so the traces that show their work are those of ``direct=0``, unchanged::
+
+    Numbers: 3 5 7. Target: 56.
+    <think></think><answer>3*(7-5)</answer>
+
+Answering directly means computing the whole expression at once, which a small model does far worse than writing
+the steps, so a base pretrained on such a mix picks a style with its first token, and the two styles differ in
+accuracy: a choice that RL (or filtered SFT) can select on, as RL selects the longer reasoning that a base
+model's pretraining data already holds. ``tokenmdp pretrain --direct 0.6 --max-failures 4`` builds one.
+
 When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
 falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
 """
@@ -125,8 +139,10 @@ def _final(tree: object) -> int:
     return tree[3] if isinstance(tree, tuple) else tree  # type: ignore[index]
 
 
-def check_settings(max_failures: int, give_up: float, bluff: bool) -> None:
-    """``ValueError`` naming the setting when ``(max_failures, give_up, bluff)`` describe no search."""
+def check_settings(max_failures: int, give_up: float, bluff: bool, direct: float = 0.0) -> None:
+    """``ValueError`` naming the setting when ``(max_failures, give_up, bluff, direct)`` describe no corpus."""
+    if not 0.0 <= direct < 1.0:
+        raise ValueError(f"direct must be in [0, 1) (the share of direct answers), got {direct}")
     if not 0.0 <= give_up < 1.0:
         raise ValueError(f"give_up must be in [0, 1), got {give_up}")
     if give_up > 0 and max_failures < 1:
@@ -188,14 +204,21 @@ def render_trace(attempts: Sequence[Attempt], answer: str) -> str:
 
 
 def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_failures: int = 2,
-                    give_up: float = 0.0, bluff: bool = False) -> str:
+                    give_up: float = 0.0, bluff: bool = False, direct: float = 0.0) -> str:
     """The derivational trace (completion text, no EOS) of a Countdown problem; see the module docstring.
 
-    Deterministic in ``(numbers, target, seed)`` (and the two settings). Raises ``ValueError`` when ``target``
+    Deterministic in ``(numbers, target, seed)`` (and the settings). Raises ``ValueError`` when ``target``
     cannot be reached from ``numbers`` at all. With ``give_up > 0`` the trace may end in dead ends and a wrong answer,
-    or with ``bluff`` in an unmarked miss and its wrong answer (see :func:`search`).
+    or with ``bluff`` in an unmarked miss and its wrong answer (see :func:`search`). With probability ``direct``
+    (its own seeded draw) it is a direct answer: ``</think>`` right away and the answer of the first attempt.
     """
-    rng = random.Random(f"{seed}|{','.join(map(str, numbers))}|{target}")
+    key = f"{seed}|{','.join(map(str, numbers))}|{target}"
+    check_settings(max_failures, give_up, bluff, direct)
+    if direct > 0:
+        coin = random.Random(f"direct|{key}")
+        if coin.random() < direct:
+            return _direct_answer(numbers, target, coin)
+    rng = random.Random(key)
     attempts, tree = search(numbers, target, rng, max_failures, give_up, bluff)
     if tree is None:
         tree = solve_tree(list(numbers), target)
@@ -203,6 +226,16 @@ def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_f
             raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
         attempts = [Attempt(tuple(to_steps(tree)), True)]
     return render_trace(attempts, to_expression(tree))
+
+
+def _direct_answer(numbers: Sequence[int], target: int, rng: random.Random) -> str:
+    """A direct answer: no search lines, the answer of the first attempt (right or its near miss)."""
+    _, tree = search(numbers, target, rng, max_failures=1, give_up=0.5)  # gives up at its first dead end
+    if tree is None:
+        tree = solve_tree(list(numbers), target)
+        if tree is None:
+            raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
+    return THINK_CLOSE + ANSWER_OPEN + to_expression(tree) + ANSWER_CLOSE
 
 
 _LINE = re.compile(rf"^(\d+)([-+*/])(\d+)=(\d+)({re.escape(DEAD_END)})?$")
@@ -218,6 +251,8 @@ def parse_trace(completion: str) -> tuple[list[Attempt], str]:
         raise ValueError("trace must end with '</think><answer>...</answer>'")
     attempts: list[Attempt] = []
     current: list[Step] = []
+    if not think:  # a direct answer
+        return attempts, rest[len(ANSWER_OPEN) : -len(ANSWER_CLOSE)]
     for lineno, line in enumerate(think.rstrip("\n").split("\n"), start=1):
         m = _LINE.match(line)
         if m is None:
