@@ -240,10 +240,12 @@ def test_give_up_settings_checked():
 
 
 def test_hand_checked_direct_answer():
-    # seed 0 on (3 5 7 -> 56) draws a direct answer at direct 0.5; the writer's first attempt opens with 7*5=35,
-    # whose completions land on 38 (35+3), 32 (35-3), 105 (35*3): 38 is the closest to 56, so it answers 7*5+3
-    # without a line of work. Seed 3 shows its work, and that trace is the one of direct 0.
-    assert countdown_trace([3, 5, 7], 56, seed=0, max_failures=4, direct=0.5) == "</think><answer>7*5+3</answer>"
+    # at direct 0.5, seed 0 on (3 5 7 -> 56) draws a direct answer; the writer's first attempt opens with 7+3=10,
+    # whose completions land on 15 (10+5), 5 (10-5), 50 (10*5), 2 (10/5): 50 is the closest to 56, so it answers
+    # (7+3)*5 without a line of work. Seed 7's first attempt opens with 5+3=8, which reaches 56: a right direct
+    # answer. Seed 3 shows its work, and that trace is the one of direct 0.
+    assert countdown_trace([3, 5, 7], 56, seed=0, max_failures=4, direct=0.5) == "</think><answer>(7+3)*5</answer>"
+    assert countdown_trace([3, 5, 7], 56, seed=7, max_failures=4, direct=0.5) == "</think><answer>(5+3)*7</answer>"
     assert countdown_trace([3, 5, 7], 56, seed=3, max_failures=4, direct=0.5) == (
         "5+3=8\n8*7=56\n</think><answer>(5+3)*7</answer>")
     assert parse_trace("</think><answer>7*5+3</answer>") == ([], "7*5+3")

@@ -215,8 +215,8 @@ def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_f
     key = f"{seed}|{','.join(map(str, numbers))}|{target}"
     check_settings(max_failures, give_up, bluff, direct)
     if direct > 0:
-        coin = random.Random(f"direct|{key}")
-        if coin.random() < direct:
+        coin = random.Random(f"show|{key}")
+        if coin.random() >= 1.0 - direct:  # the writer shows its work with probability 1 - direct
             return _direct_answer(numbers, target, coin)
     rng = random.Random(key)
     attempts, tree = search(numbers, target, rng, max_failures, give_up, bluff)
