@@ -57,10 +57,10 @@ drawn apart from the search itself, so the traces that show their work are those
     Numbers: 3 5 7. Target: 56.
     <think></think><answer>3*(7-5)</answer>
 
-Answering directly means computing the whole expression at once, which a small model does far worse than writing
-the steps, so a base pretrained on such a mix picks a style with its first token, and the two styles differ in
-accuracy: a choice that RL (or filtered SFT) can select on, as RL selects the longer reasoning that a base
-model's pretraining data already holds. ``tokenmdp pretrain --direct 0.6 --max-failures 4`` builds one.
+A base pretrained on such a mix picks a style with its first token: a choice that RL (or filtered SFT) could
+select on, if the styles differed in accuracy. At the default model size they hardly do (the shown work loses
+most of its accuracy in the mix): ``tokenmdp pretrain --direct 0.6 --max-failures 4`` builds one, and
+``benchmarks/RESULTS.md`` ("Direct answers mixed with shown work") has its figures.
 
 When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
 falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
