@@ -186,6 +186,22 @@ def test_resume_gives_identical_parameters(tmp_path, tiny_random_dir):
     assert json.loads((run / "DONE").read_text())["steps"] == 5
 
 
+def test_extending_a_run_equals_the_longer_run(tmp_path, tiny_random_dir):
+    """A finished 2-step run extended to 4 steps by a resume ends with the parameters of a 4-step run, also on a
+    split of 5 problems, which the 2-step run (4 prompts) fits in and the 4-step run (8 prompts) cycles through."""
+    extra = ("task.options.size=5", "algo.kl_coef=0")
+    straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.steps=4", name="straight"), progress=False)
+    short = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.steps=2", name="extended")
+    run = train(short, progress=False)
+    longer = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.steps=4", name="extended")
+    assert train(longer, resume=True, progress=False) == run
+    a, b = _params(straight / "final"), _params(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    prompts = [pd.read_parquet(r / "samples.parquet").groupby("step")["prompt"].apply(list).tolist()
+               for r in (straight, run)]
+    assert prompts[0] == prompts[1]
+
+
 def test_resume_refuses_a_different_config(tmp_path, tiny_random_dir):
     cfg = _cfg(tmp_path, tiny_random_dir, "isft+", "run.steps=1")
     train(cfg, progress=False)
@@ -233,6 +249,13 @@ def test_prompt_stream_is_a_function_of_the_seed_only(tmp_path, tiny_random_dir)
     cycled = [p.id for step in prompt_stream(small, seed=1, steps=3, prompts_per_step=5) for p in step]
     assert sorted(cycled[:7]) == sorted(p.id for p in small.problems("train", seed=1))
     assert len(cycled) == 15 and sorted(set(cycled)) == sorted(cycled[:7])
+    assert cycled[:7] == [p.id for p in small.problems("train", seed=1)]  # epoch 0 in the task's order
+    assert cycled[7:14] != cycled[:7] and sorted(cycled[7:14]) == sorted(cycled[:7])  # epoch 1 a permutation
+    # prefix-stable across run lengths, whether the run fits in the split (5 < 7) or cycles it (15, 35 > 7)
+    for steps in (1, 3, 7):
+        longer = prompt_stream(small, seed=1, steps=steps, prompts_per_step=5)
+        assert longer[:1] == prompt_stream(small, seed=1, steps=1, prompts_per_step=5)
+        assert longer[: min(steps, 3)] == prompt_stream(small, seed=1, steps=3, prompts_per_step=5)[: min(steps, 3)]
     # two algorithms trained with the same seed saw the same prompts, step by step
     runs = [train(_cfg(tmp_path, tiny_random_dir, algo, "run.steps=2"), progress=False) for algo in ("rloo", "isft-")]
     prompts = [pd.read_parquet(r / "samples.parquet").groupby("step")["prompt"].apply(list).tolist() for r in runs]

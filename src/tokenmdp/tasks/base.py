@@ -120,7 +120,9 @@ class Task(ABC):
 
     @abstractmethod
     def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
-        """Problems of ``split`` ("train" or "test"): a function of ``(split, n, seed)`` only."""
+        """Problems of ``split`` ("train" or "test"): a function of ``(split, n, seed)`` only, and prefix-stable:
+        the first ``k`` problems of a call with ``n > k`` are those of the call with ``n = k`` (the prompt stream of
+        a shorter run is then a prefix of a longer one's, :func:`tokenmdp.train.data.prompt_stream`)."""
 
     @abstractmethod
     def render(self, problem: Problem, template: str | None = None) -> str:

@@ -18,9 +18,11 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     """The problems of every training step: ``steps`` lists of ``prompts_per_step`` problems.
 
     The problems are ``task.problems(split, n=steps * prompts_per_step, seed=seed)`` in order. A split that holds
-    fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled in epochs, epoch
-    ``e >= 0`` a permutation of all of them drawn from ``numpy.random.default_rng([seed, e])``. Nothing here
-    depends on the algorithm or the model.
+    fewer problems (``task.num_problems(split)``: a dataset, or a small generated task) is cycled in epochs: epoch 0
+    is the split in the task's order, epoch ``e >= 1`` a permutation of it drawn from
+    ``numpy.random.default_rng([seed, e])``. The stream of a shorter run is a prefix of the stream of a longer one
+    (``prompt_stream(steps=n)`` is ``prompt_stream(steps=m)[:n]`` for ``n <= m``), so a run extended by ``--resume``
+    sees the prompts of a run that was that long from the start. Nothing here depends on the algorithm or the model.
     """
     if steps < 0 or prompts_per_step < 1:
         raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, {prompts_per_step}")
@@ -31,9 +33,7 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     pool = list(task.problems(split, n=need if size is None else min(need, size), seed=seed))
     if not pool:
         raise TokenMDPError(f"task {getattr(task, 'name', task)!r} has no {split!r} problems")
-    # a split that fits whole is shuffled from the first epoch on: a generator finds its rarest problems last
-    first = pool[:need] if len(pool) >= need else None
-    return _cut(_epochs(pool, need, seed=seed, first=first), prompts_per_step, steps)
+    return _cut(_epochs(pool, need, seed=seed, first=pool), prompts_per_step, steps)
 
 
 def _epochs(pool: list, need: int, *, seed: int, first: list | None = None) -> list:
