@@ -18,13 +18,19 @@ draws, see below):
   an evaluation every 20 steps on 300 x 4: 20.9% -> 22.9 / 25.8 / 26.8 / 28.2 / 27.5 / 27.0% at steps 20 ...
   120 (+6.1).
 
+* 2026-12-01, the same slower machine, after the prompt stream kept a cycled split's first epoch in the task's
+  order (``tokenmdp.train.data.prompt_stream``; 120 x 32 prompts cycle the 2,233 train problems): this test,
+  500 x 8, 22.9% -> 33.1% (+10.2), and with ``run.seed`` 1 and 2 -> 32.4% (+9.5) and 29.4% (+6.5), 23.5 CPU
+  minutes each (two runs side by side). Mean +8.7 over the three seeds. The same prefix of the seed-0 run with an
+  evaluation every 10 steps (300 x 4, base 20.9%): 23.2 / 25.1 / 25.3 / 25.3% at steps 10 ... 40.
+
 A base pretrained on give-up traces (``tokenmdp pretrain --give-up 0.4 --max-failures 8``) gained +8.6 to +10.5
 points at steps 80-120 from 13.3%, below the base model's band (benchmarks/RESULTS.md, "Other trace kinds").
 
-So the effect is +5.5 to +10 points depending on the machine's float trajectory, short of the issue's +10 for a
-robust test, and the curve flattens after about 80 steps on this base model (see the closing note of the trainer
-issue: most failures come after the two dead ends that every pretraining trace stops at). The assertion asks for
-+3, which a run that does not learn (about +0, with a sampling noise near one point on 500 x 8) fails.
+So the effect is +6.5 to +10 points over seeds and machines, short of the issue's +10 for a robust test, and it
+takes the 120 steps (9.4 CPU minutes on the first machine, 23.5 here): at 40 steps (about 8 CPU minutes here)
+it is +4.4. The assertion asks for +3, which a run that does not learn (about +0, with a sampling noise near one
+point on 500 x 8) fails.
 """
 
 from __future__ import annotations
