@@ -167,6 +167,12 @@ def search(
     this move set reaches ``target`` before the search stops.
     """
     check_settings(max_failures, give_up, bluff)
+    return _search(numbers, target, rng, max_failures, give_up, bluff)
+
+
+def _search(numbers: Sequence[int], target: int, rng: random.Random, max_failures: int, give_up: float,
+            bluff: bool) -> tuple[list[Attempt], object]:
+    """:func:`search` without the check of its settings (the caller has made it)."""
     pool: list[tuple[int, object]] = [(int(x), int(x)) for x in numbers]
     values = [v for v, _ in pool]
     firsts = moves(values)
@@ -219,23 +225,27 @@ def countdown_trace(numbers: Sequence[int], target: int, *, seed: int = 0, max_f
         if coin.random() >= 1.0 - direct:  # the writer shows its work with probability 1 - direct
             return _direct_answer(numbers, target, coin)
     rng = random.Random(key)
-    attempts, tree = search(numbers, target, rng, max_failures, give_up, bluff)
+    attempts, tree = _search(numbers, target, rng, max_failures, give_up, bluff)
     if tree is None:
-        tree = solve_tree(list(numbers), target)
-        if tree is None:
-            raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
+        tree = _reference_tree(numbers, target)
         attempts = [Attempt(tuple(to_steps(tree)), True)]
     return render_trace(attempts, to_expression(tree))
 
 
 def _direct_answer(numbers: Sequence[int], target: int, rng: random.Random) -> str:
     """A direct answer: no search lines, the answer of the first attempt (right or its near miss)."""
-    _, tree = search(numbers, target, rng, max_failures=1, give_up=0.5)  # gives up at its first dead end
+    _, tree = _search(numbers, target, rng, 1, 0.5, False)  # gives up at its first dead end
     if tree is None:
-        tree = solve_tree(list(numbers), target)
-        if tree is None:
-            raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
+        tree = _reference_tree(numbers, target)
     return THINK_CLOSE + ANSWER_OPEN + to_expression(tree) + ANSWER_CLOSE
+
+
+def _reference_tree(numbers: Sequence[int], target: int) -> object:
+    """The task's reference solution, for a target this move set cannot reach; ``ValueError`` when none exists."""
+    tree = solve_tree(list(numbers), target)
+    if tree is None:
+        raise ValueError(f"no solution: numbers {list(numbers)}, target {target}")
+    return tree
 
 
 _LINE = re.compile(rf"^(\d+)([-+*/])(\d+)=(\d+)({re.escape(DEAD_END)})?$")
