@@ -59,9 +59,10 @@ def load_model(path: str | None, *, random_init: bool = False, device: str = "cp
     full-size architecture without its checkpoint).
     """
     from tokenmdp.policy.model import DTYPES, load_policy
-    from tokenmdp.policy.tiny import BASE_NAME, BASE_SETTINGS, build_tiny_random, cache_root
+    from tokenmdp.base.store import BASE_SETTINGS, ensure_tiny_base
+    from tokenmdp.policy.tiny import build_tiny_random
 
-    candidate = Path(path) if path else cache_root() / BASE_NAME
+    candidate = Path(path) if path else ensure_tiny_base()
     if random_init and path:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -83,7 +84,7 @@ def load_model(path: str | None, *, random_init: bool = False, device: str = "cp
 
 def make_prompts(count: int, seed: int = 0) -> list[str]:
     try:
-        from tokenmdp.policy.tiny import BASE_TASK_KWARGS
+        from tokenmdp.base.store import BASE_TASK_KWARGS
         from tokenmdp.tasks import get_task
 
         task = get_task("countdown", **BASE_TASK_KWARGS)

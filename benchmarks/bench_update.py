@@ -34,7 +34,7 @@ from tokenmdp.train.setup import build_components  # noqa: E402
 
 
 def _model_path() -> tuple[str, str]:
-    from tokenmdp.policy.tiny import ensure_tiny_base
+    from tokenmdp.base.store import ensure_tiny_base
 
     path = ensure_tiny_base(progress=True)
     return str(path), f"tiny base model ({path})"

@@ -193,3 +193,18 @@ def test_tracker_writes_plain_lines_where_bars_do_not_show():
         tracker("skip", "base", 9)  # nothing computed yet: no estimate of the time left
     assert lines == [lines[0]] and lines[0].endswith(" 90% done: reused base")
     assert _minutes(75) == "1m15s" and _minutes(3600) == "60m00s"
+
+
+def test_presets_fill_settings_and_options_override_them():
+    from tokenmdp.experiments.compare import make_settings
+    from tokenmdp.experiments.compare_settings import COMPARE_PRESETS
+
+    s = make_settings("paper-small", seeds=2, steps=5, overrides=["algo.kl_coef=0"])
+    assert s.algos == COMPARE_PRESETS["paper-small"]["algos"] and s.seeds == [0, 1] and s.steps == 5
+    assert s.prompts_per_step == 32 and s.lr == 2e-4
+    assert s.overrides == ["optim.warmup_steps=10", "algo.kl_coef=0"]  # --set adds to the preset's overrides
+    demo = make_settings("demo")
+    assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2]
+    assert make_settings(None).algos == list(make_settings(None, algos=None).algos)
+    with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small"):
+        make_settings("paper-big")

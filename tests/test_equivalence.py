@@ -9,7 +9,7 @@ from tokenmdp.algos.advantages import grpo_advantages
 from tokenmdp.algos.isft import isft_loss
 from tokenmdp.algos.losses import policy_loss
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.equivalence import cosine, flat_grad, gradient_cosines
+from tokenmdp.train.equivalence import cosine, flat_grad, gradient_cosines
 from tokenmdp.policy.logprobs import sequence_logprobs
 
 PROMPTS = ["3 5 7 = 22\n", "1 2 = 3\n", "9 4 8 = 1\n"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.evaluate import evaluate, save_eval
+from tokenmdp.train.heldout import evaluate, save_eval
 from tokenmdp.rollout import Rollout
 from tokenmdp.tasks.base import Problem, Score, Task
 

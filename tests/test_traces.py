@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tokenmdp.policy.traces import DEAD_END, Attempt, countdown_trace, moves, parse_trace, render_trace
+from tokenmdp.base.traces import DEAD_END, Attempt, countdown_trace, moves, parse_trace, render_trace
 from tokenmdp.tasks.countdown_verify import apply_op, verify_equation
 
 
@@ -205,7 +205,7 @@ def test_bluff_traces_well_formed(give_up, max_failures):
 def test_give_up_rate_matches_the_geometric_patience():
     """Exact: on problems whose first viable first move comes after d dead ends in the search order, the writer
     reaches the target with probability (1 - g)^d (d < max_failures), so the mean over many seeds is close to it."""
-    import tokenmdp.policy.traces as traces
+    import tokenmdp.base.traces as traces
 
     g, rng = 0.4, random.Random(5)
     by_depth: dict[int, list[bool]] = {}
@@ -259,7 +259,7 @@ def test_direct_answers_share_and_accuracy_match_exact_enumeration():
     """Exact: a trace is direct with probability ``direct``, and a direct answer is right with probability (viable
     first moves) / (first moves) of its problem, the chance that the first move of a shuffled order reaches the
     target. Both means over many problems and seeds lie within 3 standard errors of those values."""
-    import tokenmdp.policy.traces as traces
+    import tokenmdp.base.traces as traces
 
     share, rng = 0.6, random.Random(9)
     direct, right, expected = 0, [], []

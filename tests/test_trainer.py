@@ -91,7 +91,7 @@ def _components(tmp_path, model_dir, algo, *extra):
     from tokenmdp.train.setup import build_components
 
     cfg = _cfg(tmp_path, model_dir, algo, "rollout.prompts_per_step=3", "rollout.max_new_tokens=8", *extra)
-    return build_components(cfg, tmp_path / "unused", progress=False)
+    return build_components(cfg, tmp_path / "unused")
 
 
 @pytest.mark.parametrize("algo", ["grpo", "bnpo", "dr_grpo", "ppo", "isft+", "isft+-adv", "dpo"])

@@ -45,7 +45,7 @@ register_task("leading_digit", LeadingDigitTask)
 
 
 def _heldout_accuracy(run_or_model_dir, n=200, k=4) -> float:
-    from tokenmdp.experiments.evaluate import evaluate
+    from tokenmdp.train.heldout import evaluate
     from tokenmdp.policy.model import load_policy
 
     policy = load_policy(str(run_or_model_dir))

@@ -15,7 +15,7 @@ Weighting by ``weighting``:
   ``aggregation="token_mean"`` this is plain SFT on the kept tokens (the default).
 * ``"advantage"``: ``w_i = A_i`` (given ``advantages``, e.g. GRPO's). With ``aggregation="seq_mean_token_mean"``
   this is the paper's ``A_i / |o_i|`` weighting: ``loss = -(1/G) sum_i (A_i / |o_i|) sum_t log pi(o_it)``, whose
-  gradient equals the on-policy, KL-free GRPO gradient (``tokenmdp.experiments.equivalence`` measures it).
+  gradient equals the on-policy, KL-free GRPO gradient (``tokenmdp.train.equivalence`` measures it).
 
 Hand example (the tests): log-probs ``[[-1, -1], [-2, 0]]`` (mask all ones), correct ``[True, False]``, constant
 weights, token_mean: ``"+"`` -> ``-(-1 - 1) / 2 = 1``; ``"-"`` -> ``(-2 + 0) / 2 = -1``; ``"+-"`` ->

@@ -15,6 +15,8 @@ The presets (each states how it differs from its neighbours):
 * ``rloo``: leave-one-out group baseline (Ahmadian et al. 2024), otherwise as ``reinforce``.
 * ``grpo``: group mean and group std (unbiased, as TRL/verl), per-sequence token mean (the ``1/|o_i|`` factor),
   clip 0.2, KL to the reference by k3 in the loss with weight 0.04 (DeepSeekMath), one epoch.
+* ``grpo_nokl``: ``grpo`` without the KL (beta = 0): with one on-policy epoch it takes the same step as
+  ``isft+-adv`` (the reduction of arXiv 2505.13697).
 * ``bnpo``: ``grpo`` with the token-mean aggregation (batch-normalised tokens).
 * ``dr_grpo``: no std division, token sum divided by a constant ``max_len``, no KL (Liu et al. 2025).
 * ``dapo``: group std, token mean, asymmetric clip 0.2 / 0.28, no KL, dynamic sampling (drop groups whose rewards
@@ -43,6 +45,7 @@ from tokenmdp.algos.isft import ISFT_MODES, ISFT_WEIGHTINGS
 from tokenmdp.algos.losses import AGGREGATIONS, KL_ESTIMATORS
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.credit import CREDIT, assign_credit
+from tokenmdp.values import parse_value
 
 CHOICES: dict[str, tuple] = {
     "kind": ("pg", "isft", "dpo"),
@@ -151,6 +154,29 @@ class AlgoSpec:
         """Whether the advantage needs groups of responses to the same prompt."""
         return (self.kind == "pg" and self.advantage in ("grpo", "rloo")) or self.kind == "dpo"
 
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the KL is subtracted from the token rewards (PPO-RLHF) rather than added to the loss."""
+        return self.kl_in == "reward" and self.kl_coef > 0
+
+    @property
+    def loss_kl_coef(self) -> float:
+        """The KL weight of the loss term (0 when the KL sits in the reward or is off)."""
+        return self.kl_coef if self.kl_in == "loss" else 0.0
+
+    @property
+    def credit_kwargs(self) -> dict[str, float]:
+        """Keyword arguments of :func:`tokenmdp.mdp.credit.assign_credit` for this spec's credit."""
+        return {"gamma": self.credit_gamma} if self.credit == "discounted" else {}
+
+    def divisor(self, max_new_tokens: int) -> int:
+        """The constant of the ``seq_sum_const`` aggregation: ``max_len``, else the rollout's ``max_new_tokens``."""
+        return self.max_len or max_new_tokens
+
+    def trains_on_pairs(self, dpo_data: object | None) -> bool:
+        """Whether a step trains on offline preference pairs (DPO with a pairs file) instead of rollouts."""
+        return self.kind == "dpo" and dpo_data is not None
+
     def choices(self) -> dict[str, Any]:
         """The fields that matter for this spec, in a fixed order (for printing); irrelevant knobs are hidden."""
         keys = ["kind"]
@@ -187,6 +213,9 @@ PRESETS: dict[str, AlgoSpec] = {
         _preset("grpo", "group mean/std advantage; per-sequence token mean; clip 0.2; k3 KL 0.04 in the loss",
                 advantage="grpo", std_scale="group", std="unbiased", aggregation="seq_mean_token_mean",
                 kl_coef=0.04, kl_estimator="k3", kl_in="loss", **_PG_ONE_EPOCH),
+        _preset("grpo_nokl", "grpo without the KL term (the paper's 'GRPO no KL'; the form the reduction is about)",
+                advantage="grpo", std_scale="group", std="unbiased", aggregation="seq_mean_token_mean",
+                **_PG_ONE_EPOCH),
         _preset("bnpo", "grpo with the token-mean aggregation",
                 advantage="grpo", std_scale="group", std="unbiased", aggregation="token_mean",
                 kl_coef=0.04, kl_estimator="k3", kl_in="loss", **_PG_ONE_EPOCH),
@@ -214,14 +243,13 @@ PRESETS: dict[str, AlgoSpec] = {
 }
 
 
-_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
-
-
 def _coerce(name: str, value: Any, ftype: str) -> Any:
-    """Check an override against the field's type; accept strings (command line) and integral floats (YAML)."""
+    """Check an override against the field's type; strings (command line) are read by
+    :func:`tokenmdp.values.parse_value` first, and integral floats (YAML) are accepted for integer fields."""
     optional, base = "None" in ftype, ftype.split("|")[0].strip()
-    text = value.strip().lower() if isinstance(value, str) else None
-    if value is None or (base != "str" and text in ("none", "null")):
+    if isinstance(value, str) and base != "str":  # "none" (any case) means None, as "null" does
+        value = None if value.strip().lower() == "none" else parse_value(value, where=f"algo field {name!r}")
+    if value is None:
         if optional:
             return None
         raise TokenMDPError(f"algo field {name!r} cannot be None")
@@ -233,22 +261,16 @@ def _coerce(name: str, value: Any, ftype: str) -> Any:
     if base == "bool":
         if isinstance(value, bool):
             return value
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
+        if value in (0, 1):
+            return bool(value)
         raise bad
-    if isinstance(value, bool):
-        raise bad
-    try:
-        number = float(text) if text is not None else value
-    except ValueError:
-        raise bad from None
-    if not isinstance(number, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
     if base == "int":
-        if float(number) != int(number):
+        if float(value) != int(value):
             raise bad
-        return int(number)
-    return float(number)
+        return int(value)
+    return float(value)
 
 
 def get_algo(name: str | AlgoSpec, **overrides: Any) -> AlgoSpec:
@@ -320,8 +342,7 @@ def compute_advantages(
     if token_rewards is None:
         if spec.credit == "process":
             raise TokenMDPError("credit 'process' needs token_rewards from the step verifier (mdp.credit.process)")
-        kw = {"gamma": spec.credit_gamma} if spec.credit == "discounted" else {}
-        token_rewards = assign_credit(spec.credit, rewards, mask, **kw)
+        token_rewards = assign_credit(spec.credit, rewards, mask, **spec.credit_kwargs)
     returns = None
     if spec.advantage == "gae":
         if values is None:

@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+from tokenmdp.progress import console, err_console
+
+__all__ = ["console", "emit_json", "err_console"]
 
 
 def _default(obj: Any) -> Any:

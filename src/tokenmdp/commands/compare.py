@@ -20,24 +20,28 @@ def _split(values: list[str] | None) -> list[str] | None:
 def compare_cmd(
     algos: list[str] | None = typer.Option(None, "--algos", help="Comma-separated presets "
                                            "(default: grpo,dr_grpo,ppo,rloo,isft+,isft+-)."),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds (0..n-1)."),
+    preset: str | None = typer.Option(None, "--preset", help="Named settings: demo (the main job, ~15 min) or "
+                                      "paper-small (5 seeds x 60 steps, ~3 h); other options override them."),
+    seeds: int | None = typer.Option(None, "--seeds", min=1, help="Number of seeds (0..n-1; default 3)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps per run (default: sized for CPU)."),
     model: str | None = typer.Option(None, "--model", help="Base model folder (default: the embedded tiny model)."),
-    task: str = typer.Option("countdown", "--task", help="countdown, gsm8k or pkg.module:Class."),
+    task: str | None = typer.Option(None, "--task", help="countdown (default), gsm8k or pkg.module:Class."),
     option: list[str] | None = typer.Option(None, "--task-option", "-o", help="Task option KEY=VALUE, repeatable."),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: from tokenmdp.json)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Output folder."),
-    eval_n: int = typer.Option(500, "--eval-n", min=1, help="Held-out problems (test split, never trained on)."),
+    eval_n: int | None = typer.Option(None, "--eval-n", min=1, help="Held-out problems (test split, never trained "
+                                      "on; default 500)."),
     k: int | None = typer.Option(None, "--k", min=1, help="Held-out samples per problem (pass@k, majority@k)."),
     prompts_per_step: int | None = typer.Option(None, "--prompts-per-step", min=1, help="Prompts per training step."),
     group_size: int | None = typer.Option(None, "--group-size", min=1, help="Samples per prompt in training."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate of every algorithm (default: 1e-4 "
                                       "for the embedded tiny model, else the trainer's)."),
-    engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
+    engine: str | None = typer.Option(None, "--engine", help="Rollout engine: fast (default), hf or vllm."),
     eval_every: int | None = typer.Option(None, "--eval-every", min=0, help="Steps between the trainer's held-out "
                                           "accuracy points (default: steps // 4; 0: off)."),
-    report_to: str = typer.Option("none", "--report-to", help="none or tensorboard (accelerate trackers)."),
+    report_to: str | None = typer.Option(None, "--report-to", help="none (default) or tensorboard (accelerate "
+                                         "trackers)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Training config override key=value, repeatable."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "
@@ -50,13 +54,13 @@ def compare_cmd(
     """Train each algorithm for each seed on the same prompt stream, evaluate every final model and the base model
     on one fixed held-out set, and write summary.csv, summary.md, plots/ and report.html into --out."""
     from tokenmdp.commands.tasks import parse_options
-    from tokenmdp.experiments.compare import DEFAULT_ALGOS, compare
+    from tokenmdp.experiments.compare import compare
     from tokenmdp.experiments.report import markdown_table, summary_rows
     from tokenmdp.experiments.runs import collect
 
-    opts = {"task_kwargs": parse_options(option), "template": template, "max_new_tokens": max_new_tokens,
+    opts = {"task_kwargs": parse_options(option) or None, "template": template, "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
-            "overrides": list(set_ or []), "cache_dir": cache_dir, "threads": threads,
+            "overrides": list(set_) if set_ else None, "cache_dir": cache_dir, "threads": threads,
             "workers": workers}
     for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
         if value is not None:
@@ -64,7 +68,7 @@ def compare_cmd(
     kw = {"steps": steps} if steps is not None else {}
     if k is not None:
         kw["k"] = k
-    folder = compare(_split(algos) or list(DEFAULT_ALGOS), seeds, model=model, task=task, out=out, eval_n=eval_n,
+    folder = compare(_split(algos), seeds, model=model, task=task, out=out, eval_n=eval_n, preset=preset,
                      overwrite=overwrite, **kw, **opts)
     col = collect([folder])
     rows = summary_rows(col)

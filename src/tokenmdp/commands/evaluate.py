@@ -61,12 +61,12 @@ def run_eval_command(*, model, task, data, split, n, k, n_samples, template, opt
                      engine, batch_size, greedy, seed, device, dtype, threads) -> dict:
     """Resolve the defaults (the embedded model, ``tokenmdp.json``), load, evaluate with a progress bar."""
     from tokenmdp.commands.tasks import parse_options
-    from tokenmdp.experiments.evaluate import evaluate, load_eval_problems, resolve_eval_setup
+    from tokenmdp.train.heldout import evaluate, load_eval_problems, resolve_eval_setup
     from tokenmdp.policy.model import load_policy
     from tokenmdp.tasks import get_task
 
     if model is None:
-        from tokenmdp.policy.tiny import ensure_tiny_base
+        from tokenmdp.base.store import ensure_tiny_base
 
         model = str(ensure_tiny_base())
         threads = threads or 1

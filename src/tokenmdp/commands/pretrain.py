@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.values import parse_assignments
 
 FIGURES = [
     ("sampled_accuracy", "sampled accuracy (T=1)"),
@@ -24,19 +25,8 @@ FIGURES = [
 
 
 def parse_task_args(items: list[str]) -> dict:
-    """``["high=20", "num_count=3"]`` -> ``{"high": 20, "num_count": 3}`` (values read as YAML scalars/lists)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TokenMDPError(f"--task-arg {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise TokenMDPError(f"--task-arg {item!r}: cannot read the value ({exc})") from exc
-    return out
+    """``["high=20", "num_count=3"]`` -> ``{"high": 20, "num_count": 3}`` (:func:`tokenmdp.values.parse_value`)."""
+    return parse_assignments(items, option="--task-arg", example="high=20")
 
 
 def _print_summary(path: Path, meta: dict, figures: dict | None) -> None:
@@ -92,11 +82,17 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default 1: the "
+                                              "fastest for a model this small)."),
     ) -> None:
         """Pretrain the tiny base model on derivational search traces (char tokenizer, small Qwen2)."""
+        import torch
+
+        from tokenmdp.base.measure import measure_base
+        from tokenmdp.base.pretrain import DEFAULT_THREADS, pretrain
+        from tokenmdp.base.store import BASE_EVAL, BASE_SETTINGS, cache_root, ensure_tiny_base
         from tokenmdp.commands._common import emit_json
-        from tokenmdp.policy.tiny import BASE_EVAL, BASE_SETTINGS, ensure_tiny_base, pretrain, read_meta
-        from tokenmdp.policy.tiny_eval import measure_base
+        from tokenmdp.policy.model import read_meta
 
         if eval_problems is not None and eval_problems > 0:
             evaluate = True  # asking for a number of held-out problems is asking for the measurement
@@ -111,21 +107,17 @@ def register(app: typer.Typer) -> None:
         if measure_only:
             path = out
         elif out is None and not overwrite and settings == BASE_SETTINGS and task == "countdown" and not task_arg:
-            path = ensure_tiny_base(progress=not quiet)
+            path = ensure_tiny_base(cache_root(), progress=not quiet)  # built in the cache, not the shipped copy
         else:
             if out is None:
                 raise TokenMDPError("--out is required when settings differ from the embedded base model's")
             path = pretrain(task, out, task_kwargs=task_kwargs, overwrite=overwrite, progress=not quiet,
-                            eval_problems=eval_problems, eval_k=k, **settings)
+                            eval_problems=eval_problems, eval_k=k, threads=threads, **settings)
         meta = read_meta(path)
         figures = meta.get("eval")
         if evaluate and (measure_only or figures is None or figures.get("n_problems") != eval_problems
                          or figures.get("k") != k):
-            import torch
-
-            from tokenmdp.policy.tiny_train import default_threads
-
-            torch.set_num_threads(default_threads())
+            torch.set_num_threads(threads or DEFAULT_THREADS)
             figures = measure_base(path, n_problems=eval_problems, k=k, seed=seed, progress=not quiet)
         if as_json:
             emit_json({"path": str(path), "pretrain": meta.get("pretrain"), "max_new_tokens": meta["max_new_tokens"],

@@ -8,6 +8,7 @@ import typer
 
 from tokenmdp.commands._common import console, emit_json
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.values import parse_assignments
 
 tasks_app = typer.Typer(help="Verifiable tasks: list them, show sample problems with prompts and a solution.",
                         no_args_is_help=True)
@@ -24,20 +25,9 @@ def register(app: typer.Typer) -> None:
 
 
 def parse_options(options: list[str] | None) -> dict[str, Any]:
-    """``["num_count=3", "rewards=[1, 0, 0]"]`` -> ``{"num_count": 3, "rewards": [1, 0, 0]}`` (values as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in options or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise TokenMDPError(f"task option {item!r} must look like KEY=VALUE")
-        try:
-            out[key] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            out[key] = value
-    return out
+    """``["num_count=3", "rewards=[1, 0, 0]"]`` -> ``{"num_count": 3, "rewards": [1, 0, 0]}``
+    (:func:`tokenmdp.values.parse_value`)."""
+    return parse_assignments(options, option="task option", example="num_count=3")
 
 
 def _accepts(name: str, option: str) -> bool:

@@ -59,7 +59,12 @@ def _config(config: Optional[Path], algo: Optional[str], sets: list[str], out: O
         config = out / "config.yaml"
         if not config.is_file():
             raise TokenMDPError(f"cannot resume {out}: no config.yaml there")
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    if not cfg.model.path:  # the embedded base model: train() is handed its folder
+        from tokenmdp.base.store import ensure_tiny_base
+
+        cfg.model.path = str(ensure_tiny_base(cfg.model.cache_dir))
+    return cfg
 
 
 def _summary(run_dir: Path, as_json: bool) -> None:

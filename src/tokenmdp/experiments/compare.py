@@ -34,68 +34,9 @@ import yaml
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
-
-DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
-# the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
-# (smaller) set of the same split with the same seed
-HELDOUT_SEED = 0
-TINY_LR = 1e-4  # every algorithm on the embedded tiny model: 1e-3 collapsed every algorithm to 0% in 5 steps, and 3e-4
-# lowered held-out greedy accuracy in 20 steps (grpo 29.5% -> 16.5%, isft+ -> 4%); 1e-4 kept it (12 steps)
-
-
-@dataclass
-class CompareSettings:
-    """Everything a comparison is a function of (written to ``compare.json``)."""
-
-    algos: list[str] = field(default_factory=lambda: list(DEFAULT_ALGOS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 20
-    model: str | None = None
-    task: str = "countdown"
-    task_kwargs: dict = field(default_factory=dict)
-    template: str | None = None
-    eval_n: int = 500
-    k: int = 4
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int | None = None
-    lr: float | None = None  # None: TINY_LR for the embedded tiny model, else the trainer's default
-    engine: str = "fast"
-    eval_batch_size: int = 512
-    eval_temperature: float = 1.0
-    eval_every: int | None = None  # the trainer's held-out curve: None = every steps // 4 steps, 0 = off
-    curve_n: int = 64  # problems of that curve (the first of the held-out set), greedy + curve_k samples each
-    curve_k: int = 1
-    report_to: str = "none"
-    overrides: list[str] = field(default_factory=list)
-    heldout_seed: int = HELDOUT_SEED
-    cache_dir: str | None = None
-    threads: int | None = None  # torch CPU threads; None: 1 for the embedded tiny model (fastest), else torch's
-    workers: int | None = None  # runs in parallel processes; None: 2 for the embedded tiny model on >= 2 CPUs, else 1
-
-
-def _validate(s: CompareSettings) -> None:
-    from tokenmdp.algos.registry import PRESETS
-
-    if not s.algos:
-        raise TokenMDPError("--algos: name at least one algorithm")
-    for a in s.algos:
-        if a not in PRESETS:
-            raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
-    for name in ("threads", "workers"):
-        if getattr(s, name) is not None and getattr(s, name) < 1:
-            raise TokenMDPError(f"--{name} must be at least 1, got {getattr(s, name)}")
-    if len(set(s.algos)) != len(s.algos):
-        raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
-    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
-        raise TokenMDPError(f"--seeds: need at least one seed and no repeats, got {s.seeds}")
-    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_k"):
-        if getattr(s, name) < 1:
-            raise TokenMDPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-
-
-def _eval_every(s: CompareSettings) -> int:
-    return max(1, s.steps // 4) if s.eval_every is None else s.eval_every
+from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, DEFAULT_ALGOS, HELDOUT_SEED, TINY_LR,
+                                                   CompareSettings, curve_every, preset_settings,
+                                                   validate_settings)
 
 
 def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens: int) -> dict:
@@ -107,7 +48,7 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
                     "max_new_tokens": max_new_tokens},
         "algo": {"name": algo},
         "optim": {},
-        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": _eval_every(s),
+        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": curve_every(s),
                 "eval_n": min(s.eval_n, s.curve_n), "eval_k": s.curve_k, "eval_greedy": True,
                 "report_to": s.report_to, "log_samples": True,
                 "equivalence": algo == "grpo", "overwrite": True},
@@ -159,21 +100,31 @@ class _Plan:
 
 
 
-def _make_settings(algos, seeds, steps, model, task, eval_n, k, options) -> CompareSettings:
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
-    unknown = set(options) - set(CompareSettings.__dataclass_fields__)
+def make_settings(preset: str | None = None, **given) -> CompareSettings:
+    """The settings of a comparison: ``preset``'s (:data:`COMPARE_PRESETS`), then the ``given`` options (fields of
+    :class:`CompareSettings`; ``seeds`` may be a count, seeds 0..n-1; ``overrides`` add to the preset's), then the
+    defaults; validated."""
+    unknown = set(given) - set(CompareSettings.__dataclass_fields__)
     if unknown:
         raise TokenMDPError(f"compare: unknown option(s) {', '.join(sorted(unknown))}")
-    s = CompareSettings(algos=list(algos), seeds=seed_list, steps=steps, model=model, task=task, eval_n=eval_n,
-                        k=k, **options)
-    _validate(s)
+    base = preset_settings(preset)
+    merged = {**base, **{k: v for k, v in given.items() if v is not None}}
+    if base.get("overrides") and given.get("overrides"):  # --set adds to the preset's config overrides
+        merged["overrides"] = base["overrides"] + list(given["overrides"])
+    seeds = merged.get("seeds")
+    if seeds is not None:
+        merged["seeds"] = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
+    if "algos" in merged:
+        merged["algos"] = list(merged["algos"])
+    s = CompareSettings(**merged)
+    validate_settings(s)
     return s
 
 
 def _prepare(s: CompareSettings, out: Path, model_path: str, timings: dict) -> _Plan:
     """Resolve the task and lengths from the model folder, validate the configs, draw the held-out set (checked
     disjoint from every seed's prompt stream) and write the first ``compare.json``."""
-    from tokenmdp.experiments.evaluate import resolve_eval_setup
+    from tokenmdp.train.heldout import resolve_eval_setup
     from tokenmdp.tasks import get_task
     from tokenmdp.train.data import prompt_stream
 
@@ -215,14 +166,15 @@ def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
     return result
 
 
-def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = CompareSettings.steps,
-            model: str | None = None, task: str = "countdown", out: str | Path = "runs/compare",
-            eval_n: int = 500, k: int = CompareSettings.k, *, progress: bool = True, overwrite: bool = False,
+def compare(algos=None, seeds: int | list[int] | None = None, steps: int | None = None, model: str | None = None,
+            task: str | None = None, out: str | Path = "runs/compare", eval_n: int | None = None,
+            k: int | None = None, *, preset: str | None = None, progress: bool = True, overwrite: bool = False,
             **options) -> Path:
     """Train every algorithm of ``algos`` for each seed, evaluate them on one held-out set, build the report.
 
-    ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder (None: the embedded tiny base model,
-    pretrained on first use). ``options`` are the other fields of :class:`CompareSettings`. Finished runs in
+    Settings: ``preset``'s (:data:`COMPARE_PRESETS`), overridden by the arguments that are not None, else the
+    defaults of :class:`CompareSettings`. ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder
+    (None: the embedded tiny base model). ``options`` are the other fields of :class:`CompareSettings`. Finished runs in
     ``out`` whose config matches are reused unless ``overwrite`` (a run whose config differs is an error), and so
     are evaluations made with the same settings. Returns ``out``.
 
@@ -233,14 +185,15 @@ def compare(algos=DEFAULT_ALGOS, seeds: int | list[int] = 3, steps: int = Compar
 
     from tokenmdp.experiments.report import build_report
 
-    s = _make_settings(algos, seeds, steps, model, task, eval_n, k, options)
+    s = make_settings(preset, algos=algos, seeds=seeds, steps=steps, model=model, task=task, eval_n=eval_n, k=k,
+                      **options)
     hf_logging.disable_progress_bar()  # per-file load/save bars would break the comparison's own bars
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     started, timings = time.perf_counter(), {}
     model_path = s.model
     if model_path is None:  # before the comparison's own bars: pretraining shows its own
-        from tokenmdp.policy.tiny import ensure_tiny_base
+        from tokenmdp.base.store import ensure_tiny_base
 
         model_path = str(ensure_tiny_base(s.cache_dir, progress=progress))
         timings["pretrain_s"] = time.perf_counter() - started

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.compare_settings import CompareSettings, curve_every
 
 # report(event, label, *args): ("start", name, total), ("advance", n, weight) or ("skip", units)
 Report = Callable[..., None]
@@ -44,9 +45,7 @@ class Job:
 def step_weight(s) -> int:
     """Overall-progress weight of one training step, in sampled completions: sampling and the update
     (``2 * prompts_per_step * group_size``) plus the step's share of the trainer's held-out curve."""
-    from tokenmdp.experiments.compare import _eval_every
-
-    every = _eval_every(s)
+    every = curve_every(s)
     curve = (s.steps // every if every else 0) * min(s.eval_n, s.curve_n) * (s.curve_k + 1)
     return 2 * s.prompts_per_step * s.group_size + curve // s.steps
 
@@ -59,7 +58,6 @@ def eval_units(s) -> int:
 def execute(job: Job, report: Report) -> dict:
     """Run ``job``; returns ``{"label", "train_s", "eval_s", "train_cpu_s", "eval_cpu_s"}`` (wall and CPU seconds
     of this process; ``train_s`` None when a finished run was reused)."""
-    from tokenmdp.experiments.compare import CompareSettings
     from tokenmdp.tasks import get_task
 
     s = CompareSettings(**job.settings)
@@ -119,7 +117,7 @@ def eval_key(s, problems, max_new_tokens: int) -> dict:
 def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict, reuse: bool) -> float:
     """Evaluate ``job.model_dir`` on the held-out ``problems``; writes ``job.out_json`` and the records beside it.
     A saved evaluation with the same :func:`eval_key` is reused when ``reuse``."""
-    from tokenmdp.experiments.evaluate import evaluate, save_eval
+    from tokenmdp.train.heldout import evaluate, save_eval
     from tokenmdp.policy.model import load_policy
 
     out_json = Path(job.out_json)

@@ -21,6 +21,9 @@ table{border-collapse:collapse;font-size:.85em;margin:.6em 0}th,td{border:1px so
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr.base td{background:#fafae8}
 .figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0}.figs img{max-width:520px}figcaption{font-size:.8em;
 color:#555}pre{background:#f7f7f7;padding:.6em;font-size:.78em;overflow-x:auto}.note{color:#555;font-size:.9em}
+table.claims td{text-align:left;vertical-align:top}tr.verdict-supported td:last-child{background:#e6f4e6}
+tr.verdict-contradicted td:last-child{background:#f8e1e1}tr.verdict-inconclusive td:last-child{background:#fdf3dc}
+tr.verdict-not td:last-child{background:#eee}
 """
 
 CAPTIONS = {
@@ -104,17 +107,28 @@ def _settings(col: Collection) -> str:
     return "".join(parts)
 
 
-def render_html(col: Collection, rows: list[dict], figures: dict[str, bytes], reading: list[str]) -> str:
-    """The whole page: summary table, length reading, figures (inline), settings, timings, run list."""
-    from tokenmdp.experiments.report import column_labels, table_cells
-
-    header = ["algorithm", "runs"] + column_labels(col)
-    table = _table(header, table_cells(rows), ["base" if r["algo"] == "base" else "" for r in rows])
-    figs = "".join(
+def _figures(figures: dict[str, bytes]) -> str:
+    return "".join(
         f"<figure><img alt='{_e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{_e(CAPTIONS.get(name, name))}</figcaption></figure>"
         for name, png in figures.items()
     )
+
+
+def render_html(col: Collection, header: list[str], cells: list[list[str]], rows: list[dict],
+                figures: dict[str, bytes], reading: list[str], *, claims: str = "",
+                exact_figures: dict[str, bytes] | None = None) -> str:
+    """The whole page: the claims' verdicts (``claims``, an HTML table: the first screen), the summary table
+    (``header`` and ``cells`` of ``rows``), length reading, figures (inline; the exact tier's first), settings,
+    timings, run list."""
+    table = _table(header, cells, ["base" if r["algo"] == "base" else "" for r in rows])
+    figs = _figures(figures)
+    exact_html = (f"<h2>The exact tier</h2><p class='note'>Exact expected updates on an enumerable token MDP "
+                  f"(no sampling noise).</p><div class='figs'>{_figures(exact_figures)}</div>"
+                  if exact_figures else "")
+    claims_html = (f"<h2>The paper's claims</h2><p class='note'>Predictions of arXiv 2505.13697 (and C5, the "
+                   f"expectation view), what these runs measured, and the verdict with its power.</p>{claims}"
+                   if claims else "")
     missing = [n for n in CAPTIONS if n not in figures]
     missing_note = (f"<p class='note'>Not logged by these runs: {_e(', '.join(missing))}.</p>" if missing else "")
     reading_html = "".join(f"<li>{_bold(line)}</li>" for line in reading)
@@ -123,11 +137,13 @@ def render_html(col: Collection, rows: list[dict], figures: dict[str, bytes], re
 <h1>tokenmdp comparison report</h1>
 <p class="note">Generated {_e(time.strftime('%Y-%m-%d %H:%M'))} on {_e(platform.node() or platform.machine())} from
 {_e(', '.join(str(s) for s in col.sources))}: {len(col.runs)} runs of {len(col.algos)} algorithms{_left_out(col)}.</p>
+{claims_html}
 <h2>Held-out results</h2>
 <p class="note">Final models on the fixed held-out set: mean ± half width of the 95% Student-t interval over seeds
 (accuracies in %, lengths in tokens; one seed gives no interval). The base row is the model before training.</p>
 {table}
 <h2>Length effect</h2><ul>{reading_html}</ul>
+{exact_html}
 <h2>Curves</h2><div class="figs">{figs}</div>{missing_note}
 <h2>Settings</h2>{_settings(col)}
 <h2>Timings</h2>{_timings(col)}

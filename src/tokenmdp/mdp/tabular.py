@@ -10,7 +10,7 @@ episode. The expected one-step reward is ``R[s, a] = sum_s' P[s, a, s'] r[s, a, 
 
 Builders: :func:`chain`, :func:`gridworld4x4` (Sutton & Barto example 4.1), :func:`cliff_walking` (example 6.6),
 :func:`random_mdp`; :func:`from_gymnasium` and the name registry :func:`get_mdp` live in
-:mod:`tokenmdp.mdp.tabular_io` and are re-exported here.
+:mod:`tokenmdp.mdp.tabular_io` (which imports this module, never the reverse).
 """
 
 from __future__ import annotations
@@ -363,11 +363,3 @@ def random_mdp(
             P[s, a, support] = rng.dirichlet(np.ones(k))
     r = rng.standard_normal((n_states, n_actions, n_states))
     return TabularMDP(P, r, gamma, name=f"random(S={n_states},A={n_actions},seed={seed})")
-
-
-def __getattr__(name: str):  # re-export the I/O half lazily (it imports this module)
-    if name in ("from_gymnasium", "get_mdp", "load_mdp", "MDP_REGISTRY"):
-        from tokenmdp.mdp import tabular_io
-
-        return getattr(tabular_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

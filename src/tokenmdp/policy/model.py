@@ -28,8 +28,11 @@ DTYPES: dict[str, Any] = {
     "auto": "auto",
 }
 
-#: Marker file that `tokenmdp pretrain` writes into a model folder: ``{"tokenizer": "char"}``.
-MARKER = "tokenmdp.json"
+#: The description that ``tokenmdp pretrain`` writes into a model folder: tokenizer kind (``"char"``), task, task
+#: options, prompt template, ``max_new_tokens``, and how the model was made. Read only by :func:`read_meta`.
+META_FILE = "tokenmdp.json"
+#: New tokens per response when neither the config nor the model folder says (a hub model on GSM8K needs ~200).
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -49,13 +52,8 @@ class Policy:
 
 def _is_char_tokenizer(folder: Path) -> bool:
     """Our char tokenizer: a marker file, or a generic fast-tokenizer class with a non-byte-level pre-tokenizer."""
-    marker = folder / MARKER
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("tokenizer") == "char":
-                return True
-        except (OSError, json.JSONDecodeError) as exc:
-            raise TokenMDPError(f"{marker}: not valid JSON ({exc})") from exc
+    if read_meta(folder, required=False).get("tokenizer") == "char":
+        return True
     cfg_file, tok_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
     if not (cfg_file.is_file() and tok_file.is_file()):
         return False
@@ -68,6 +66,58 @@ def _is_char_tokenizer(folder: Path) -> bool:
         return False
     pre = json.dumps(tok.get("pre_tokenizer")) + json.dumps(tok.get("decoder"))
     return "ByteLevel" not in pre and "Metaspace" not in pre
+
+
+def read_meta(path: str | os.PathLike, *, required: bool = True) -> dict:
+    """The ``tokenmdp.json`` of a model folder. Missing: :class:`TokenMDPError` naming the file when
+    ``required``, else ``{}`` (a hub id, a GGUF file or a plain Hugging Face folder). Invalid JSON, or JSON that is
+    not an object: always an error naming the file and line."""
+    file = Path(path) / META_FILE
+    if not file.is_file():
+        if required:
+            raise TokenMDPError(f"{file} not found: not a tokenmdp model folder (build one with `tokenmdp pretrain`)")
+        return {}
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TokenMDPError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise TokenMDPError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def write_meta(path: str | os.PathLike, meta: dict) -> None:
+    """Write ``tokenmdp.json`` into the model folder ``path``."""
+    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a run or an evaluation of a model uses where its settings leave a value open, resolved once
+    (:func:`model_defaults`) for ``train``, ``compare`` and ``eval`` alike."""
+
+    task: str
+    task_options: dict
+    template: str | None
+    max_new_tokens: int
+    meta_file: Path | None  # the folder's tokenmdp.json (copied into checkpoints), None when it has none
+
+
+def model_defaults(model_path: str | os.PathLike | None, task: str | None = None, task_options: dict | None = None,
+                   template: str | None = None, max_new_tokens: int | None = None) -> ModelDefaults:
+    """Explicit values first, then the model folder's ``tokenmdp.json`` (its task options and template only when
+    the task is the same), then the defaults: Countdown, the task's own template, :data:`DEFAULT_MAX_NEW_TOKENS`."""
+    local = model_path is not None and Path(model_path).is_dir()
+    meta = read_meta(model_path, required=False) if local else {}
+    name = task or meta.get("task") or "countdown"
+    same = name == meta.get("task")
+    options = dict(meta.get("task_kwargs") or {}) if same else {}
+    options.update(task_options or {})
+    return ModelDefaults(
+        task=name, task_options=options, template=template or (meta.get("template") if same else None),
+        max_new_tokens=int(max_new_tokens or meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        meta_file=Path(model_path) / META_FILE if meta else None,
+    )
 
 
 def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None, bool]:
@@ -179,4 +229,5 @@ def load_policy(
                   name=name)
 
 
-__all__ = ["Policy", "load_policy", "find_smollm2_gguf", "DTYPES", "MARKER"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "find_smollm2_gguf",
+           "load_policy", "model_defaults", "read_meta", "write_meta"]

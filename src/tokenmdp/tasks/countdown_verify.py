@@ -18,7 +18,7 @@ integers or fractions such as ``(-3)`` or ``(7/2)``; ``op`` is one of ``+ - * /`
 read as ``*`` and ``/``); the result may also be written ``-3`` or ``7/2``. A step is correct when its arithmetic
 is true and both operands are available: the pool starts as the given numbers, a correct step consumes its two
 operands and adds its result. A step followed by ``" no"`` (:data:`DEAD_END`, the marker of an abandoned attempt
-in the tiny base model's search traces, :mod:`tokenmdp.policy.traces`) resets the pool to the given numbers.
+in the tiny base model's search traces, :mod:`tokenmdp.base.traces`) resets the pool to the given numbers.
 """
 
 from __future__ import annotations

@@ -1,19 +1,26 @@
-"""One step's experience: roll out groups, score them with the verifier, and summarise them.
+"""One step's experience, from the rollout to the loss, in three forms:
 
-A :class:`Batch` holds the rollout (``B = prompts x G`` rows, groups contiguous), the problems, the verifier's
-scores and the tensors the update needs (``rewards``, ``correct``). Its metrics are the run's ``reward/*`` and
-``length/*`` keys; its rows go to ``samples.parquet``.
+1. :class:`~tokenmdp.rollout.base.Rollout` (the engine's): token ids, masks, behaviour ``logprobs``, texts;
+2. :class:`Batch` (:func:`collect`): the rollout of ``B = prompts x G`` rows (groups contiguous) with its problems,
+   the verifier's scores and ``rewards`` / ``correct`` / ``formatted``; its metrics are the run's ``reward/*`` and
+   ``length/*`` keys, its rows go to ``samples.parquet``;
+3. :class:`TrainBatch` (the update's ``prepare``): what the loss reads, under the glossary's names
+   (``old_logprobs``, ``ref_logprobs``, ``advantages``, ``values``, ``returns``); micro-batches are its
+   :meth:`TrainBatch.select`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenmdp.rollout.base import Rollout
+
+if TYPE_CHECKING:
+    from tokenmdp.train.setup import Components
 
 
 @dataclass
@@ -33,12 +40,44 @@ class Batch:
         return len(self.rollout)
 
 
+@dataclass
+class TrainBatch:
+    """The per-row tensors of an update (DESIGN.md's glossary; ``(B, T)`` unless noted), built once a step from a
+    :class:`Batch`. Tensors an algorithm does not use are None."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor  # behaviour log-probs (the engine's, or recomputed)
+    advantages: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    correct: torch.Tensor | None = None  # (B,) the verifier's verdicts (filtered SFT)
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+    def select(self, rows: torch.Tensor) -> TrainBatch:
+        """The rows ``rows`` (trimmed of all-padding response columns, every ``(B, T)`` tensor cut to match)."""
+        sub = self.rollout.select(rows.to(self.rollout.device)).trimmed()
+        width = sub.response_ids.shape[1]
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.index_select(0, rows.to(t.device))
+            return t[:, :width] if t.dim() == 2 else t
+
+        return TrainBatch(rollout=sub, old_logprobs=cut(self.old_logprobs), advantages=cut(self.advantages),
+                          ref_logprobs=cut(self.ref_logprobs), values=cut(self.values), returns=cut(self.returns),
+                          correct=cut(self.correct))
+
+
 def step_seed(seed: int, step: int) -> int:
     """The sampling seed of training step ``step`` (1-based): a function of the run seed and the step only."""
     return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
 
 
-def collect(c, problems: list, *, step: int) -> Batch:
+def collect(c: Components, problems: list, *, step: int) -> Batch:
     """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response."""
     cfg = c.config.rollout
     t0 = time.perf_counter()
@@ -67,7 +106,7 @@ def _mean(x: torch.Tensor) -> float | None:
     return float(x.float().mean()) if x.numel() else None
 
 
-def gather_parts(c, part: dict[str, list]) -> list[dict[str, list]]:
+def gather_parts(c: Components | None, part: dict[str, list]) -> list[dict[str, list]]:
     """``part`` of every process, in process order (just ``[part]`` in a single process)."""
     acc = None if c is None else c.accelerator
     if acc is None or acc.num_processes <= 1:
@@ -77,7 +116,7 @@ def gather_parts(c, part: dict[str, list]) -> list[dict[str, list]]:
     return gather_object([part])
 
 
-def total_over_processes(c, count: int) -> int:
+def total_over_processes(c: Components, count: int) -> int:
     """``count`` summed over the run's processes (``count`` itself in a single process)."""
     return int(sum(p["n"] for p in gather_parts(c, {"n": int(count)})))
 
@@ -87,7 +126,7 @@ def total_over_processes(c, count: int) -> int:
 SUMMED_OVER_PROCESSES = ("update/rows", "update/skipped_rows", "dpo/pairs")
 
 
-def reduce_over_processes(c, metrics: dict[str, Any]) -> dict[str, Any]:
+def reduce_over_processes(c: Components, metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` of this process's share of a step combined with those of the other processes (unchanged in a
     single process): sums for :data:`SUMMED_OVER_PROCESSES`, min / max for ``*_min`` / ``*_max``, else means."""
     parts = gather_parts(c, metrics)
@@ -109,7 +148,7 @@ def reduce_over_processes(c, metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def batch_metrics(batch: Batch, c=None) -> dict[str, Any]:
+def batch_metrics(batch: Batch, c: Components | None = None) -> dict[str, Any]:
     """``reward/*`` and ``length/*`` metrics of a scored batch; with components ``c`` of a run in several
     processes, of the whole step (every process's share of the prompts gathered first).
 
@@ -137,7 +176,7 @@ def batch_metrics(batch: Batch, c=None) -> dict[str, Any]:
     }
 
 
-def sample_rows(batch: Batch, *, step: int, algo: str, seed: int, c=None) -> dict[str, list]:
+def sample_rows(batch: Batch, *, step: int, algo: str, seed: int, c: Components | None = None) -> dict[str, list]:
     """The batch as columns of ``samples.parquet`` (``group`` = index of the prompt within the step); with
     components ``c`` of a run in several processes, the rows of every process (process ``r`` holds the prompts
     ``r, r + n, r + 2n, ...`` of the step, see :func:`tokenmdp.train.trainer.run_step`)."""
@@ -171,7 +210,7 @@ def _token_end(tokenizer, ids: list[int], char_end: int) -> int:
     return lo - 1
 
 
-def step_rewards(c, batch: Batch, *, step_reward: float) -> torch.Tensor:
+def step_rewards(c: Components, batch: Batch, *, step_reward: float) -> torch.Tensor:
     """(B, T) process rewards: ``+step_reward`` on the token ending each correct step of the task's step verifier,
     ``-step_reward`` on the token ending each wrong one (for ``credit="process"``)."""
     ro = batch.rollout

@@ -8,7 +8,7 @@ A checkpoint holds everything a resumed run needs to continue bit for bit on a C
 * ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) generator states;
 * ``trainer_state.json``: the step and any running statistics of the trainer.
 
-It is written into ``checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete, so a crash never
+It is written into a hidden temporary folder and renamed to ``step-N`` only when complete (:func:`tokenmdp.atomic.write_folder`), so a crash never
 leaves a folder that looks like a checkpoint but is not one. Only the newest ``keep_last`` are kept.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenmdp.atomic import remove_leftovers, write_folder
 from tokenmdp.errors import TokenMDPError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -104,26 +105,21 @@ def save_checkpoint(
     (for example ``tokenmdp.json``). Returns the checkpoint folder.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(tmp / "model", model, tokenizer, extra_files)
-    for obj, name in [
-        (optimizer, "optimizer.pt"),
-        (scheduler, "scheduler.pt"),
-        (critic, "critic.pt"),
-        (critic_optimizer, "critic_optimizer.pt"),
-    ]:
-        if obj is not None:
-            torch.save(obj.state_dict(), tmp / name)
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+
+    def write(tmp: Path) -> None:
+        save_model(tmp / "model", model, tokenizer, extra_files)
+        for obj, name in [
+            (optimizer, "optimizer.pt"),
+            (scheduler, "scheduler.pt"),
+            (critic, "critic.pt"),
+            (critic_optimizer, "critic_optimizer.pt"),
+        ]:
+            if obj is not None:
+                torch.save(obj.state_dict(), tmp / name)
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+
+    final = write_folder(root / f"step-{step}", write, replace=True)
     prune(root, keep_last)
     return final
 
@@ -158,9 +154,7 @@ def prune(root: Path, keep_last: int) -> None:
     found = list_checkpoints(root)
     for _, path in found[: max(0, len(found) - keep_last)]:
         shutil.rmtree(path)
-    for child in Path(root).iterdir():
-        if child.name.startswith(".tmp-step-"):
-            shutil.rmtree(child, ignore_errors=True)
+    remove_leftovers(root)
 
 
 def latest_checkpoint(root: Path) -> Checkpoint | None:

@@ -27,14 +27,17 @@ from typing import Any, Literal
 import yaml
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.values import as_number, parse_assignment
 
 
 @dataclass
 class ModelConfig:
-    """The policy model. ``path=None`` means the embedded tiny base model (built in ``cache_dir`` on first use)."""
+    """The policy model. ``path=None`` means the embedded tiny base model: the commands (``tokenmdp train``,
+    ``compare``) fill in its folder, the shipped copy, or with ``cache_dir`` set the one in that cache (built there
+    on first use); ``train()`` itself is always handed a path."""
 
     path: str | None = None
-    cache_dir: str = "~/.cache/tokenmdp"
+    cache_dir: str | None = None  # None: the shipped copy, else $TOKENMDP_CACHE or ~/.cache/tokenmdp
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gguf_file: str | None = None
     critic_path: str | None = None  # PPO critic initialisation; None = the policy's own weights
@@ -112,6 +115,8 @@ class RunConfig:
     save_every: int = 10
     keep_last: int = 2
     eval_every: int = 0  # 0 = no periodic evaluation; otherwise also at the end
+    eval_before: bool = False  # with eval_every > 0: also evaluate the start policy, logged as step 0 (verl's
+    # val_before_train), so every held-out curve starts at the base model
     eval_n: int = 100
     eval_greedy: bool = True
     eval_k: int = 4  # sampled responses per eval problem (sampled pass@1 and pass@k)
@@ -193,7 +198,7 @@ def _build_algo(data: dict, prefix: str, source: str | None) -> AlgoConfig:
         raise TokenMDPError(f"config field {_where(prefix + 'name', source)} must be a preset name (a string)")
     if "overrides" in data and isinstance(data["overrides"], dict):  # the dataclass layout, also accepted
         data = {**data.pop("overrides"), **data}
-    data = {k: _yaml_number(v) if isinstance(v, str) else v for k, v in data.items()}
+    data = {k: as_number(v) if isinstance(v, str) else v for k, v in data.items()}
     return AlgoConfig(name=name, overrides=data)
 
 
@@ -219,7 +224,7 @@ def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
             raise TokenMDPError(f"config field {_where(field_name, source)} is {value!r}; choose one of {choices}")
         return value
     if hint in (int, float) and isinstance(value, str):
-        value = _yaml_number(value)
+        value = as_number(value)
     expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -252,28 +257,8 @@ def _set(data: dict, key: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``: the value is parsed as a YAML scalar."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise TokenMDPError(f"--set {item!r}: expected key=value, for example optim.lr=3e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise TokenMDPError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
-    return key, value
-
-
-def _yaml_number(text: str) -> Any:
-    """YAML 1.1 reads ``3e-4`` as a string; a researcher means a number."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)`` (:func:`tokenmdp.values.parse_value`)."""
+    return parse_assignment(item, option="--set", example="optim.lr=3e-4")
 
 
 def read_yaml(path: str | Path) -> dict:

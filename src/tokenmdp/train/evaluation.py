@@ -1,6 +1,6 @@
 """Periodic held-out evaluation and the equivalence diagnostic, as seen from the training loop.
 
-The evaluation itself is :func:`tokenmdp.experiments.evaluate.evaluate` (the same code that evaluates final
+The evaluation itself is :func:`tokenmdp.train.heldout.evaluate` (the same code that evaluates final
 checkpoints), run on the run's engine; the trainer logs its figures under ``eval/``:
 ``eval/accuracy`` (greedy pass@1 when ``run.eval_greedy``, else sampled pass@1), ``eval/sampled_accuracy``
 (mean over problems of the fraction of ``run.eval_k`` samples that are correct), ``eval/pass@k``,
@@ -10,21 +10,27 @@ checkpoints), run on the run's engine; the trainer logs its figures under ``eval
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+from tokenmdp.train.batch import TrainBatch
+from tokenmdp.train.equivalence import gradient_cosines
+from tokenmdp.train.heldout import evaluate
+
+if TYPE_CHECKING:
+    from tokenmdp.train.setup import Components
 
 EVAL_SEED = 0  # the held-out problems are the same for every run (any algorithm, any seed)
 
 
-def eval_problems(c) -> list:
+def eval_problems(c: Components) -> list:
     """The fixed held-out problems: ``run.eval_n`` problems of ``task.eval_split`` (seed 0)."""
     return c.task.problems(c.config.task.eval_split, n=c.config.run.eval_n, seed=EVAL_SEED)
 
 
-def held_out(c, problems: list, *, step: int) -> dict:
+def held_out(c: Components, problems: list, *, step: int) -> dict:
     """Evaluate the current policy on ``problems``; returns ``eval/*`` metrics."""
-    from tokenmdp.experiments.evaluate import evaluate
-
     run = c.config.run
     t0 = time.perf_counter()
     result = evaluate(
@@ -47,26 +53,23 @@ def held_out(c, problems: list, *, step: int) -> dict:
     return out
 
 
-def equivalence(c, batch, tensors: dict) -> dict:
-    """``equiv/*`` metrics (:func:`tokenmdp.experiments.equivalence.gradient_cosines`) on the first
+def equivalence(c: Components, tb: TrainBatch) -> dict:
+    """``equiv/*`` metrics (:func:`tokenmdp.train.equivalence.gradient_cosines`) on the first
     ``optim.micro_batch_size`` rows of the batch, before the update, for sequence-advantage policy gradients."""
-    from tokenmdp.experiments.equivalence import gradient_cosines
-    from tokenmdp.train.updates import select
-
     spec = c.spec
     if spec.kind != "pg" or spec.advantage == "gae" or spec.returns != "sequence":
         return {}
-    rows = torch.arange(min(len(batch), c.config.optim.micro_batch_size))
-    sub, t = select(batch.rollout, rows, {"old": tensors["old"], "ref": tensors["ref"], "adv": tensors["adv"]})
+    t = tb.select(torch.arange(min(len(tb), c.config.optim.micro_batch_size)))
+    sub = t.rollout
     data = {"prompt_ids": sub.prompt_ids, "prompt_mask": sub.prompt_mask, "response_ids": sub.response_ids,
-            "response_mask": sub.response_mask, "old_logprobs": t["old"], "ref_logprobs": t["ref"]}
+            "response_mask": sub.response_mask, "old_logprobs": t.old_logprobs, "ref_logprobs": t.ref_logprobs}
     # a constant divisor does not change a cosine: seq_sum_const points where seq_mean_token_sum does
     aggregation = "seq_mean_token_sum" if spec.aggregation == "seq_sum_const" else spec.aggregation
     t0 = time.perf_counter()
     with c.accelerator.autocast():
         out = gradient_cosines(
-            c.unwrapped(), data, t["adv"][:, 0], clip_low=spec.clip_low, clip_high=spec.clip_high,
-            kl_coef=spec.kl_coef if spec.kl_in == "loss" else 0.0, kl_estimator=spec.kl_estimator,
+            c.unwrapped(), data, t.advantages[:, 0], clip_low=spec.clip_low, clip_high=spec.clip_high,
+            kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
             temperature=c.config.rollout.temperature or 1.0, aggregation=aggregation,
         )
     out["time/equiv"] = time.perf_counter() - t0

@@ -8,12 +8,14 @@ policy loss (:func:`tokenmdp.algos.losses.policy_loss`) and, with a critic, the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tokenmdp.algos.losses import kl_reward, policy_loss, value_loss
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.mdp.credit import assign_credit, process
-from tokenmdp.train.batch import Batch, step_rewards
+from tokenmdp.train.batch import Batch, TrainBatch, step_rewards
 from tokenmdp.train.evaluation import equivalence
 from tokenmdp.train.updates import (
     MetricMeter,
@@ -24,33 +26,35 @@ from tokenmdp.train.updates import (
     nothing_to_train,
     optimizer_step,
     row_lengths,
-    select,
     values_all,
     zero_missing_grads,
 )
 
+if TYPE_CHECKING:
+    from tokenmdp.train.setup import Components
 
-def _credit(c, batch: Batch) -> torch.Tensor | None:
+
+def _credit(c: Components, batch: Batch) -> torch.Tensor | None:
     """Token rewards when they are not the spec's plain credit assignment: process rewards, or KL in the reward."""
     spec, mask = c.spec, batch.rollout.response_mask
     if spec.credit == "process":
         steps = step_rewards(c, batch, step_reward=c.config.task.step_reward)
         return process(batch.rewards, mask, step_rewards=steps)
-    if spec.kl_in == "reward" and spec.kl_coef > 0:
-        kw = {"gamma": spec.credit_gamma} if spec.credit == "discounted" else {}
-        return assign_credit(spec.credit, batch.rewards, mask, **kw)
+    if spec.kl_in_reward:
+        return assign_credit(spec.credit, batch.rewards, mask, **spec.credit_kwargs)
     return None
 
 
-def prepare(c, batch: Batch) -> tuple[dict, dict]:
-    """Per-row tensors of the update (``old``, ``ref``, ``adv``, ``values``, ``returns``) and their metrics."""
+def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
+    """The update's :class:`TrainBatch` (behaviour and reference log-probs, critic values, advantages, returns)
+    and its metrics."""
     spec, ro = c.spec, batch.rollout
     old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs else ro.logprobs
     ref = logprobs_all(c, c.ref_model, ro) if c.ref_model is not None else None
     values = values_all(c, ro) if c.critic is not None else None
     token_rewards = _credit(c, batch)
     metrics: dict = {}
-    if spec.kl_in == "reward" and spec.kl_coef > 0:
+    if spec.kl_in_reward:
         token_rewards, kl_m = kl_reward(token_rewards, old, ref, ro.response_mask, kl_coef=spec.kl_coef,
                                         estimator=spec.kl_estimator)
         metrics.update(kl_m)
@@ -65,11 +69,11 @@ def prepare(c, batch: Batch) -> tuple[dict, dict]:
     valid = ro.response_mask.bool()
     metrics["adv/mean"] = float(adv[valid].mean()) if valid.any() else 0.0
     metrics["adv/abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
-    tensors = {"old": old, "ref": ref, "adv": adv, "values": values, "returns": returns}
-    return tensors, metrics
+    tb = TrainBatch(rollout=ro, old_logprobs=old, advantages=adv, ref_logprobs=ref, values=values, returns=returns)
+    return tb, metrics
 
 
-def train_rows(c, batch: Batch) -> torch.Tensor:
+def train_rows(c: Components, batch: Batch) -> torch.Tensor:
     """Rows that take part in the update: all, or (``filter_groups``) those of groups with unequal rewards."""
     rows = torch.arange(len(batch), device=batch.rewards.device)
     if not c.spec.filter_groups:
@@ -79,7 +83,7 @@ def train_rows(c, batch: Batch) -> torch.Tensor:
     return rows[mixed]
 
 
-def can_skip_zero_advantage(c) -> bool:
+def can_skip_zero_advantage(c: Components) -> bool:
     """Whether rows with a zero advantage on every token may skip the forward and backward pass.
 
     With ``A_t = 0`` the clipped policy term ``-min(rho A_t, clip(rho) A_t)`` is 0 whatever ``rho`` is, so such a
@@ -90,7 +94,7 @@ def can_skip_zero_advantage(c) -> bool:
     """
     spec = c.spec
     return (c.config.optim.skip_zero_advantage and c.critic is None and spec.entropy_coef == 0
-            and not (spec.kl_in == "loss" and spec.kl_coef > 0))
+            and spec.loss_kl_coef == 0)
 
 
 def signal_rows(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,20 +102,20 @@ def signal_rows(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((adv != 0) & mask.bool()).any(dim=1)
 
 
-def _micro_loss(c, sub, t: dict, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
-    spec = c.spec
+def _micro_loss(c: Components, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
+    spec, sub = c.spec, t.rollout
     lp, ent = forward(c, c.model, sub, entropy=True)
     loss, m = policy_loss(
-        lp.float(), t["old"], t["adv"], sub.response_mask, clip_low=spec.clip_low, clip_high=spec.clip_high,
-        aggregation=spec.aggregation, ref_logprobs=t["ref"],
-        kl_coef=spec.kl_coef if spec.kl_in == "loss" else 0.0, kl_estimator=spec.kl_estimator,
-        entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.max_len or c.settings.max_new_tokens,
+        lp.float(), t.old_logprobs, t.advantages, sub.response_mask, clip_low=spec.clip_low,
+        clip_high=spec.clip_high, aggregation=spec.aggregation, ref_logprobs=t.ref_logprobs,
+        kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
+        entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.divisor(c.settings.max_new_tokens),
         num_tokens=n_tok, num_seqs=n_seq,
     )
     if c.critic is not None:
         with c.accelerator.autocast():
             v = c.critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
-        v_loss, vm = value_loss(v.float(), t["values"], t["returns"], sub.response_mask, clip_range=spec.value_clip,
+        v_loss, vm = value_loss(v.float(), t.values, t.returns, sub.response_mask, clip_range=spec.value_clip,
                                 aggregation="token_mean", num_tokens=n_tok, num_seqs=n_seq)
         m.update(vm)
         loss = loss + spec.value_coef * v_loss
@@ -119,11 +123,11 @@ def _micro_loss(c, sub, t: dict, n_tok, n_seq, meter: MetricMeter) -> torch.Tens
     return loss
 
 
-def pg_update(c, batch: Batch, *, step: int) -> dict:
+def pg_update(c: Components, batch: Batch, *, step: int) -> dict:
     """``spec.mu`` epochs of minibatch updates on ``batch``; returns the averaged metrics."""
-    tensors, metrics = prepare(c, batch)
+    tb, metrics = prepare(c, batch)
     if c.config.run.equivalence:
-        metrics.update(equivalence(c, batch, tensors))
+        metrics.update(equivalence(c, tb))
     rows = train_rows(c, batch)
     metrics["update/rows"] = float(len(rows))
     if nothing_to_train(c, len(rows), epochs=c.spec.mu):
@@ -132,7 +136,7 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
     mask = batch.rollout.response_mask
     lengths = row_lengths(batch.rollout)
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
-    live = signal_rows(tensors["adv"], mask).cpu() if can_skip_zero_advantage(c) else None
+    live = signal_rows(tb.advantages, mask).cpu() if can_skip_zero_advantage(c) else None
     skipped = 0
     for _ in range(c.spec.mu):
         for mb in minibatches(rows.cpu(), c.config.optim.minibatch_size, generator=generator):
@@ -140,8 +144,7 @@ def pg_update(c, batch: Batch, *, step: int) -> dict:
             work = mb if live is None else mb[live[mb]]
             skipped += len(mb) - len(work)
             for micro in micro_batches(work, c.config.optim.micro_batch_size, lengths):
-                sub, t = select(batch.rollout, micro, tensors)
-                loss = _micro_loss(c, sub, t, n_tok, n_seq, meter)
+                loss = _micro_loss(c, tb.select(micro), n_tok, n_seq, meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()
             if len(work) < len(mb):

@@ -24,14 +24,17 @@ from pathlib import Path
 
 import yaml
 
+from tokenmdp.atomic import write_folder
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_model
+from tokenmdp.policy.model import META_FILE
 from tokenmdp.train.config import TrainConfig, save_config
+from tokenmdp.train.setup import Components
 
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
 RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
                      "run.eval_k", "run.eval_temperature", "run.log_samples", "run.overwrite", "run.out",
-                     "run.report_to", "run.equivalence", "model.cache_dir"}
+                     "run.report_to", "run.equivalence", "run.eval_before", "model.cache_dir"}
 
 
 #: files that mark a folder as a run folder (only such a folder is ever deleted by run.overwrite)
@@ -44,6 +47,17 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         if isinstance(value, dict) and prefix.count(".") < 1:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """Every scalar leaf of a nested dict under its dotted key (the trackers' hyperparameters)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
             out[f"{prefix}{key}"] = value
     return out
 
@@ -76,7 +90,7 @@ class RunHandle:
     def checkpoint_path(self) -> Path | None:
         return self.checkpoint.path if self.checkpoint is not None else None
 
-    def restore(self, c) -> int:
+    def restore(self, c: Components) -> int:
         """Load optimizer, scheduler, critic-optimizer, RNG and trainer state; returns the steps already done."""
         if self.checkpoint is None:
             return 0
@@ -84,7 +98,7 @@ class RunHandle:
         c.state = dict(self.checkpoint.state.get("trainer") or {})
         return self.checkpoint.step
 
-    def begin(self, c) -> None:
+    def begin(self, c: Components) -> None:
         """Create (or reopen) the folder once everything is built: config.yaml written, DONE and final/ removed."""
         if not c.accelerator.is_main_process:
             return
@@ -98,8 +112,6 @@ class RunHandle:
                 stale.unlink()
         save_config(self.config, self.path / "config.yaml")
         if self.config.run.report_to != "none":  # after the folder is (re)created, so its event files survive
-            from tokenmdp.train.setup import _flat
-
             c.accelerator.init_trackers(self.path.name, config=_flat(self.config.to_dict()))
 
 
@@ -128,12 +140,12 @@ def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
     return RunHandle(config, path, resumed=True, checkpoint=ckpt, already_done=done)
 
 
-def checkpoint_state(c) -> dict:
+def checkpoint_state(c: Components) -> dict:
     """The trainer part of ``trainer_state.json``: running statistics (e.g. REINFORCE's moving baseline)."""
     return {"trainer": dict(c.state), "algo": c.config.algo.name, "seed": c.config.run.seed}
 
 
-def save_step(c, path: Path, step: int, samples) -> Path | None:
+def save_step(c: Components, path: Path, step: int, samples) -> Path | None:
     """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait)."""
     out = None
     if c.accelerator.is_main_process:
@@ -150,18 +162,15 @@ def save_step(c, path: Path, step: int, samples) -> Path | None:
     return out
 
 
-def finish_run(c, path: Path, samples, *, started: float) -> None:
+def finish_run(c: Components, path: Path, samples, *, started: float) -> None:
     """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``."""
     steps = c.config.run.steps
     ckpt = latest_checkpoint(path / "checkpoints")
     if ckpt is None or ckpt.step != steps:
         save_step(c, path, steps, samples)
     if c.accelerator.is_main_process:
-        tmp = path / ".final.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_model(tmp, c.unwrapped(), c.tokenizer, {"tokenmdp.json": c.settings.meta_file})
-        tmp.rename(path / "final")
+        write_folder(path / "final", lambda tmp: save_model(tmp, c.unwrapped(), c.tokenizer,
+                                                            {META_FILE: c.settings.meta_file}), replace=True)
         if samples is not None:
             samples.flush()
         done = {"steps": steps, "algo": c.config.algo.name, "seed": c.config.run.seed,

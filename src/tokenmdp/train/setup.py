@@ -7,46 +7,41 @@ open: the task options, the prompt template and ``max_new_tokens`` of the embedd
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenmdp.algos.registry import AlgoSpec
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy.model import ModelDefaults, model_defaults
 from tokenmdp.train.config import TrainConfig, resolve_algo
 
-META_FILE = "tokenmdp.json"
-DEFAULT_MAX_NEW_TOKENS = 256
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tokenmdp.policy.value_head import ValueModel
+    from tokenmdp.rollout.base import Engine
+    from tokenmdp.tasks.base import Task
 
 
-def model_meta(path: Path | None) -> dict:
-    """The ``tokenmdp.json`` of a model folder, or ``{}``."""
-    if path is None or not (Path(path) / META_FILE).is_file():
-        return {}
-    file = Path(path) / META_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TokenMDPError(f"{file} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    return meta if isinstance(meta, dict) else {}
+def resolve_model_path(config: TrainConfig) -> str:
+    """``model.path``: a local folder or file (expanded), else taken as a hub id. ``train/`` is handed a model; it
+    never builds one (the commands fill in the embedded base model, :func:`tokenmdp.base.store.ensure_tiny_base`)."""
+    if not config.model.path:
+        raise TokenMDPError("config field 'model.path' is empty: name a model folder, a .gguf file or a hub id "
+                            "(`tokenmdp train` fills in the embedded base model)")
+    path = Path(config.model.path).expanduser()
+    return str(path) if path.exists() else config.model.path  # a hub id when not a local path
 
 
-def resolve_model_path(config: TrainConfig, *, progress: bool = True) -> str:
-    """``model.path``, or the embedded tiny base model (found in, or built into, ``model.cache_dir``)."""
-    if config.model.path:
-        path = Path(config.model.path).expanduser()
-        return str(path) if path.exists() else config.model.path  # a hub id when not a local path
-    from tokenmdp.policy.tiny import ensure_tiny_base
-
-    return str(ensure_tiny_base(Path(config.model.cache_dir).expanduser(), progress=progress))
-
-
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Config values after the model folder's defaults are filled in."""
+    """Config values after the model folder's defaults are filled in (:func:`tokenmdp.policy.model.
+    model_defaults`, the same resolution ``compare`` and ``eval`` use)."""
 
     model_path: str
     task_options: dict
@@ -55,23 +50,17 @@ class Settings:
     meta_file: Path | None
 
 
-def resolve_settings(config: TrainConfig, *, progress: bool = True) -> Settings:
+def resolve_settings(config: TrainConfig) -> Settings:
     """Fill the open config values from the model folder's ``tokenmdp.json`` (same task only)."""
-    model_path = resolve_model_path(config, progress=progress)
-    meta = model_meta(Path(model_path)) if Path(model_path).exists() else {}
-    same_task = meta.get("task") == config.task.name
-    options = dict(meta.get("task_kwargs") or {}) if same_task else {}
-    options.update(config.task.options)
-    template = config.task.template or (meta.get("template") if same_task else None)
-    max_new = config.rollout.max_new_tokens or int(meta.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-    meta_file = Path(model_path) / META_FILE if meta else None
-    return Settings(model_path, options, template, max_new, meta_file)
+    model_path = resolve_model_path(config)
+    d: ModelDefaults = model_defaults(model_path, config.task.name, config.task.options, config.task.template,
+                                      config.rollout.max_new_tokens)
+    return Settings(model_path, d.task_options, d.template, d.max_new_tokens, d.meta_file)
 
 
-def check_fit(spec, config: TrainConfig, max_new_tokens: int) -> None:
+def check_fit(spec: AlgoSpec, config: TrainConfig, max_new_tokens: int) -> None:
     """Settings of the algorithm that must fit the rollout settings (checked before anything is written)."""
-    offline = spec.kind == "dpo" and config.task.dpo_data is not None
-    if spec.group_based and not offline and config.rollout.group_size < 2:
+    if spec.group_based and not spec.trains_on_pairs(config.task.dpo_data) and config.rollout.group_size < 2:
         raise TokenMDPError(f"algo {spec.name!r} compares responses within a group: rollout.group_size must be at "
                             f"least 2, got {config.rollout.group_size}")
     if spec.overlong_buffer > max_new_tokens:
@@ -104,19 +93,19 @@ class Components:
     """The live objects of a run (``model`` and ``critic`` as prepared by accelerate)."""
 
     config: TrainConfig
-    spec: Any
+    spec: AlgoSpec
     settings: Settings
-    accelerator: Any
-    task: Any
-    tokenizer: Any
-    model: Any
-    engine: Any
-    optimizer: Any
-    scheduler: Any
-    ref_model: Any = None
-    critic: Any = None
-    critic_optimizer: Any = None
-    state: dict = field(default_factory=dict)  # running statistics saved in checkpoints
+    accelerator: Accelerator
+    task: Task
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    engine: Engine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ref_model: PreTrainedModel | None = None
+    critic: ValueModel | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # running statistics saved in checkpoints
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +115,7 @@ class Components:
         return self.accelerator.unwrap_model(self.model)
 
 
-def check_processes(config: TrainConfig, spec, num_processes: int) -> None:
+def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> None:
     """Settings a run in several processes needs: every process takes the same number of optimizer steps (the
     gradients are averaged at each), so the prompts of a step split evenly, and a process whose share keeps fewer
     rows (filtered SFT, DPO pairs, dynamic sampling) must not cut them into a different number of minibatches."""
@@ -141,7 +130,7 @@ def check_processes(config: TrainConfig, spec, num_processes: int) -> None:
                             f"{spec.name!r} in {num_processes} processes: their shares keep unequal numbers of rows")
 
 
-def make_accelerator(config: TrainConfig, run_dir: Path):
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     """An ``accelerate.Accelerator`` for the run's device and mixed precision (trackers when asked)."""
     from accelerate import Accelerator
 
@@ -184,8 +173,7 @@ def _critic(config: TrainConfig, settings: Settings, device, resume_from: Path |
     return critic.to(device)
 
 
-def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = None,
-                     progress: bool = True) -> Components:
+def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = None) -> Components:
     """Everything the loop needs. ``resume_from`` is a checkpoint folder (the policy and tokenizer load from its
     ``model/``; optimizer states are restored by the caller)."""
     from tokenmdp.rollout import get_engine
@@ -194,7 +182,7 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     spec = resolve_algo(config)
     if config.run.threads is not None:
         torch.set_num_threads(config.run.threads)
-    settings = resolve_settings(config, progress=progress)
+    settings = resolve_settings(config)
     check_fit(spec, config, settings.max_new_tokens)
     task = get_task(config.task.name, **settings.task_options)
     accelerator = make_accelerator(config, run_dir)
@@ -225,13 +213,3 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
                       tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
                       scheduler=scheduler, ref_model=ref_model, critic=critic, critic_optimizer=critic_optimizer)
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float, str, bool)):
-            out[f"{prefix}{key}"] = value
-    return out

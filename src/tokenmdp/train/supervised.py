@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
@@ -17,7 +19,7 @@ from tokenmdp.algos.isft import isft_loss, kept_counts
 from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
-from tokenmdp.train.batch import Batch
+from tokenmdp.train.batch import Batch, TrainBatch
 from tokenmdp.train.updates import (
     MetricMeter,
     approx_kl,
@@ -28,40 +30,43 @@ from tokenmdp.train.updates import (
     nothing_to_train,
     optimizer_step,
     row_lengths,
-    select,
 )
 
+if TYPE_CHECKING:
+    from tokenmdp.train.setup import Components
 
-def isft_update(c, batch: Batch, *, step: int) -> dict:
+
+def isft_update(c: Components, batch: Batch, *, step: int) -> dict:
     """``spec.mu`` epochs of filtered SFT minibatch steps on the kept responses of ``batch``."""
     spec, ro = c.spec, batch.rollout
     adv = None
     if spec.isft_weighting == "advantage":
-        tok_adv, _, _ = compute_advantages(spec, batch.rewards, ro.response_mask, group_size=batch.group_size)
-        adv = tok_adv[:, 0]  # sequence advantages: every response has at least one token
+        adv, _, _ = compute_advantages(spec, batch.rewards, ro.response_mask, group_size=batch.group_size)
     keep = {"+": batch.correct, "-": ~batch.correct, "+-": torch.ones_like(batch.correct)}[spec.isft_mode]
     rows = torch.arange(len(batch), device=keep.device)[keep].cpu()
     metrics: dict = {"update/rows": float(len(rows))}
     if nothing_to_train(c, len(rows), epochs=spec.mu):
         return metrics
-    tensors = {"old": ro.logprobs, "correct": batch.correct, "adv": adv}
+    tb = TrainBatch(rollout=ro, old_logprobs=ro.logprobs, advantages=adv, correct=batch.correct)
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
-    max_len = spec.max_len or c.settings.max_new_tokens
+    max_len = spec.divisor(c.settings.max_new_tokens)
     for _ in range(spec.mu):
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
             for micro in micro_batches(mb, c.config.optim.micro_batch_size, row_lengths(ro)):
-                sub, t = select(ro, micro, tensors)
+                t = tb.select(micro)
+                sub = t.rollout
                 lp, ent = forward(c, c.model, sub, entropy=True)
+                seq_adv = None if t.advantages is None else t.advantages[:, 0]  # a response has >= 1 token
                 loss, m = isft_loss(
-                    lp.float(), sub.response_mask, t["correct"], mode=spec.isft_mode, weighting=spec.isft_weighting,
-                    advantages=t["adv"], pos_weight=spec.isft_pos_weight, neg_weight=spec.isft_neg_weight,
+                    lp.float(), sub.response_mask, t.correct, mode=spec.isft_mode, weighting=spec.isft_weighting,
+                    advantages=seq_adv, pos_weight=spec.isft_pos_weight, neg_weight=spec.isft_neg_weight,
                     aggregation=spec.aggregation, max_len=max_len, num_tokens=n_tok, num_seqs=n_seq,
                 )
                 m["policy/entropy"] = float(ent.detach()[sub.response_mask.bool()].mean())
-                m["policy/approx_kl"] = approx_kl(t["old"], lp, sub.response_mask)
+                m["policy/approx_kl"] = approx_kl(t.old_logprobs, lp, sub.response_mask)
                 meter.add(m, float(sub.response_mask.sum()))
                 c.accelerator.backward(loss)
             meter.end_minibatch()
@@ -69,7 +74,7 @@ def isft_update(c, batch: Batch, *, step: int) -> dict:
     return {**metrics, **meter.result()}
 
 
-def pairs_rollout(c, pairs: list) -> Rollout:
+def pairs_rollout(c: Components, pairs: list) -> Rollout:
     """Offline pairs as one rollout: rows ``0..P-1`` the chosen responses, ``P..2P-1`` the rejected ones (each
     tokenized without special tokens, EOS appended)."""
     tok = c.tokenizer
@@ -89,7 +94,7 @@ def pairs_rollout(c, pairs: list) -> Rollout:
     )
 
 
-def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) -> dict:
+def dpo_update(c: Components, batch: Batch | None, *, step: int, pairs: list | None = None) -> dict:
     """DPO minibatch steps on on-policy pairs of ``batch`` or on the offline ``pairs`` of this step."""
     if pairs is not None:
         ro = pairs_rollout(c, pairs)
@@ -101,7 +106,7 @@ def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) 
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
     if nothing_to_train(c, len(chosen), epochs=c.spec.mu):
         return metrics
-    ref = logprobs_all(c, c.ref_model, ro)
+    tb = TrainBatch(rollout=ro, old_logprobs=ro.logprobs, ref_logprobs=logprobs_all(c, c.ref_model, ro))
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
     pair_rows = torch.arange(len(chosen))
@@ -111,27 +116,26 @@ def dpo_update(c, batch: Batch | None, *, step: int, pairs: list | None = None) 
         for mb in minibatches(pair_rows, pairs_per_minibatch, generator=generator):
             for micro in micro_batches(mb, pairs_per_micro):
                 rows = torch.cat([chosen[micro], rejected[micro]])
-                loss = _dpo_micro(c, ro, rows, ref, len(micro), len(mb), meter)
+                loss = _dpo_micro(c, tb.select(rows), len(micro), len(mb), meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()
             optimizer_step(c, meter)
     return {**metrics, **meter.result()}
 
 
-def _dpo_micro(c, ro: Rollout, rows: torch.Tensor, ref: torch.Tensor, n_micro: int, n_mb: int,
-               meter: MetricMeter) -> torch.Tensor:
-    """The DPO loss of one micro-batch of pairs, scaled by its share of the minibatch (exact accumulation)."""
-    spec = c.spec
-    sub, t = select(ro, rows, {"ref": ref})
+def _dpo_micro(c: Components, t: TrainBatch, n_micro: int, n_mb: int, meter: MetricMeter) -> torch.Tensor:
+    """The DPO loss of one micro-batch of pairs (chosen rows first, then their rejected rows), scaled by its share
+    of the minibatch (exact accumulation)."""
+    spec, sub = c.spec, t.rollout
     lp, ent = forward(c, c.model, sub, entropy=True)
     seq = sequence_logps(lp.float(), sub.response_mask)
-    seq_ref = sequence_logps(t["ref"], sub.response_mask)
+    seq_ref = sequence_logps(t.ref_logprobs, sub.response_mask)
     loss, m = dpo_loss(seq[:n_micro], seq[n_micro:], seq_ref[:n_micro], seq_ref[n_micro:], beta=spec.dpo_beta,
                        loss_type=spec.dpo_loss_type, label_smoothing=spec.dpo_label_smoothing)
     scale = n_micro / n_mb
     m["dpo/loss"] = m["dpo/loss"] * scale
     m["policy/entropy"] = float(ent.detach()[sub.response_mask.bool()].mean())
-    kl = kl_penalty(lp.detach().float(), t["ref"], estimator="k3")
+    kl = kl_penalty(lp.detach().float(), t.ref_logprobs, estimator="k3")
     m["policy/kl_ref"] = float(kl[sub.response_mask.bool()].mean())
     meter.add(m, float(n_micro))
     return loss * scale

@@ -54,7 +54,7 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     """One training step on ``items`` (problems, or offline DPO pairs); returns the step's metrics."""
     t0 = time.perf_counter()
     spec, record = c.spec, {}
-    offline = spec.kind == "dpo" and c.config.task.dpo_data is not None
+    offline = spec.trains_on_pairs(c.config.task.dpo_data)
     batch = None
     if not offline:
         batch = collect(c, _shard(items, c), step=step)
@@ -92,7 +92,7 @@ def _schedule_step(c: Components) -> None:
 
 def _stream(c: Components) -> list[list]:
     cfg = c.config
-    if c.spec.kind == "dpo" and cfg.task.dpo_data is not None:
+    if c.spec.trains_on_pairs(cfg.task.dpo_data):
         pairs = load_pairs(cfg.task.dpo_data)
         return pair_stream(pairs, seed=cfg.run.seed, steps=cfg.run.steps, pairs_per_step=cfg.rollout.prompts_per_step)
     return prompt_stream(c.task, seed=cfg.run.seed, steps=cfg.run.steps, prompts_per_step=cfg.rollout.prompts_per_step,
@@ -138,7 +138,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     run = open_run(config, resume=resume)
     if run.already_done:
         return run.path
-    c = build_components(config, run.path, resume_from=run.checkpoint_path, progress=progress)
+    c = build_components(config, run.path, resume_from=run.checkpoint_path)
     start = run.restore(c)
     stream = _stream(c)
     held = eval_problems(c) if config.run.eval_every > 0 else None
@@ -150,6 +150,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
                            enabled=config.run.log_samples and main)
     before, after = _callbacks(callbacks)
     label = f"train {config.algo.name} seed {config.run.seed}"
+    if held is not None and config.run.eval_before and start == 0:  # the curve's first point: the start policy
+        record = held_out(c, held, step=0)
+        if metrics is not None:
+            metrics.log(0, record)
     with _progress(progress and main, config.run.steps, start, label) as advance:
         for step in range(start + 1, config.run.steps + 1):
             record = run_step(c, stream[step - 1], step, samples=samples, before=before)

@@ -10,12 +10,17 @@ minibatch in one pass. One optimizer step is taken per minibatch.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
+from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.rollout.base import Rollout
+from tokenmdp.train.batch import total_over_processes
+
+if TYPE_CHECKING:
+    from tokenmdp.train.setup import Components
 
 SUMMED = ("policy/loss", "policy/pg_loss", "value/loss", "isft/loss", "dpo/loss", "update/loss")
 
@@ -87,21 +92,12 @@ def row_lengths(rollout: Rollout) -> torch.Tensor:
     return rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
 
 
-def select(rollout: Rollout, rows: torch.Tensor, tensors: dict[str, torch.Tensor | None]):
-    """The rows of ``rollout`` (trimmed of all-padding columns) and of the per-row tensors, cut to its width."""
-    sub = rollout.select(rows.to(rollout.device)).trimmed()
-    width = sub.response_ids.shape[1]
-    out = {}
-    for name, t in tensors.items():
-        if t is None:
-            out[name] = None
-        else:
-            t = t.index_select(0, rows.to(t.device))
-            out[name] = t[:, :width] if t.dim() == 2 else t
-    return sub, out
+def rows_of(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rows ``rows`` of ``rollout``, trimmed of all-padding response columns."""
+    return rollout.select(rows.to(rollout.device)).trimmed()
 
 
-def forward(c, model, sub: Rollout, *, entropy: bool = False):
+def forward(c: Components, model, sub: Rollout, *, entropy: bool = False):
     """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature."""
     temperature = c.config.rollout.temperature or 1.0
     with c.accelerator.autocast():
@@ -110,25 +106,25 @@ def forward(c, model, sub: Rollout, *, entropy: bool = False):
 
 
 @torch.no_grad()
-def logprobs_all(c, model, rollout: Rollout) -> torch.Tensor:
+def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
     for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
-        sub, _ = select(rollout, micro, {})
+        sub = rows_of(rollout, micro)
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
     return out
 
 
 @torch.no_grad()
-def values_all(c, rollout: Rollout) -> torch.Tensor:
+def values_all(c: Components, rollout: Rollout) -> torch.Tensor:
     """(B, T) critic values V(s_t) of every response token, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
     critic = c.accelerator.unwrap_model(c.critic)
     for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
-        sub, _ = select(rollout, micro, {})
+        sub = rows_of(rollout, micro)
         with c.accelerator.autocast():
             v = critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
         out[micro, : v.shape[1]] = v.float() * sub.response_mask
@@ -151,7 +147,7 @@ def zero_missing_grads(model) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def nothing_to_train(c, count: int, *, epochs: int) -> bool:
+def nothing_to_train(c: Components, count: int, *, epochs: int) -> bool:
     """Whether this process's share of the step has no row to train on (``count == 0``): the caller then returns.
 
     Every process calls it once per update (it counts the rows of all processes). A process with no row while
@@ -159,8 +155,6 @@ def nothing_to_train(c, count: int, *, epochs: int) -> bool:
     epoch: :func:`tokenmdp.train.setup.check_processes`), so that the cross-process gradient average and the
     parameters stay in step.
     """
-    from tokenmdp.train.batch import total_over_processes
-
     total = total_over_processes(c, count)
     if count == 0 and total > 0:
         meter = MetricMeter()
@@ -172,7 +166,7 @@ def nothing_to_train(c, count: int, *, epochs: int) -> bool:
     return count == 0
 
 
-def optimizer_step(c, meter: MetricMeter) -> None:
+def optimizer_step(c: Components, meter: MetricMeter) -> None:
     """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients."""
     max_norm = c.config.optim.max_grad_norm
     pairs = [(c.model, c.optimizer, "policy/grad_norm")]
@@ -192,8 +186,6 @@ def optimizer_step(c, meter: MetricMeter) -> None:
 
 def approx_kl(old_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over valid tokens of ``rho - 1 - log rho`` with ``rho = pi / pi_old`` (k3 of KL(pi_old || pi))."""
-    from tokenmdp.algos.losses import kl_penalty
-
     kl = kl_penalty(old_logprobs.detach(), logprobs.detach(), estimator="k3")
     m = mask.bool()
     return float(kl[m].mean()) if m.any() else 0.0

@@ -14,6 +14,11 @@ from typing import Sequence
 import torch
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy.model import read_meta
+from tokenmdp.policy.tiny import load_char_tokenizer
+from tokenmdp.progress import progress_bar
+from tokenmdp.tasks import get_task
+from tokenmdp.train.heldout import evaluate
 
 
 def group_figures(correct: Sequence[bool], k: int) -> dict[str, float]:
@@ -44,15 +49,12 @@ def evaluate_base(model, tokenizer, task, problems: list, *, k: int = 8, max_new
                   seed: int = 0, template: str = "compact", chunk: int = 64, progress: bool = False) -> dict:
     """Sampled (temperature 1, ``k`` per problem) and greedy figures of ``model`` on ``problems``.
 
-    The completions come from :func:`tokenmdp.experiments.evaluate.evaluate` (the ``fast`` engine, which runs
+    The completions come from :func:`tokenmdp.train.heldout.evaluate` (the ``fast`` engine, which runs
     Llama-family models such as the tiny Qwen2 with its own decoder and any other causal LM through transformers;
     ``chunk * k`` rows per call); this adds the group view. Returns sampled and greedy accuracy, the group figures of
     :func:`group_figures`, ``format_rate`` (samples with a parseable answer), ``truncated_rate``, mean completion
     length in tokens (all, correct, incorrect) and the seconds taken.
     """
-    from tokenmdp.experiments.evaluate import evaluate
-    from tokenmdp.progress import progress_bar
-
     if not problems:
         raise TokenMDPError("evaluation needs at least one problem")
     start = time.perf_counter()
@@ -82,9 +84,6 @@ def measure_base(model_dir: str | Path, n_problems: int = 64, k: int = 8, seed: 
     ``tokenmdp.json``; the problems are the first ``n_problems`` of the task's test split for ``seed``.
     """
     from transformers import AutoModelForCausalLM
-
-    from tokenmdp.policy.tiny import load_char_tokenizer, read_meta
-    from tokenmdp.tasks import get_task
 
     meta = read_meta(model_dir)
     if n_problems < 1 or k < 1:

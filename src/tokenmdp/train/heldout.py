@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.stats import best_of_n, majority_vote, pass_at_k
+from tokenmdp.stats import best_of_n, majority_vote, pass_at_k
+from tokenmdp.policy.model import model_defaults
+from tokenmdp.rollout import get_engine
 
 ProgressFn = Callable[[int], None]  # called with the number of completions just generated
 
@@ -42,8 +44,6 @@ def answer_key(task, problem, completion: str, formatted: bool) -> Hashable | No
 def _get_engine(engine, model, tokenizer):
     if not isinstance(engine, str):
         return engine  # an Engine instance
-    from tokenmdp.rollout import get_engine
-
     return get_engine(engine, model, tokenizer)
 
 
@@ -188,18 +188,10 @@ def save_eval(result: dict, path: str | Path, *, records: str | Path | None = No
 
 def resolve_eval_setup(model_path: str | Path | None, task: str | None, task_kwargs: dict | None = None,
                        template: str | None = None, max_new_tokens: int | None = None) -> dict:
-    """Task name, task kwargs, template and max_new_tokens for evaluating ``model_path``: explicit values first,
-    then the model folder's ``tokenmdp.json`` (its task kwargs only when the task is the same), then defaults
-    (countdown, the task's default template, 128 tokens)."""
-    from tokenmdp.train.setup import model_meta
-
-    meta = model_meta(Path(model_path)) if model_path is not None and Path(model_path).exists() else {}
-    name = task or meta.get("task") or "countdown"
-    same = name == meta.get("task")
-    kwargs = dict(meta.get("task_kwargs") or {}) if same else {}
-    kwargs.update(task_kwargs or {})
-    return {"task": name, "task_kwargs": kwargs, "template": template or (meta.get("template") if same else None),
-            "max_new_tokens": int(max_new_tokens or meta.get("max_new_tokens") or 128)}
+    """Task name, task kwargs, template and max_new_tokens for evaluating ``model_path``
+    (:func:`tokenmdp.policy.model.model_defaults`, the same resolution as a training run's)."""
+    d = model_defaults(model_path, task, task_kwargs, template, max_new_tokens)
+    return {"task": d.task, "task_kwargs": d.task_options, "template": d.template, "max_new_tokens": d.max_new_tokens}
 
 
 def load_eval_problems(task, *, data: str | Path | None = None, split: str = "test", n: int | None = None,

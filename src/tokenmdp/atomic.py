@@ -1,0 +1,59 @@
+"""One way to write a folder so that nobody ever reads half of it: :func:`write_folder`.
+
+Every writer of a folder that another process (or a later run) may read goes through it: checkpoints
+(``checkpoints/step-N``), a run's ``final/`` model, and the base models built by ``tokenmdp pretrain``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from tokenmdp.errors import TokenMDPError
+
+#: Prefixes of the temporary folders :func:`write_folder` leaves beside ``out`` only if the process is killed;
+#: :func:`remove_leftovers` clears them.
+TMP_MARK, OLD_MARK = ".tmp-", ".old-"
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Run ``write(tmp)`` on a fresh temporary folder beside ``out``, then rename it to ``out``.
+
+    On any failure (or interrupt) the temporary folder is removed, so ``out`` is either absent, the old folder,
+    or complete; a kill -9 leaves at worst a hidden ``.<name>.tmp-*`` folder that :func:`remove_leftovers`
+    clears. An existing ``out`` is replaced only when ``replace`` (else :class:`TokenMDPError`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            if not replace:
+                raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD_MARK}", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def remove_leftovers(folder: str | Path) -> None:
+    """Delete the temporary folders that :func:`write_folder` calls killed mid-way left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.name.startswith(".") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+__all__ = ["remove_leftovers", "write_folder"]

@@ -1,0 +1,100 @@
+"""What a comparison is a function of (:class:`CompareSettings`, written to ``compare.json``), its defaults and
+their checks. Shared by the comparison (:mod:`tokenmdp.experiments.compare`) and its jobs
+(:mod:`tokenmdp.experiments.compare_run`), which import this module and never each other the wrong way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmdp.errors import TokenMDPError
+
+DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
+# the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
+# (smaller) set of the same split with the same seed
+HELDOUT_SEED = 0
+TINY_LR = 1e-4  # every algorithm on the embedded tiny model: 1e-3 collapsed every algorithm to 0% in 5 steps, and 3e-4
+# lowered held-out greedy accuracy in 20 steps (grpo 29.5% -> 16.5%, isft+ -> 4%); 1e-4 kept it (12 steps)
+
+
+@dataclass
+class CompareSettings:
+    """Everything a comparison is a function of (written to ``compare.json``)."""
+
+    algos: list[str] = field(default_factory=lambda: list(DEFAULT_ALGOS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 20
+    model: str | None = None
+    task: str = "countdown"
+    task_kwargs: dict = field(default_factory=dict)
+    template: str | None = None
+    eval_n: int = 500
+    k: int = 4
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int | None = None
+    lr: float | None = None  # None: TINY_LR for the embedded tiny model, else the trainer's default
+    engine: str = "fast"
+    eval_batch_size: int = 512
+    eval_temperature: float = 1.0
+    eval_every: int | None = None  # the trainer's held-out curve: None = every steps // 4 steps, 0 = off
+    curve_n: int = 64  # problems of that curve (the first of the held-out set), greedy + curve_k samples each
+    curve_k: int = 1
+    report_to: str = "none"
+    overrides: list[str] = field(default_factory=list)
+    heldout_seed: int = HELDOUT_SEED
+    cache_dir: str | None = None
+    threads: int | None = None  # torch CPU threads; None: 1 for the embedded tiny model (fastest), else torch's
+    workers: int | None = None  # runs in parallel processes; None: 2 for the embedded tiny model on >= 2 CPUs, else 1
+
+
+#: Named comparisons (``tokenmdp compare --preset NAME``): settings chosen to answer the paper's questions
+#: (arXiv 2505.13697; claims C1-C5 of :mod:`tokenmdp.experiments.claims`) within a budget of this 2-core machine.
+#: Options given next to ``--preset`` override the preset's values.
+COMPARE_PRESETS: dict[str, dict] = {
+    # the main job (`tokenmdp demo`): about 15 minutes on 2 cores. C1 (grpo_nokl and isft+-adv take the same
+    # steps), C3 (isft- collapses), a first paired read of C2 (isft+- and isft+ against grpo_nokl) and C4 (the
+    # length of wrong answers under grpo_nokl against dr_grpo), 3 seeds
+    "demo": {"algos": ["grpo_nokl", "isft+-adv", "isft+-", "isft+", "isft-", "dr_grpo"], "seeds": [0, 1, 2],
+             "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 300, "k": 4,
+             "eval_every": 4, "overrides": ["optim.warmup_steps=2"]},
+    # the paper-scale comparison on this machine: GRPO (no KL, as the slow learning test, where it gains 6-10
+    # points), filtered SFT +-, + and -, 5 seeds of 60 steps of 32 prompts x 8 samples (about 3 hours on 2 cores;
+    # a stopped run continues where it stopped: finished runs are reused)
+    "paper-small": {"algos": ["grpo_nokl", "isft+-", "isft+", "isft-"], "seeds": [0, 1, 2, 3, 4], "steps": 60,
+                    "prompts_per_step": 32, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4,
+                    "eval_every": 15, "overrides": ["optim.warmup_steps=10"]},
+}
+
+
+def preset_settings(preset: str | None) -> dict:
+    """The settings of ``preset`` (a copy; ``{}`` for None); an unknown name is one error listing the presets."""
+    if preset is None:
+        return {}
+    if preset not in COMPARE_PRESETS:
+        raise TokenMDPError(f"--preset: unknown preset {preset!r}; choose from {', '.join(COMPARE_PRESETS)}")
+    return {k: list(v) if isinstance(v, list) else v for k, v in COMPARE_PRESETS[preset].items()}
+
+
+def validate_settings(s: CompareSettings) -> None:
+    from tokenmdp.algos.registry import PRESETS
+
+    if not s.algos:
+        raise TokenMDPError("--algos: name at least one algorithm")
+    for a in s.algos:
+        if a not in PRESETS:
+            raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
+    for name in ("threads", "workers"):
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            raise TokenMDPError(f"--{name} must be at least 1, got {getattr(s, name)}")
+    if len(set(s.algos)) != len(s.algos):
+        raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
+        raise TokenMDPError(f"--seeds: need at least one seed and no repeats, got {s.seeds}")
+    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_k"):
+        if getattr(s, name) < 1:
+            raise TokenMDPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+
+
+def curve_every(s: CompareSettings) -> int:
+    return max(1, s.steps // 4) if s.eval_every is None else s.eval_every
