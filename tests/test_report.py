@@ -232,3 +232,41 @@ def test_report_cli(compare_dir, tmp_path, capsys):
     assert "error: run folder not found" in capsys.readouterr().err
     assert main(["report", str(compare_dir)]) == 0
     assert re.search(r"\| grpo \| 3 \| 40\.0 ± 49\.7", capsys.readouterr().out)
+
+
+def test_report_leads_with_the_claims_and_requires_them_on_demand(compare_dir, tmp_path, capsys):
+    """claims.json and the first section of summary.md / report.html are the verdicts; `--claims` makes a claim
+    that these runs cannot compute one error naming the runs it lacks."""
+    out = build_report(compare_dir, tmp_path / "r")
+    claims = json.loads((out / "claims.json").read_text())
+    assert list(claims) == ["C1", "C2", "C3", "C4", "C5"]
+    assert claims["C3"]["verdict"] == "not measured" and "isft- (seeds 0-2)" in claims["C3"]["missing"]
+    md = (out / "summary.md").read_text()
+    assert md.index("## The paper's claims") < md.index("## Held-out results")
+    page = (out / "report.html").read_text()
+    assert page.index("The paper's claims") < page.index("Held-out results") and 'id="claim-C1"' in page
+    assert main(["report", str(compare_dir), "--out", str(tmp_path / "r2"), "--claims", "C3"]) == 2
+    err = capsys.readouterr().err
+    assert "C3 needs isft- (seeds 0-2)" in err and not (tmp_path / "r2").exists()  # nothing half-written
+    assert main(["report", str(compare_dir), "--out", str(tmp_path / "r3"), "--claims", "C9"]) == 2
+    assert "unknown claim(s) C9" in capsys.readouterr().err
+
+
+def test_held_out_curves_start_at_the_base_model(compare_dir):
+    """Step 0 of every run's held-out curve is the base model on the trainer's curve problems (the first curve_n
+    held-out problems), read from the base evaluation's per-problem records."""
+    from tokenmdp.experiments.runs import base_curve_point
+
+    records = [{"greedy": {"correct": c}, "pass@1": p} for c, p in [(True, 0.5), (False, 0.25), (True, 1.0),
+                                                                     (True, 0.0)]]
+    (compare_dir / "base_eval_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    info = json.loads((compare_dir / "compare.json").read_text())
+    info["settings"]["curve_n"] = 3
+    (compare_dir / "compare.json").write_text(json.dumps(info))
+    point = base_curve_point(compare_dir, info)
+    assert point == {"step": 0, "eval/greedy_accuracy": pytest.approx(2 / 3), "eval/accuracy": pytest.approx(2 / 3),
+                     "eval/sampled_accuracy": pytest.approx(1.75 / 3)}  # (0.5 + 0.25 + 1) / 3
+    col = collect([compare_dir])
+    for run in col.runs:
+        assert run.metrics.index[0] == 0 and run.metrics.loc[0, "eval/accuracy"] == pytest.approx(2 / 3)
+        assert list(run.metrics.index) == list(range(0, 6))

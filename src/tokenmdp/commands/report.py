@@ -13,9 +13,12 @@ from tokenmdp.commands._common import console, emit_json
 def report_cmd(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders, comparison folders, or folders holding them."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Where the report goes (default: the one folder given)."),
+    claims: str | None = typer.Option(None, "--claims", help="Claims that must be computable from these folders, "
+                                      "e.g. C1,C3 or all (else: one error naming the runs they lack)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as JSON."),
 ) -> None:
-    """Build summary.csv, summary.md, plots/ and a self-contained report.html from run folders.
+    """Build claims.json, summary.csv, summary.md, plots/ and a self-contained report.html from run folders (the
+    verdicts on the paper's claims first; the exact tier's exact.json is read from any folder given).
 
     Several folders (for example comparisons made on different days or machines) are merged: runs of the same
     algorithm are pooled as seeds, and the base model's evaluations are pooled too.
@@ -23,7 +26,11 @@ def report_cmd(
     from tokenmdp.experiments.report import build_report, markdown_table, summary_rows
     from tokenmdp.experiments.runs import collect
 
-    folder = build_report(run_dirs, out)
+    from tokenmdp.experiments.claims import CLAIM_IDS
+
+    wanted = [] if not claims else (list(CLAIM_IDS) if claims.strip() == "all"
+                                    else [c.strip().upper() for c in claims.split(",") if c.strip()])
+    folder = build_report(run_dirs, out, require=wanted)
     col = collect(run_dirs)
     rows = summary_rows(col)
     if as_json:

@@ -2,7 +2,7 @@
 ``report.html`` built from run folders and comparison folders (read only; see :mod:`tokenmdp.experiments.runs`).
 
 Every algorithm gets the mean and the 95% Student-t confidence interval over its seeds
-(:func:`tokenmdp.experiments.stats.mean_ci`) of the held-out metrics of its final model, next to the base model.
+(:func:`tokenmdp.stats.mean_ci`) of the held-out metrics of its final model, next to the base model.
 """
 
 from __future__ import annotations
@@ -12,9 +12,13 @@ import math
 import time
 from pathlib import Path
 
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.claims import evaluate_claims
+from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.plots import all_figures
-from tokenmdp.experiments.runs import Collection, collect
-from tokenmdp.experiments.stats import mean_ci
+from tokenmdp.experiments.report_html import render_html
+from tokenmdp.experiments.runs import Collection, collect, read_json
+from tokenmdp.stats import mean_ci
 
 # (key in eval.json "metrics" or a derived training key, column label, kind)
 SUMMARY_METRICS: list[tuple[str, str, str]] = [
@@ -201,26 +205,48 @@ def _intervals_overlap(a: dict, b: dict, key: str) -> bool | None:
     return not (hi_a < lo_b or hi_b < lo_a)
 
 
-def build_report(run_dirs, out: str | Path | None = None) -> Path:
-    """Build ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``report.html`` in ``out`` from run folders or
-    comparison folders (a path or a list of them). ``out`` defaults to the single folder given. Returns ``out``."""
-    from tokenmdp.experiments.report_html import render_html
+EXACT_FILES = ("exact.json", "exact/exact.json")
 
+
+def find_exact(paths: list[Path]) -> tuple[dict | None, Path | None]:
+    """The exact tier's result saved in one of ``paths`` (``exact.json`` or ``exact/exact.json``), and its
+    folder; (None, None) when none holds one."""
+    for p in paths:
+        for name in EXACT_FILES:
+            file = Path(p).expanduser() / name
+            if file.is_file():
+                return read_json(file), file.parent
+    return None, None
+
+
+def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] | tuple = ()) -> Path:
+    """Build ``claims.json``, ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``report.html`` in ``out`` from
+    run folders or comparison folders (a path or a list of them; the exact tier's ``exact.json`` is picked up
+    from any of them). ``out`` defaults to the single folder given. ``require``: claim ids (``"C1"``, ...) that
+    must be computable from the folders given, else one error naming the runs they lack. Returns ``out``."""
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     col = collect(paths)
     if out is None:
         if len(paths) != 1:
-            from tokenmdp.errors import TokenMDPError
-
             raise TokenMDPError("several folders given: choose where the merged report goes with --out")
         out = paths[0]
+    exact, exact_dir = find_exact(paths)
+    claims = evaluate_claims(col, exact)
+    unknown = [c for c in require if c not in claims]
+    if unknown:
+        raise TokenMDPError(f"--claims: unknown claim(s) {', '.join(unknown)}; the claims are {', '.join(claims)}")
+    lacking = [f"{c} needs {', '.join(claims[c]['missing'])}" for c in require if claims[c]["missing"]]
+    if lacking:
+        raise TokenMDPError("claims that cannot be computed from the runs given: " + "; ".join(lacking))
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    write_claims(claims, out / "claims.json")
     rows = summary_rows(col)
     write_csv(rows, out / "summary.csv")
     reading = length_reading(col, rows)
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
-          + ", ".join(str(s) for s in col.sources) + ".", "",
+          + ", ".join(str(s) for s in col.sources) + ".", "", "## The paper's claims", "",
+          claims_markdown(claims), "", "## Held-out results", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
           "(accuracies in %, lengths in tokens).", ""]
     if col.unfinished:
@@ -235,5 +261,11 @@ def build_report(run_dirs, out: str | Path | None = None) -> Path:
     (out / "plots").mkdir(exist_ok=True)
     for name, png in figures.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
-    (out / "report.html").write_text(render_html(col, rows, figures, reading))
+    exact_figures = {}
+    if exact_dir is not None and (exact_dir / "plots").is_dir():
+        exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
+    header = ["algorithm", "runs"] + column_labels(col)
+    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=claims_html(claims),
+                       exact_figures=exact_figures)
+    (out / "report.html").write_text(page)
     return out

@@ -22,6 +22,7 @@ from tokenmdp.errors import TokenMDPError
 
 EVAL_FILE = "eval.json"
 BASE_EVAL_FILE = "base_eval.json"
+BASE_RECORDS_FILE = "base_eval_records.jsonl"
 COMPARE_FILE = "compare.json"
 
 
@@ -163,6 +164,43 @@ def _find_runs(root: Path) -> list[Path]:
     return found
 
 
+def base_curve_point(folder: Path, info: dict) -> dict | None:
+    """Step 0 of a comparison's held-out curves: the base model on the trainer's curve problems (the first
+    ``curve_n`` of the held-out set, which the trainer's periodic evaluation draws with the same seed), read from
+    the per-problem records of the base evaluation: greedy accuracy (``eval/accuracy``, as the comparison's
+    trainers log it) and the mean sampled pass@1. None when the records are not there."""
+    file = Path(folder) / BASE_RECORDS_FILE
+    n = (info.get("settings") or {}).get("curve_n")
+    if not file.is_file() or not n:
+        return None
+    records = []
+    with file.open() as fh:
+        for line in fh:
+            if len(records) >= n:
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                return None  # a torn file: no point rather than a wrong one
+    greedy = [r["greedy"]["correct"] for r in records if isinstance(r.get("greedy"), dict)]
+    sampled = [r["pass@1"] for r in records if r.get("pass@1") is not None]
+    point: dict[str, Any] = {"step": 0}
+    if greedy:
+        point["eval/greedy_accuracy"] = point["eval/accuracy"] = sum(map(bool, greedy)) / len(greedy)
+    if sampled:
+        point["eval/sampled_accuracy"] = sum(sampled) / len(sampled)
+    return point if len(point) > 1 else None
+
+
+def _with_step0(run: RunData, point: dict) -> None:
+    """Prepend ``point`` as the step-0 row of ``run``'s metrics, unless the run logged a step 0 itself."""
+    frame = run.metrics  # indexed by step (read_metrics)
+    if frame.empty or 0 in frame.index:
+        return
+    row = pd.DataFrame([{k: v for k, v in point.items() if k != "step"}], index=pd.Index([0], name=frame.index.name))
+    run.metrics = pd.concat([row, frame]).sort_index()
+
+
 def collect(paths: list[str | Path]) -> Collection:
     """Gather runs from run folders, comparison folders, or folders holding either; duplicates are read once."""
     if not paths:
@@ -170,28 +208,33 @@ def collect(paths: list[str | Path]) -> Collection:
     col = Collection()
     seen: set[Path] = set()
 
-    def add_run(p: Path) -> None:
+    def add_run(p: Path, step0: dict | None = None) -> None:
         key = p.resolve()
         if key not in seen:
             seen.add(key)
-            col.runs.append(load_run(p))
+            run = load_run(p)
+            if step0 is not None:
+                _with_step0(run, step0)
+            col.runs.append(run)
 
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
             raise TokenMDPError(f"run folder not found: {p}")
         col.sources.append(p)
+        step0 = None
         if (p / COMPARE_FILE).is_file():
             info = read_json(p / COMPARE_FILE)
             info["_source"] = str(p)
             col.compares.append(info)
+            step0 = base_curve_point(p, info)
         if (p / BASE_EVAL_FILE).is_file():
             col.base_evals.append(read_json(p / BASE_EVAL_FILE))
         if _is_run(p):
             add_run(p)
         else:
             for run in _find_runs(p):
-                add_run(run)
+                add_run(run, step0)
     if not col.runs:
         raise TokenMDPError(f"no run folder (with metrics.jsonl, config.yaml or {EVAL_FILE}) under: "
                             + ", ".join(str(s) for s in col.sources))
