@@ -7,6 +7,7 @@ policies and paths. It takes about a second.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,35 @@ def tabular_demo(
     }
 
 
+def main_job(out: str, *, json_out: bool = False) -> None:
+    """The main job: (1) the exact tier (seconds; ``<out>/exact/``), (2) ``tokenmdp compare --preset demo`` on the
+    embedded base model (``<out>``), (3) the report, whose first section is the verdict on each of the paper's
+    claims (``<out>/claims.json``, ``report.html``, ``summary.md``)."""
+    from tokenmdp.commands.compare import compare_cmd
+    from tokenmdp.experiments.exact import run_exact, save_exact
+    from tokenmdp.experiments.exact_plots import exact_figures
+
+    err_console.rule("1. The exact tier: expected updates on an enumerable token MDP")
+    result = run_exact()
+    save_exact(result, Path(out) / "exact", exact_figures(result))
+    err_console.print(f"exact tier: {len(result['presets'])} presets in {result['seconds']:.1f} s -> {out}/exact")
+    err_console.rule("2. The sampled tier: the embedded tiny model on Countdown (compare --preset demo)")
+    _run_compare(compare_cmd, ["--preset", "demo", "--out", out] + (["--json"] if json_out else []))
+    if not json_out:
+        _print_claims(Path(out) / "claims.json")
+
+
+def _print_claims(path: Path) -> None:
+    """The verdicts, one line each, at the end of the demo's output."""
+    import json
+
+    if not path.is_file():
+        return
+    stdout_console.rule("The paper's claims")
+    for cid, c in json.loads(path.read_text()).items():
+        stdout_console.print(f"[bold]{cid}[/bold] {c['verdict']}: {c['summary']}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
@@ -94,18 +124,16 @@ def register(app: typer.Typer) -> None:
         episodes: int = typer.Option(500, "--episodes", help="Episodes of Q-learning and SARSA (--tabular)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     ) -> None:
-        """The main job on the embedded default: `tokenmdp compare` with its defaults (the embedded tiny base model,
-        built on first use, on Countdown: GRPO, Dr. GRPO, PPO, RLOO and filtered iterative SFT side by side over
-        3 seeds, with report.html). With --tabular: gridworld values and cliff walking (Q-learning vs SARSA)."""
+        """The main job: the paper's claims tested exactly (the exact tier) and by sampling (`tokenmdp compare
+        --preset demo` on the embedded tiny base model: GRPO without KL, its supervised twin isft+-adv, filtered
+        SFT +-, + and -, and Dr. GRPO over 3 seeds), ending in a verdict for each claim (claims.json, report.html).
+        With --tabular: gridworld values and cliff walking (Q-learning vs SARSA)."""
         if tabular:
             result = tabular_demo(seed=seed, episodes=episodes, quiet=json_out)
             if json_out:
                 emit_json(result)
             return
-        from tokenmdp.commands.compare import compare_cmd
-
-        args = ["--out", out] + (["--json"] if json_out else [])
-        _run_compare(compare_cmd, args)
+        main_job(out, json_out=json_out)
 
 
 def _run_compare(compare_cmd, args: list[str]) -> None:

@@ -15,10 +15,15 @@ are absent, ``not measured`` (``missing`` names them, e.g. ``"isft- (seeds 0-2)"
 * C5, the expectation view (exact tier only): ISFT+ and ISFT- with a sequence-sum loss and Dr. GRPO point along
   ``grad J``; where and by how much every preset's expected update differs from it.
 
+
 C1 and C4 judge from the runs; the exact tier's figures are reported beside them (a C1 exact step difference
 beyond float tolerance overrides to ``contradicted``) but cannot stand in for missing runs. C5 needs the exact
-tier. Thresholds are the module constants below, each with its reason. Only run folders (and the exact tier's
-dict) are read; no model code.
+tier. Thresholds are the constants of :mod:`tokenmdp.experiments.claims_common`, each with its reason. Only run
+folders (and the exact tier's dict) are read; no model code.
+
+This module holds C1-C3 and :func:`evaluate_claims`; C4 and C5 are :mod:`tokenmdp.experiments.claims_length`, the
+shared readers, formatting and thresholds :mod:`tokenmdp.experiments.claims_common` (all importable from here),
+and the tables and ``claims.json`` :mod:`tokenmdp.experiments.claims_render`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,34 @@ from pathlib import Path
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.claims_common import (
+    C1_CURVE_ATOL,
+    C1_EXACT_ATOL,
+    C1_EXACT_RTOL,
+    C1_PARAM_RTOL,
+    C3_COLLAPSE_FRACTION,
+    C4_SLOPE_MARGIN,
+    C5_COSINE_CONTRADICT,
+    C5_COSINE_TOL,
+    C5_IDENTITIES,
+    CLAIM_IDS,
+    EQUIV_MARGIN,
+    NOT_MEASURED,
+    PRIMARY_METRIC,
+    SECONDARY_METRIC,
+    _base_value,
+    _combine,
+    _eval_value,
+    _g,
+    _get,
+    _interval,
+    _pair,
+    _pts,
+    _record,
+    _reference,
+    fmt_seeds,
+)
+from tokenmdp.experiments.claims_length import _c4, _c5, length_trend
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import (
     CONTRADICTED,
@@ -39,152 +72,9 @@ from tokenmdp.stats import (
     bootstrap_ci,
     direction_verdict,
     equivalence_verdict,
-    ls_slope,
     mean_ci,
     paired_difference,
 )
-
-NOT_MEASURED = "not measured"
-CLAIM_IDS = ("C1", "C2", "C3", "C4", "C5")
-
-# --- thresholds (module constants: each one is a choice, and the reason sits beside it) ---------------------------
-
-# C1: the two losses are the same function computed in a different order, so float32 rounding makes their gradients
-# differ by ~1e-7 relative; Adam's step is ~lr per element whatever the gradient's size, so trajectories that saw
-# different samples differ by ~lr per step (20 steps of 1e-4: 2e-3 of a largest parameter ~1), while rounding alone
-# stays orders of magnitude below 1e-4 of the largest parameter.
-C1_PARAM_RTOL = 1e-4
-# C1: the per-step curves are means of the same samples' rewards and lengths when the steps are equal (bit-equal in
-# practice); a single different sample moves ``reward/mean`` by 1/B (>= 1e-3 for any batch up to 1,000 samples).
-C1_CURVE_ATOL = 1e-6
-# C1: the exact tier's two expected steps agree up to the float32 cast of the advantages (relative ~1e-7, its
-# docstring); 1e-5 of the step's norm leaves a factor 100 for that, and any real difference of the steps is O(1).
-# Its absolute difference is judged against 1e-6 only when the relative one is absent (steps of norm ~1).
-C1_EXACT_RTOL = 1e-5
-C1_EXACT_ATOL = 1e-6
-# C2, C3: "reaches" means within 2 accuracy points: the paper's GRPO vs F-ISFT+- gaps are 0.1-1.9 points in three of
-# its four settings, and 2 points is about one binomial standard error of an accuracy near 50% on 500 held-out
-# problems (sqrt(0.25 / 500) = 2.2 points), so a smaller gap is within one evaluation's noise.
-EQUIV_MARGIN = 0.02
-# C2, C3: the held-out metric judged: sampled pass@1 averages k samples a problem (less noisy than the one greedy
-# answer) at the sampling temperature the algorithms trained with; greedy accuracy is reported beside it.
-PRIMARY_METRIC = "sampled/pass@1"
-SECONDARY_METRIC = "greedy/pass@1"
-# C3: "collapse" is read as the upper end of isft-'s 95% interval below half the base model's accuracy (the paper
-# reports 0.00%; half the base is far below any seed-to-seed spread of the other algorithms).
-C3_COLLAPSE_FRACTION = 0.5
-# C4: a slope difference below 0.05 tokens a step is under one token over the default 20-step comparison: no
-# practical length effect, so an interval wholly below it contradicts "grows longer".
-C4_SLOPE_MARGIN = 0.05
-# C5: exact enumeration has no sampling noise: an identity holds to rounding (1e-6 is float32-safe); a cosine more
-# than 1e-3 from 1 is a real difference of direction; between the two is left open.
-C5_COSINE_TOL = 1e-6
-C5_COSINE_CONTRADICT = 1e-3
-
-C5_IDENTITIES = {"isft+_seqsum_cosine": "isft+ (sequence sum)", "isft-_seqsum_cosine": "isft- (sequence sum)",
-                 "dr_grpo_cosine": "dr_grpo"}
-
-
-# --- reading the collection --------------------------------------------------------------------------------------
-
-
-def _finished(col: Collection, algo: str) -> dict:
-    return {r.seed: r for r in col.runs_of(algo, finished=True)}
-
-
-def _expected_seeds(col: Collection) -> list:
-    """The seeds the comparisons asked for (a list, or a count: seeds 0..n-1) and those of the runs present."""
-    seeds = set()
-    for info in col.compares:
-        asked = (info.get("settings") or {}).get("seeds", [])
-        seeds |= set(range(asked)) if isinstance(asked, int) else {s for s in asked if isinstance(s, int)}
-    seeds |= {r.seed for r in col.runs if r.seed is not None}
-    return sorted(seeds)
-
-
-def fmt_seeds(seeds) -> str:
-    """``[0, 1, 2]`` -> ``"seeds 0-2"``, ``[3]`` -> ``"seed 3"``, ``[0, 2]`` -> ``"seeds 0, 2"``."""
-    seeds = sorted(s for s in seeds if s is not None)
-    if len(seeds) == 1:
-        return f"seed {seeds[0]}"
-    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
-        return f"seeds {seeds[0]}-{seeds[-1]}"
-    return "seeds " + ", ".join(str(s) for s in seeds)
-
-
-def _pair(col: Collection, algos: list[str], labels: dict | None = None) -> tuple[list, list[str], dict]:
-    """Seeds every one of ``algos`` has a finished run of, what is missing when there is none, and the runs."""
-    runs = {a: _finished(col, a) for a in algos}
-    expected = _expected_seeds(col)
-    missing = []
-    for a in algos:
-        if not runs[a]:
-            name = (labels or {}).get(a, a)
-            missing.append(f"{name} ({fmt_seeds(expected)})" if expected else name)
-    common = sorted(set.intersection(*(set(r) for r in runs.values())), key=lambda s: (s is None, s or 0))
-    if not missing and not common:
-        union = set().union(*(set(r) for r in runs.values()))
-        missing = [f"{a} ({fmt_seeds(union - set(runs[a]))})" for a in algos if union - set(runs[a])]
-    return common, missing, runs
-
-
-def _reference(col: Collection) -> tuple[str, str | None]:
-    if _finished(col, "grpo") or not _finished(col, "grpo_nokl"):
-        return "grpo", None
-    return "grpo_nokl", "no grpo runs: grpo_nokl (GRPO without the KL term) stands in"
-
-
-def _eval_value(run: RunData, key: str) -> float:
-    ev = run.eval or {}
-    v = ev.get("metrics", ev).get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-
-
-def _base_value(col: Collection, key: str) -> float:
-    vals = [float(v) for e in col.base_evals for v in [e.get("metrics", e).get(key)] if isinstance(v, (int, float))]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def _get(d: dict | None, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
-# --- formatting --------------------------------------------------------------------------------------------------
-
-
-def _pts(x: float, signed: bool = True) -> str:
-    if x is None or not math.isfinite(x):
-        return "inf" if x == math.inf else "n/a"
-    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
-
-
-def _interval(d: PairedDiff, scale: float = 100.0, digits: int = 1) -> str:
-    if not d.has_interval:
-        return "[no interval: 1 seed]"
-    return f"[{d.low * scale:+.{digits}f}, {d.high * scale:+.{digits}f}]"
-
-
-def _g(x) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2g}"
-
-
-def _record(claim: str, prediction: str, needs: list[str], optional: list[str], measured: dict, summary: str,
-            verdict: str, power: str | None, missing: list[str]) -> dict:
-    if missing:
-        verdict = NOT_MEASURED
-        summary = f"not measured: missing {', '.join(missing)}" + (f"; {summary}" if summary else "")
-    return {"claim": claim, "prediction": prediction, "measured": measured, "summary": summary, "verdict": verdict,
-            "power": power, "needs": needs, "optional": optional, "missing": missing}
-
-
-def _combine(verdicts: list[str]) -> str:
-    if verdicts and all(v == SUPPORTED for v in verdicts):
-        return SUPPORTED
-    return CONTRADICTED if CONTRADICTED in verdicts else INCONCLUSIVE
 
 
 # --- C1: the reduction -------------------------------------------------------------------------------------------
@@ -434,124 +324,6 @@ def _c3(col: Collection) -> dict:
                    [], measured, summary, verdict, power, missing)
 
 
-# --- C4: length --------------------------------------------------------------------------------------------------
-
-
-def length_trend(run: RunData) -> dict:
-    """``length/incorrect`` of the training samples: least-squares slope per step, and the means of the first and
-    the last fifth of the logged steps (at least one step each) with their change."""
-    m = run.metrics
-    if m.empty or "length/incorrect" not in m.columns:
-        return {"slope": math.nan, "first_fifth": math.nan, "last_fifth": math.nan, "change": math.nan}
-    v = m["length/incorrect"].astype(float).dropna()
-    w = max(1, len(v) // 5)
-    first = float(v.iloc[:w].mean()) if len(v) else math.nan
-    last = float(v.iloc[-w:].mean()) if len(v) else math.nan
-    return {"slope": ls_slope(list(v.index), list(v.values)), "first_fifth": first, "last_fifth": last,
-            "change": last - first}
-
-
-def _c4(col: Collection, exact: dict | None) -> dict:
-    ref, note = _reference(col)
-    labels = {"grpo": "grpo or grpo_nokl"}
-    algos = [ref, "dr_grpo", "isft+"]
-    missing: list[str] = []
-    trends = {a: {s: length_trend(r) for s, r in _finished(col, a).items()} for a in algos}
-    tests: dict = {}
-    for other in (None, "dr_grpo", "isft+"):
-        seeds, miss, _ = _pair(col, [ref] if other is None else [ref, other], labels)
-        missing += [m for m in miss if m not in missing]
-        name = f"{ref} slope" if other is None else f"{ref} - {other}"
-        if miss:
-            continue
-        a = [trends[ref][s]["slope"] for s in seeds]
-        b = [0.0] * len(seeds) if other is None else [trends[other][s]["slope"] for s in seeds]
-        try:
-            d = paired_difference(a, b)
-        except TokenMDPError:
-            miss = f"length/incorrect in metrics.jsonl of {ref}" + (f" and {other}" if other else "")
-            miss += f" ({fmt_seeds(seeds)})" if seeds and None not in seeds else ""
-            if miss not in missing:
-                missing.append(miss)
-            continue
-        tests[name] = {"seeds": seeds, **d.to_dict(), "verdict": direction_verdict(d, 1, C4_SLOPE_MARGIN)}
-    # the exact tier's change of E[length | incorrect] under its dynamics: predicted > 0 for grpo_nokl, <= 0 for
-    # dr_grpo (reported beside the runs' verdict; on an MDP this small it is a property of the MDP, not a theorem)
-    shift = _get(exact, "identities", "len_incorrect_shift")
-    exact_out = None
-    if isinstance(shift, dict):
-        g, dr = shift.get("grpo_nokl"), shift.get("dr_grpo")
-        ok = isinstance(g, (int, float)) and isinstance(dr, (int, float))
-        exact_out = {"grpo_nokl": g, "dr_grpo": dr, "agrees": (g > 0 and dr <= 0) if ok else None,
-                     "grpo_nokl_larger": (g > dr) if ok else None,
-                     "slope_at_start": _get(exact, "identities", "len_incorrect_slope")}
-    measured = {"reference": ref, "reference_note": note, "unit": "tokens per step", "margin": C4_SLOPE_MARGIN,
-                "runs": {a: {f"seed-{s}": t for s, t in trends[a].items()} for a in algos}, "tests": tests,
-                "exact_len_incorrect_shift": exact_out}
-    means = {a: [t["slope"] for t in trends[a].values() if math.isfinite(t["slope"])] for a in algos}
-    texts = [f"length/incorrect slope (tokens/step): " + ", ".join(
-        f"{a} {sum(v) / len(v):+.2f}" for a, v in means.items() if v)] if any(means.values()) else []
-    texts += [f"{name} = {t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] ({t['verdict']})"
-              if math.isfinite(t["low"]) else f"{name} = {t['mean']:+.2f} (1 seed)" for name, t in tests.items()]
-    if tests:
-        texts.append(f"n={max(t['n'] for t in tests.values())} seeds")
-    if exact_out:
-        texts.append(f"exact tier E[len | incorrect] shift: grpo_nokl {_g(exact_out['grpo_nokl'])}, dr_grpo "
-                     f"{_g(exact_out['dr_grpo'])} (signs as predicted: {'yes' if exact_out['agrees'] else 'no'}; "
-                     f"grpo_nokl larger: {'yes' if exact_out['grpo_nokl_larger'] else 'no'})")
-    power = ("detectable slope differences at 80% power: " + ", ".join(
-        f"{name} {t['mdd']:.2f}" for name, t in tests.items())) if tests else None
-    return _record(
-        "C4, length: under GRPO's per-sequence 1/|o| weighting incorrect responses grow longer; not under ISFT+, "
-        "nor under Dr. GRPO's constant divisor",
-        f"slope of length/incorrect: {ref} > 0, {ref} - dr_grpo > 0, {ref} - isft+ > 0 (paired over seeds)",
-        algos, ["exact tier"], measured, "; ".join(texts), _combine([t["verdict"] for t in tests.values()]), power,
-        missing)
-
-
-# --- C5: the expectation view ------------------------------------------------------------------------------------
-
-
-def _c5(exact: dict | None) -> dict:
-    ident = _get(exact, "identities") or {}
-    cosines = {k: float(ident[k]) for k in C5_IDENTITIES if isinstance(ident.get(k), (int, float))}
-    presets = _get(exact, "presets") or {}
-    table = {name: {k: p.get(k) for k in ("cosine", "norm_ratio", "variance", "description")}
-             for name, p in presets.items() if isinstance(p, dict)}
-    differ = sorted(((n, p) for n, p in table.items()
-                     if isinstance(p["cosine"], (int, float)) and p["cosine"] < 1 - C5_COSINE_TOL),
-                    key=lambda item: item[1]["cosine"])
-    missing = []
-    if exact is None:
-        missing.append("exact tier result")
-    elif not cosines:
-        missing.append("exact tier identities (" + ", ".join(C5_IDENTITIES) + ")")
-    gaps = {k: 1.0 - c for k, c in cosines.items()}
-    verdict = (SUPPORTED if cosines and all(abs(g) <= C5_COSINE_TOL for g in gaps.values()) else
-               CONTRADICTED if any(abs(g) > C5_COSINE_CONTRADICT for g in gaps.values()) else INCONCLUSIVE)
-    measured = {"identity_cosines": cosines, "missing_identities": [k for k in C5_IDENTITIES if k not in cosines],
-                "presets": table, "differ_from_grad_J": [n for n, _ in differ], "skipped": _get(exact, "skipped"),
-                "grad_J_norm": _get(exact, "grad_J_norm"), "group_size": _get(exact, "group_size"),
-                "tolerance": C5_COSINE_TOL}
-    texts = []
-    if cosines:
-        texts.append("cosine with grad J: " + ", ".join(
-            f"{C5_IDENTITIES[k]} " + ("1" if g == 0 else f"1 - {_g(g)}" if g > 0 else f"1 + {_g(-g)}")
-            for k, g in gaps.items()))
-    if differ:
-        texts.append("differ: " + ", ".join(
-            f"{n} cos {p['cosine']:.4f}" + (f" (norm ×{p['norm_ratio']:.3g})"
-                                            if isinstance(p["norm_ratio"], (int, float)) else "")
-            for n, p in differ))
-    elif table:
-        texts.append("every preset's expected update is along grad J")
-    return _record(
-        "C5, the expectation view: with a 0/1 reward, REINFORCE, ISFT+ and ISFT- point the same way in expectation",
-        "exact tier: isft+ / isft- with a sequence-sum loss and dr_grpo have cosine 1 with grad J; length and std "
-        "normalisers bend the others", ["exact tier"], [], measured, "; ".join(texts), verdict,
-        "exact enumeration: no sampling noise" if cosines else None, missing)
-
-
 # --- the whole set, and its outputs ------------------------------------------------------------------------------
 
 
@@ -564,3 +336,9 @@ def evaluate_claims(col: Collection, exact: dict | None = None, *, strict: bool 
         if lacking:
             raise TokenMDPError("claims that cannot be computed from the runs given: " + "; ".join(lacking))
     return claims
+
+
+__all__ = ["C1_CURVES", "C1_CURVE_ATOL", "C1_EXACT_ATOL", "C1_EXACT_RTOL", "C1_PARAM_RTOL", "C3_COLLAPSE_FRACTION",
+           "C4_SLOPE_MARGIN", "C5_COSINE_CONTRADICT", "C5_COSINE_TOL", "C5_IDENTITIES", "CLAIM_IDS", "EQUIV_MARGIN",
+           "NOT_MEASURED", "PRIMARY_METRIC", "SECONDARY_METRIC", "evaluate_claims", "fmt_seeds", "length_trend",
+           "param_difference"]
