@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -427,3 +428,18 @@ def test_markdown_html_and_json(tmp_path):
     assert back["C2"]["verdict"] == SUPPORTED
     assert back["C3"]["measured"]["mean_ci"]["mean"] is None  # no isft- run: NaN mean -> null
     assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+def test_c1_float_flip_is_the_same_steps(tmp_path):
+    """Bit-equal steps, then one sample changed by float rounding (the step's mean reward moves by at most 1/B):
+    the same steps; a separation from step 1 on, or by more than one sample, is two different updates."""
+    from tokenmdp.experiments.claims import first_divergence
+
+    a = pd.DataFrame({"reward/mean": [0.5, 0.6, 0.70, 0.8], "length/mean": [60.0, 61, 62, 63]}, index=[1, 2, 3, 4])
+    b = a.copy()
+    b.loc[3, "reward/mean"] = 0.70 + 1 / 128
+    assert first_divergence(a, b) == (3, pytest.approx(1 / 128))
+    assert first_divergence(a, a) == (None, 0.0)
+    c = a.copy()
+    c.loc[1, "length/mean"] = 59.0
+    assert first_divergence(a, c)[0] == 1

@@ -204,7 +204,7 @@ def test_presets_fill_settings_and_options_override_them():
     assert s.prompts_per_step == 32 and s.lr == 2e-4
     assert s.overrides == ["optim.warmup_steps=10", "algo.kl_coef=0"]  # --set adds to the preset's overrides
     demo = make_settings("demo")
-    assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2]
+    assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2, 3]
     assert make_settings(None).algos == list(make_settings(None, algos=None).algos)
     with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small"):
         make_settings("paper-big")

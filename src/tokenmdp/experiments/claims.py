@@ -36,6 +36,8 @@ import numpy as np
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.claims_common import (
+    C1_COSINE_TOL,
+    C1_FLIP_SAMPLES,
     C1_CURVE_ATOL,
     C1_EXACT_ATOL,
     C1_EXACT_RTOL,
@@ -140,6 +142,25 @@ def _curve_diff(a, b, key: str) -> float | None:
 C1_CURVES = ("reward/mean", "length/mean", "eval/accuracy")
 
 
+def first_divergence(a, b, keys=("reward/mean", "length/mean")) -> tuple[int | None, float]:
+    """The first step at which the per-step training curves ``keys`` of two runs differ (beyond
+    :data:`C1_CURVE_ATOL`), and how much ``reward/mean`` moved there; (None, 0) when they never differ."""
+    steps = [s for s in a.index if s in b.index and s > 0]
+    for step in sorted(steps):
+        diffs = [abs(float(a.at[step, k]) - float(b.at[step, k])) for k in keys if k in a.columns and k in b.columns
+                 and math.isfinite(float(a.at[step, k])) and math.isfinite(float(b.at[step, k]))]
+        if any(d > C1_CURVE_ATOL for d in diffs):
+            reward = (abs(float(a.at[step, "reward/mean"]) - float(b.at[step, "reward/mean"]))
+                      if "reward/mean" in a.columns and "reward/mean" in b.columns else math.nan)
+            return int(step), reward
+    return None, 0.0
+
+
+def _batch_size(run: RunData) -> int | None:
+    p, g = _get(run.config, "rollout", "prompts_per_step"), _get(run.config, "rollout", "group_size")
+    return int(p) * int(g) if isinstance(p, int) and isinstance(g, int) else None
+
+
 def _c1_seed(a: RunData, b: RunData) -> dict:
     params = param_difference(a.path / "final", b.path / "final")
     curves = {k: _curve_diff(a.metrics, b.metrics, k) for k in C1_CURVES}
@@ -150,15 +171,26 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
         params["max_abs_diff_in_lr"] = params["max_abs_diff"] / lr
     known = [v for v in curves.values() if v is not None]
     same = all(v <= C1_CURVE_ATOL for v in known) if known else None
+    step, moved = first_divergence(a.metrics, b.metrics) if not (a.metrics.empty or b.metrics.empty) else (None, 0.0)
+    batch = _batch_size(a)
+    flip = (step is not None and step > 1 and batch is not None and moved <= C1_FLIP_SAMPLES / batch + 1e-9)
+    cos = None
+    if "equiv/cosine_on_policy" in a.metrics.columns:
+        vals = a.metrics["equiv/cosine_on_policy"].dropna()
+        cos = float(vals.min()) if len(vals) else None
+    cos_ok = cos is None or cos >= 1 - C1_COSINE_TOL
     rel = params["rel"] if params else None
-    if rel is None:
-        verdict = {True: SUPPORTED, False: CONTRADICTED, None: INCONCLUSIVE}[same]
-    elif rel <= C1_PARAM_RTOL:
-        verdict = SUPPORTED if same is not False else INCONCLUSIVE
+    if same and (rel is None or rel <= C1_PARAM_RTOL) and cos_ok:
+        verdict = SUPPORTED
+    elif same is False and flip and cos_ok:
+        verdict = SUPPORTED  # the same steps until a float-level difference changed one sample
+    elif same is False or not cos_ok:  # separated from the start, or by more than one sample, or bent steps
+        verdict = CONTRADICTED
     else:
-        verdict = CONTRADICTED if same is False or (params and params["mismatch"]) else INCONCLUSIVE
+        verdict = INCONCLUSIVE
     return {"params": params, "curve_max_abs_diff": curves, "final": finals, "curves_equal": same,
-            "verdict": verdict}
+            "first_divergence_step": step, "reward_moved_at_divergence": moved, "batch_size": batch,
+            "one_sample_flip": flip, "min_equiv_cosine": cos, "verdict": verdict}
 
 
 def _c1(col: Collection, exact: dict | None) -> dict:
@@ -187,8 +219,17 @@ def _c1(col: Collection, exact: dict | None) -> dict:
                      f"{_g(worst['rel'])}, tolerance {C1_PARAM_RTOL:.0e})")
     elif per_seed:
         parts.append("final parameters not found (final/*.safetensors)")
-    if curves:
+    flips = {k: r["first_divergence_step"] for k, r in per_seed.items() if r["first_divergence_step"] is not None}
+    if curves and not flips:
         parts.append(f"curves (reward, length, held-out) differ by at most {_g(max(curves))}")
+    for k, step in flips.items():
+        r = per_seed[k]
+        how = "one sample changed (a float-level flip)" if r["one_sample_flip"] else "the batches differ"
+        parts.append(f"{k}: bit-equal steps 1-{step - 1}, then {how} at step {step}")
+    cosines = [r["min_equiv_cosine"] for r in per_seed.values() if r["min_equiv_cosine"] is not None]
+    if cosines:
+        parts.append(f"per-step cosine of the GRPO and weighted-SFT gradients on GRPO's batches >= "
+                     f"1 - {_g(1 - min(cosines))}")
     gaps = [r["final"][PRIMARY_METRIC]["isft+-adv"] - r["final"][PRIMARY_METRIC]["grpo_nokl"] for r in
             per_seed.values()]
     gaps = [g for g in gaps if math.isfinite(g)]
@@ -204,7 +245,7 @@ def _c1(col: Collection, exact: dict | None) -> dict:
     return _record(
         "C1, the reduction: with no KL and one on-policy update, GRPO and advantage/length-weighted ISFT+- take the "
         "same step", "grpo_nokl and isft+-adv runs with the same seed follow the same trajectory (equal final "
-        "parameters and curves)", ["grpo_nokl", "isft+-adv"], ["exact tier"], measured, "; ".join(parts), verdict,
+        "parameters and curves, or bit-equal until float rounding changes one sample)", ["grpo_nokl", "isft+-adv"], ["exact tier"], measured, "; ".join(parts), verdict,
         "deterministic comparison (seeded sampling: equal steps give equal samples), not a statistical test",
         missing)
 

@@ -24,6 +24,15 @@ C1_PARAM_RTOL = 1e-4
 # C1: the per-step curves are means of the same samples' rewards and lengths when the steps are equal (bit-equal in
 # practice); a single different sample moves ``reward/mean`` by 1/B (>= 1e-3 for any batch up to 1,000 samples).
 C1_CURVE_ATOL = 1e-6
+# C1: float rounding (the engine's behaviour log-probs against the teacher-forced ones, summation order) leaves the
+# two runs' parameters ~1e-6 apart; once in a while that flips one sampled token at a probability boundary, and from
+# that step on the two runs train on (one sample) different batches. A separation whose first step moves the step's
+# mean reward by at most one sample's worth (1/B), after at least one bit-equal step, is that float effect, not two
+# different updates: two different updates separate at step 1 (the first update already differs).
+C1_FLIP_SAMPLES = 1
+# C1: GRPO's logged per-step cosine with the weighted-SFT gradient on its own batch (equiv/cosine_on_policy) must be
+# 1 up to float rounding at every step for the steps to be the same.
+C1_COSINE_TOL = 1e-6
 # C1: the exact tier's two expected steps agree up to the float32 cast of the advantages (relative ~1e-7, its
 # docstring); 1e-5 of the step's norm leaves a factor 100 for that, and any real difference of the steps is O(1).
 # Its absolute difference is judged against 1e-6 only when the relative one is absent (steps of norm ~1).

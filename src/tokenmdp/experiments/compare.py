@@ -51,7 +51,7 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
         "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": curve_every(s),
                 "eval_n": min(s.eval_n, s.curve_n), "eval_k": s.curve_k, "eval_greedy": True,
                 "report_to": s.report_to, "log_samples": True,
-                "equivalence": algo == "grpo", "overwrite": True},
+                "equivalence": algo in ("grpo", "grpo_nokl"), "overwrite": True},
     }
     if s.lr is not None:
         cfg["optim"]["lr"] = s.lr
