@@ -42,12 +42,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmdp.train.heldout import evaluate
-from tokenmdp.policy.model import load_policy
 from tokenmdp.base.store import ensure_tiny_base
-from tokenmdp.policy.model import read_meta
+from tokenmdp.policy.model import load_policy, read_meta
 from tokenmdp.tasks import get_task
 from tokenmdp.train.config import load_config
+from tokenmdp.train.heldout import evaluate
 from tokenmdp.train.trainer import train
 
 pytestmark = pytest.mark.slow

@@ -45,8 +45,8 @@ register_task("leading_digit", LeadingDigitTask)
 
 
 def _heldout_accuracy(run_or_model_dir, n=200, k=4) -> float:
-    from tokenmdp.train.heldout import evaluate
     from tokenmdp.policy.model import load_policy
+    from tokenmdp.train.heldout import evaluate
 
     policy = load_policy(str(run_or_model_dir))
     task = LeadingDigitTask()

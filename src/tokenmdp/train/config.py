@@ -103,6 +103,10 @@ class OptimConfig:
     # default: policy/entropy, clip_frac and approx_kl are then means over the rows that ran only, which would
     # make them incomparable between algorithms that skip and algorithms that do not
     skip_zero_advantage: bool = False
+    # an optimizer step whose loss or gradient is NaN or Inf is skipped (the parameters and the optimizer's moments
+    # stay as they were; counted as update/nonfinite_steps); this many skipped in a row stop the run with one error
+    # (0: never stop)
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -319,6 +323,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
         "rollout.temperature": config.rollout.temperature,
         "optim.lr": config.optim.lr,
         "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.max_nonfinite_steps": config.optim.max_nonfinite_steps,
         "run.save_every": config.run.save_every,
         "run.eval_every": config.run.eval_every,
         "run.eval_n": config.run.eval_n,

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.batch import batch_metrics, collect, reduce_over_processes, sample_rows
+from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
 from tokenmdp.train.evaluation import eval_problems, held_out
@@ -66,6 +68,7 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     for hook in before:
         record.update(hook(c, batch, step) or {})
     record["lr"] = c.scheduler.get_last_lr()[0]
+    skipped_before = int(c.state.get("nonfinite_steps", 0))
     t1 = time.perf_counter()
     if spec.kind == "pg":
         update = pg_update(c, batch, step=step)
@@ -74,11 +77,25 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     else:
         update = dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None)
     record.update(reduce_over_processes(c, update))
+    record["update/nonfinite_steps"] = int(c.state.get("nonfinite_steps", 0)) - skipped_before
     _schedule_step(c)
     c.engine.sync_weights(c.unwrapped())
     record["time/update"] = time.perf_counter() - t1
     record["time/step"] = time.perf_counter() - t0
     return record
+
+
+def _check_nonfinite(c: Components, path: Path, step: int) -> None:
+    """Stop the run when ``optim.max_nonfinite_steps`` optimizer steps in a row were skipped for a NaN or Inf
+    loss or gradient: the parameters are still those before the first of them (skipped steps change nothing), and
+    the checkpoints already written are intact."""
+    limit, in_row = c.config.optim.max_nonfinite_steps, int(c.state.get("nonfinite_in_row", 0))
+    if limit and in_row >= limit:
+        ckpt = latest_checkpoint(path / "checkpoints")
+        last = f"the last checkpoint, step {ckpt.step}, is intact" if ckpt else "no checkpoint was written yet"
+        raise TokenMDPError(f"{in_row} optimizer steps in a row had a non-finite loss or gradient (up to training "
+                            f"step {step}; config field 'optim.max_nonfinite_steps' is {limit}): the run stops "
+                            f"without using them; {last} ({path}); lower optim.lr or check the rewards")
 
 
 def _schedule_step(c: Components) -> None:
@@ -163,6 +180,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
                 record = metrics.log(step, record)
             for hook in after:
                 hook(step, record, c)
+            _check_nonfinite(c, run.path, step)
             if config.run.save_every and step % config.run.save_every == 0 and step < config.run.steps:
                 save_step(c, run.path, step, samples)
             advance(_info(record))

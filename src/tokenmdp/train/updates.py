@@ -9,6 +9,7 @@ minibatch in one pass. One optimizer step is taken per minibatch.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import TYPE_CHECKING, Iterator
 
@@ -167,11 +168,18 @@ def nothing_to_train(c: Components, count: int, *, epochs: int) -> bool:
 
 
 def optimizer_step(c: Components, meter: MetricMeter) -> None:
-    """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients."""
+    """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients.
+
+    A gradient that is not finite (a NaN or Inf loss, or an overflow) skips the step of every optimizer: the
+    parameters and the optimizers' moments stay as they were. ``c.state`` counts such steps (``nonfinite_steps``,
+    and ``nonfinite_in_row``, reset by a finite step); every process sees the same averaged gradient, so all skip
+    together.
+    """
     max_norm = c.config.optim.max_grad_norm
     pairs = [(c.model, c.optimizer, "policy/grad_norm")]
     if c.critic is not None:
         pairs.append((c.critic, c.critic_optimizer, "value/grad_norm"))
+    norms = []
     for model, optimizer, key in pairs:
         params = [p for p in model.parameters() if p.requires_grad]
         _sync_gradients(c.accelerator, params)
@@ -179,9 +187,16 @@ def optimizer_step(c: Components, meter: MetricMeter) -> None:
             norm = c.accelerator.clip_grad_norm_(params, max_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        meter.add({key: float(norm)}, 1.0)
-        optimizer.step()
+        norms.append(float(norm))
+    finite = all(math.isfinite(n) for n in norms)
+    for (model, optimizer, key), norm in zip(pairs, norms):
+        if finite:
+            meter.add({key: norm}, 1.0)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    c.state["nonfinite_in_row"] = 0 if finite else int(c.state.get("nonfinite_in_row", 0)) + 1
+    if not finite:
+        c.state["nonfinite_steps"] = int(c.state.get("nonfinite_steps", 0)) + 1
 
 
 def approx_kl(old_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> float:
