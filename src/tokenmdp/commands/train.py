@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from tokenmdp.commands._common import console, emit_json
+from tokenmdp.commands._common import console, emit_json, err_console
 from tokenmdp.errors import TokenMDPError
 
 SUMMARY_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "length/correct", "length/incorrect",
@@ -44,6 +44,7 @@ def presets_table(as_json: bool) -> None:
 def _config(config: Optional[Path], algo: Optional[str], sets: list[str], out: Optional[Path], resume: bool,
             overwrite: bool, steps: Optional[int], seed: Optional[int]):
     from tokenmdp.train.config import load_config
+    from tokenmdp.train.run_dir import nothing_done
 
     overrides = list(sets)
     if algo:
@@ -56,9 +57,11 @@ def _config(config: Optional[Path], algo: Optional[str], sets: list[str], out: O
     if config is None and resume:
         if out is None:
             raise TokenMDPError("--resume needs --out DIR (the run folder) or --config FILE")
-        config = out / "config.yaml"
-        if not config.is_file():
+        if (out / "config.yaml").is_file():
+            config = out / "config.yaml"
+        elif not nothing_done(out):
             raise TokenMDPError(f"cannot resume {out}: no config.yaml there")
+        # else: killed before it wrote anything; the arguments given (those of the first command) start it afresh
     cfg = load_config(config, overrides)
     if not cfg.model.path:  # the embedded base model: train() is handed its folder
         from tokenmdp.base.store import ensure_tiny_base
@@ -112,7 +115,13 @@ def register(app: typer.Typer) -> None:
             presets_table(as_json)
             return
         cfg = _config(config, algo, sets, out, resume, overwrite, steps, seed)
+        from tokenmdp.train.run_dir import nothing_done
         from tokenmdp.train.trainer import train
+
+        if resume and nothing_done(cfg.run_dir()):  # stopped before it wrote anything: nothing to continue
+            err_console.print(f"{cfg.run_dir()}: nothing of the run was written yet; starting it from step 0",
+                              soft_wrap=True, markup=False, highlight=False)
+            resume = False
 
         run_dir = train(cfg, resume=resume, progress=not no_progress)
         _summary(run_dir, as_json)

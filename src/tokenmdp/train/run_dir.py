@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from tokenmdp.atomic import write_folder
+from tokenmdp.atomic import remove_leftovers, write_folder
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_model
 from tokenmdp.policy.model import META_FILE
@@ -115,12 +115,29 @@ class RunHandle:
             c.accelerator.init_trackers(self.path.name, config=_flat(self.config.to_dict()))
 
 
+def nothing_done(path: Path) -> bool:
+    """Whether a run folder holds nothing of a run: absent, empty, or only the hidden temporary folders of a write
+    that was killed (a run killed in its first seconds, before it wrote ``config.yaml``)."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    return path.is_dir() and all(child.name.startswith(".") for child in path.iterdir())
+
+
 def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
-    """Check the run folder against ``resume`` / ``run.overwrite`` before anything is built or written."""
+    """Check the run folder against ``resume`` / ``run.overwrite`` before anything is built or written.
+
+    ``resume`` on an existing folder that holds nothing of a run (:func:`nothing_done`: killed before it wrote
+    anything) starts the run from step 0; a folder that does not exist is an error here (a mistyped path), which
+    ``tokenmdp train --resume`` turns into a fresh start."""
     path = config.run_dir()
+    if resume and path.is_dir() and nothing_done(path):
+        resume = False  # the hidden leftovers of a killed write are cleared below; anything else stays
     if not resume:
         if path.exists() and not path.is_dir():
             raise TokenMDPError(f"run folder {path} is a file")
+        if path.is_dir() and nothing_done(path):
+            remove_leftovers(path)  # hidden leftovers of a write that was killed: not a run
         if path.exists() and any(path.iterdir()):
             if not config.run.overwrite:
                 raise TokenMDPError(f"run folder {path} already exists; pass --resume to continue it, --overwrite "
