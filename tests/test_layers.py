@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layer of each top-level part of the package: a module may import from a lower layer, or from its own part.
 RANKS = {
     "errors": 0,
-    "progress": 1, "atomic": 1, "values": 1, "stats": 1, "__init__": 1,  # the ground
+    "progress": 1, "atomic": 1, "locks": 1, "values": 1, "stats": 1, "__init__": 1,  # the ground
     "mdp": 2,
     "solvers": 3, "tasks": 3, "algos": 3, "policy": 3,
     "rollout": 4,

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
 from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, DEFAULT_ALGOS, HELDOUT_SEED, TINY_LR,
@@ -166,29 +167,10 @@ def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
     return result
 
 
-def compare(algos=None, seeds: int | list[int] | None = None, steps: int | None = None, model: str | None = None,
-            task: str | None = None, out: str | Path = "runs/compare", eval_n: int | None = None,
-            k: int | None = None, *, preset: str | None = None, progress: bool = True, overwrite: bool = False,
-            **options) -> Path:
-    """Train every algorithm of ``algos`` for each seed, evaluate them on one held-out set, build the report.
-
-    Settings: ``preset``'s (:data:`COMPARE_PRESETS`), overridden by the arguments that are not None, else the
-    defaults of :class:`CompareSettings`. ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder
-    (None: the embedded tiny base model). ``options`` are the other fields of :class:`CompareSettings`. Finished runs in
-    ``out`` whose config matches are reused unless ``overwrite`` (a run whose config differs is an error), and so
-    are evaluations made with the same settings. Returns ``out``.
-
-    With ``workers > 1`` the runs go to spawned worker processes, which import the calling script's main module:
-    a script that calls this must do so under ``if __name__ == "__main__":`` (as Python's multiprocessing asks).
-    """
-    from transformers.utils import logging as hf_logging
-
+def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite: bool) -> None:
+    """The comparison's work in ``out`` (its writer's lock held by :func:`compare`)."""
     from tokenmdp.experiments.report import build_report
 
-    s = make_settings(preset, algos=algos, seeds=seeds, steps=steps, model=model, task=task, eval_n=eval_n, k=k,
-                      **options)
-    hf_logging.disable_progress_bar()  # per-file load/save bars would break the comparison's own bars
-    out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     started, timings = time.perf_counter(), {}
     model_path = s.model
@@ -219,4 +201,29 @@ def compare(algos=None, seeds: int | list[int] | None = None, steps: int | None 
         plan.info.update(timings=timings, fairness=fairness)
         (out / "compare.json").write_text(json.dumps(plan.info, indent=2, default=str) + "\n")
         build_report(out)
+
+
+def compare(algos=None, seeds: int | list[int] | None = None, steps: int | None = None, model: str | None = None,
+            task: str | None = None, out: str | Path = "runs/compare", eval_n: int | None = None,
+            k: int | None = None, *, preset: str | None = None, progress: bool = True, overwrite: bool = False,
+            **options) -> Path:
+    """Train every algorithm of ``algos`` for each seed, evaluate them on one held-out set, build the report.
+
+    Settings: ``preset``'s (:data:`COMPARE_PRESETS`), overridden by the arguments that are not None, else the
+    defaults of :class:`CompareSettings`. ``seeds`` is a count (seeds 0..n-1) or a list; ``model`` a model folder
+    (None: the embedded tiny base model). ``options`` are the other fields of :class:`CompareSettings`. Finished runs in
+    ``out`` whose config matches are reused unless ``overwrite`` (a run whose config differs is an error), and so
+    are evaluations made with the same settings. Returns ``out``.
+
+    With ``workers > 1`` the runs go to spawned worker processes, which import the calling script's main module:
+    a script that calls this must do so under ``if __name__ == "__main__":`` (as Python's multiprocessing asks).
+    """
+    from transformers.utils import logging as hf_logging
+
+    s = make_settings(preset, algos=algos, seeds=seeds, steps=steps, model=model, task=task, eval_n=eval_n, k=k,
+                      **options)
+    hf_logging.disable_progress_bar()  # per-file load/save bars would break the comparison's own bars
+    out = Path(out).expanduser()
+    with exclusive(out, what="comparison folder"):
+        _run_comparison(s, out, progress=progress, overwrite=overwrite)
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.locks import exclusive
 from tokenmdp.train.batch import batch_metrics, collect, reduce_over_processes, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
@@ -152,6 +153,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     step is logged), or plain callables ``fn(step, record, c)``.
     """
     validate(config)
+    with exclusive(config.run_dir(), what="run folder"):
+        return _train(config, resume=resume, progress=progress, callbacks=callbacks)
+
+
+def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iterable[Any] | None) -> Path:
     run = open_run(config, resume=resume)
     if run.already_done:
         return run.path
