@@ -170,11 +170,12 @@ def length_reading(col: Collection, rows: list[dict]) -> list[str]:
             if base and math.isfinite(_mean(base, key)):
                 parts.append(f"against {_mean(base, key):.1f} for the base model")
         out.append(" ".join(parts).rstrip(";") + ".")
-    grpo = by_algo.get("grpo")
+    ref = "grpo" if "grpo" in by_algo else "grpo_nokl"  # GRPO with its KL, else without it
+    grpo = by_algo.get(ref)
     others = [a for a in ("dr_grpo", "isft+", "isft+-", "isft-") if a in by_algo]
     if grpo is None or not others:
-        out.append("The GRPO-versus-(dr_grpo, isft) length comparison needs grpo and at least one of dr_grpo or "
-                   "isft in the report.")
+        out.append("The GRPO-versus-(dr_grpo, isft) length comparison needs grpo (or grpo_nokl) and at least one of "
+                   "dr_grpo or isft in the report.")
         return out
     for other in others:
         row = by_algo[other]
@@ -187,12 +188,12 @@ def length_reading(col: Collection, rows: list[dict]) -> list[str]:
                    "with one seed there is no interval, so this is not evidence either way")
         size = ("as long as" if abs(diff) < 0.05 else
                 f"{abs(diff):.1f} tokens {'longer' if diff > 0 else 'shorter'} than")
-        out.append(f"Wrong answers under grpo are {size} under {other} on the held-out set; {verdict}.")
-        (g0, g1), (o0, o1) = _trend(col, "grpo"), _trend(col, other)
+        out.append(f"Wrong answers under {ref} are {size} under {other} on the held-out set; {verdict}.")
+        (g0, g1), (o0, o1) = _trend(col, ref), _trend(col, other)
         if math.isfinite(g0) and math.isfinite(o0):
-            out.append(f"During training, incorrect samples changed by {g1 - g0:+.1f} tokens under grpo and "
+            out.append(f"During training, incorrect samples changed by {g1 - g0:+.1f} tokens under {ref} and "
                        f"{o1 - o0:+.1f} under {other}.")
-    out.append("The paper's argument predicts longer wrong answers under grpo (its per-sequence 1/|o| weight pushes "
+    out.append(f"The paper's argument predicts longer wrong answers under {ref} (its per-sequence 1/|o| weight pushes "
                "each token of a long wrong answer down less) than under dr_grpo's constant divisor; isft+ never pushes "
                "wrong answers down at all.")
     return out

@@ -14,10 +14,12 @@ leaves a folder that looks like a checkpoint but is not one. Only the newest ``k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,46 @@ from tokenmdp.errors import TokenMDPError
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+CHECKSUM_FILE = "checksums.json"  # sha256 of every other file of the checkpoint, written with it
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """``checksums.json``: the sha256 of every file under ``folder`` (relative paths), itself excluded."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing, truncated or changed since it was written, or an
+    unreadable trainer state), or None when it is whole. A checkpoint written before checksums existed is taken
+    as whole when its trainer state reads."""
+    try:
+        json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable ({exc.__class__.__name__})"
+    file = folder / CHECKSUM_FILE
+    if not file.is_file():
+        return None
+    try:
+        sums = json.loads(file.read_text())
+    except ValueError:
+        return f"{CHECKSUM_FILE} unreadable"
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum (truncated or changed since it was written)"
+    return None
 
 
 def rng_state() -> dict:
@@ -118,6 +160,7 @@ def save_checkpoint(
                 torch.save(obj.state_dict(), tmp / name)
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
+        write_checksums(tmp)
 
     final = write_folder(root / f"step-{step}", write, replace=True)
     prune(root, keep_last)
@@ -157,11 +200,24 @@ def prune(root: Path, keep_last: int) -> None:
     remove_leftovers(root)
 
 
-def latest_checkpoint(root: Path) -> Checkpoint | None:
-    """The newest finished checkpoint under ``root``, or None."""
+def latest_checkpoint(root: Path, *, verify: bool = True) -> Checkpoint | None:
+    """The newest whole checkpoint under ``root``, or None (none was written).
+
+    With ``verify``, each checkpoint's files are checked against its ``checksums.json`` (:func:`damage`); a
+    damaged one is skipped with a warning naming the file, and the previous whole one is used. When every
+    checkpoint is damaged: :class:`TokenMDPError` naming them (nothing is silently redone from step 0).
+    """
     found = list_checkpoints(root)
-    if not found:
-        return None
-    step, path = found[-1]
-    state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
-    return Checkpoint(path=path, step=step, state=state)
+    damaged = []
+    for step, path in reversed(found):
+        problem = damage(path) if verify else None
+        if problem is None:
+            if damaged:
+                warnings.warn(f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; resuming from {path}",
+                              stacklevel=2)
+            state: dict[str, Any] = json.loads((path / STATE_FILE).read_text())
+            return Checkpoint(path=path, step=step, state=state)
+        damaged.append(f"{path}: {problem}")
+    if damaged:
+        raise TokenMDPError(f"every checkpoint under {root} is damaged: {'; '.join(damaged)}")
+    return None
