@@ -6,6 +6,7 @@ Every writer of a folder that another process (or a later run) may read goes thr
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
     """Run ``write(tmp)`` on a fresh temporary folder beside ``out``, then rename it to ``out``.
 
     On any failure (or interrupt) the temporary folder is removed, so ``out`` is either absent, the old folder,
-    or complete; a kill -9 leaves at worst a hidden ``.<name>.tmp-*`` folder that :func:`remove_leftovers`
+    or complete (an ``OSError``, such as a full disk, becomes one :class:`TokenMDPError` naming ``out``); a kill -9 leaves at worst a hidden ``.<name>.tmp-*`` folder that :func:`remove_leftovers`
     clears. An existing ``out`` is replaced only when ``replace`` (else :class:`TokenMDPError`).
     """
     out = Path(out)
@@ -40,6 +41,11 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as exc:  # the disk is full, a quota, a read-only file system ...: one clear error
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous one is intact" if out.exists() else "nothing was left behind"
+        raise TokenMDPError(f"cannot write {out}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, 'OSError')}"
+                            f"); {kept}; free space and run again (--resume continues a run)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
