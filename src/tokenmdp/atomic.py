@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from tokenmdp.errors import TokenMDPError
+from tokenmdp.errors import TokenMDPError, WriteError
 
 #: Prefixes of the temporary folders :func:`write_folder` leaves beside ``out`` only if the process is killed;
 #: :func:`remove_leftovers` clears them.
@@ -44,7 +44,7 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
     except OSError as exc:  # the disk is full, a quota, a read-only file system ...: one clear error
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous one is intact" if out.exists() else "nothing was left behind"
-        raise TokenMDPError(f"cannot write {out}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, 'OSError')}"
+        raise WriteError(f"cannot write {out}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, 'OSError')}"
                             f"); {kept}; free space and run again (--resume continues a run)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
