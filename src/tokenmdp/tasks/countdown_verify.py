@@ -185,12 +185,18 @@ _STEP = re.compile(
 _OP_ALIASES = {"x": "*", "×": "*", "÷": "/"}
 
 
+MAX_STEP_DIGITS = 30  # no Countdown step needs a longer number; Python refuses to read ints over 4,300 digits
+
+
 def parse_number(text: str) -> Number:
     """An operand or result as an exact number: ``"7" -> 7``, ``"(-3)" -> -3``, ``"(7/2)"`` and ``"7/2" -> 7/2``.
 
-    Raises ZeroDivisionError for a zero denominator.
+    Raises ZeroDivisionError for a zero denominator, ValueError for a numeral longer than
+    :data:`MAX_STEP_DIGITS` digits (found by fuzzing: a 5,000-digit operand raised from inside ``int``).
     """
     text = text.strip().strip("()").replace(" ", "")
+    if sum(ch.isdigit() for ch in text) > MAX_STEP_DIGITS:
+        raise ValueError(f"number longer than {MAX_STEP_DIGITS} digits")
     if "/" in text:
         p, q = text.split("/")
         return divide(int(p), int(q))
@@ -221,6 +227,8 @@ def score_steps(completion: str, nums: Sequence[int]) -> list[StepScore]:
             value = apply_op(op, a, b)
         except ZeroDivisionError:
             reason = "division by zero"
+        except ValueError as exc:
+            reason = str(exc)
         else:
             if value != c:
                 reason = f"{a}{op}{b} is {value}, not {c}"
