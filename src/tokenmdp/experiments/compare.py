@@ -113,9 +113,13 @@ def make_settings(preset: str | None = None, **given) -> CompareSettings:
     if base.get("overrides") and given.get("overrides"):  # --set adds to the preset's config overrides
         merged["overrides"] = base["overrides"] + list(given["overrides"])
     seeds = merged.get("seeds")
-    if seeds is not None:
-        merged["seeds"] = list(range(seeds)) if isinstance(seeds, int) else [int(x) for x in seeds]
-    if "algos" in merged:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        merged["seeds"] = list(range(seeds))
+    elif isinstance(seeds, (list, tuple)):
+        merged["seeds"] = list(seeds)
+    elif seeds is not None:
+        raise TokenMDPError(f"--seeds must be a count or a list of seeds, got {seeds!r}")
+    if isinstance(merged.get("algos"), (list, tuple)):
         merged["algos"] = list(merged["algos"])
     s = CompareSettings(**merged)
     validate_settings(s)

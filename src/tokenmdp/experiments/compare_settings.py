@@ -5,6 +5,8 @@ their checks. Shared by the comparison (:mod:`tokenmdp.experiments.compare`) and
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from tokenmdp.errors import TokenMDPError
@@ -76,24 +78,65 @@ def preset_settings(preset: str | None) -> dict:
     return {k: list(v) if isinstance(v, list) else v for k, v in COMPARE_PRESETS[preset].items()}
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_types(s: CompareSettings) -> None:
+    """Each field of ``s`` against its annotation (``int``, ``float``, ``str``, ``dict``, ``list[...]``, optional):
+    one error naming the option, whatever the field (a field added later is checked by construction)."""
+    hints = typing.get_type_hints(CompareSettings)
+    for f in dataclasses.fields(CompareSettings):
+        value, hint = getattr(s, f.name), hints[f.name]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list \
+            else hint
+        origin = typing.get_origin(base) or base
+        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool),
+              str: isinstance(value, str), dict: isinstance(value, dict),
+              list: isinstance(value, list)}.get(origin, True)
+        if ok and origin is list:
+            item = (typing.get_args(base) or (object,))[0]
+            ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value) if item in (int, str) else True
+        if not ok:
+            raise TokenMDPError(f"{_option(f.name)} must be {typing.get_origin(base) and str(base) or base.__name__}"
+                                f", got {value!r}")
+
+
+POSITIVE = ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_n", "curve_k",
+            "threads", "workers", "max_new_tokens")
+ENGINES, TRACKERS = ("fast", "hf", "vllm"), ("none", "tensorboard")
+
+
 def validate_settings(s: CompareSettings) -> None:
+    """One error naming the option for a wrong type, a value out of range or an unknown choice."""
     from tokenmdp.algos.registry import PRESETS
 
+    _check_types(s)
     if not s.algos:
         raise TokenMDPError("--algos: name at least one algorithm")
     for a in s.algos:
         if a not in PRESETS:
             raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
-    for name in ("threads", "workers"):
-        if getattr(s, name) is not None and getattr(s, name) < 1:
-            raise TokenMDPError(f"--{name} must be at least 1, got {getattr(s, name)}")
     if len(set(s.algos)) != len(s.algos):
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
-    if not s.seeds or len(set(s.seeds)) != len(s.seeds):
-        raise TokenMDPError(f"--seeds: need at least one seed and no repeats, got {s.seeds}")
-    for name in ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_k"):
-        if getattr(s, name) < 1:
-            raise TokenMDPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
+        raise TokenMDPError(f"--seeds: need at least one seed, none negative and no repeats, got {s.seeds}")
+    for name in POSITIVE:
+        if getattr(s, name) is not None and getattr(s, name) < 1:
+            raise TokenMDPError(f"{_option(name)} must be at least 1, got {getattr(s, name)}")
+    for name in ("eval_every", "heldout_seed", "eval_temperature"):
+        if getattr(s, name) is not None and getattr(s, name) < 0:
+            raise TokenMDPError(f"{_option(name)} must be non-negative, got {getattr(s, name)}")
+    if s.lr is not None and s.lr <= 0:
+        raise TokenMDPError(f"--lr must be positive, got {s.lr}")
+    if s.engine not in ENGINES:
+        raise TokenMDPError(f"--engine: unknown engine {s.engine!r}; choose from {', '.join(ENGINES)}")
+    if s.report_to not in TRACKERS:
+        raise TokenMDPError(f"--report-to: {s.report_to!r}; choose from {', '.join(TRACKERS)}")
 
 
 def curve_every(s: CompareSettings) -> int:
