@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,9 @@ from tokenmdp.errors import TokenMDPError, WriteError
 #: Prefixes of the temporary folders :func:`write_folder` leaves beside ``out`` only if the process is killed;
 #: :func:`remove_leftovers` clears them.
 TMP_MARK, OLD_MARK = ".tmp-", ".old-"
+#: Seconds to wait between writing a folder and renaming it into place; 0 except in the kill tests
+#: (tests/faults/test_kill.py sets $TOKENMDP_TEST_WRITE_PAUSE so that kills land inside checkpoint writes).
+PAUSE_S = float(os.environ.get("TOKENMDP_TEST_WRITE_PAUSE", "0") or 0)
 
 
 def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: bool = False) -> Path:
@@ -32,6 +36,8 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
     try:
         write(tmp)
+        if PAUSE_S:  # fault-injection tests only: widen the window in which a kill lands inside a write
+            time.sleep(PAUSE_S)
         if out.exists():
             if not replace:
                 raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
