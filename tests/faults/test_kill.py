@@ -44,26 +44,37 @@ def _steps_logged(run):
     return metrics, samples.groupby("step").size().to_dict()
 
 
-def kill_until_done(model_dir, out, rng, *, kills, pause=0.3, window=(0.5, 6.0)):
-    """Kill the run ``kills`` times at seeded random moments, resuming after each, then let it finish; returns
-    the kills that landed (the process was still running) and the steps each resume had to redo."""
-    landed, lost, resume = 0, [], False
+def kill_until_done(model_dir, out, rng, *, kills, pause=0.3):
+    """Kill the run ``kills`` times at seeded random moments, resuming after each, then let it finish. A kill is
+    aimed either at start-up (0.3-3 s after launch) or inside training: once the run has logged a seeded number of
+    steps, after a further 0-0.6 s (a step here takes about 0.3 s and a checkpoint write is held open ``pause``
+    seconds). Returns how many kills landed, how many of them inside a checkpoint write (a hidden temporary folder
+    present at the kill), and the steps each resume had to redo (logged but not checkpointed)."""
+    landed, in_write, lost, resume = 0, 0, [], False
     for _ in range(kills):
         before = _last_checkpoint(out)
         proc = subprocess.Popen(_cmd(model_dir, out, resume), env=_env(pause), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(*window))
+                                stderr=subprocess.DEVNULL)
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.3, 3.0))
+        else:
+            target, deadline = rng.randint(_logged_steps(out), STEPS - 1), time.time() + 120
+            while _logged_steps(out) < target and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
+            writing = (out / "checkpoints").is_dir() and any(p.name.startswith(".")
+                                                             for p in (out / "checkpoints").iterdir())
             os.kill(proc.pid, signal.SIGKILL)
             landed += 1
+            in_write += writing
         proc.wait()
         resume = True
-        done_steps = _logged_steps(out)
-        lost.append(max(0, done_steps - _last_checkpoint(out)))  # logged but not checkpointed: redone
+        lost.append(max(0, _logged_steps(out) - _last_checkpoint(out)))  # logged but not checkpointed: redone
         assert _last_checkpoint(out) >= before  # a kill never takes a finished checkpoint away
     proc = subprocess.run(_cmd(model_dir, out, True), env=_env(0), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return landed, lost
+    return landed, in_write, lost
 
 
 def _last_checkpoint(out):
@@ -97,7 +108,7 @@ def _check(straight, out):
 
 
 def test_two_kills_then_resume_equal_a_straight_run(tmp_path, tiny_random_dir, straight):
-    landed, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(1), kills=2)
+    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(1), kills=2)
     _check(straight, tmp_path / "run")
     assert landed >= 1 and max(lost) <= 1  # at most the steps since the last checkpoint (save_every=1)
 
@@ -105,8 +116,37 @@ def test_two_kills_then_resume_equal_a_straight_run(tmp_path, tiny_random_dir, s
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_many_kills_at_random_moments(tmp_path, tiny_random_dir, straight, seed):
-    """Four seeded runs of six kills each (24 in all; many inside a checkpoint write, widened to 0.3 s)."""
-    landed, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(100 + seed), kills=6)
+    """Four seeded runs of six kills each (24 in all; several inside a checkpoint write, held open 0.3 s)."""
+    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(100 + seed), kills=6)
     _check(straight, tmp_path / "run")
-    print(f"seed {seed}: {landed} kills landed, steps redone per kill {lost}")
+    print(f"seed {seed}: {landed} kills landed ({in_write} inside a checkpoint write), steps redone per kill {lost}")
     assert landed >= 2 and max(lost) <= 1
+
+
+@pytest.mark.slow
+def test_compare_killed_mid_way_and_started_again_equals_a_straight_one(tmp_path, tiny_random_dir):
+    """`tokenmdp compare` killed after its first run finished, then started again with the same arguments: the
+    finished run is reused (its DONE untouched), the unfinished one is trained again, and summary.csv equals that of
+    an uninterrupted comparison."""
+    def cmd(out):
+        return [sys.executable, "-m", "tokenmdp.cli", "compare", "--algos", "grpo_nokl,isft+", "--seeds", "1",
+                "--steps", "3", "--model", str(tiny_random_dir), "--task", "countdown", "-o", "num_count=3", "-o",
+                "high=20", "--template", "compact", "--max-new-tokens", "12", "--eval-n", "4", "--k", "2",
+                "--prompts-per-step", "2", "--group-size", "2", "--threads", "1", "--workers", "1", "--out",
+                str(out)]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run(cmd(straight), env=_env(0), capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(cmd(killed), env=_env(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "runs" / "grpo_nokl" / "seed-0" / "DONE"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamp = first.stat().st_mtime_ns
+    assert not (killed / "summary.csv").exists()
+    assert subprocess.run(cmd(killed), env=_env(0), capture_output=True, timeout=600).returncode == 0
+    assert first.stat().st_mtime_ns == stamp  # reused, not retrained
+    a, b = (pd.read_csv(p / "summary.csv") for p in (straight, killed))
+    pd.testing.assert_frame_equal(a, b)
