@@ -66,3 +66,15 @@ def test_sampled_logprobs_real_vocab(smollm2):
     ref, _ = sequence_logprobs(p.model, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask,
                                temperature=0.8, chunk_size=3)
     torch.testing.assert_close(r.logprobs, ref, atol=1e-4, rtol=0)
+
+
+def test_a_gguf_model_saves_and_reloads_bit_for_bit(smollm2, tmp_path):
+    """The final save of a run on the GGUF model used to die with "quantized with gguf and is not serializable":
+    the dequantised weights are ordinary floats and now save as a plain folder that reloads to the same tensors."""
+    from tokenmdp.train.checkpoint import save_model
+
+    save_model(tmp_path / "m", smollm2.model, smollm2.tokenizer)
+    again = load_policy(tmp_path / "m")
+    a, b = smollm2.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again.tokenizer.chat_template == smollm2.tokenizer.chat_template

@@ -179,6 +179,17 @@ def _load_tokenizer(source: str, gguf: str | None, local: bool, trust_remote_cod
     return tok
 
 
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantises a GGUF file's tensors into ordinary float weights on load but keeps its GGUF
+    quantizer attached, so ``save_pretrained`` refused ("quantized with gguf and is not serializable") and a run
+    of the one real model at hand ended with no final model. The weights are plain floats: detach the quantizer,
+    so the model saves (and reloads bit for bit) as an ordinary safetensors folder."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_policy(
     name_or_path: str | os.PathLike,
     *,
@@ -215,6 +226,8 @@ def load_policy(
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TokenMDPError(f"cannot load a causal LM from {os.fspath(name_or_path)}: {first}") from exc
+    if gguf is not None:
+        _forget_gguf_quantization(model)
     model.to(device)
     model.eval()
     eos = tokenizer.eos_token_id
