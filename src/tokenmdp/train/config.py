@@ -206,6 +206,9 @@ def _build_algo(data: dict, prefix: str, source: str | None) -> AlgoConfig:
     return AlgoConfig(name=name, overrides=data)
 
 
+_YAML_BOOL = {False: ("no", "false", "off", "n"), True: ("yes", "true", "on", "y")}
+
+
 def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
     """Check ``value`` against the type ``hint``; return it converted (int -> float, nested dataclasses)."""
     if dataclasses.is_dataclass(hint):
@@ -223,6 +226,8 @@ def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
                 errors.append(str(exc))
         raise TokenMDPError(errors[0])
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):  # YAML 1.1 read `no` / `off` as
+            value = next((w for w in (_YAML_BOOL[value]) if w in args), value)  # false: the word was meant
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise TokenMDPError(f"config field {_where(field_name, source)} is {value!r}; choose one of {choices}")
