@@ -40,6 +40,6 @@ def tiny_random_dir(tmp_path_factory, tiny_random):
 
 @pytest.fixture(scope="session")
 def gsm8k_dir():
-    if not (GSM8K_DIR / "test.jsonl").exists():
+    if not ((GSM8K_DIR / "test.jsonl").exists() and (GSM8K_DIR / "train.jsonl").exists()):
         pytest.skip(f"GSM8K data not found at {GSM8K_DIR}")
     return GSM8K_DIR

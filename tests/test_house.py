@@ -66,6 +66,7 @@ def test_one_value_parser_everywhere():
     cfg = load_config(None, ["optim.lr=3e-4", "task.options={lr_like: 3e-4}", "run.mixed_precision=no"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.run.mixed_precision == "no"  # YAML 1.1 reads `no` as false; the choice 'no' was meant
+    assert cfg.task.options == {"lr_like": pytest.approx(3e-4)}  # inside a mapping too
     assert parse_assignments(["scale=3e-4"], option="task option", example="k=v") == {"scale": pytest.approx(3e-4)}
     assert get_algo("grpo", kl_coef="3e-4").kl_coef == pytest.approx(3e-4)
     assert get_algo("grpo", max_len="none").max_len is None and get_algo("grpo", max_len="64").max_len == 64

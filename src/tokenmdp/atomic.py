@@ -28,12 +28,14 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
     """Run ``write(tmp)`` on a fresh temporary folder beside ``out``, then rename it to ``out``.
 
     On any failure (or interrupt) the temporary folder is removed, so ``out`` is either absent, the old folder,
-    or complete (an ``OSError``, such as a full disk, becomes one :class:`TokenMDPError` naming ``out``); a kill -9 leaves at worst a hidden ``.<name>.tmp-*`` folder that :func:`remove_leftovers`
+    or complete (an ``OSError``, such as a full disk, becomes one :class:`~tokenmdp.errors.WriteError` naming
+    ``out`` and the file); a kill -9 leaves at worst a hidden ``.<name>.tmp-*`` folder that :func:`remove_leftovers`
     clears. An existing ``out`` is replaced only when ``replace`` (else :class:`TokenMDPError`).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the folder gets the usual permissions
     try:
         write(tmp)
         if PAUSE_S:  # fault-injection tests only: widen the window in which a kill lands inside a write
@@ -43,29 +45,54 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
                 raise TokenMDPError(f"output folder {out} already exists (pass --overwrite to replace it)")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}{OLD_MARK}", dir=out.parent))
             os.rename(out, old / "x")
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old / "x", out)  # put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
     except OSError as exc:  # the disk is full, a quota, a read-only file system ...: one clear error
         shutil.rmtree(tmp, ignore_errors=True)
         kept = "the previous one is intact" if out.exists() else "nothing was left behind"
-        raise WriteError(f"cannot write {out}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, 'OSError')}"
-                            f"); {kept}; free space and run again (--resume continues a run)") from exc
+        name = errno.errorcode.get(exc.errno, "OSError")
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = "free space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that and run again"
+        raise WriteError(f"cannot write {out}{where}: {exc.strerror or exc} ({name}); {kept}; {hint} (--resume "
+                         "continues a run)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_leftover(path: Path) -> bool:
+    """A hidden temporary folder of a :func:`write_folder` call that was killed."""
+    return path.name.startswith(".") and (TMP_MARK in path.name or OLD_MARK in path.name) and path.is_dir()
+
+
 def remove_leftovers(folder: str | Path) -> None:
-    """Delete the temporary folders that :func:`write_folder` calls killed mid-way left in ``folder``."""
+    """Delete the temporary folders that :func:`write_folder` calls killed mid-way left in ``folder``; a previous
+    folder that a kill between the two renames of a replacement left aside (``.<name>.old-*/x`` with ``<name>``
+    missing) is put back instead."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for child in folder.iterdir():
-        if child.name.startswith(".") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+        if not is_leftover(child):
+            continue
+        if OLD_MARK in child.name and (child / "x").is_dir():
+            name = child.name[1:].split(OLD_MARK)[0]
+            if not (folder / name).exists():
+                os.rename(child / "x", folder / name)
+        shutil.rmtree(child, ignore_errors=True)
 
 
 __all__ = ["remove_leftovers", "write_folder"]

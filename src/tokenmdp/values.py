@@ -35,7 +35,18 @@ def parse_value(raw: str, *, where: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise TokenMDPError(f"{where}: the value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return as_number(value) if isinstance(value, str) else value
+    return _numbers(value)
+
+
+def _numbers(value: Any) -> Any:
+    """:func:`as_number` on every string of a value, inside lists and mappings too (``{lr: 3e-4}``)."""
+    if isinstance(value, str):
+        return as_number(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
 
 
 def parse_assignment(item: str, *, option: str, example: str, identifier: bool = False) -> tuple[str, Any]:

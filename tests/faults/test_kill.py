@@ -105,6 +105,7 @@ def _check(straight, out):
     assert metrics == list(range(1, STEPS + 1))  # each step exactly once
     assert samples == _steps_logged(straight)[1]  # each step's samples exactly once
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no partial checkpoint
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]  # no half-written final/
 
 
 def test_two_kills_then_resume_equal_a_straight_run(tmp_path, tiny_random_dir, straight):

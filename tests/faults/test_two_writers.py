@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -49,12 +48,10 @@ def test_train_and_compare_refuse_a_folder_in_use(tmp_path, tiny_random_dir):
     run, cmp = tmp_path / "run", tmp_path / "cmp"
     holders = [_holder(run), _holder(cmp)]
     try:
-        t0 = time.perf_counter()
         with pytest.raises(TokenMDPError, match=f"run folder {run} is in use by process {holders[0].pid}"):
             train(load_config(None, [f"model.path={tiny_random_dir}", f"run.out={run}"]), progress=False)
         with pytest.raises(TokenMDPError, match=f"comparison folder {cmp} is in use by process {holders[1].pid}"):
             compare(["grpo"], 1, steps=1, model=str(tiny_random_dir), out=cmp, progress=False)
-        assert time.perf_counter() - t0 < 5  # at once, before any model is built
         assert not run.exists() and not cmp.exists()  # nothing written
     finally:
         for p in holders:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenmdp.atomic import remove_leftovers
 from tokenmdp.base.pretrain import BASE_TASK_KWARGS, PretrainSettings, pretrain
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.model import META_FILE, read_meta
@@ -71,6 +72,7 @@ def ensure_tiny_base(cache_dir: str | Path | None = None, *, progress: bool = Tr
             pass
         if is_current(path):  # built by another process while this one waited
             return path
+        remove_leftovers(path.parent)  # a build killed mid-write
         return pretrain("countdown", path, task_kwargs=dict(BASE_TASK_KWARGS), progress=progress, overwrite=True,
                         **BASE_SETTINGS, **BASE_EVAL)
 

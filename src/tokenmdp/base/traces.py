@@ -1,6 +1,6 @@
 """Derivational traces for Countdown: a visible search with dead ends, then the answer.
 
-The embedded tiny base model (:mod:`tokenmdp.policy.tiny`) is pretrained on these traces so that it learns to
+The embedded tiny base model (:mod:`tokenmdp.base.pretrain`) is pretrained on these traces so that it learns to
 *search*: to try a line of reasoning, check where it lands, abandon it, and try another. A trace is a sequence of
 **attempts**. Each attempt is a full derivation from the given numbers: ``n - 1`` steps ``a op b=c`` (one per line,
 the notation of :func:`tokenmdp.tasks.countdown_solve.format_step`), each merging two numbers of the current pool

@@ -112,7 +112,7 @@ def _print_claims(path: Path) -> None:
         return
     stdout_console.rule("The paper's claims")
     for cid, c in json.loads(path.read_text()).items():
-        stdout_console.print(f"[bold]{cid}[/bold] {c['verdict']}: {c['summary']}", highlight=False)
+        stdout_console.print(f"{cid} {c['verdict']}: {c['summary']}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The main job: the paper's claims tested exactly (the exact tier) and by sampling (`tokenmdp compare
         --preset demo` on the embedded tiny base model: GRPO without KL, its supervised twin isft+-adv, filtered
-        SFT +-, + and -, and Dr. GRPO over 3 seeds), ending in a verdict for each claim (claims.json, report.html).
+        SFT +-, + and -, and Dr. GRPO over 4 seeds), ending in a verdict for each claim (claims.json, report.html).
         With --tabular: gridworld values and cliff walking (Q-learning vs SARSA)."""
         if tabular:
             result = tabular_demo(seed=seed, episodes=episodes, quiet=json_out)

@@ -7,7 +7,6 @@ from typing import Any
 import typer
 
 from tokenmdp.commands._common import console, emit_json
-from tokenmdp.errors import TokenMDPError
 from tokenmdp.values import parse_assignments
 
 tasks_app = typer.Typer(help="Verifiable tasks: list them, show sample problems with prompts and a solution.",

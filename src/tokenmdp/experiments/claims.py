@@ -156,6 +156,22 @@ def first_divergence(a, b, keys=("reward/mean", "length/mean")) -> tuple[int | N
     return None, 0.0
 
 
+def changed_samples(a: RunData, b: RunData, step: int) -> int | None:
+    """How many of step ``step``'s completions differ between two runs (their ``samples.parquet``, rows in batch
+    order); None when either run logged no samples."""
+    import pandas as pd
+
+    try:
+        sa, sb = (pd.read_parquet(r.path / "samples.parquet", columns=["step", "completion"]) for r in (a, b))
+    except (OSError, ValueError, KeyError):
+        return None
+    ca = sa.loc[sa["step"] == step, "completion"].tolist()
+    cb = sb.loc[sb["step"] == step, "completion"].tolist()
+    if len(ca) != len(cb):
+        return max(len(ca), len(cb))
+    return sum(x != y for x, y in zip(ca, cb))
+
+
 def _batch_size(run: RunData) -> int | None:
     p, g = _get(run.config, "rollout", "prompts_per_step"), _get(run.config, "rollout", "group_size")
     return int(p) * int(g) if isinstance(p, int) and isinstance(g, int) else None
@@ -173,7 +189,11 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
     same = all(v <= C1_CURVE_ATOL for v in known) if known else None
     step, moved = first_divergence(a.metrics, b.metrics) if not (a.metrics.empty or b.metrics.empty) else (None, 0.0)
     batch = _batch_size(a)
-    flip = (step is not None and step > 1 and batch is not None and moved <= C1_FLIP_SAMPLES / batch + 1e-9)
+    changed = changed_samples(a, b, step) if step is not None else 0
+    if changed is None:  # no samples logged: judge by the mean reward's move (at most one sample's worth)
+        flip = step is not None and step > 1 and batch is not None and moved <= C1_FLIP_SAMPLES / batch + 1e-9
+    else:
+        flip = step is not None and step > 1 and changed <= C1_FLIP_SAMPLES
     cos = None
     if "equiv/cosine_on_policy" in a.metrics.columns:
         vals = a.metrics["equiv/cosine_on_policy"].dropna()
@@ -190,6 +210,7 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
         verdict = INCONCLUSIVE
     return {"params": params, "curve_max_abs_diff": curves, "final": finals, "curves_equal": same,
             "first_divergence_step": step, "reward_moved_at_divergence": moved, "batch_size": batch,
+            "samples_changed_at_divergence": changed,
             "one_sample_flip": flip, "min_equiv_cosine": cos, "verdict": verdict}
 
 
@@ -224,8 +245,11 @@ def _c1(col: Collection, exact: dict | None) -> dict:
         parts.append(f"curves (reward, length, held-out) differ by at most {_g(max(curves))}")
     for k, step in flips.items():
         r = per_seed[k]
-        how = "one sample changed (a float-level flip)" if r["one_sample_flip"] else "the batches differ"
-        parts.append(f"{k}: bit-equal steps 1-{step - 1}, then {how} at step {step}")
+        n = r.get("samples_changed_at_divergence")
+        how = ("one sample changed (a float-level flip)" if r["one_sample_flip"] else
+               f"{n} samples differ" if n is not None else "the batches differ")
+        parts.append(f"{k}: bit-equal steps 1-{step - 1}, then {how} at step {step}" if step > 1 else
+                     f"{k}: the runs differ from step 1 ({how})")
     cosines = [r["min_equiv_cosine"] for r in per_seed.values() if r["min_equiv_cosine"] is not None]
     if cosines:
         parts.append(f"per-step cosine of the GRPO and weighted-SFT gradients on GRPO's batches >= "

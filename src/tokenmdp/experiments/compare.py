@@ -26,7 +26,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -35,7 +35,7 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
-from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, DEFAULT_ALGOS, HELDOUT_SEED, TINY_LR,
+from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, HELDOUT_SEED, TINY_LR,
                                                    CompareSettings, curve_every, preset_settings,
                                                    validate_settings)
 

@@ -56,7 +56,7 @@ class CompareSettings:
 COMPARE_PRESETS: dict[str, dict] = {
     # the main job (`tokenmdp demo`): about 15 minutes on 2 cores. C1 (grpo_nokl and isft+-adv take the same
     # steps), C3 (isft- collapses), a first paired read of C2 (isft+- and isft+ against grpo_nokl) and C4 (the
-    # length of wrong answers under grpo_nokl against dr_grpo), 3 seeds
+    # length of wrong answers under grpo_nokl against dr_grpo), 4 seeds
     "demo": {"algos": ["grpo_nokl", "isft+-adv", "isft+-", "isft+", "isft-", "dr_grpo"], "seeds": [0, 1, 2, 3],
              "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 300, "k": 4,
              "eval_every": 4, "overrides": ["optim.warmup_steps=2"]},

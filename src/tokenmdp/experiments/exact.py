@@ -1,6 +1,6 @@
 """The exact tier: every algorithm's expected update on a token MDP small enough to enumerate, without sampling.
 
-Three files, by responsibility: :mod:`tokenmdp.experiments.exact_groups` holds the MDP (vocabulary
+Three files of computation, by responsibility (and :mod:`tokenmdp.experiments.exact_plots` for the figures): :mod:`tokenmdp.experiments.exact_groups` holds the MDP (vocabulary
 ``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L, one empty prompt, the final-answer verifier), the enumeration of its
 responses' multisets (groups) and what every update needs at one ``theta``; :mod:`tokenmdp.experiments.exact_updates`
 the presets as this tier runs them and the exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings

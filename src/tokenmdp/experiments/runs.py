@@ -170,8 +170,10 @@ def base_curve_point(folder: Path, info: dict) -> dict | None:
     the per-problem records of the base evaluation: greedy accuracy (``eval/accuracy``, as the comparison's
     trainers log it) and the mean sampled pass@1. None when the records are not there."""
     file = Path(folder) / BASE_RECORDS_FILE
-    n = (info.get("settings") or {}).get("curve_n")
-    if not file.is_file() or not n:
+    settings = info.get("settings") or {}
+    n = settings.get("curve_n")
+    # the trainer draws its curve problems with seed 0: they are the held-out set's first only when it is too
+    if not file.is_file() or not n or settings.get("heldout_seed", 0) != 0 or settings.get("eval_every") == 0:
         return None
     records = []
     with file.open() as fh:

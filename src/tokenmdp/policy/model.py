@@ -2,7 +2,7 @@
 
 ``load_policy`` returns a :class:`Policy`: the model in eval mode on the requested device and dtype, and its
 tokenizer set up for generation (left padding, a pad token, falling back to EOS; the chat template kept). The
-project's own character tokenizer (folders written by :mod:`tokenmdp.policy.tiny`) is loaded from its
+project's own character tokenizer (folders written by :mod:`tokenmdp.base.pretrain`) is loaded from its
 ``tokenizer.json`` as saved, because transformers 5's ``AutoTokenizer`` would map it to a byte-level tokenizer
 that drops spaces and newlines.
 """

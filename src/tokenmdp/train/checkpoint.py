@@ -65,6 +65,8 @@ def damage(folder: Path) -> str | None:
         sums = json.loads(file.read_text())
     except ValueError:
         return f"{CHECKSUM_FILE} unreadable"
+    if not isinstance(sums, dict):
+        return f"{CHECKSUM_FILE} is not a JSON object"
     for name, digest in sums.items():
         path = folder / name
         if not path.is_file():

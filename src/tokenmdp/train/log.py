@@ -48,7 +48,9 @@ class MetricsLogger:
         self.trackers = trackers  # an accelerate.Accelerator with trackers, or None
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)  # a kill here keeps the old file whole
         elif self.path.exists():
             self.path.unlink()
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from tokenmdp.atomic import remove_leftovers, write_folder
+from tokenmdp.atomic import is_leftover, remove_leftovers, write_folder
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_model
-from tokenmdp.policy.model import META_FILE
+from tokenmdp.policy.model import META_FILE, read_meta
 from tokenmdp.train.config import TrainConfig, save_config
 from tokenmdp.train.setup import Components
 
@@ -69,6 +69,8 @@ def check_same_run(config: TrainConfig, path: Path) -> None:
         raise TokenMDPError(f"cannot resume {path}: it has no config.yaml (not a run folder)")
     saved = TrainConfig.from_dict(yaml.safe_load(file.read_text()) or {}, source=str(file))
     old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    if old.get("model.path") is None and new.get("model.path") and read_meta(new["model.path"], required=False):
+        old["model.path"] = new["model.path"]  # a run folder from before the commands filled in the embedded base
     for key in sorted(set(old) | set(new)):
         if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
             raise TokenMDPError(f"cannot resume {path}: config field {key!r} is {new.get(key)!r} here but "
@@ -121,7 +123,7 @@ def nothing_done(path: Path) -> bool:
     path = Path(path)
     if not path.exists():
         return True
-    return path.is_dir() and all(child.name.startswith(".") for child in path.iterdir())
+    return path.is_dir() and all(is_leftover(child) for child in path.iterdir())
 
 
 def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
@@ -149,6 +151,7 @@ def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
     if not path.is_dir():
         raise TokenMDPError(f"cannot resume {path}: no such run folder")
     check_same_run(config, path)
+    remove_leftovers(path)  # a kill inside the final/ write left its temporary folder here
     ckpt = latest_checkpoint(path / "checkpoints")
     if ckpt is not None and ckpt.step > config.run.steps:
         raise TokenMDPError(f"cannot resume {path} with run.steps={config.run.steps}: it already has a checkpoint "
@@ -182,7 +185,7 @@ def save_step(c: Components, path: Path, step: int, samples) -> Path | None:
 def finish_run(c: Components, path: Path, samples, *, started: float) -> None:
     """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``."""
     steps = c.config.run.steps
-    ckpt = latest_checkpoint(path / "checkpoints")
+    ckpt = latest_checkpoint(path / "checkpoints", verify=False)  # written by this process: no need to re-hash
     if ckpt is None or ckpt.step != steps:
         save_step(c, path, steps, samples)
     if c.accelerator.is_main_process:

@@ -92,7 +92,7 @@ def _check_nonfinite(c: Components, path: Path, step: int) -> None:
     the checkpoints already written are intact."""
     limit, in_row = c.config.optim.max_nonfinite_steps, int(c.state.get("nonfinite_in_row", 0))
     if limit and in_row >= limit:
-        ckpt = latest_checkpoint(path / "checkpoints")
+        ckpt = latest_checkpoint(path / "checkpoints", verify=False)
         last = f"the last checkpoint, step {ckpt.step}, is intact" if ckpt else "no checkpoint was written yet"
         raise TokenMDPError(f"{in_row} optimizer steps in a row had a non-finite loss or gradient (up to training "
                             f"step {step}; config field 'optim.max_nonfinite_steps' is {limit}): the run stops "

@@ -189,11 +189,14 @@ def optimizer_step(c: Components, meter: MetricMeter) -> None:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         norms.append(float(norm))
     finite = all(math.isfinite(n) for n in norms)
+    scaled = getattr(c.accelerator, "scaler", None) is not None  # fp16: the grad scaler skips and recalibrates
     for (model, optimizer, key), norm in zip(pairs, norms):
         if finite:
             meter.add({key: norm}, 1.0)
+        if finite or scaled:  # under a scaler the step must run: it skips an overflow itself and updates the scale
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    finite = finite or scaled  # an fp16 overflow while the scale calibrates is not a fault of the run
     c.state["nonfinite_in_row"] = 0 if finite else int(c.state.get("nonfinite_in_row", 0)) + 1
     if not finite:
         c.state["nonfinite_steps"] = int(c.state.get("nonfinite_steps", 0)) + 1
