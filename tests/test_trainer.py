@@ -282,3 +282,16 @@ def test_periodic_eval_and_equivalence_metrics(tmp_path, tiny_random_dir):
     assert records[0]["equiv/cosine_on_policy"] > 0.9999 and records[0]["equiv/cosine"] > 0.9999
     assert "eval/accuracy" not in records[0]
     assert 0.0 <= records[1]["eval/accuracy"] <= 1.0 and 0.0 <= records[1]["eval/sampled_accuracy"] <= 1.0
+
+
+def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, tiny_random_dir):
+    """run.eval_before (verl's val_before_train): the held-out curve starts at step 0, and the run's parameters are
+    those of a run without it (the evaluation draws from its own seeded generator)."""
+    extra = ["run.eval_every=2", "run.eval_n=4", "run.eval_k=2"]
+    plain = train(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", *extra, name="plain"), progress=False)
+    before = train(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", *extra, "run.eval_before=true", name="before"),
+                   progress=False)
+    rows = [json.loads(x) for x in (before / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    a, b = _params(plain / "final"), _params(before / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -173,7 +173,8 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
                            enabled=config.run.log_samples and main)
     before, after = _callbacks(callbacks)
     label = f"train {config.algo.name} seed {config.run.seed}"
-    if held is not None and config.run.eval_before and start == 0:  # the curve's first point: the start policy
+    if held is not None and config.run.eval_before and start == 0 and not run.resumed:  # the start policy
+        # (a resumed run with no checkpoint kept its logged step 0)
         record = held_out(c, held, step=0)
         if metrics is not None:
             metrics.log(0, record)
