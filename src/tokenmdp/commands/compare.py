@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 
-from tokenmdp.commands._common import console, emit_json
+from tokenmdp.commands.report import print_summary
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -55,8 +54,6 @@ def compare_cmd(
     on one fixed held-out set, and write summary.csv, summary.md, plots/ and report.html into --out."""
     from tokenmdp.commands.tasks import parse_options
     from tokenmdp.experiments.compare import compare
-    from tokenmdp.experiments.report import markdown_table, summary_rows
-    from tokenmdp.experiments.runs import collect
 
     opts = {"task_kwargs": parse_options(option) or None, "template": template, "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
@@ -70,14 +67,7 @@ def compare_cmd(
         kw["k"] = k
     folder = compare(_split(algos), seeds, model=model, task=task, out=out, eval_n=eval_n, preset=preset,
                      overwrite=overwrite, **kw, **opts)
-    col = collect([folder])
-    rows = summary_rows(col)
-    if as_json:
-        clean = [{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in r.items()} for r in rows]
-        emit_json({"out": str(folder), "report": str(folder / "report.html"), "summary": clean})
-        return
-    console.print(markdown_table(col, rows), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"report: {folder / 'report.html'}", markup=False, highlight=False)
+    print_summary(folder, [folder], as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,15 +23,22 @@ def report_cmd(
     Several folders (for example comparisons made on different days or machines) are merged: runs of the same
     algorithm are pooled as seeds, and the base model's evaluations are pooled too.
     """
-    from tokenmdp.experiments.report import build_report, markdown_table, summary_rows
-    from tokenmdp.experiments.runs import collect
+    from tokenmdp.experiments.report import build_report
 
     from tokenmdp.experiments.claims import CLAIM_IDS
 
     wanted = [] if not claims else (list(CLAIM_IDS) if claims.strip() == "all"
                                     else [c.strip().upper() for c in claims.split(",") if c.strip()])
     folder = build_report(run_dirs, out, require=wanted)
-    col = collect(run_dirs)
+    print_summary(folder, run_dirs, as_json)
+
+
+def print_summary(folder: Path, sources: list, as_json: bool) -> None:
+    """The summary table of the runs in ``sources`` (markdown, or one JSON document), and where the report is."""
+    from tokenmdp.experiments.report import markdown_table, summary_rows
+    from tokenmdp.experiments.runs import collect
+
+    col = collect(sources)
     rows = summary_rows(col)
     if as_json:
         clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
