@@ -9,7 +9,7 @@ import numpy as np
 
 from tokenmdp.progress import console, err_console
 
-__all__ = ["console", "emit_json", "err_console"]
+__all__ = ["console", "emit_json", "err_console", "split_list"]
 
 
 def _default(obj: Any) -> Any:
@@ -27,3 +27,10 @@ def _default(obj: Any) -> Any:
 def emit_json(obj: Any) -> None:
     """Print ``obj`` as one JSON document on stdout (for scripts: ``--json``)."""
     print(json.dumps(obj, default=_default, indent=2))
+
+
+def split_list(values: list[str] | None) -> list[str] | None:
+    """``["grpo,dr_grpo", "ppo"]`` -> ``["grpo", "dr_grpo", "ppo"]`` (repeatable, comma-separated options)."""
+    if not values:
+        return None
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]

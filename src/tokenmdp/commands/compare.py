@@ -6,14 +6,8 @@ from pathlib import Path
 
 import typer
 
+from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
-
-
-def _split(values: list[str] | None) -> list[str] | None:
-    """``["grpo,dr_grpo", "ppo"]`` -> ``["grpo", "dr_grpo", "ppo"]``."""
-    if not values:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
 def compare_cmd(
@@ -65,7 +59,7 @@ def compare_cmd(
     kw = {"steps": steps} if steps is not None else {}
     if k is not None:
         kw["k"] = k
-    folder = compare(_split(algos), seeds, model=model, task=task, out=out, eval_n=eval_n, preset=preset,
+    folder = compare(split_list(algos), seeds, model=model, task=task, out=out, eval_n=eval_n, preset=preset,
                      overwrite=overwrite, **kw, **opts)
     print_summary(folder, [folder], as_json)
 

@@ -7,15 +7,9 @@ from typing import Any
 
 import typer
 
-from tokenmdp.commands._common import console, emit_json, err_console
+from tokenmdp.commands._common import console, emit_json, err_console, split_list
 
 D = {"group_size": 4, "steps": 30, "lr": 0.1, "seed": 0, "max_len": 3, "vocab": 3, "init_scale": 1.0}
-
-
-def _split(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
@@ -75,7 +69,7 @@ def exact_cmd(
     from tokenmdp.experiments.exact import run_exact, save_exact
 
     result = run_exact(group_size=group_size, steps=steps, lr=lr, seed=seed, max_len=max_len, vocab=vocab,
-                       presets=_split(presets), normalize=not raw, init_scale=init_scale)
+                       presets=split_list(presets), normalize=not raw, init_scale=init_scale)
     if out is not None:
         from tokenmdp.experiments.exact_plots import exact_figures
 
