@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "score",
     "pretrain",
     "train",
+    "merge",
     "evaluate",
     "compare",
     "exact",

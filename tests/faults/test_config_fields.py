@@ -13,7 +13,7 @@ from tokenmdp.algos.registry import AlgoSpec, get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.config import SECTIONS, TrainConfig, load_config
 
-WRONG = {int: "[1, 2]", float: "not-a-number", bool: "maybe", str: "[1, 2]", dict: "just-text"}
+WRONG = {int: "[1, 2]", float: "not-a-number", bool: "maybe", str: "[1, 2]", dict: "just-text", list: "3"}
 
 
 def _base_type(hint):
@@ -23,14 +23,20 @@ def _base_type(hint):
     return _base_type(args[0]) if args else hint
 
 
+def _walk(cls, prefix: str):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):  # a nested section (model.lora): its fields one by one
+            yield from _walk(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", _base_type(hints[f.name])
+
+
 def _fields():
     hints = typing.get_type_hints(TrainConfig)
     for section in SECTIONS:
-        if section == "algo":
-            continue
-        cls = hints[section]
-        for f in dataclasses.fields(cls):
-            yield f"{section}.{f.name}", _base_type(typing.get_type_hints(cls)[f.name])
+        if section != "algo":
+            yield from _walk(hints[section], f"{section}.")
 
 
 CASES = [(name, kind) for name, kind in _fields()]
@@ -49,7 +55,7 @@ def test_a_wrong_type_names_the_field(name, kind):
 RANGED = ["rollout.prompts_per_step", "rollout.group_size", "optim.micro_batch_size", "run.steps", "run.keep_last",
           "run.eval_k", "rollout.temperature", "optim.lr", "optim.warmup_steps", "run.save_every", "run.eval_every",
           "run.eval_n", "optim.max_nonfinite_steps", "rollout.max_new_tokens", "run.threads",
-          "optim.minibatch_size"]
+          "optim.minibatch_size", "model.lora.rank", "model.lora.alpha", "model.lora.dropout"]
 
 
 @pytest.mark.parametrize("name", RANGED)

@@ -31,6 +31,8 @@ DTYPES: dict[str, Any] = {
 #: The description that ``tokenmdp pretrain`` writes into a model folder: tokenizer kind (``"char"``), task, task
 #: options, prompt template, ``max_new_tokens``, and how the model was made. Read only by :func:`read_meta`.
 META_FILE = "tokenmdp.json"
+#: The file that marks a folder as a peft adapter (:mod:`tokenmdp.policy.adapters`), not a full model.
+ADAPTER_CONFIG = "adapter_config.json"
 #: New tokens per response when neither the config nor the model folder says (a hub model on GSM8K needs ~200).
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -135,6 +137,10 @@ def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[st
             if not (path / gguf_file).is_file():
                 raise TokenMDPError(f"GGUF file {gguf_file!r} not found in {text}")
         elif not (path / "config.json").is_file():
+            if (path / ADAPTER_CONFIG).is_file():
+                raise TokenMDPError(f"{text} is a LoRA adapter, not a full model: write the full model with "
+                                    f"`tokenmdp merge {text} --out <folder>`, or load it onto its base "
+                                    "(tokenmdp.policy.adapters.load_adapter)")
             raise TokenMDPError(f"{text} is not a model folder (no config.json)")
         return str(path), gguf_file, True
     looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep in text.replace("/", "")
@@ -190,6 +196,17 @@ def _forget_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as the user turn of the tokenizer's chat template, ready for the assistant's answer (the
+    generation prompt added); the template's own special tokens (BOS, ``<|im_start|>``) are part of the string."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenMDPError(f"config field 'task.chat_template' is true but the tokenizer "
+                            f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat "
+                            "template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def load_policy(
     name_or_path: str | os.PathLike,
     *,
@@ -221,10 +238,13 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], gguf_file=gguf, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         if isinstance(exc, TokenMDPError):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if gguf is not None and isinstance(exc, NotImplementedError):  # a quantisation gguf cannot dequantise
+            raise TokenMDPError(f"cannot dequantise the GGUF file {os.fspath(name_or_path)}: {first} (convert it "
+                                "to F32/F16/Q8_0 with llama.cpp's tools, or load the original safetensors)") from exc
         raise TokenMDPError(f"cannot load a causal LM from {os.fspath(name_or_path)}: {first}") from exc
     if gguf is not None:
         _forget_gguf_quantization(model)
@@ -242,5 +262,6 @@ def load_policy(
                   name=name)
 
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "find_smollm2_gguf",
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "chat_prompt",
+           "find_smollm2_gguf",
            "load_policy", "model_defaults", "read_meta", "write_meta"]

@@ -84,17 +84,36 @@ def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:
     return norm.weight, float(eps)
 
 
+def _weight(proj: nn.Module) -> torch.Tensor:
+    """The weight a projection applies: its own, or for a peft LoRA layer the base weight plus the active
+    adapters' ``(alpha / r) B A`` (nothing added while the adapters are disabled or merged)."""
+    if not hasattr(proj, "lora_A"):
+        return proj.weight
+    w = proj.base_layer.weight
+    if proj.disable_adapters or proj.merged:
+        return w
+    for name in proj.active_adapters:
+        if name in proj.lora_A:
+            w = w + proj.get_delta_weight(name).to(w.dtype)
+    return w
+
+
+def _bias(proj: nn.Module) -> torch.Tensor | None:
+    return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
+
+
 def _fuse(layer: nn.Module, head_dim: int, fuse: bool) -> _Layer:
     """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy)."""
     a, m = layer.self_attn, layer.mlp
     projs = (a.q_proj, a.k_proj, a.v_proj)
     w_qkv = b_qkv = w_gate_up = None
     if fuse:
-        w_qkv = torch.cat([p.weight for p in projs])
-        w_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-        if any(p.bias is not None for p in projs):
-            b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
-                               for p in projs])
+        ws = [_weight(p) for p in projs]
+        w_qkv = torch.cat(ws)
+        w_gate_up = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
+        biases = [_bias(p) for p in projs]
+        if any(b is not None for b in biases):
+            b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
     return _Layer(
         w_qkv=w_qkv,
         b_qkv=b_qkv,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenmdp.policy.model import chat_prompt
 from tokenmdp.rollout.base import Rollout
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ def collect(c: Components, problems: list, *, step: int) -> Batch:
     cfg = c.config.rollout
     t0 = time.perf_counter()
     prompts = [c.task.render(p, template=c.settings.template) for p in problems]
+    if c.config.task.chat_template:
+        prompts = [chat_prompt(c.tokenizer, text) for text in prompts]
     rollout = c.engine.generate(
         prompts, n=cfg.group_size, max_new_tokens=c.settings.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, seed=step_seed(c.config.run.seed, step),

@@ -158,8 +158,8 @@ def save_checkpoint(
             (critic, "critic.pt"),
             (critic_optimizer, "critic_optimizer.pt"),
         ]:
-            if obj is not None:
-                torch.save(obj.state_dict(), tmp / name)
+            if obj is not None:  # a module, an optimizer, or a state dict already taken (an adapter-only critic)
+                torch.save(obj if isinstance(obj, dict) else obj.state_dict(), tmp / name)
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
         write_checksums(tmp)

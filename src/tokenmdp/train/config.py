@@ -31,6 +31,20 @@ from tokenmdp.values import as_number, parse_assignment
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter through ``peft`` (:mod:`tokenmdp.policy.adapters`): only the adapter trains, the reference
+    policy of a KL term is the base with the adapter disabled, and checkpoints hold the adapter alone (``tokenmdp
+    merge`` writes the full model). ``target_modules``: ``"all-linear"`` (every linear layer but the output head) or
+    a list of layer names (``[q_proj, v_proj]``); ``dropout`` acts in the loss's forward passes only."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list | str = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     """The policy model. ``path=None`` means the embedded tiny base model: the commands (``tokenmdp train``,
     ``compare``) fill in its folder, the shipped copy, or with ``cache_dir`` set the one in that cache (built there
@@ -41,6 +55,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gguf_file: str | None = None
     critic_path: str | None = None  # PPO critic initialisation; None = the policy's own weights
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (memory for time)
 
 
 @dataclass
@@ -54,6 +70,7 @@ class TaskConfig:
     eval_split: str = "test"
     dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None = on-policy pairs
     step_reward: float = 0.1  # credit "process": +/- this on the token ending each correct / wrong step
+    chat_template: bool = False  # wrap each prompt as a user turn of the tokenizer's chat template (instruct models)
 
 
 @dataclass
@@ -234,13 +251,15 @@ def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
         return value
     if hint in (int, float) and isinstance(value, str):
         value = as_number(value)
-    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+                list: "a list"}
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
         bool: isinstance(value, bool),
         dict: isinstance(value, dict),
+        list: isinstance(value, list),
     }.get(hint, True)
     if not ok:
         raise TokenMDPError(f"config field {_where(field_name, source)} must be {expected[hint]}, got {value!r}")
@@ -336,9 +355,27 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
+    _validate_lora(config.model.lora, source)
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
     resolve_algo(config, source=source)
+
+
+def _validate_lora(lora: LoraConfig, source: str | None) -> None:
+    """Ranges of ``model.lora`` (checked whether or not it is enabled: a bad value in a file is a bad file)."""
+    if lora.rank < 1:
+        raise TokenMDPError(f"config field {_where('model.lora.rank', source)} must be at least 1, got {lora.rank}")
+    if lora.alpha <= 0:
+        raise TokenMDPError(f"config field {_where('model.lora.alpha', source)} must be positive, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise TokenMDPError(f"config field {_where('model.lora.dropout', source)} must be in [0, 1), got "
+                            f"{lora.dropout}")
+    targets = lora.target_modules
+    ok = (isinstance(targets, str) and bool(targets)) or (
+        isinstance(targets, list) and bool(targets) and all(isinstance(t, str) and t for t in targets))
+    if not ok:
+        raise TokenMDPError(f"config field {_where('model.lora.target_modules', source)} must be 'all-linear' or a "
+                            f"non-empty list of layer names, got {targets!r}")
 
 
 def resolve_algo(config: TrainConfig, *, source: str | None = None):

@@ -36,7 +36,7 @@ def held_out(c: Components, problems: list, *, step: int) -> dict:
     result = evaluate(
         c.unwrapped(), c.tokenizer, c.task, problems, k=run.eval_k, engine=c.engine,
         temperature=run.eval_temperature, max_new_tokens=c.settings.max_new_tokens, greedy=run.eval_greedy,
-        seed=run.seed * 1_000 + 17, template=c.settings.template,
+        seed=run.seed * 1_000 + 17, template=c.settings.template, chat=c.config.task.chat_template,
     )
     m = result["metrics"]
     out = {

@@ -20,7 +20,7 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.stats import best_of_n, majority_vote, pass_at_k
-from tokenmdp.policy.model import model_defaults
+from tokenmdp.policy.model import chat_prompt, model_defaults
 from tokenmdp.rollout import get_engine
 
 ProgressFn = Callable[[int], None]  # called with the number of completions just generated
@@ -125,7 +125,7 @@ def summarise(records: list[dict], k: int) -> dict[str, Any]:
 
 def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_samples: int | None = None,
              engine: Any = "fast", temperature: float = 1.0, max_new_tokens: int = 128, greedy: bool = True,
-             batch_size: int = 256, seed: int = 0, template: str | None = None,
+             batch_size: int = 256, seed: int = 0, template: str | None = None, chat: bool = False,
              progress: ProgressFn | None = None) -> dict:
     """Evaluate ``model`` on ``problems``: returns ``{"metrics", "records", "settings", "time_s"}``.
 
@@ -135,7 +135,8 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
     ``pass@k`` (mean of the unbiased estimator ``1 - C(n - c_i, k) / C(n, k)``, n = ``n_samples`` >= k),
     ``majority@k`` (the most frequent normalised answer among the samples is correct), ``best_of_k`` (the sample
     with the highest verifier reward is correct), ``*/format_rate``, ``*/length_correct`` and
-    ``*/length_incorrect`` (mean tokens), ``sampled/truncated_rate``. ``progress(m)`` is told of every ``m``
+    ``*/length_incorrect`` (mean tokens), ``sampled/truncated_rate``. ``chat``: each prompt as the user turn of the
+    tokenizer's chat template (:func:`tokenmdp.policy.model.chat_prompt`). ``progress(m)`` is told of every ``m``
     completions generated (``len(problems) * (n_samples + greedy)`` in all).
     """
     n_samples = k if n_samples is None else n_samples
@@ -151,6 +152,8 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
     if was_training:
         model.eval()
     prompts = [task.render(p, template=template) for p in problems]
+    if chat:
+        prompts = [chat_prompt(tokenizer, text) for text in prompts]
     opts = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     try:
         g = _generate(eng, prompts, n=1, temperature=0.0, seed=seed, **opts) if greedy else None
@@ -164,7 +167,8 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
         rows = range(i * n_samples, (i + 1) * n_samples)
         samples = [_scored(task, problem, s[0][j], s[1][j], s[2][j]) for j in rows]
         records.append(problem_record(task, problem, gr, samples, k))
-    settings = {"task": getattr(task, "name", str(task)), "template": template, "n": len(problems), "k": k,
+    settings = {"task": getattr(task, "name", str(task)), "template": template, "chat": chat, "n": len(problems),
+                "k": k,
                 "n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "greedy": greedy, "engine": engine if isinstance(engine, str) else getattr(eng, "name", "custom"),
                 "batch_size": batch_size, "seed": seed}

@@ -21,6 +21,7 @@ from tokenmdp.train.updates import (
     MetricMeter,
     forward,
     logprobs_all,
+    reference_logprobs,
     micro_batches,
     minibatches,
     nothing_to_train,
@@ -50,7 +51,7 @@ def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
     and its metrics."""
     spec, ro = c.spec, batch.rollout
     old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs else ro.logprobs
-    ref = logprobs_all(c, c.ref_model, ro) if c.ref_model is not None else None
+    ref = reference_logprobs(c, ro)
     values = values_all(c, ro) if c.critic is not None else None
     token_rewards = _credit(c, batch)
     metrics: dict = {}

@@ -27,6 +27,7 @@ import yaml
 from tokenmdp.atomic import is_leftover, remove_leftovers, write_folder
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint, save_model
+from tokenmdp.policy.adapters import trainable_state
 from tokenmdp.policy.model import META_FILE, read_meta
 from tokenmdp.train.config import TrainConfig, save_config
 from tokenmdp.train.setup import Components
@@ -171,10 +172,12 @@ def save_step(c: Components, path: Path, step: int, samples) -> Path | None:
     if c.accelerator.is_main_process:
         if samples is not None:
             samples.flush()
-        unwrap = c.accelerator.unwrap_model
+        critic = c.accelerator.unwrap_model(c.critic) if c.critic is not None else None
+        if critic is not None and c.adapter is not None:  # under LoRA: the critic's adapter and value head only
+            critic = trainable_state(critic)
         out = save_checkpoint(
-            path / "checkpoints", step, model=c.unwrapped(), tokenizer=c.tokenizer, optimizer=c.optimizer,
-            scheduler=c.scheduler, critic=unwrap(c.critic) if c.critic is not None else None,
+            path / "checkpoints", step, model=c.saveable(), tokenizer=c.tokenizer, optimizer=c.optimizer,
+            scheduler=c.scheduler, critic=critic,
             critic_optimizer=c.critic_optimizer, state=checkpoint_state(c), keep_last=c.config.run.keep_last,
             extra_files={"tokenmdp.json": c.settings.meta_file},
         )
@@ -189,7 +192,7 @@ def finish_run(c: Components, path: Path, samples, *, started: float) -> None:
     if ckpt is None or ckpt.step != steps:
         save_step(c, path, steps, samples)
     if c.accelerator.is_main_process:
-        write_folder(path / "final", lambda tmp: save_model(tmp, c.unwrapped(), c.tokenizer,
+        write_folder(path / "final", lambda tmp: save_model(tmp, c.saveable(), c.tokenizer,
                                                             {META_FILE: c.settings.meta_file}), replace=True)
         if samples is not None:
             samples.flush()

@@ -103,6 +103,7 @@ class Components:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ref_model: PreTrainedModel | None = None
+    adapter: Any = None  # the peft.PeftModel around ``model`` when model.lora is enabled (``model`` is its base)
     critic: ValueModel | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
     state: dict[str, Any] = field(default_factory=dict)  # running statistics saved in checkpoints
@@ -113,6 +114,10 @@ class Components:
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def saveable(self):
+        """What a checkpoint's ``model/`` and ``final/`` save: the adapter alone under LoRA, else the model."""
+        return self.adapter if self.adapter is not None else self.unwrapped()
 
 
 def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> None:
@@ -157,18 +162,69 @@ def _load(path: str, config: TrainConfig, device, *, trainable: bool):
     return policy
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer, non-reentrant; it acts in the loss's forward
+    passes only (:func:`tokenmdp.policy.adapters.update_mode`): the model stays in eval mode."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.eval()
+
+
+def _policy(config: TrainConfig, settings: Settings, device, resume_from: Path | None):
+    """The trained policy and, under LoRA, its peft wrapper: the base model frozen with a fresh adapter (seeded by
+    ``run.seed``), or on resume the checkpoint's adapter; without LoRA the model itself (the checkpoint's on
+    resume)."""
+    lora = config.model.lora
+    if not lora.enabled:
+        policy = _load(str(resume_from / "model") if resume_from is not None else settings.model_path, config,
+                       device, trainable=True)
+        adapter = None
+    else:
+        from tokenmdp.policy.adapters import add_lora, load_adapter
+
+        policy = _load(settings.model_path, config, device, trainable=False)
+        if resume_from is not None:
+            adapter = load_adapter(policy.model, resume_from / "model", trainable=True)
+        else:
+            adapter = add_lora(policy.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                               target_modules=lora.target_modules, seed=config.run.seed, base=settings.model_path)
+        adapter.to(device)
+        policy.model = adapter.get_base_model()  # the HF model with the LoRA layers in place
+        policy.model.eval()
+    if config.model.gradient_checkpointing:
+        # active in the loss's forward passes only (tokenmdp.policy.adapters.update_mode)
+        enable_checkpointing(policy.model)
+    return policy, adapter
+
+
 def _critic(config: TrainConfig, settings: Settings, device, resume_from: Path | None):
-    """PPO's critic: the policy's backbone (or ``model.critic_path``'s) with a new value head; on resume its
-    weights come from the checkpoint's ``critic.pt``."""
+    """PPO's critic: the policy's backbone (or ``model.critic_path``'s) with a new value head; under LoRA the
+    backbone is frozen and gets its own adapter (the value head and the adapter train). On resume its trained
+    weights come from the checkpoint's ``critic.pt`` (under LoRA: the adapter and the head only)."""
     from tokenmdp.policy.value_head import ValueModel
 
     source = config.model.critic_path or settings.model_path
     critic = ValueModel.from_policy(source, dtype=config.model.dtype, seed=config.run.seed)
+    lora = config.model.lora
+    if lora.enabled:
+        from tokenmdp.policy.adapters import inject_lora
+
+        inject_lora(critic.backbone, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=lora.target_modules, seed=config.run.seed + 1)
+        critic.value_head.requires_grad_(True)
     if resume_from is not None:
         file = resume_from / "critic.pt"
         if not file.is_file():
             raise TokenMDPError(f"checkpoint {resume_from} has no critic.pt (the run's algorithm needs a critic)")
-        critic.load_state_dict(torch.load(file, map_location="cpu"))
+        state = torch.load(file, map_location="cpu")
+        missing, unexpected = critic.load_state_dict(state, strict=not lora.enabled)
+        trained = {n for n, p in critic.named_parameters() if p.requires_grad}
+        if unexpected or trained & set(missing):
+            raise TokenMDPError(f"{file} does not fit the run's critic (missing {sorted(trained & set(missing))[:3]}, "
+                                f"unexpected {sorted(unexpected)[:3]})")
     critic.eval()
     return critic.to(device)
 
@@ -187,14 +243,14 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     task = get_task(config.task.name, **settings.task_options)
     accelerator = make_accelerator(config, run_dir)
     check_processes(config, spec, accelerator.num_processes)
-    policy_path = str(resume_from / "model") if resume_from is not None else settings.model_path
-    policy = _load(policy_path, config, accelerator.device, trainable=True)
+    policy, adapter = _policy(config, settings, accelerator.device, resume_from)
     ref_model = None
-    if spec.needs_reference:
+    if spec.needs_reference and adapter is None:  # under LoRA the reference is the base: the adapter disabled
         ref_model = _load(settings.model_path, config, accelerator.device, trainable=False).model
     opt_kw = dict(betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
                   weight_decay=config.optim.weight_decay)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.optim.lr, **opt_kw)
+    trainable = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.optim.lr, **opt_kw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.optim.schedule, config.optim.warmup_steps, config.run.steps)
     )
@@ -205,11 +261,13 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     if spec.critic:
         critic = _critic(config, settings, accelerator.device, resume_from)
         critic_lr = config.optim.critic_lr if config.optim.critic_lr is not None else 5 * config.optim.lr
-        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=critic_lr, **opt_kw)
+        critic_optimizer = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=critic_lr,
+                                             **opt_kw)
         critic_optimizer = accelerator.prepare(critic_optimizer)
     engine = get_engine(config.rollout.engine, accelerator.unwrap_model(model), policy.tokenizer,
                         **config.rollout.engine_options)
     # the trackers (run.report_to) start in RunHandle.begin, once the run folder is (re)created
     return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
                       tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
-                      scheduler=scheduler, ref_model=ref_model, critic=critic, critic_optimizer=critic_optimizer)
+                      scheduler=scheduler, ref_model=ref_model, adapter=adapter, critic=critic,
+                      critic_optimizer=critic_optimizer)

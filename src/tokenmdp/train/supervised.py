@@ -25,6 +25,7 @@ from tokenmdp.train.updates import (
     approx_kl,
     forward,
     logprobs_all,
+    reference_logprobs,
     micro_batches,
     minibatches,
     nothing_to_train,
@@ -106,7 +107,7 @@ def dpo_update(c: Components, batch: Batch | None, *, step: int, pairs: list | N
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
     if nothing_to_train(c, len(chosen), epochs=c.spec.mu):
         return metrics
-    tb = TrainBatch(rollout=ro, old_logprobs=ro.logprobs, ref_logprobs=logprobs_all(c, c.ref_model, ro))
+    tb = TrainBatch(rollout=ro, old_logprobs=ro.logprobs, ref_logprobs=reference_logprobs(c, ro))
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
     pair_rows = torch.arange(len(chosen))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from tokenmdp.algos.losses import kl_penalty
+from tokenmdp.policy.adapters import adapter_disabled, update_mode
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.rollout.base import Rollout
 from tokenmdp.train.batch import total_over_processes
@@ -101,7 +102,7 @@ def rows_of(rollout: Rollout, rows: torch.Tensor) -> Rollout:
 def forward(c: Components, model, sub: Rollout, *, entropy: bool = False):
     """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature."""
     temperature = c.config.rollout.temperature or 1.0
-    with c.accelerator.autocast():
+    with c.accelerator.autocast(), update_mode(model):
         return sequence_logprobs(model, sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                                  temperature=temperature, return_entropy=entropy)
 
@@ -116,6 +117,17 @@ def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
     return out
+
+
+def reference_logprobs(c: Components, rollout: Rollout) -> torch.Tensor | None:
+    """(B, T) log-probs under the frozen reference policy, or None when the algorithm has none: the separate
+    reference model, or under LoRA the trained model with its adapter disabled (the base, bit for bit)."""
+    if c.ref_model is not None:
+        return logprobs_all(c, c.ref_model, rollout)
+    if c.adapter is not None and c.spec.needs_reference:
+        with adapter_disabled(c.adapter):
+            return logprobs_all(c, c.model, rollout)
+    return None
 
 
 @torch.no_grad()
