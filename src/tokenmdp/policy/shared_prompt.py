@@ -124,11 +124,11 @@ def shared_prompt_states(
     positions = position_ids_from_mask(attn)
     u_mask = attn[first, :p_len]
     cache = _new_cache(backbone)
-    prompt_out = backbone(input_ids=prompt_ids[first], attention_mask=u_mask,
-                                position_ids=positions[first, :p_len], use_cache=True, **{kwarg: cache})
+    prompt_out = backbone(input_ids=prompt_ids[first], attention_mask=u_mask, position_ids=positions[first, :p_len],
+                          use_cache=True, **{kwarg: cache})
     cache.batch_select_indices(inverse)  # every layer's K, V: (U, heads, P, d) -> (B, heads, P, d), on the graph
     resp_out = backbone(input_ids=response_ids, attention_mask=attn, position_ids=positions[:, p_len:],
-                              use_cache=True, **{kwarg: cache})
+                        use_cache=True, **{kwarg: cache})
     pred = predictor_index(attn, p_len)
     rows, cols = (response_mask.bool() & (pred >= 0)).nonzero(as_tuple=True)
     src = pred[rows, cols]
