@@ -196,35 +196,48 @@ def sequence_logprobs(
     """
     if temperature <= 0:
         temperature = 1.0
-    batch, p_len = prompt_ids.shape
-    t_len = response_ids.shape[1]
-    out_lp = torch.zeros(batch, t_len, dtype=torch.float32, device=response_ids.device)
-    out_ent = torch.zeros_like(out_lp) if return_entropy else None
+    p_len, t_len = prompt_ids.shape[1], response_ids.shape[1]
     if t_len == 0:
-        return out_lp, out_ent
+        return counted_logprobs(None, None, response_ids, None, temperature=temperature,
+                                return_entropy=return_entropy, chunk_size=chunk_size)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attn = torch.cat([prompt_mask, response_mask], dim=1).long()
     parts, hidden = _final_states(model, input_ids, attn)
     pred = predictor_index(attn, p_len)  # (B, T)
     counted = response_mask.bool() & (pred >= 0)
     rows, cols = counted.nonzero(as_tuple=True)
-    h = hidden[rows, pred[rows, cols]]
-    logp, ent = token_logprobs_from_hidden(
-        h,
-        response_ids[rows, cols],
-        parts,
-        temperature=temperature,
-        return_entropy=return_entropy,
-        chunk_size=chunk_size,
-    )
+    return counted_logprobs(hidden[rows, pred[rows, cols]], (rows, cols), response_ids, parts,
+                            temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+def counted_logprobs(
+    hidden: torch.Tensor | None,
+    where: tuple[torch.Tensor, torch.Tensor] | None,
+    response_ids: torch.Tensor,
+    parts: HeadParts | None,
+    *,
+    temperature: float,
+    return_entropy: bool,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(B, T)`` log-probs (and entropies) of :func:`sequence_logprobs` from the predictor hidden states
+    ``hidden`` (N, H) of the ``N`` counted response tokens at ``where = (rows, cols)``; zeros elsewhere
+    (``hidden=None``: no token is counted)."""
+    out_lp = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    out_ent = torch.zeros_like(out_lp) if return_entropy else None
+    if hidden is None:
+        return out_lp, out_ent
+    rows, cols = where
+    logp, ent = token_logprobs_from_hidden(hidden, response_ids[rows, cols], parts, temperature=temperature,
+                                           return_entropy=return_entropy, chunk_size=chunk_size)
     out_lp = out_lp.index_put((rows, cols), logp)
     if return_entropy:
         out_ent = out_ent.index_put((rows, cols), ent)
     return out_lp, out_ent
 
-
 __all__ = [
     "sequence_logprobs",
+    "counted_logprobs",
     "token_logprobs_from_hidden",
     "split_causal_lm",
     "position_ids_from_mask",

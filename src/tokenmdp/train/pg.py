@@ -19,6 +19,8 @@ from tokenmdp.train.batch import Batch, TrainBatch, step_rewards
 from tokenmdp.train.evaluation import equivalence
 from tokenmdp.train.updates import (
     MetricMeter,
+    batch_order,
+    critic_values,
     forward,
     logprobs_all,
     reference_logprobs,
@@ -26,7 +28,6 @@ from tokenmdp.train.updates import (
     minibatches,
     nothing_to_train,
     optimizer_step,
-    row_lengths,
     values_all,
     zero_missing_grads,
 )
@@ -114,8 +115,7 @@ def _micro_loss(c: Components, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) 
         num_tokens=n_tok, num_seqs=n_seq,
     )
     if c.critic is not None:
-        with c.accelerator.autocast():
-            v = c.critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
+        v = critic_values(c, c.critic, sub)
         v_loss, vm = value_loss(v.float(), t.values, t.returns, sub.response_mask, clip_range=spec.value_clip,
                                 aggregation="token_mean", num_tokens=n_tok, num_seqs=n_seq)
         m.update(vm)
@@ -135,7 +135,7 @@ def pg_update(c: Components, batch: Batch, *, step: int) -> dict:
         return metrics
     meter = MetricMeter()
     mask = batch.rollout.response_mask
-    lengths = row_lengths(batch.rollout)
+    order = batch_order(c, batch.rollout)
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
     live = signal_rows(tb.advantages, mask).cpu() if can_skip_zero_advantage(c) else None
     skipped = 0
@@ -144,7 +144,7 @@ def pg_update(c: Components, batch: Batch, *, step: int) -> dict:
             n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
             work = mb if live is None else mb[live[mb]]
             skipped += len(mb) - len(work)
-            for micro in micro_batches(work, c.config.optim.micro_batch_size, lengths):
+            for micro in micro_batches(work, c.config.optim.micro_batch_size, *order):
                 loss = _micro_loss(c, tb.select(micro), n_tok, n_seq, meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()

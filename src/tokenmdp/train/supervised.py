@@ -23,6 +23,7 @@ from tokenmdp.train.batch import Batch, TrainBatch
 from tokenmdp.train.updates import (
     MetricMeter,
     approx_kl,
+    batch_order,
     forward,
     logprobs_all,
     reference_logprobs,
@@ -30,7 +31,6 @@ from tokenmdp.train.updates import (
     minibatches,
     nothing_to_train,
     optimizer_step,
-    row_lengths,
 )
 
 if TYPE_CHECKING:
@@ -52,11 +52,12 @@ def isft_update(c: Components, batch: Batch, *, step: int) -> dict:
     meter = MetricMeter()
     generator = torch.Generator().manual_seed(c.config.run.seed * 65_537 + step)
     max_len = spec.divisor(c.settings.max_new_tokens)
+    order = batch_order(c, ro)
     for _ in range(spec.mu):
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size, row_lengths(ro)):
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size, *order):
                 t = tb.select(micro)
                 sub = t.rollout
                 lp, ent = forward(c, c.model, sub, entropy=True)

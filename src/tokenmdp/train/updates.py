@@ -18,6 +18,7 @@ import torch
 from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.policy.adapters import adapter_disabled, update_mode
 from tokenmdp.policy.logprobs import sequence_logprobs
+from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.base import Rollout
 from tokenmdp.train.batch import total_over_processes
 
@@ -78,20 +79,43 @@ def minibatches(rows: torch.Tensor, size: int | None, *, generator: torch.Genera
         yield order[start : start + size]
 
 
-def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None,
+                  groups: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """``rows`` cut into chunks of ``size``; with ``lengths`` (per row of the batch), longest rows first, so that
     each micro-batch holds rows of similar length and little padding (the result does not depend on the order:
-    the normalisers are those of the whole minibatch)."""
-    if lengths is not None and len(rows) > size:
-        order = torch.argsort(lengths.index_select(0, rows.to(lengths.device)).cpu(), descending=True, stable=True)
-        rows = rows[order.to(rows.device)]
+    the normalisers are those of the whole minibatch). With ``groups`` (a group id per row of the batch), the rows
+    of a group are kept next to each other (groups longest first), so that a micro-batch holds whole groups
+    where ``size`` allows (``optim.shared_prompt`` then runs each group's prompt once)."""
+    if len(rows) > size and (lengths is not None or groups is not None):
+        rows = rows[_order(rows, lengths, groups).to(rows.device)]
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
+
+
+def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+    """Positions of ``rows`` in micro-batch order: by length, descending; with ``groups``, group after group, each
+    group at the length of its longest row (ties: first seen first; a group's rows in their order)."""
+    n = len(rows)
+    length = torch.zeros(n, dtype=torch.long) if lengths is None else lengths.index_select(
+        0, rows.to(lengths.device)).cpu().long()
+    if groups is None:
+        return torch.argsort(length, descending=True, stable=True)
+    group = groups.index_select(0, rows.to(groups.device)).cpu().long()
+    longest = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_reduce(0, group, length, reduce="amax")
+    order = torch.argsort(group, stable=True)
+    return order[torch.argsort(longest[group[order]], descending=True, stable=True)]
 
 
 def row_lengths(rollout: Rollout) -> torch.Tensor:
     """Prompt plus response tokens of each row (B,): the cost of its forward pass."""
     return rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
+
+
+def batch_order(c: Components, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(lengths, groups)`` for :func:`micro_batches` over the rows of ``rollout``: the row lengths, and with
+    ``optim.shared_prompt`` the distinct prompt of each row (rows of equal prompt ids and mask)."""
+    groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1] if c.config.optim.shared_prompt else None
+    return row_lengths(rollout), groups
 
 
 def rows_of(rollout: Rollout, rows: torch.Tensor) -> Rollout:
@@ -100,11 +124,20 @@ def rows_of(rollout: Rollout, rows: torch.Tensor) -> Rollout:
 
 
 def forward(c: Components, model, sub: Rollout, *, entropy: bool = False):
-    """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature."""
+    """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with
+    ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once."""
     temperature = c.config.rollout.temperature or 1.0
+    score = grouped_sequence_logprobs if c.config.optim.shared_prompt else sequence_logprobs
     with c.accelerator.autocast(), update_mode(model):
-        return sequence_logprobs(model, sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                                 temperature=temperature, return_entropy=entropy)
+        return score(model, sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                     temperature=temperature, return_entropy=entropy)
+
+
+def critic_values(c: Components, critic, sub: Rollout) -> torch.Tensor:
+    """(B, T) critic values V(s_t) of ``sub``'s response tokens (shared prompts as in :func:`forward`)."""
+    with c.accelerator.autocast():
+        return critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                             shared_prompt=c.config.optim.shared_prompt)
 
 
 @torch.no_grad()
@@ -112,7 +145,7 @@ def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout)):
         sub = rows_of(rollout, micro)
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
@@ -136,10 +169,9 @@ def values_all(c: Components, rollout: Rollout) -> torch.Tensor:
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
     critic = c.accelerator.unwrap_model(c.critic)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size, row_lengths(rollout)):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout)):
         sub = rows_of(rollout, micro)
-        with c.accelerator.autocast():
-            v = critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask)
+        v = critic_values(c, critic, sub)
         out[micro, : v.shape[1]] = v.float() * sub.response_mask
     return out
 

@@ -1,0 +1,179 @@
+"""Teacher-forced log-probs with each distinct prompt run once: the responses of a group attend to its shared KV.
+
+The ``G`` responses of a GRPO group share their prompt ``x``, and a causal model's prompt computation does not
+see the response, so the keys and values of every layer at the prompt's columns are the same in the ``G`` rows.
+:func:`grouped_sequence_logprobs` runs each distinct prompt row of the batch once (``U <= B`` rows, found by
+:func:`prompt_groups`), repeats each layer's cached keys and values to the rows that share it,
+
+    K_l[b] = K_l^prompt[u(b)],    V_l[b] = V_l^prompt[u(b)],
+
+and runs the responses alone on top of them, with the attention mask ``[prompt_mask | response_mask]`` and the
+position ids ``cumsum(mask) - 1`` of the full row (sliced to the response columns), exactly as the padded pass
+:func:`tokenmdp.policy.logprobs.sequence_logprobs` would see them. The repeat is an ``index_select`` on the
+autograd graph, so the backward sums the ``G`` rows' gradients into the prompt's keys and values and on into
+the prompt pass: the log-probs and the parameter gradients are those of the padded pass up to float summation
+order. The predictor of the first response token is the prompt's last unmasked column, read from the prompt
+pass's hidden states.
+
+The prompt pass costs ``U x P`` token positions instead of ``B x P``: with ``G`` samples per prompt, ``1 / G`` of
+the prompt compute of the padded pass.
+
+A model whose backbone takes no cache or position ids, whose layers are not all full attention (a sliding
+window keeps only part of the prompt's cache), or that checkpoints its layers (transformers then turns the cache
+off) falls back to the padded pass, with one warning per model class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from tokenmdp.policy.logprobs import (
+    counted_logprobs,
+    position_ids_from_mask,
+    predictor_index,
+    sequence_logprobs,
+    split_causal_lm,
+)
+
+#: Model classes already warned about falling back to the padded pass.
+_WARNED: set[str] = set()
+
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct prompt rows: ``(first (U,), inverse (B,))`` with ``first[u]`` the first row holding distinct
+    prompt ``u`` and ``inverse[b]`` the distinct prompt of row ``b``. Two rows are the same prompt when their
+    masks and their unmasked ids are equal (pad ids are ignored).
+
+    ``ids [[7, 8], [0, 9], [7, 8]]``, masks ``[[1, 1], [0, 1], [1, 1]]`` -> first ``[1, 0]``, inverse
+    ``[1, 0, 1]`` (distinct rows in sorted order).
+    """
+    batch = prompt_ids.shape[0]
+    key = torch.cat([prompt_ids * prompt_mask, prompt_mask], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    count = int(inverse.max()) + 1 if batch else 0
+    rows = torch.arange(batch, device=prompt_ids.device)
+    first = torch.full((count,), batch, dtype=torch.long, device=prompt_ids.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return first, inverse
+
+
+def _cache_kwarg(backbone: nn.Module) -> str | None:
+    """The name under which ``backbone.forward`` takes a KV cache (``cache`` in transformers >= 5.x,
+    ``past_key_values`` before), or None when it takes no cache or no position ids."""
+    try:
+        params = inspect.signature(backbone.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_ids" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def backbone_support(backbone: nn.Module) -> tuple[str | None, str]:
+    """``(cache kwarg, "")`` when ``backbone`` can run the prompts once and the responses on their cache, else
+    ``(None, why not)``."""
+    kwarg = _cache_kwarg(backbone)
+    if kwarg is None:
+        return None, f"the backbone {type(backbone).__name__} takes no KV cache and position ids"
+    cfg = getattr(backbone, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return None, f"its layers are not all full attention ({', '.join(sorted(kinds))})"
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()):
+        return None, "gradient checkpointing turns the KV cache off"
+    return kwarg, ""
+
+
+def warn_fallback(model: nn.Module, why: str) -> None:
+    """Say once per model class that ``model`` is scored by the padded pass, and why."""
+    name = type(model).__name__
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(f"optim.shared_prompt: {name} runs the padded forward pass instead ({why})",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _new_cache(backbone: nn.Module):
+    """An empty dynamic KV cache for ``backbone`` (a fresh one per forward: the graph holds its tensors)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=backbone.config)
+    except TypeError:  # transformers 4.x before the config argument
+        return DynamicCache()
+
+
+def shared_prompt_states(
+    backbone: nn.Module,
+    kwarg: str,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Predictor hidden states ``(N, H)`` of the ``N`` counted response tokens, at ``(rows, cols)``, computed
+    with each distinct prompt run once (the module docstring); counted as in ``sequence_logprobs``."""
+    p_len = prompt_ids.shape[1]
+    first, inverse = prompt_groups(prompt_ids, prompt_mask)
+    attn = torch.cat([prompt_mask, response_mask], dim=1).long()
+    positions = position_ids_from_mask(attn)
+    u_mask = attn[first, :p_len]
+    cache = _new_cache(backbone)
+    prompt_out = backbone(input_ids=prompt_ids[first], attention_mask=u_mask, position_ids=positions[first, :p_len],
+                          use_cache=True, **{kwarg: cache})
+    cache.batch_select_indices(inverse)  # every layer's K, V: (U, heads, P, d) -> (B, heads, P, d), on the graph
+    resp_out = backbone(input_ids=response_ids, attention_mask=attn, position_ids=positions[:, p_len:],
+                        use_cache=True, **{kwarg: cache})
+    pred = predictor_index(attn, p_len)
+    rows, cols = (response_mask.bool() & (pred >= 0)).nonzero(as_tuple=True)
+    src = pred[rows, cols]
+    in_prompt = (src < p_len).unsqueeze(-1)
+    from_prompt = prompt_out.last_hidden_state[inverse[rows], src.clamp(max=p_len - 1)]
+    from_response = resp_out.last_hidden_state[rows, (src - p_len).clamp(min=0)]
+    return torch.where(in_prompt, from_prompt, from_response), (rows, cols)
+
+
+def grouped_sequence_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sequence_logprobs`` with each distinct prompt row run through the backbone once.
+
+    Same parameters and result as :func:`tokenmdp.policy.logprobs.sequence_logprobs`: ``(logprobs (B, T)
+    float32, entropy (B, T) float32 or None)``, zeros where ``response_mask`` is 0, equal to the padded pass up to
+    float summation order, in value and in gradient. Rows need no group index: rows whose prompt ids and mask are
+    equal share one prompt pass (:func:`prompt_groups`). A model that cannot take the prompt's cache (the module
+    docstring) is scored by the padded pass, with one warning per model class.
+    """
+    if temperature <= 0:
+        temperature = 1.0
+    try:
+        parts = split_causal_lm(model)
+        kwarg, why = backbone_support(parts.backbone)
+    except TypeError as exc:
+        kwarg, why = None, str(exc)
+    if kwarg is None:
+        warn_fallback(model, why)
+        return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+    if response_ids.shape[1] == 0 or prompt_ids.shape[1] == 0:
+        return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+    hidden, where = shared_prompt_states(parts.backbone, kwarg, prompt_ids, prompt_mask, response_ids, response_mask)
+    return counted_logprobs(hidden, where, response_ids, parts, temperature=temperature,
+                            return_entropy=return_entropy, chunk_size=chunk_size)
+
+
+__all__ = ["backbone_support", "grouped_sequence_logprobs", "prompt_groups", "shared_prompt_states", "warn_fallback"]
