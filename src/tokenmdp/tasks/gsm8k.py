@@ -10,6 +10,10 @@ Data
 Templates
     ``hash``: asks for step-by-step reasoning and the final number after ``#### `` (extraction ``strict``).
     ``boxed``: asks for the final answer in ``\\boxed{}`` (extraction ``boxed``).
+    ``instruct``: the ``####`` format stated first and shown by an example, then the question (extraction
+    ``strict``); written for small instruct models under their chat template (``task.chat_template``), which
+    follow an instruction placed before the question far more often: SmolLM2-135M-Instruct at temperature 1 and
+    64 new tokens wrote ``#### <number>`` in 11 of 64 samples with it, 1 of 32 with ``hash``.
 
 Extraction (:func:`extract`) and comparison
     ``strict``: the number after the last ``####``; ``boxed``: the content of the last ``\\boxed{...}`` (nested
@@ -50,7 +54,11 @@ BOXED_TEMPLATE = (
     "Solve the following math problem. Reason step by step, and put the final answer, a plain number, in "
     "\\boxed{{}}.\n\nQuestion: {question}\nAnswer:"
 )
-_DEFAULT_EXTRACTION = {"hash": "strict", "boxed": "boxed"}
+INSTRUCT_TEMPLATE = (
+    "Solve the problem. Finish with the final answer on its own line, written as #### followed by the number "
+    "(for example: #### 42).\n\n{question}"
+)
+_DEFAULT_EXTRACTION = {"hash": "strict", "boxed": "boxed", "instruct": "strict"}
 
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
 _STRICT = re.compile(r"####\s*\$?\s*(" + _NUM + ")")
@@ -152,7 +160,7 @@ class GSM8K(Task):
     """GSM8K grade-school math (7,473 train / 1,319 test); final answer after '####' or in \\boxed{}."""
 
     name = "gsm8k"
-    templates = ("hash", "boxed")
+    templates = ("hash", "boxed", "instruct")
 
     def __init__(
         self,
@@ -234,16 +242,17 @@ class GSM8K(Task):
     # ------------------------------------------------------------------------------------------------ prompts
     def render(self, problem: Problem, template: str | None = None) -> str:
         name = self.resolve_template(template)
-        return (HASH_TEMPLATE if name == "hash" else BOXED_TEMPLATE).format(question=problem.question)
+        text = {"hash": HASH_TEMPLATE, "boxed": BOXED_TEMPLATE, "instruct": INSTRUCT_TEMPLATE}[name]
+        return text.format(question=problem.question)
 
     def reference(self, problem: Problem, template: str | None = None) -> str | None:
         """The gold solution without calculator annotations, ending in the template's answer format."""
         name = self.resolve_template(template)
         solution = problem.metadata.get("solution")
         if not solution:
-            return f" #### {problem.answer}" if name == "hash" else f" \\boxed{{{problem.answer}}}"
+            return f" #### {problem.answer}" if name != "boxed" else f" \\boxed{{{problem.answer}}}"
         body = strip_calculator(solution).rsplit("####", 1)[0].rstrip()
-        if name == "hash":
+        if name != "boxed":
             return f" {body}\n#### {problem.answer}"
         return f" {body}\nThe final answer is \\boxed{{{problem.answer}}}."
 
