@@ -115,6 +115,9 @@ class OptimConfig:
     warmup_steps: int = 0
     minibatch_size: int | None = None
     micro_batch_size: int = 16
+    # and at most this many padded tokens (rows x the longest row's prompt + response) per micro-batch; None: no
+    # limit. Memory of the update follows tokens, not rows: long responses of a real model need it
+    micro_batch_tokens: int | None = None
     # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
     # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage). Off by
     # default: policy/entropy, clip_frac and approx_kl are then means over the rows that ran only, which would
@@ -340,6 +343,8 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     }
     if config.optim.minibatch_size is not None:
         positive["optim.minibatch_size"] = config.optim.minibatch_size
+    if config.optim.micro_batch_tokens is not None:
+        positive["optim.micro_batch_tokens"] = config.optim.micro_batch_tokens
     if config.run.threads is not None:
         positive["run.threads"] = config.run.threads
     if config.rollout.max_new_tokens is not None:

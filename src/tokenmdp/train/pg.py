@@ -144,7 +144,8 @@ def pg_update(c: Components, batch: Batch, *, step: int) -> dict:
             n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
             work = mb if live is None else mb[live[mb]]
             skipped += len(mb) - len(work)
-            for micro in micro_batches(work, c.config.optim.micro_batch_size, *order):
+            for micro in micro_batches(work, c.config.optim.micro_batch_size, *order,
+                                       max_tokens=c.config.optim.micro_batch_tokens):
                 loss = _micro_loss(c, tb.select(micro), n_tok, n_seq, meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()

@@ -57,7 +57,8 @@ def isft_update(c: Components, batch: Batch, *, step: int) -> dict:
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size, *order):
+            for micro in micro_batches(mb, c.config.optim.micro_batch_size, *order,
+                                       max_tokens=c.config.optim.micro_batch_tokens):
                 t = tb.select(micro)
                 sub = t.rollout
                 lp, ent = forward(c, c.model, sub, entropy=True)

@@ -80,16 +80,31 @@ def minibatches(rows: torch.Tensor, size: int | None, *, generator: torch.Genera
 
 
 def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None,
-                  groups: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                  groups: torch.Tensor | None = None, *, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
     """``rows`` cut into chunks of ``size``; with ``lengths`` (per row of the batch), longest rows first, so that
     each micro-batch holds rows of similar length and little padding (the result does not depend on the order:
     the normalisers are those of the whole minibatch). With ``groups`` (a group id per row of the batch), the rows
     of a group are kept next to each other (groups longest first), so that a micro-batch holds whole groups
-    where ``size`` allows (``optim.shared_prompt`` then runs each group's prompt once)."""
-    if len(rows) > size and (lengths is not None or groups is not None):
+    where ``size`` allows (``optim.shared_prompt`` then runs each group's prompt once). With ``max_tokens`` (and
+    ``lengths``) a micro-batch also holds at most that many padded tokens, its rows times its longest row (a row
+    longer than the budget goes alone): ``lengths [9, 5, 4, 2]``, ``size 4``, ``max_tokens 12`` ->
+    ``[9], [5, 4], [2]``."""
+    if (len(rows) > size or max_tokens is not None) and (lengths is not None or groups is not None):
         rows = rows[_order(rows, lengths, groups).to(rows.device)]
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+    if max_tokens is None or lengths is None:
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
+        return
+    length = lengths.index_select(0, rows.to(lengths.device)).cpu().tolist()
+    start, longest = 0, 0
+    for i, n in enumerate(length):
+        longest_with = max(longest, n)
+        if i > start and (i - start >= size or (i - start + 1) * longest_with > max_tokens):
+            yield rows[start:i]
+            start, longest_with = i, n
+        longest = longest_with
+    if start < len(rows):
+        yield rows[start:]
 
 
 def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
@@ -145,7 +160,8 @@ def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout)):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout),
+                               max_tokens=c.config.optim.micro_batch_tokens):
         sub = rows_of(rollout, micro)
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
@@ -169,7 +185,8 @@ def values_all(c: Components, rollout: Rollout) -> torch.Tensor:
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
     critic = c.accelerator.unwrap_model(c.critic)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout)):
+    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout),
+                               max_tokens=c.config.optim.micro_batch_tokens):
         sub = rows_of(rollout, micro)
         v = critic_values(c, critic, sub)
         out[micro, : v.shape[1]] = v.float() * sub.response_mask
