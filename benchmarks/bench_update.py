@@ -55,7 +55,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.path={path}", "algo.name=grpo", "algo.kl_coef=0", f"run.out={tmp / 'run'}",
                              f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
                              f"run.threads={args.threads}"])
-    c = build_components(cfg, tmp / "run", progress=False)
+    c = build_components(cfg, tmp / "run")
     torch.set_num_threads(args.threads)
     batch = collect(c, prompt_stream(c.task, seed=0, steps=1, prompts_per_step=args.prompts)[0], step=1)
     n_uniform = round(args.uniform * args.prompts)
