@@ -26,6 +26,7 @@ def eval_cmd(
     n_samples: int | None = typer.Option(None, "--n-samples", help="Samples drawn (>= k) for the unbiased pass@k."),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: from tokenmdp.json)."),
     option: list[str] | None = typer.Option(None, "--task-option", "-o", help="Task option KEY=VALUE, repeatable."),
+    chat: bool = typer.Option(False, "--chat", help="Each prompt as the user turn of the model's chat template."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json, else 128."),
     engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
@@ -47,7 +48,8 @@ def eval_cmd(
     result = run_eval_command(model=model, task=task, data=data, split=split, n=n, k=k, n_samples=n_samples,
                               template=template, option=option, temperature=temperature,
                               max_new_tokens=max_new_tokens, engine=engine, batch_size=batch_size,
-                              greedy=not no_greedy, seed=seed, device=device, dtype=dtype, threads=threads)
+                              greedy=not no_greedy, seed=seed, device=device, dtype=dtype, threads=threads,
+                              chat=chat)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -58,7 +60,7 @@ def eval_cmd(
 
 
 def run_eval_command(*, model, task, data, split, n, k, n_samples, template, option, temperature, max_new_tokens,
-                     engine, batch_size, greedy, seed, device, dtype, threads) -> dict:
+                     engine, batch_size, greedy, seed, device, dtype, threads, chat: bool = False) -> dict:
     """Resolve the defaults (the embedded model, ``tokenmdp.json``), load, evaluate with a progress bar."""
     from tokenmdp.commands.tasks import parse_options
     from tokenmdp.train.heldout import evaluate, load_eval_problems, resolve_eval_setup
@@ -83,7 +85,7 @@ def run_eval_command(*, model, task, data, split, n, k, n_samples, template, opt
         job = bar.add_task("eval", total=total, info=f"{len(problems)} problems x {n_samples or k} + greedy")
         result = evaluate(policy, None, task_obj, problems, k=k, n_samples=n_samples, engine=engine,
                           temperature=temperature, max_new_tokens=setup["max_new_tokens"], greedy=greedy,
-                          batch_size=batch_size, seed=seed, template=setup["template"],
+                          batch_size=batch_size, seed=seed, template=setup["template"], chat=chat,
                           progress=lambda m: bar.update(job, advance=m))
     result["settings"].update(model=str(model), data=str(data) if data else None, split=None if data else split,
                               task_kwargs=setup["task_kwargs"])
