@@ -37,12 +37,17 @@ def _close(a, b, atol):
 def test_sharded_run_matches_unsharded(tmp_path, tiny_random_dir, algo, task):
     """With ``RankZeroTask`` process 1 keeps no row for filtered SFT: it joins process 0's scoring passes with
     passes of zero loss (the collectives of a sharded model must match)."""
-    plain = _final(_launch(_dir(tmp_path / "plain"), tiny_random_dir, algo, task))
+    plain_out = _launch(_dir(tmp_path / "plain"), tiny_random_dir, algo, task)
+    plain = _final(plain_out)
     out = _launch(_dir(tmp_path / "fsdp"), tiny_random_dir, algo, task, FSDP)
     sharded = _final(out)
     start = load_file(str(tiny_random_dir / "model.safetensors"))
     assert [k for k in start if torch.equal(start[k], sharded[k])] == []  # every parameter moved
     _close(sharded, plain, atol=1e-5)
+    lines = [(o / "run" / "metrics.jsonl").read_text().splitlines() for o in (out, plain_out)]
+    norms = [[json.loads(line).get("policy/grad_norm") for line in part] for part in lines]
+    assert None not in norms[1]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)  # the norm over the shards is that of the whole gradient
     final = load_file(str(out / "run" / "final" / "model.safetensors"))  # save_pretrained of the gathered whole
     _close({k: sharded[k] for k in final}, final, atol=0.0)
     for rank in (0, 1):
