@@ -2,6 +2,7 @@
 parameters."""
 
 import faulthandler
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,17 +27,32 @@ class RankZeroTask(ParityTask):
         return score
 
 
-out, overrides = Path(sys.argv[1]), sys.argv[2:]
+out, overrides = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--resume"]
+resume = "--resume" in sys.argv[2:]  # continue the run folder from its newest checkpoint
 
 
 def on_step(step, record, c):
+    rank = c.accelerator.process_index
+    if c.fsdp is not None:  # run.fsdp: what this process holds after the update (its shard only)
+        from tokenmdp.train.sharding import local_fraction
+
+        moments = [s["exp_avg"] for s in c.optimizer.state_dict()["state"].values() if "exp_avg" in s]
+        shards = {"params": [local_fraction(p) for p in c.unwrapped().parameters()],
+                  "moments": [local_fraction(m) for m in moments]}
+        with open(out / f"shards{rank}-{step}.json", "w") as fh:
+            json.dump(shards, fh)
     if step == c.config.run.steps:
-        rank = c.accelerator.process_index
-        state = {k: v.detach().contiguous().clone() for k, v in c.unwrapped().state_dict().items()}
+        if c.fsdp is not None:  # every process gathers, each saves the whole
+            from tokenmdp.train.sharding import full_state_dict
+
+            state = full_state_dict(c.model, main=True)
+        else:
+            state = c.unwrapped().state_dict()
+        state = {k: v.detach().contiguous().clone() for k, v in state.items()}
         save_file(state, str(out / f"rank{rank}.safetensors"))
 
 
 # a run here takes about 15 s: past 120 s, print every thread's stack (where it waits) and exit
 faulthandler.dump_traceback_later(120, exit=True)
 torch.set_num_threads(1)
-train(load_config(None, overrides), progress=False, callbacks=[on_step])
+train(load_config(None, overrides), resume=resume, progress=False, callbacks=[on_step])

@@ -142,16 +142,18 @@ def save_checkpoint(
     state: dict | None = None,
     keep_last: int = 2,
     extra_files: dict[str, Path] | None = None,
+    model_state: dict | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically (temp folder, then rename) and prune to ``keep_last``.
 
     ``model`` is an unwrapped Hugging Face model; ``extra_files`` maps names to files copied into ``model/``
-    (for example ``tokenmdp.json``). Returns the checkpoint folder.
+    (for example ``tokenmdp.json``); ``model_state``: the full state dict to save in ``model``'s format instead of
+    its own (a sharded model's, gathered). Returns the checkpoint folder.
     """
     root = Path(root)
 
     def write(tmp: Path) -> None:
-        save_model(tmp / "model", model, tokenizer, extra_files)
+        save_model(tmp / "model", model, tokenizer, extra_files, state_dict=model_state)
         for obj, name in [
             (optimizer, "optimizer.pt"),
             (scheduler, "scheduler.pt"),
@@ -169,11 +171,16 @@ def save_checkpoint(
     return final
 
 
-def save_model(path: Path, model, tokenizer=None, extra_files: dict[str, Path] | None = None) -> None:
-    """``save_pretrained`` of model and tokenizer into ``path``, plus copies of ``extra_files``."""
+def save_model(path: Path, model, tokenizer=None, extra_files: dict[str, Path] | None = None, *,
+               state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of model and tokenizer into ``path``, plus copies of ``extra_files``; ``state_dict``:
+    the weights to write instead of the model's own (a sharded model's, gathered whole)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    if state_dict is not None:
+        model.save_pretrained(path, state_dict=state_dict)
+    else:
+        model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     for name, src in (extra_files or {}).items():

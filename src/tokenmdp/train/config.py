@@ -156,6 +156,8 @@ class RunConfig:
     equivalence: bool = False  # log the GRPO / weighted-SFT gradient cosine each step (equiv/*)
     report_to: Literal["none", "tensorboard"] = "none"
     overwrite: bool = False
+    fsdp: bool = False  # shard the policy's parameters, gradients and optimizer state over the processes (FSDP2;
+    # tokenmdp.train.sharding): for a model that outgrows one device; needs 2+ processes
 
 
 @dataclass
@@ -365,9 +367,29 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
         if value < 0:
             raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
     _validate_lora(config.model.lora, source)
+    _validate_fsdp(config, source)
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
     resolve_algo(config, source=source)
+
+
+def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
+    """What ``run.fsdp`` cannot be combined with (the number of processes is checked once they are known:
+    :func:`tokenmdp.train.setup.check_processes`)."""
+    if not config.run.fsdp:
+        return
+    clash = None
+    if config.model.lora.enabled:
+        clash = "model.lora.enabled (a LoRA adapter is small: train it unsharded)"
+    elif config.run.equivalence:
+        clash = "run.equivalence (its gradient passes bypass the sharded scoring)"
+    elif config.rollout.engine not in ("fast", "hf"):
+        clash = f"rollout.engine {config.rollout.engine!r} (sharded weights are gathered for the in-process engines " \
+                "'fast' and 'hf' only)"
+    elif resolve_algo(config, source=source).critic:
+        clash = f"algo {config.algo.name!r} (its critic is not sharded)"
+    if clash:
+        raise TokenMDPError(f"config field {_where('run.fsdp', source)} is true: it cannot be combined with {clash}")
 
 
 def _validate_lora(lora: LoraConfig, source: str | None) -> None:

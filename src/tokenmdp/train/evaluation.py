@@ -17,6 +17,7 @@ import torch
 from tokenmdp.train.batch import TrainBatch
 from tokenmdp.train.equivalence import gradient_cosines
 from tokenmdp.train.heldout import evaluate
+from tokenmdp.train.sharding import full_weights
 
 if TYPE_CHECKING:
     from tokenmdp.train.setup import Components
@@ -33,11 +34,12 @@ def held_out(c: Components, problems: list, *, step: int) -> dict:
     """Evaluate the current policy on ``problems``; returns ``eval/*`` metrics."""
     run = c.config.run
     t0 = time.perf_counter()
-    result = evaluate(
-        c.unwrapped(), c.tokenizer, c.task, problems, k=run.eval_k, engine=c.engine,
-        temperature=run.eval_temperature, max_new_tokens=c.settings.max_new_tokens, greedy=run.eval_greedy,
-        seed=run.seed * 1_000 + 17, template=c.settings.template, chat=c.config.task.chat_template,
-    )
+    with full_weights(c.fsdp):  # a sharded policy is whole while it samples
+        result = evaluate(
+                c.unwrapped(), c.tokenizer, c.task, problems, k=run.eval_k, engine=c.engine,
+            temperature=run.eval_temperature, max_new_tokens=c.settings.max_new_tokens, greedy=run.eval_greedy,
+            seed=run.seed * 1_000 + 17, template=c.settings.template, chat=c.config.task.chat_template,
+        )
     m = result["metrics"]
     out = {
         "eval/sampled_accuracy": m.get("sampled/pass@1"),

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from tokenmdp.atomic import is_leftover, remove_leftovers, write_folder
@@ -31,6 +32,7 @@ from tokenmdp.policy.adapters import trainable_state
 from tokenmdp.policy.model import META_FILE, read_meta
 from tokenmdp.train.config import TrainConfig, save_config
 from tokenmdp.train.setup import Components
+from tokenmdp.train.sharding import full_state_dict, load_optimizer_state, optimizer_state
 
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
 RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
@@ -97,7 +99,12 @@ class RunHandle:
         """Load optimizer, scheduler, critic-optimizer, RNG and trainer state; returns the steps already done."""
         if self.checkpoint is None:
             return 0
-        self.checkpoint.load_into(optimizer=c.optimizer, scheduler=c.scheduler, critic_optimizer=c.critic_optimizer)
+        sharded = c.fsdp is not None
+        self.checkpoint.load_into(optimizer=None if sharded else c.optimizer, scheduler=c.scheduler,
+                                  critic_optimizer=c.critic_optimizer)
+        if sharded:  # the full moments, each process keeping its shard
+            load_optimizer_state(c.model, c.optimizer, torch.load(self.checkpoint.path / "optimizer.pt",
+                                                                  map_location="cpu", weights_only=False))
         c.state = dict(self.checkpoint.state.get("trainer") or {})
         return self.checkpoint.step
 
@@ -166,8 +173,20 @@ def checkpoint_state(c: Components) -> dict:
     return {"trainer": dict(c.state), "algo": c.config.algo.name, "seed": c.config.run.seed}
 
 
-def save_step(c: Components, path: Path, step: int, samples) -> Path | None:
-    """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait)."""
+def gathered(c: Components) -> tuple[dict | None, dict | None]:
+    """A sharded policy's full state dict and full optimizer state on the main process (every process calls it:
+    they are gathered); ``(None, None)`` for an unsharded one."""
+    if c.fsdp is None:
+        return None, None
+    main = c.accelerator.is_main_process
+    return full_state_dict(c.model, main=main), optimizer_state(c.model, c.optimizer)
+
+
+def save_step(c: Components, path: Path, step: int, samples, *,
+              states: tuple[dict | None, dict | None] | None = None) -> Path | None:
+    """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait). A sharded policy's
+    state is gathered first (every process), unless ``states`` holds what :func:`gathered` returned."""
+    model_state, optim_state = gathered(c) if states is None else states
     out = None
     if c.accelerator.is_main_process:
         if samples is not None:
@@ -176,7 +195,8 @@ def save_step(c: Components, path: Path, step: int, samples) -> Path | None:
         if critic is not None and c.adapter is not None:  # under LoRA: the critic's adapter and value head only
             critic = trainable_state(critic)
         out = save_checkpoint(
-            path / "checkpoints", step, model=c.saveable(), tokenizer=c.tokenizer, optimizer=c.optimizer,
+            path / "checkpoints", step, model=c.saveable(), tokenizer=c.tokenizer,
+            optimizer=optim_state if c.fsdp is not None else c.optimizer, model_state=model_state,
             scheduler=c.scheduler, critic=critic,
             critic_optimizer=c.critic_optimizer, state=checkpoint_state(c), keep_last=c.config.run.keep_last,
             extra_files={"tokenmdp.json": c.settings.meta_file},
@@ -189,11 +209,13 @@ def finish_run(c: Components, path: Path, samples, *, started: float) -> None:
     """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``."""
     steps = c.config.run.steps
     ckpt = latest_checkpoint(path / "checkpoints", verify=False)  # written by this process: no need to re-hash
+    model_state, optim_state = gathered(c)
     if ckpt is None or ckpt.step != steps:
-        save_step(c, path, steps, samples)
+        save_step(c, path, steps, samples, states=(model_state, optim_state))
     if c.accelerator.is_main_process:
         write_folder(path / "final", lambda tmp: save_model(tmp, c.saveable(), c.tokenizer,
-                                                            {META_FILE: c.settings.meta_file}), replace=True)
+                                                            {META_FILE: c.settings.meta_file},
+                                                            state_dict=model_state), replace=True)
         if samples is not None:
             samples.flush()
         done = {"steps": steps, "algo": c.config.algo.name, "seed": c.config.run.seed,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tokenmdp.policy.value_head import ValueModel
     from tokenmdp.rollout.base import Engine
     from tokenmdp.tasks.base import Task
+    from tokenmdp.train.sharding import Sharding
 
 
 def resolve_model_path(config: TrainConfig) -> str:
@@ -106,6 +107,7 @@ class Components:
     adapter: Any = None  # the peft.PeftModel around ``model`` when model.lora is enabled (``model`` is its base)
     critic: ValueModel | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
+    fsdp: Sharding | None = None  # run.fsdp: the policy sharded over the processes (tokenmdp.train.sharding)
     state: dict[str, Any] = field(default_factory=dict)  # running statistics saved in checkpoints
 
     @property
@@ -124,6 +126,10 @@ def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> 
     """Settings a run in several processes needs: every process takes the same number of optimizer steps (the
     gradients are averaged at each), so the prompts of a step split evenly, and a process whose share keeps fewer
     rows (filtered SFT, DPO pairs, dynamic sampling) must not cut them into a different number of minibatches."""
+    if config.run.fsdp and num_processes <= 1:
+        raise TokenMDPError("config field 'run.fsdp' is true but the run has one process: sharding needs two or more "
+                            "(accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N ..., or "
+                            "set run.fsdp=false)")
     if num_processes <= 1:
         return
     if config.rollout.prompts_per_step % num_processes:
@@ -147,9 +153,14 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if config.run.report_to != "none":
         kwargs.update(log_with=config.run.report_to, project_dir=str(run_dir))
     try:
-        return Accelerator(**kwargs)
+        accelerator = Accelerator(**kwargs)
     except ValueError as exc:
         raise TokenMDPError(f"config field 'run.mixed_precision': {exc}") from None
+    if accelerator.distributed_type.value == "FSDP":
+        raise TokenMDPError("accelerate's own FSDP (distributed_type: FSDP) wraps the model's forward, which the "
+                            "trainer never calls: launch with configs/accelerate/fsdp.yaml (distributed_type: "
+                            "MULTI_GPU) and set config field 'run.fsdp' to true, which shards with the same FSDP2")
+    return accelerator
 
 
 def _load(path: str, config: TrainConfig, device, *, trainable: bool):
@@ -247,6 +258,9 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     ref_model = None
     if spec.needs_reference and adapter is None:  # under LoRA the reference is the base: the adapter disabled
         ref_model = _load(settings.model_path, config, accelerator.device, trainable=False).model
+    sharding = None
+    if config.run.fsdp:  # before the optimizer: it must hold the sharded parameters
+        sharding = _shard(policy.model, accelerator)
     opt_kw = dict(betas=(config.optim.beta1, config.optim.beta2), eps=config.optim.eps,
                   weight_decay=config.optim.weight_decay)
     trainable = [p for p in policy.model.parameters() if p.requires_grad]
@@ -270,4 +284,17 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
     return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
                       tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
                       scheduler=scheduler, ref_model=ref_model, adapter=adapter, critic=critic,
-                      critic_optimizer=critic_optimizer)
+                      critic_optimizer=critic_optimizer, fsdp=sharding)
+
+
+def _shard(model, accelerator) -> Sharding:
+    """``run.fsdp``: the policy sharded over the processes, and one scoring pass without gradients on a token of
+    every process, so that FSDP takes the scoring root as its root (the first unit to run forward)."""
+    from tokenmdp.policy.logprobs import sequence_logprobs
+    from tokenmdp.train.sharding import shard_model
+
+    sharding = shard_model(model, accelerator.device, accelerator.num_processes)
+    one = torch.ones(1, 1, dtype=torch.long, device=accelerator.device)
+    with torch.no_grad():
+        sharding.root(sequence_logprobs, one, one, one, one)
+    return sharding

@@ -24,7 +24,9 @@ from tokenmdp.train.updates import (
     MetricMeter,
     approx_kl,
     batch_order,
+    dummy_pass,
     forward,
+    lockstep,
     logprobs_all,
     reference_logprobs,
     micro_batches,
@@ -57,8 +59,12 @@ def isft_update(c: Components, batch: Batch, *, step: int) -> dict:
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-            for micro in micro_batches(mb, c.config.optim.micro_batch_size, *order,
-                                       max_tokens=c.config.optim.micro_batch_tokens):
+            micros = micro_batches(mb, c.config.optim.micro_batch_size, *order,
+                                   max_tokens=c.config.optim.micro_batch_tokens)
+            for micro in lockstep(c, list(micros)):
+                if micro is None:  # a sharded policy: another process's pass, joined with zero loss
+                    dummy_pass(c)
+                    continue
                 t = tb.select(micro)
                 sub = t.rollout
                 lp, ent = forward(c, c.model, sub, entropy=True)
@@ -117,7 +123,10 @@ def dpo_update(c: Components, batch: Batch | None, *, step: int, pairs: list | N
     pairs_per_minibatch = None if c.config.optim.minibatch_size is None else max(1, c.config.optim.minibatch_size // 2)
     for _ in range(c.spec.mu):
         for mb in minibatches(pair_rows, pairs_per_minibatch, generator=generator):
-            for micro in micro_batches(mb, pairs_per_micro):
+            for micro in lockstep(c, list(micro_batches(mb, pairs_per_micro))):
+                if micro is None:  # a sharded policy: another process's pass, joined with zero loss
+                    dummy_pass(c)
+                    continue
                 rows = torch.cat([chosen[micro], rejected[micro]])
                 loss = _dpo_micro(c, tb.select(rows), len(micro), len(mb), meter)
                 c.accelerator.backward(loss)

@@ -27,6 +27,7 @@ from tokenmdp.train.log import MetricsLogger, SampleLogger
 from tokenmdp.train.pg import pg_update
 from tokenmdp.train.run_dir import finish_run, open_run, save_step
 from tokenmdp.train.setup import Components, build_components
+from tokenmdp.train.sharding import full_weights
 from tokenmdp.train.supervised import dpo_update, isft_update
 
 __all__ = ["train", "prompt_stream", "run_step"]
@@ -60,7 +61,8 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     offline = spec.trains_on_pairs(c.config.task.dpo_data)
     batch = None
     if not offline:
-        batch = collect(c, _shard(items, c), step=step)
+        with full_weights(c.fsdp):  # a sharded policy is whole while it samples
+            batch = collect(c, _shard(items, c), step=step)
         record.update(batch_metrics(batch, c))
         record.update(batch.times)
         if samples is not None and c.config.run.log_samples:  # every process: the rows are gathered

@@ -10,6 +10,7 @@ minibatch in one pass. One optimizer step is taken per minibatch.
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections import defaultdict
 from typing import TYPE_CHECKING, Iterator
 
@@ -20,7 +21,8 @@ from tokenmdp.policy.adapters import adapter_disabled, update_mode
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.base import Rollout
-from tokenmdp.train.batch import total_over_processes
+from tokenmdp.train.batch import gather_parts, total_over_processes
+from tokenmdp.train.sharding import grad_norm
 
 if TYPE_CHECKING:
     from tokenmdp.train.setup import Components
@@ -143,8 +145,11 @@ def forward(c: Components, model, sub: Rollout, *, entropy: bool = False):
     ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once."""
     temperature = c.config.rollout.temperature or 1.0
     score = grouped_sequence_logprobs if c.config.optim.shared_prompt else sequence_logprobs
+    run = partial(score, model)
+    if c.fsdp is not None and model is c.model:  # through the FSDP root: it gathers the embeddings and head
+        run = partial(c.fsdp.root, score)
     with c.accelerator.autocast(), update_mode(model):
-        return score(model, sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+        return run(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                      temperature=temperature, return_entropy=entropy)
 
 
@@ -160,8 +165,12 @@ def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
-    for micro in micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout),
-                               max_tokens=c.config.optim.micro_batch_tokens):
+    micros = list(micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout),
+                                max_tokens=c.config.optim.micro_batch_tokens))
+    for micro in lockstep(c, micros) if model is c.model else micros:  # token budgets cut shares unevenly
+        if micro is None:  # a sharded policy: another process's scoring pass
+            dummy_pass(c)
+            continue
         sub = rows_of(rollout, micro)
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
@@ -193,6 +202,27 @@ def values_all(c: Components, rollout: Rollout) -> torch.Tensor:
     return out
 
 
+def lockstep(c: Components, micros: list) -> list:
+    """``micros`` (this process's micro-batches of a minibatch), padded with ``None`` up to the largest count of
+    any process when the policy is sharded: each ``None`` is a :func:`dummy_pass`, so every process runs as many
+    scoring passes (collectives) as the others. Unchanged for an unsharded policy."""
+    if c.fsdp is None:
+        return micros
+    most = max(int(p["n"]) for p in gather_parts(c, {"n": len(micros)}))
+    return micros + [None] * (most - len(micros))
+
+
+def dummy_pass(c: Components) -> None:
+    """A forward (and, with gradients on, backward) pass of zero loss through the sharded policy (one token): it
+    takes part in the collectives of a scoring pass and adds exactly zero to every gradient."""
+    one = torch.ones(1, 1, dtype=torch.long, device=c.device)
+    temperature = c.config.rollout.temperature or 1.0
+    with c.accelerator.autocast(), update_mode(c.model):
+        lp, _ = c.fsdp.root(sequence_logprobs, one, one, one, one, temperature=temperature)
+    if torch.is_grad_enabled():
+        c.accelerator.backward(lp.sum() * 0.0)
+
+
 def _sync_gradients(accelerator, params) -> None:
     """Average gradients over processes (the model is not wrapped in DDP: forward passes bypass ``forward``)."""
     if accelerator.num_processes <= 1:
@@ -221,6 +251,8 @@ def nothing_to_train(c: Components, count: int, *, epochs: int) -> bool:
     if count == 0 and total > 0:
         meter = MetricMeter()
         for _ in range(epochs):
+            for _ in lockstep(c, []):  # a sharded policy: the others' scoring passes, with zero loss
+                dummy_pass(c)
             zero_missing_grads(c.model)
             if c.critic is not None:
                 zero_missing_grads(c.critic)
@@ -230,6 +262,9 @@ def nothing_to_train(c: Components, count: int, *, epochs: int) -> bool:
 
 def optimizer_step(c: Components, meter: MetricMeter) -> None:
     """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients.
+
+    A sharded policy (``run.fsdp``) has its gradients averaged by FSDP in the backward pass already; its norm is
+    that of the whole gradient (over every process's shard).
 
     A gradient that is not finite (a NaN or Inf loss, or an overflow) skips the step of every optimizer: the
     parameters and the optimizers' moments stay as they were. ``c.state`` counts such steps (``nonfinite_steps``,
@@ -243,6 +278,9 @@ def optimizer_step(c: Components, meter: MetricMeter) -> None:
     norms = []
     for model, optimizer, key in pairs:
         params = [p for p in model.parameters() if p.requires_grad]
+        if c.fsdp is not None and model is c.model:
+            norms.append(float(grad_norm(params, max_norm)))
+            continue
         _sync_gradients(c.accelerator, params)
         if max_norm is not None and max_norm > 0:
             norm = c.accelerator.clip_grad_norm_(params, max_norm)
