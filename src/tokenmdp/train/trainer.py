@@ -5,7 +5,9 @@ Each step takes the step's prompts from :func:`prompt_stream` (a function of the
 the algorithm's kind: policy gradient (:mod:`tokenmdp.train.pg`: REINFORCE, RLOO, the GRPO family, PPO), filtered
 iterative SFT or DPO (:mod:`tokenmdp.train.supervised`). A run folder records everything (module
 :mod:`tokenmdp.train.run_dir`); ``resume=True`` continues from the newest checkpoint and, on a CPU, ends with the
-same parameters as an uninterrupted run.
+same parameters as an uninterrupted run. With ``rollout.max_staleness = k > 0`` the batches come from a sampler that
+runs ahead of the learner (module :mod:`tokenmdp.train.async_rollout`: the batch of step ``t`` sampled with the
+weights of step ``max(0, t - 1 - k)``, exactly); ``k = 0`` is the synchronous loop.
 """
 
 from __future__ import annotations
