@@ -151,8 +151,11 @@ class AsyncSampler:
                 got, packed, seconds = self.results.get(timeout=1.0)
             except queue.Empty:
                 if not self.worker.is_alive():
+                    hint = ("; a spawned process re-imports the main script: guard a script's code with "
+                            "`if __name__ == '__main__':`, or set rollout.async_worker=thread") \
+                        if self.mode == "process" else ""
                     raise TokenMDPError(f"the rollout sampler ({self.mode}) stopped without a result for step "
-                                        f"{step} (rollout.max_staleness = {self.k})") from None
+                                        f"{step} (rollout.max_staleness = {self.k}){hint}") from None
                 continue
             if got == "error":
                 raise TokenMDPError(f"the rollout sampler ({self.mode}) failed:\n{packed}")
