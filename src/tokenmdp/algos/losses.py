@@ -158,6 +158,7 @@ def policy_loss(
     max_len: int | None = None,
     num_tokens: int | float | Tensor | None = None,
     num_seqs: int | float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped importance-ratio loss with optional KL-in-loss and entropy bonus; returns ``(loss, metrics)``.
 
@@ -165,7 +166,9 @@ def policy_loss(
 
         l_t = -min(rho A_t, clip(rho, 1 - clip_low, 1 + clip_high) A_t) + kl_coef * kl_t - entropy_coef * H_t
 
-    aggregated by ``aggregation`` (module docstring). ``clip_high=None`` means ``clip_low`` (symmetric PPO/GRPO);
+    aggregated by ``aggregation`` (module docstring). ``is_weights`` (B, T), optional: per-token weights of a stale
+    batch (truncated importance sampling, :func:`tokenmdp.algos.correction.truncated_is`) multiplying the policy
+    term, ``-w_t min(...)`` (detached; with ``w = 2``, ``rho = 1``, ``A = +1``: ``l = -2``). ``clip_high=None`` means ``clip_low`` (symmetric PPO/GRPO);
     DAPO uses 0.2 / 0.28. ``kl_t`` is :func:`kl_penalty` of ``logprobs`` against ``ref_logprobs``.
 
     Hand example (the tests): ``rho = 1.5``, ``A = +1``, clip 0.2: ``l = -min(1.5, 1.2) = -1.2`` and the gradient
@@ -179,7 +182,8 @@ def policy_loss(
     (when ``ref_logprobs`` is given), ``policy/entropy`` (when ``entropy`` is given), ``policy/loss``.
     """
     mask = response_mask.to(torch.bool)
-    _check_shapes(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropy=entropy)
+    _check_shapes(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, entropy=entropy,
+                  is_weights=is_weights)
     if clip_low < 0 or (clip_high is not None and clip_high < 0):
         raise TokenMDPError(f"clip_low and clip_high must be >= 0, got {clip_low} and {clip_high}")
     clip_high = clip_low if clip_high is None else clip_high
@@ -194,6 +198,8 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_unclipped, pg_clipped = -ratio * adv, -clipped * adv
     pg_tok = torch.maximum(pg_unclipped, pg_clipped)
+    if is_weights is not None:
+        pg_tok = pg_tok * torch.where(mask, is_weights.detach().to(logp.dtype), zero)
     loss_tok = pg_tok
     agg = dict(aggregation=aggregation, max_len=max_len, num_tokens=num_tokens, num_seqs=num_seqs)
 

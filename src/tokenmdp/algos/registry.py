@@ -95,6 +95,9 @@ class AlgoSpec:
     kl_in: str = "loss"  # loss | reward
     entropy_coef: float = 0.0
     mu: int = 1  # inner epochs over each batch of rollouts
+    # a stale batch (rollout.max_staleness > 0): truncated importance weight min(pi_old / mu, tis_cap) per token
+    # (tokenmdp.algos.correction.truncated_is; verl's token TIS default 2)
+    tis_cap: float = 2.0
     # PPO critic
     critic: bool = False
     gamma: float = 1.0
@@ -132,6 +135,8 @@ class AlgoSpec:
             raise TokenMDPError(f"algo field 'mu' must be >= 1, got {self.mu}")
         if self.max_len is not None and self.max_len < 1:
             raise TokenMDPError(f"algo field 'max_len' must be >= 1 or None, got {self.max_len}")
+        if not self.tis_cap > 0:
+            raise TokenMDPError(f"algo field 'tis_cap' must be > 0, got {self.tis_cap}")
         if self.dpo_beta <= 0:
             raise TokenMDPError(f"algo field 'dpo_beta' must be > 0, got {self.dpo_beta}")
         if self.advantage == "gae" and not self.critic:

@@ -53,6 +53,7 @@ class TrainBatch:
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     correct: torch.Tensor | None = None  # (B,) the verifier's verdicts (filtered SFT)
+    is_weights: torch.Tensor | None = None  # truncated importance weights of a stale batch (rollout.max_staleness)
 
     def __len__(self) -> int:
         return len(self.rollout)
@@ -70,7 +71,7 @@ class TrainBatch:
 
         return TrainBatch(rollout=sub, old_logprobs=cut(self.old_logprobs), advantages=cut(self.advantages),
                           ref_logprobs=cut(self.ref_logprobs), values=cut(self.values), returns=cut(self.returns),
-                          correct=cut(self.correct))
+                          correct=cut(self.correct), is_weights=cut(self.is_weights))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -78,19 +79,27 @@ def step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
 
 
-def collect(c: Components, problems: list, *, step: int) -> Batch:
-    """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response."""
-    cfg = c.config.rollout
-    t0 = time.perf_counter()
+def render_prompts(c: Components, problems: list) -> list[str]:
+    """The prompt text of each problem (the task's template, wrapped in the chat template when asked)."""
     prompts = [c.task.render(p, template=c.settings.template) for p in problems]
     if c.config.task.chat_template:
         prompts = [chat_prompt(c.tokenizer, text) for text in prompts]
-    rollout = c.engine.generate(
-        prompts, n=cfg.group_size, max_new_tokens=c.settings.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, seed=step_seed(c.config.run.seed, step),
-    ).to(c.device)
+    return prompts
+
+
+def sampling_args(c: Components, step: int) -> dict:
+    """The keyword arguments of ``engine.generate`` for training step ``step`` (its seed included)."""
+    cfg = c.config.rollout
+    return dict(n=cfg.group_size, max_new_tokens=c.settings.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, seed=step_seed(c.config.run.seed, step))
+
+
+def score(c: Components, problems: list, rollout: Rollout, times: dict) -> Batch:
+    """Score every response of ``rollout`` (sampled for ``problems``, ``G`` rows each) with the task's verifier;
+    ``times`` gets the scoring time as ``time/score``."""
+    group = c.config.rollout.group_size
     t1 = time.perf_counter()
-    rows = [p for p in problems for _ in range(cfg.group_size)]
+    rows = [p for p in problems for _ in range(group)]
     scores = [c.task.score(p, text) for p, text in zip(rows, rollout.responses)]
     t2 = time.perf_counter()
     return Batch(
@@ -100,9 +109,16 @@ def collect(c: Components, problems: list, *, step: int) -> Batch:
         rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32, device=c.device),
         correct=torch.tensor([s.correct for s in scores], dtype=torch.bool, device=c.device),
         formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=c.device),
-        group_size=cfg.group_size,
-        times={"time/rollout": t1 - t0, "time/score": t2 - t1},
+        group_size=group,
+        times={**times, "time/score": t2 - t1},
     )
+
+
+def collect(c: Components, problems: list, *, step: int) -> Batch:
+    """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response."""
+    t0 = time.perf_counter()
+    rollout = c.engine.generate(render_prompts(c, problems), **sampling_args(c, step)).to(c.device)
+    return score(c, problems, rollout, {"time/rollout": time.perf_counter() - t0})
 
 
 def _mean(x: torch.Tensor) -> float | None:

@@ -6,7 +6,8 @@ A checkpoint holds everything a resumed run needs to continue bit for bit on a C
 * ``critic.pt``: the PPO critic's state dict (when there is one);
 * ``optimizer.pt``, ``scheduler.pt`` (and ``critic_optimizer.pt``): their ``state_dict``;
 * ``rng.pt``: the Python, NumPy and torch (CPU and CUDA) generator states;
-* ``trainer_state.json``: the step and any running statistics of the trainer.
+* ``trainer_state.json``: the step and any running statistics of the trainer;
+* ``async_batches.pt`` (``rollout.max_staleness > 0``): the batches already sampled for the next steps.
 
 It is written into a hidden temporary folder and renamed to ``step-N`` only when complete (:func:`tokenmdp.atomic.write_folder`), so a crash never
 leaves a folder that looks like a checkpoint but is not one. Only the newest ``keep_last`` are kept.
@@ -143,12 +144,14 @@ def save_checkpoint(
     keep_last: int = 2,
     extra_files: dict[str, Path] | None = None,
     model_state: dict | None = None,
+    extra_objects: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step-<step>`` atomically (temp folder, then rename) and prune to ``keep_last``.
 
     ``model`` is an unwrapped Hugging Face model; ``extra_files`` maps names to files copied into ``model/``
     (for example ``tokenmdp.json``); ``model_state``: the full state dict to save in ``model``'s format instead of
-    its own (a sharded model's, gathered). Returns the checkpoint folder.
+    its own (a sharded model's, gathered); ``extra_objects`` maps file names to objects written with ``torch.save``
+    (the in-flight batches of overlapped rollouts). Returns the checkpoint folder.
     """
     root = Path(root)
 
@@ -162,6 +165,8 @@ def save_checkpoint(
         ]:
             if obj is not None:  # a module, an optimizer, or a state dict already taken (an adapter-only critic)
                 torch.save(obj if isinstance(obj, dict) else obj.state_dict(), tmp / name)
+        for name, obj in (extra_objects or {}).items():
+            torch.save(obj, tmp / name)
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(state or {})}, indent=2))
         write_checksums(tmp)

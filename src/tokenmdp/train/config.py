@@ -86,6 +86,13 @@ class RolloutConfig:
     top_k: int = 0
     recompute_logprobs: bool = False  # recompute behaviour log-probs with the trained model (vllm, bf16)
     engine_options: dict = field(default_factory=dict)
+    # rollouts overlapped with updates (tokenmdp.train.async_rollout): the batch of step t is sampled, while the
+    # learner updates, with the weights of step t - 1 - max_staleness (exactly; staleness min(k, t - 1)) and
+    # corrected by truncated importance sampling (algo.tis_cap). 0 = the synchronous loop (the default)
+    max_staleness: int = 0
+    # where the sampler runs with max_staleness > 0: a spawned process (its own interpreter: no GIL shared with
+    # the learner) or a thread of the learner's process
+    async_worker: Literal["process", "thread"] = "process"
 
 
 @dataclass
@@ -356,6 +363,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
             raise TokenMDPError(f"config field {_where(name, source)} must be at least 1, got {value}")
     non_negative = {
         "rollout.temperature": config.rollout.temperature,
+        "rollout.max_staleness": config.rollout.max_staleness,
         "optim.lr": config.optim.lr,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.max_nonfinite_steps": config.optim.max_nonfinite_steps,
@@ -370,6 +378,11 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     _validate_fsdp(config, source)
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
+    if config.rollout.max_staleness > 0 and config.rollout.engine not in ("fast", "hf"):
+        raise TokenMDPError(f"config field {_where('rollout.max_staleness', source)} is "
+                            f"{config.rollout.max_staleness}: overlapped rollouts run a copy of the policy in the "
+                            f"sampler, which needs an in-process engine ('fast' or 'hf'), not "
+                            f"{config.rollout.engine!r}; set rollout.max_staleness=0")
     resolve_algo(config, source=source)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tokenmdp.algos.correction import truncated_is
 from tokenmdp.algos.losses import kl_reward, policy_loss, value_loss
 from tokenmdp.algos.registry import compute_advantages
 from tokenmdp.mdp.credit import assign_credit, process
@@ -51,13 +52,23 @@ def _credit(c: Components, batch: Batch) -> torch.Tensor | None:
 
 def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
     """The update's :class:`TrainBatch` (behaviour and reference log-probs, critic values, advantages, returns)
-    and its metrics."""
+    and its metrics.
+
+    With overlapped rollouts (``rollout.max_staleness > 0``) the batch was sampled by older weights: ``old`` is
+    recomputed under the learner's current weights (the ratio's anchor, the trust region stays around them) and
+    the sampler's log-probs give the truncated importance weights (:func:`tokenmdp.algos.correction.truncated_is`).
+    """
     spec, ro = c.spec, batch.rollout
-    old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs else ro.logprobs
+    stale = c.config.rollout.max_staleness > 0
+    old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs or stale else ro.logprobs
+    metrics: dict = {}
+    is_weights = None
+    if stale:
+        is_weights, tis_m = truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap)
+        metrics.update(tis_m)
     ref = reference_logprobs(c, ro)
     values = values_all(c, ro) if c.critic is not None else None
     token_rewards = _credit(c, batch)
-    metrics: dict = {}
     if spec.kl_in_reward:
         token_rewards, kl_m = kl_reward(token_rewards, old, ref, ro.response_mask, kl_coef=spec.kl_coef,
                                         estimator=spec.kl_estimator)
@@ -73,7 +84,8 @@ def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
     valid = ro.response_mask.bool()
     metrics["adv/mean"] = float(adv[valid].mean()) if valid.any() else 0.0
     metrics["adv/abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
-    tb = TrainBatch(rollout=ro, old_logprobs=old, advantages=adv, ref_logprobs=ref, values=values, returns=returns)
+    tb = TrainBatch(rollout=ro, old_logprobs=old, advantages=adv, ref_logprobs=ref, values=values, returns=returns,
+                    is_weights=is_weights)
     return tb, metrics
 
 
@@ -114,7 +126,7 @@ def _micro_loss(c: Components, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) 
         clip_high=spec.clip_high, aggregation=spec.aggregation, ref_logprobs=t.ref_logprobs,
         kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
         entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.divisor(c.settings.max_new_tokens),
-        num_tokens=n_tok, num_seqs=n_seq,
+        num_tokens=n_tok, num_seqs=n_seq, is_weights=t.is_weights,
     )
     if c.critic is not None:
         v = critic_values(c, c.critic, sub)

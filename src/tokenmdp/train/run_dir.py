@@ -37,7 +37,8 @@ from tokenmdp.train.sharding import full_state_dict, load_optimizer_state, optim
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
 RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
                      "run.eval_k", "run.eval_temperature", "run.log_samples", "run.overwrite", "run.out",
-                     "run.report_to", "run.equivalence", "run.eval_before", "model.cache_dir"}
+                     "run.report_to", "run.equivalence", "run.eval_before", "model.cache_dir",
+                     "rollout.async_worker"}
 
 
 #: files that mark a folder as a run folder (only such a folder is ever deleted by run.overwrite)
@@ -183,9 +184,11 @@ def gathered(c: Components) -> tuple[dict | None, dict | None]:
 
 
 def save_step(c: Components, path: Path, step: int, samples, *,
-              states: tuple[dict | None, dict | None] | None = None) -> Path | None:
+              states: tuple[dict | None, dict | None] | None = None,
+              extra_objects: dict | None = None) -> Path | None:
     """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait). A sharded policy's
-    state is gathered first (every process), unless ``states`` holds what :func:`gathered` returned."""
+    state is gathered first (every process), unless ``states`` holds what :func:`gathered` returned;
+    ``extra_objects``: files written with ``torch.save`` into it (the in-flight batches of overlapped rollouts)."""
     model_state, optim_state = gathered(c) if states is None else states
     out = None
     if c.accelerator.is_main_process:
@@ -199,19 +202,21 @@ def save_step(c: Components, path: Path, step: int, samples, *,
             optimizer=optim_state if c.fsdp is not None else c.optimizer, model_state=model_state,
             scheduler=c.scheduler, critic=critic,
             critic_optimizer=c.critic_optimizer, state=checkpoint_state(c), keep_last=c.config.run.keep_last,
-            extra_files={"tokenmdp.json": c.settings.meta_file},
+            extra_files={"tokenmdp.json": c.settings.meta_file}, extra_objects=extra_objects,
         )
     c.accelerator.wait_for_everyone()
     return out
 
 
-def finish_run(c: Components, path: Path, samples, *, started: float) -> None:
-    """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``."""
+def finish_run(c: Components, path: Path, samples, *, started: float, extra_objects=None) -> None:
+    """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``.
+    ``extra_objects``: a function of the step giving the checkpoint's extra files (see :func:`save_step`)."""
     steps = c.config.run.steps
     ckpt = latest_checkpoint(path / "checkpoints", verify=False)  # written by this process: no need to re-hash
     model_state, optim_state = gathered(c)
     if ckpt is None or ckpt.step != steps:
-        save_step(c, path, steps, samples, states=(model_state, optim_state))
+        save_step(c, path, steps, samples, states=(model_state, optim_state),
+                  extra_objects=extra_objects(steps) if extra_objects else None)
     if c.accelerator.is_main_process:
         write_folder(path / "final", lambda tmp: save_model(tmp, c.saveable(), c.tokenizer,
                                                             {META_FILE: c.settings.meta_file},

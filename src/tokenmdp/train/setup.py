@@ -64,6 +64,9 @@ def check_fit(spec: AlgoSpec, config: TrainConfig, max_new_tokens: int) -> None:
     if spec.group_based and not spec.trains_on_pairs(config.task.dpo_data) and config.rollout.group_size < 2:
         raise TokenMDPError(f"algo {spec.name!r} compares responses within a group: rollout.group_size must be at "
                             f"least 2, got {config.rollout.group_size}")
+    if config.rollout.max_staleness > 0 and spec.trains_on_pairs(config.task.dpo_data):
+        raise TokenMDPError(f"config field 'rollout.max_staleness' is {config.rollout.max_staleness}, but offline "
+                            f"DPO (task.dpo_data) samples no rollouts to overlap: set rollout.max_staleness=0")
     if spec.overlong_buffer > max_new_tokens:
         raise TokenMDPError(f"config field 'algo.overlong_buffer' is {spec.overlong_buffer}, more than "
                             f"rollout.max_new_tokens = {max_new_tokens}")
@@ -132,6 +135,10 @@ def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> 
                             "set run.fsdp=false)")
     if num_processes <= 1:
         return
+    if config.rollout.max_staleness > 0:
+        raise TokenMDPError(f"config field 'rollout.max_staleness' is {config.rollout.max_staleness}: overlapped "
+                            f"rollouts run in a single process (its sampler uses the idle core), not in "
+                            f"{num_processes}; set rollout.max_staleness=0")
     if config.rollout.prompts_per_step % num_processes:
         raise TokenMDPError(f"config field 'rollout.prompts_per_step' ({config.rollout.prompts_per_step}) must be a "
                             f"multiple of the number of processes ({num_processes})")

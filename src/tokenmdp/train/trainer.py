@@ -5,7 +5,9 @@ Each step takes the step's prompts from :func:`prompt_stream` (a function of the
 the algorithm's kind: policy gradient (:mod:`tokenmdp.train.pg`: REINFORCE, RLOO, the GRPO family, PPO), filtered
 iterative SFT or DPO (:mod:`tokenmdp.train.supervised`). A run folder records everything (module
 :mod:`tokenmdp.train.run_dir`); ``resume=True`` continues from the newest checkpoint and, on a CPU, ends with the
-same parameters as an uninterrupted run.
+same parameters as an uninterrupted run. With ``rollout.max_staleness = k > 0`` the batches come from a sampler that
+runs ahead of the learner (module :mod:`tokenmdp.train.async_rollout`: the batch of step ``t`` sampled with the
+weights of step ``max(0, t - 1 - k)``, exactly); ``k = 0`` is the synchronous loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
+from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
 from tokenmdp.train.batch import batch_metrics, collect, reduce_over_processes, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
@@ -54,15 +57,21 @@ def _shard(items: list, c: Components) -> list:
 
 
 def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | None = None,
-             before: list[Callable] = ()) -> dict:
-    """One training step on ``items`` (problems, or offline DPO pairs); returns the step's metrics."""
+             before: list[Callable] = (), sampler: AsyncSampler | None = None) -> dict:
+    """One training step on ``items`` (problems, or offline DPO pairs); returns the step's metrics. With a
+    ``sampler`` (``rollout.max_staleness > 0``) the batch is the one it sampled ahead, and the weights after the
+    update go to it."""
     t0 = time.perf_counter()
     spec, record = c.spec, {}
     offline = spec.trains_on_pairs(c.config.task.dpo_data)
     batch = None
     if not offline:
-        with full_weights(c.fsdp):  # a sharded policy is whole while it samples
-            batch = collect(c, _shard(items, c), step=step)
+        if sampler is None:
+            with full_weights(c.fsdp):  # a sharded policy is whole while it samples
+                batch = collect(c, _shard(items, c), step=step)
+        else:
+            batch, info = sampler.batch(step)
+            record.update(info)
         record.update(batch_metrics(batch, c))
         record.update(batch.times)
         if samples is not None and c.config.run.log_samples:  # every process: the rows are gathered
@@ -84,6 +93,8 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     _schedule_step(c)
     c.engine.sync_weights(c.unwrapped())
     record["time/update"] = time.perf_counter() - t1
+    if sampler is not None:
+        sampler.after_update(step)
     record["time/step"] = time.perf_counter() - t0
     return record
 
@@ -111,12 +122,25 @@ def _schedule_step(c: Components) -> None:
 
 
 def _stream(c: Components) -> list[list]:
+    """The prompts (or offline pairs) of every step; with overlapped rollouts also of the ``k`` steps past the end
+    (sampled ahead so that the last checkpoint extends exactly; the stream is prefix-stable)."""
     cfg = c.config
     if c.spec.trains_on_pairs(cfg.task.dpo_data):
         pairs = load_pairs(cfg.task.dpo_data)
         return pair_stream(pairs, seed=cfg.run.seed, steps=cfg.run.steps, pairs_per_step=cfg.rollout.prompts_per_step)
-    return prompt_stream(c.task, seed=cfg.run.seed, steps=cfg.run.steps, prompts_per_step=cfg.rollout.prompts_per_step,
-                         split=cfg.task.train_split)
+    return prompt_stream(c.task, seed=cfg.run.seed, steps=cfg.run.steps + cfg.rollout.max_staleness,
+                         prompts_per_step=cfg.rollout.prompts_per_step, split=cfg.task.train_split)
+
+
+def _sampler(c: Components, run, stream: list[list], start: int) -> AsyncSampler | None:
+    """The sampler of overlapped rollouts (None for the synchronous loop, ``rollout.max_staleness = 0``)."""
+    k = c.config.rollout.max_staleness
+    if k == 0:
+        return None
+    in_flight = None
+    if run.checkpoint is not None:
+        in_flight = load_in_flight(run.checkpoint.path, start, k, c.config.run.steps + k)
+    return AsyncSampler(c, stream, start=start, in_flight=in_flight)
 
 
 @contextmanager
@@ -180,18 +204,24 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
         record = held_out(c, held, step=0)
         if metrics is not None:
             metrics.log(0, record)
-    with _progress(progress and main, config.run.steps, start, label) as advance:
-        for step in range(start + 1, config.run.steps + 1):
-            record = run_step(c, stream[step - 1], step, samples=samples, before=before)
-            if _eval_due(config, step):
-                record.update(held_out(c, held, step=step))
-            if metrics is not None:
-                record = metrics.log(step, record)
-            for hook in after:
-                hook(step, record, c)
-            _check_nonfinite(c, run.path, step)
-            if config.run.save_every and step % config.run.save_every == 0 and step < config.run.steps:
-                save_step(c, run.path, step, samples)
-            advance(_info(record))
-    finish_run(c, run.path, samples, started=run.started)
+    sampler = _sampler(c, run, stream, start)
+    extra = sampler.in_flight if sampler is not None else None
+    try:
+        with _progress(progress and main, config.run.steps, start, label) as advance:
+            for step in range(start + 1, config.run.steps + 1):
+                record = run_step(c, stream[step - 1], step, samples=samples, before=before, sampler=sampler)
+                if _eval_due(config, step):
+                    record.update(held_out(c, held, step=step))
+                if metrics is not None:
+                    record = metrics.log(step, record)
+                for hook in after:
+                    hook(step, record, c)
+                _check_nonfinite(c, run.path, step)
+                if config.run.save_every and step % config.run.save_every == 0 and step < config.run.steps:
+                    save_step(c, run.path, step, samples, extra_objects=extra(step) if extra else None)
+                advance(_info(record))
+        finish_run(c, run.path, samples, started=run.started, extra_objects=extra)
+    finally:
+        if sampler is not None:
+            sampler.close()
     return run.path
