@@ -22,12 +22,10 @@ from tokenmdp.train.updates import (
     MetricMeter,
     batch_order,
     critic_values,
-    dummy_pass,
     forward,
-    lockstep,
     logprobs_all,
     reference_logprobs,
-    micro_batches,
+    micro_passes,
     minibatches,
     nothing_to_train,
     optimizer_step,
@@ -158,12 +156,7 @@ def pg_update(c: Components, batch: Batch, *, step: int) -> dict:
             n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
             work = mb if live is None else mb[live[mb]]
             skipped += len(mb) - len(work)
-            micros = micro_batches(work, c.config.optim.micro_batch_size, *order,
-                                   max_tokens=c.config.optim.micro_batch_tokens)
-            for micro in lockstep(c, list(micros)):
-                if micro is None:  # a sharded policy: another process's pass, joined with zero loss
-                    dummy_pass(c)
-                    continue
+            for micro in micro_passes(c, work, order):
                 loss = _micro_loss(c, tb.select(micro), n_tok, n_seq, meter)
                 c.accelerator.backward(loss)
             meter.end_minibatch()

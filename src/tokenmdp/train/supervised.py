@@ -27,9 +27,9 @@ from tokenmdp.train.updates import (
     dummy_pass,
     forward,
     lockstep,
-    logprobs_all,
     reference_logprobs,
     micro_batches,
+    micro_passes,
     minibatches,
     nothing_to_train,
     optimizer_step,
@@ -59,12 +59,7 @@ def isft_update(c: Components, batch: Batch, *, step: int) -> dict:
         for mb in minibatches(rows, c.config.optim.minibatch_size, generator=generator):
             mbd = mb.to(keep.device)
             n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-            micros = micro_batches(mb, c.config.optim.micro_batch_size, *order,
-                                   max_tokens=c.config.optim.micro_batch_tokens)
-            for micro in lockstep(c, list(micros)):
-                if micro is None:  # a sharded policy: another process's pass, joined with zero loss
-                    dummy_pass(c)
-                    continue
+            for micro in micro_passes(c, mb, order):
                 t = tb.select(micro)
                 sub = t.rollout
                 lp, ent = forward(c, c.model, sub, entropy=True)

@@ -165,12 +165,7 @@ def logprobs_all(c: Components, model, rollout: Rollout) -> torch.Tensor:
     """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
     out = torch.zeros_like(rollout.logprobs)
     rows = torch.arange(len(rollout), device=rollout.device)
-    micros = list(micro_batches(rows, c.config.optim.micro_batch_size, *batch_order(c, rollout),
-                                max_tokens=c.config.optim.micro_batch_tokens))
-    for micro in lockstep(c, micros) if model is c.model else micros:  # token budgets cut shares unevenly
-        if micro is None:  # a sharded policy: another process's scoring pass
-            dummy_pass(c)
-            continue
+    for micro in micro_passes(c, rows, batch_order(c, rollout), joined=model is c.model):
         sub = rows_of(rollout, micro)
         lp, _ = forward(c, model, sub)
         out[micro, : lp.shape[1]] = lp.float()
@@ -200,6 +195,20 @@ def values_all(c: Components, rollout: Rollout) -> torch.Tensor:
         v = critic_values(c, critic, sub)
         out[micro, : v.shape[1]] = v.float() * sub.response_mask
     return out
+
+
+def micro_passes(c: Components, rows: torch.Tensor, order: tuple, *, joined: bool = True) -> Iterator[torch.Tensor]:
+    """This process's micro-batches of ``rows`` (``optim.micro_batch_size`` rows, ``optim.micro_batch_tokens``
+    tokens, in ``order`` = :func:`batch_order`). With a sharded policy (and ``joined``), the passes that other
+    processes run beyond this one's count are joined here with zero loss after the last (:func:`lockstep`): a token
+    budget or filtered rows can cut the processes' shares into unequal numbers of micro-batches."""
+    micros = list(micro_batches(rows, c.config.optim.micro_batch_size, *order,
+                                max_tokens=c.config.optim.micro_batch_tokens))
+    for micro in lockstep(c, micros) if joined else micros:
+        if micro is None:
+            dummy_pass(c)
+            continue
+        yield micro
 
 
 def lockstep(c: Components, micros: list) -> list:
