@@ -1,0 +1,404 @@
+"""A full GRPO step (rollout, scoring, update) of tokenmdp and of TRL's ``GRPOTrainer``, on the same model, prompts
+and settings, in one run.
+
+Both sides train the embedded tiny base model (its folder's weights, character tokenizer and ``max_new_tokens``)
+on Countdown: the prompts of ``prompt_stream(task, seed=0)`` in order (TRL gets them as a ``datasets.Dataset`` with
+``shuffle_dataset=False``), ``--group`` samples a prompt at temperature 1 (no top-k / top-p), the task's verifier as
+the reward (TRL's reward function calls it), group mean / unbiased group std advantages with eps 1e-4 (TRL's
+constant; tokenmdp's ``algo.advantage_eps`` is set to it), the per-sequence token-mean loss with clip 0.2 and no KL
+(tokenmdp ``grpo_nokl``, TRL ``loss_type="grpo"``, ``beta=0``, ``scale_rewards="group"``), one AdamW step a batch
+(lr ``--lr``, betas 0.9 / 0.999, eps 1e-8, no weight decay, constant schedule, gradient clipping at norm 1), float32,
+micro-batches of ``--micro`` rows on both sides, ``--threads`` torch threads.
+
+TRL runs a whole ``Trainer.train()``, so the two cannot alternate step by step: the runs alternate as wholes,
+``trl, tokenmdp variants..., trl, ...`` for ``--rounds`` rounds, and every figure is a median over steps
+2 .. ``--steps`` (pooled over rounds; step 1 holds the start-up). A step's time is the wall time between the ends of
+consecutive steps; its rollout is generation + scoring + advantages (TRL: ``_generate_and_score_completions``,
+timed by a wrapper; tokenmdp: ``time/rollout + time/score``) and its update the rest of the step up to the
+optimizer step (TRL: from ``on_step_begin`` to ``on_step_end`` minus the rollout; tokenmdp: ``time/update``).
+The update's useful FLOP/s are ``6 x parameters x tokens trained`` (prompt + response tokens of every row, no
+padding) / update time, printed next to the float32 matmul peak (1024 x 1024, same threads) measured in the run.
+
+tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
+(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free).
+
+First-step loss: TRL's step-1 batch (its sampled completions, rewards and advantages) goes through both losses
+from the initial weights; printed: both losses, the largest advantage difference and the gradients' largest
+difference and cosine. On-policy the ratio is 1 and every group's advantages sum to 0, so both losses are ~0 at
+step 1: the gradients are what shows that the two define the same loss.
+
+Which settings define the same loss: TRL ``loss_type="grpo"`` (per-sequence token mean, then the mean over the
+micro-batch, divided by the accumulation steps) is tokenmdp's ``seq_mean_token_mean`` only when every micro-batch
+has the same number of rows (tokenmdp divides by the rows of the whole batch); ``scale_rewards="group"`` is
+``std_scale=group`` with ``std=unbiased`` (both Bessel-corrected), and TRL adds 1e-4 to the std where tokenmdp's
+default ``advantage_eps`` is 1e-6 (set to 1e-4 here: otherwise advantages differ by ~1e-4 relative); ``beta=0`` is no
+KL (with a KL both use k3, TRL's ``beta`` = tokenmdp's ``kl_coef``); ``epsilon=0.2`` is ``clip_low=0.2``; temperature 1
+(TRL divides the logits by it in the loss, as tokenmdp does). Other pairs: TRL ``dapo`` = tokenmdp ``token_mean``
+(global token count), TRL ``dr_grpo`` = ``seq_sum_const`` with ``max_len = max_completion_length``; TRL ``bnpo``
+normalises by the tokens of each micro-batch, tokenmdp's ``bnpo`` by those of the whole batch (equal with one
+micro-batch). What differs by design: the samples (each side draws its own with its own RNG: TRL's sampler of
+``transformers.generate``, tokenmdp's per-step seeds), hence rewards, token counts and the losses of later steps.
+
+    pip install trl==1.16.0     # benchmark-only, never a dependency of tokenmdp
+    .venv/bin/python benchmarks/bench_step.py --prompts 32 --group 8 --steps 12 --threads 1 [--json]
+    .venv/bin/python benchmarks/bench_step.py --smoke      # 2 prompts x 2 samples, 2 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SUPPORTED_TRL = "1.16"
+VARIANTS = ("trl", "sync", "shared", "async")
+
+
+def require_trl() -> str:
+    """TRL's version, or one line on stderr and exit 2 when it is missing or not the supported version."""
+    try:
+        import trl
+    except ImportError:
+        print(f"bench_step: TRL is not installed: pip install trl=={SUPPORTED_TRL}.0 — benchmark-only "
+              f"(never a runtime dependency of tokenmdp)", file=sys.stderr)
+        raise SystemExit(2) from None
+    version = getattr(trl, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_TRL + "."):
+        print(f"bench_step: TRL {version} is not supported (this benchmark drives GRPOTrainer internals of TRL "
+              f"{SUPPORTED_TRL}.x): pip install trl=={SUPPORTED_TRL}.0 — benchmark-only", file=sys.stderr)
+        raise SystemExit(2)
+    return version
+
+
+def matmul_peak(threads: int, n: int = 1024, repeats: int = 10) -> float:
+    """Best float32 GFLOP/s of an ``n x n`` matmul on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+class Setup:
+    """What both sides share: the model folder, the problems of every step, the settings."""
+
+    def __init__(self, args) -> None:
+        from tokenmdp.base.store import ensure_tiny_base
+        from tokenmdp.train.config import load_config
+        from tokenmdp.train.data import prompt_stream
+        from tokenmdp.train.setup import resolve_settings
+        from tokenmdp.tasks import get_task
+
+        self.args = args
+        self.path = str(ensure_tiny_base(progress=not args.json))
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench_step-"))
+        self.rows = args.prompts * args.group
+        self.micro = min(args.micro, self.rows)
+        if self.rows % self.micro:
+            raise SystemExit(f"bench_step: --prompts x --group ({self.rows}) must be a multiple of --micro "
+                             f"({self.micro}): TRL needs equal micro-batches")
+        self.overrides = [f"model.path={self.path}", "algo.name=grpo_nokl", "algo.advantage_eps=1e-4",
+                          f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
+                          "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0",
+                          f"optim.lr={args.lr}", "optim.beta1=0.9", "optim.beta2=0.999", "optim.eps=1e-8",
+                          "optim.weight_decay=0", "optim.max_grad_norm=1.0", "optim.schedule=constant",
+                          f"optim.micro_batch_size={self.micro}", f"run.steps={args.steps}", "run.save_every=0",
+                          f"run.threads={args.threads}", "run.seed=0", "run.log_samples=false", "run.device=cpu"]
+        cfg = load_config(None, self.overrides + [f"run.out={self.tmp / 'probe'}"])
+        self.settings = resolve_settings(cfg)
+        self.task = get_task(cfg.task.name, **self.settings.task_options)
+        self.max_new_tokens = self.settings.max_new_tokens
+        self.problems = [p for step in prompt_stream(self.task, seed=0, steps=args.steps,
+                                                     prompts_per_step=args.prompts) for p in step]
+        self.prompts = [self.task.render(p, template=self.settings.template) for p in self.problems]
+
+
+def _tokens(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> dict:
+    return {"prompt_tokens": int(prompt_mask.sum()), "response_tokens": int(response_mask.sum())}
+
+
+# --------------------------------------------------------------------------------------------------------- tokenmdp
+
+def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
+    from tokenmdp.train.config import load_config
+    from tokenmdp.train.trainer import train
+
+    extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
+             "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"]}
+    cfg = load_config(None, s.overrides + extra[variant] + [f"run.out={s.tmp / tag}"])
+    torch.set_num_threads(s.args.threads)
+    steps: dict[int, dict] = {}
+    info: dict = {}
+
+    class Timer:
+        def on_batch(self, c, batch, step):
+            steps.setdefault(step, {}).update(_tokens(batch.rollout.prompt_mask, batch.rollout.response_mask))
+            info.setdefault("parameters", sum(p.numel() for p in c.model.parameters()))
+
+        def on_step(self, step, record, c):
+            rollout = record.get("time/rollout")
+            steps[step].update(end=time.perf_counter(), update=record["time/update"],
+                               rollout=None if rollout is None else rollout + record.get("time/score", 0.0),
+                               wait=record.get("time/wait"), reward=record.get("reward/mean"))
+
+    t0 = time.perf_counter()
+    train(cfg, progress=False, callbacks=[Timer()])
+    prev = t0
+    for k in sorted(steps):
+        steps[k]["step"], prev = steps[k]["end"] - prev, steps[k]["end"]
+        if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
+            steps[k]["sampler_rollout"], steps[k]["rollout"] = steps[k]["rollout"], steps[k]["wait"] or 0.0
+    return {"side": "tokenmdp", "variant": variant, "parameters": info["parameters"], "steps": steps,
+            "threads_after": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------------------- TRL
+
+def run_trl(s: Setup, tag: str) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tokenmdp.policy.model import load_policy
+
+    a = s.args
+    torch.set_num_threads(a.threads)
+    policy = load_policy(s.path, dtype="float32", device="cpu")  # tokenmdp's char tokenizer, left padding
+    data = Dataset.from_dict({"prompt": s.prompts, "problem": list(range(len(s.problems)))})
+    rewards_seen: list[list[float]] = []
+
+    def countdown_reward(prompts, completions, problem, **_):
+        out = [float(s.task.score(s.problems[i], text).reward) for i, text in zip(problem, completions)]
+        rewards_seen.append(out)
+        return out
+
+    config = GRPOConfig(
+        output_dir=str(s.tmp / tag), max_steps=a.steps, per_device_train_batch_size=s.micro,
+        gradient_accumulation_steps=s.rows // s.micro, num_generations=a.group,
+        max_completion_length=s.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, learning_rate=a.lr,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", beta=0.0, loss_type="grpo",
+        scale_rewards="group", epsilon=0.2, num_iterations=1, shuffle_dataset=False, seed=0, use_cpu=True,
+        bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+    steps: dict[int, dict] = {}
+    first: dict = {}
+    marks: dict = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks["prev"] = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now, k = time.perf_counter(), state.global_step
+            rec = steps.setdefault(k, {})
+            rec.update(step=now - marks["prev"], end=now)
+            rec["update"] = now - marks["begin"] - rec.get("rollout", 0.0)
+            marks["prev"] = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                steps.setdefault(state.global_step, {})["logged_loss"] = float(logs["loss"])
+                if "reward" in logs:
+                    steps[state.global_step]["reward"] = float(logs["reward"])
+
+    trainer = GRPOTrainer(model=policy.model, reward_funcs=countdown_reward, args=config, train_dataset=data,
+                          processing_class=policy.tokenizer, callbacks=[Timer()])
+    generate = trainer._generate_and_score_completions
+
+    def timed_generate(inputs):
+        t0 = time.perf_counter()
+        out = generate(inputs)
+        k = trainer.state.global_step + 1
+        steps.setdefault(k, {}).update(rollout=time.perf_counter() - t0,
+                                       **_tokens(out["prompt_mask"], out["completion_mask"]))
+        if not first.get("signal"):  # step 1's batch; a later one only when step 1 has no non-zero advantage
+            first.update({key: v.detach().clone() for key, v in out.items() if isinstance(v, torch.Tensor)})
+            first.update(rewards=torch.tensor(rewards_seen[-1]), step=k, signal=bool(out["advantages"].abs().max() > 0))
+        return out
+
+    trainer._generate_and_score_completions = timed_generate
+    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts: keep stdout for the results
+        trainer.train()
+    return {"side": "trl", "variant": "trl", "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "steps": steps, "first_batch": first, "trainer": trainer, "initial": initial,
+            "threads_after": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------ first-step comparison
+
+def compare_first_step(s: Setup, trl_run: dict) -> dict:
+    """TRL's step-1 batch through TRL's loss and tokenmdp's, from the initial weights: losses and gradients."""
+    from tokenmdp.algos.losses import policy_loss
+    from tokenmdp.algos.registry import compute_advantages, get_algo
+    from tokenmdp.policy.logprobs import sequence_logprobs
+    from tokenmdp.policy.model import load_policy
+
+    b, trainer = dict(trl_run["first_batch"]), trl_run["trainer"]
+    step, signal = b.pop("step"), b.pop("signal")
+    spec = get_algo("grpo_nokl", advantage_eps=1e-4)
+    mask = b["completion_mask"]
+
+    def grads_of(loss_fn, model):
+        model.eval()
+        for p in model.parameters():
+            p.grad = None
+        loss = loss_fn(model)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    def trl_loss(model):  # TRL's loss divides by the accumulation steps in train mode only: one whole batch here
+        return trainer._compute_loss(model, {k: v for k, v in b.items() if k != "rewards"})
+
+    adv, _, _ = compute_advantages(spec, b["rewards"], mask, group_size=s.args.group)
+
+    def tokenmdp_loss(model):
+        lp, _ = sequence_logprobs(model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], mask)
+        loss, _ = policy_loss(lp, lp.detach(), adv, mask, clip_low=spec.clip_low, clip_high=spec.clip_high,
+                              aggregation=spec.aggregation)
+        return loss
+
+    trl_model = trainer.model  # TRL patched its forward (a fused head returning log_probs): the trained model,
+    trl_model.load_state_dict(trl_run["initial"])  # reset to the initial weights
+    l_trl, g_trl = grads_of(trl_loss, trl_model)
+    l_tm, g_tm = grads_of(tokenmdp_loss, load_policy(s.path, dtype="float32", device="cpu").model)
+    cos = float(torch.nn.functional.cosine_similarity(g_trl.double(), g_tm.double(), dim=0)) if signal else None
+    which = "TRL's step-1 batch" if step == 1 else f"TRL's step-{step} batch (step 1's advantages were all 0)"
+    if not signal:
+        which = f"TRL's step-{step} batch (no step had a non-zero advantage: nothing to compare but zeros)"
+    return {"batch": f"{which}: its samples, rewards and advantages", "batch_step": step, "rows": int(mask.shape[0]),
+            "loss_trl": l_trl, "loss_tokenmdp": l_tm, "loss_diff": abs(l_trl - l_tm),
+            "adv_max_diff": float((adv[:, 0] - b["advantages"]).abs().max()) if mask.shape[1] else 0.0,
+            "grad_max_diff": float((g_trl - g_tm).abs().max()), "grad_max_abs": float(g_trl.abs().max()),
+            "grad_rel_diff": float((g_trl - g_tm).norm() / g_trl.norm().clamp(min=1e-30)), "grad_cosine": cos}
+
+
+# --------------------------------------------------------------------------------------------------------- summary
+
+def summarise(runs: list[dict], variant: str, steps: int, peak: float) -> dict:
+    rows = [r["steps"][k] for r in runs if r["variant"] == variant for k in range(2, steps + 1)
+            if k in r["steps"]]
+    if not rows:
+        return {}
+
+    def med(key):
+        vals = [x[key] for x in rows if x.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    params = runs[0]["parameters"] if runs else 0
+    tokens = [x["prompt_tokens"] + x["response_tokens"] for x in rows]
+    flops = [6 * params * (x["prompt_tokens"] + x["response_tokens"]) / x["update"] for x in rows if x["update"] > 0]
+    out = {"s_per_step": med("step"), "rollout_s": med("rollout"), "update_s": med("update"),
+           "tokens_per_step": statistics.median(tokens), "response_tokens_per_step": med("response_tokens"),
+           "update_gflops": statistics.median(flops) / 1e9 if flops else None, "steps_counted": len(rows),
+           "sampler_rollout_s": med("sampler_rollout")}
+    out["other_s"] = out["s_per_step"] - out["rollout_s"] - out["update_s"]
+    out["update_fraction_of_peak"] = out["update_gflops"] / peak if out["update_gflops"] else None
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--micro", type=int, default=16, help="rows per forward/backward, both sides")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    ap.add_argument("--smoke", action="store_true", help="2 prompts x 2 samples, 2 steps (a check, not a figure)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.prompts, args.group, args.steps = 2, 2, 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        ap.error(f"--variants: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(VARIANTS)}")
+    trl_version = require_trl() if "trl" in variants else None
+    if args.steps < 2:
+        ap.error("--steps must be at least 2 (step 1 holds the start-up and is not counted)")
+    torch.set_num_threads(args.threads)
+    s = Setup(args)
+    peak_before = matmul_peak(args.threads)
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        for v in variants:
+            run = run_trl(s, f"trl-{r}") if v == "trl" else run_tokenmdp(s, v, f"{v}-{r}")
+            runs.append(run)
+    peak = max(peak_before, matmul_peak(args.threads))
+    table = {v: summarise(runs, v, args.steps, peak) for v in variants}
+    first = None
+    trl_runs = [r for r in runs if r["side"] == "trl"]
+    if trl_runs:
+        first = compare_first_step(s, trl_runs[0])
+        first["trl_logged_step1_loss"] = trl_runs[0]["steps"].get(1, {}).get("logged_loss")
+    tm_first = next((r for r in runs if r["side"] == "tokenmdp"), None)
+    ratios = {}
+    if "trl" in table and table["trl"]:
+        for v in variants:
+            if v != "trl" and table[v]:
+                ratios[v] = round(table["trl"]["s_per_step"] / table[v]["s_per_step"], 2)
+    out = {"model": f"tiny base ({s.path})", "parameters": runs[0]["parameters"], "trl": trl_version,
+           "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
+           "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
+           "smoke": args.smoke, "matmul_peak_gflops": round(peak, 2), "results": table,
+           "speedup_trl_over_tokenmdp": ratios, "first_step": first,
+           "tokenmdp_step1_reward": tm_first["steps"].get(1, {}).get("reward") if tm_first else None,
+           "threads_after_each_run": [r["threads_after"] for r in runs]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"model: {out['model']}, {out['parameters']} parameters; TRL {trl_version or 'not run'}, "
+          f"torch {torch.__version__}")
+    print(f"GRPO (no KL), Countdown, {args.prompts} prompts x {args.group} samples, max {s.max_new_tokens} new "
+          f"tokens, lr {args.lr}, micro-batches of {s.micro}, {args.threads} thread(s); {args.steps} steps a run, "
+          f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); medians over steps "
+          f"2-{args.steps}" + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
+    print(f"matmul peak (1024x1024 float32, {args.threads} thread(s)): {peak:.2f} GFLOP/s")
+    print(f"{'variant':<8} {'s/step':>8} {'rollout':>8} {'update':>8} {'other':>7} {'tokens':>7} "
+          f"{'resp.tok':>8} {'upd GFLOP/s':>11} {'of peak':>7}")
+    for v in variants:
+        t = table[v]
+        if not t:
+            continue
+        print(f"{v:<8} {t['s_per_step']:>8.3f} {t['rollout_s']:>8.3f} {t['update_s']:>8.3f} {t['other_s']:>7.3f} "
+              f"{t['tokens_per_step']:>7.0f} {t['response_tokens_per_step']:>8.0f} {t['update_gflops']:>11.2f} "
+              f"{t['update_fraction_of_peak']:>7.1%}"
+              + (f"  (sampler's rollout {t['sampler_rollout_s']:.3f} s)" if t.get("sampler_rollout_s") else ""))
+    for v, ratio in ratios.items():
+        print(f"TRL / tokenmdp {v}: {ratio:.2f}x (s/step)")
+    if "async" in variants:
+        print("async (max_staleness=1): the sampler is a second process; it overlaps the update only when a second "
+              "core is free (its 'rollout' column is the learner's wait for the batch; the sampler's own rollout "
+              "time is in parentheses)")
+    if first:
+        print(f"first step, {first['batch']}, {first['rows']} rows, from the initial weights:")
+        print(f"  loss TRL {first['loss_trl']:.3e}, tokenmdp {first['loss_tokenmdp']:.3e} (|diff| "
+              f"{first['loss_diff']:.1e}; TRL logged {first['trl_logged_step1_loss']}); on-policy both are ~0: the "
+              f"ratio is 1 and each group's advantages sum to 0")
+        print(f"  advantages max |diff| {first['adv_max_diff']:.1e}; gradients max |diff| {first['grad_max_diff']:.1e} "
+              f"(max |g| {first['grad_max_abs']:.1e}), relative {first['grad_rel_diff']:.1e}, cosine "
+              f"{first['grad_cosine'] if first['grad_cosine'] is None else round(first['grad_cosine'], 7)}")
+
+
+if __name__ == "__main__":
+    main()
