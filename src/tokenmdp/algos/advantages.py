@@ -122,14 +122,18 @@ def reinforce_advantages(
 def returns_to_go(token_rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0) -> Tensor:
     """``G_t = sum_{k >= t} gamma^(k - t) r_k`` over valid tokens, (B, T), 0 on padding.
 
-    Hand example: ``r = [0, 1, 2]``, gamma 0.5 -> ``[1, 2, 2]``.
+    ``k - t`` counts valid tokens: a hole in the mask (a multi-turn episode's observation tokens,
+    :mod:`tokenmdp.mdp.env`) is skipped, not an end, so a turn's tokens see the returns of the later turns.
+
+    Hand example: ``r = [0, 1, 2]``, gamma 0.5 -> ``[1, 2, 2]``; with a hole, ``r = [0, 1, 0, 2]``, mask
+    ``[1, 1, 0, 1]``, gamma 0.5 -> ``[1, 2, 0, 2]``.
     """
-    mask = response_mask.to(token_rewards.dtype)
+    mask = response_mask.to(torch.bool)
     out = torch.zeros_like(token_rewards)
     running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype)
     for t in range(token_rewards.shape[1] - 1, -1, -1):
-        running = token_rewards[:, t] * mask[:, t] + gamma * running * mask[:, t]
-        out[:, t] = running
+        running = torch.where(mask[:, t], token_rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(mask[:, t], running, torch.zeros_like(running))
     return out
 
 
@@ -145,11 +149,15 @@ def gae(
 
     ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``, ``A_t = delta_t + gamma lam A_{t+1}``, ``returns = A + V``.
     The value after the last valid token is 0 (the episode ended; a truncated response is also treated as ended,
-    as in TRL/verl). The mask must be right-padded (valid tokens first).
+    as in TRL/verl). Right padding ends a row; a hole in the mask (a multi-turn episode's observation tokens,
+    :mod:`tokenmdp.mdp.env`) is skipped: the next state of a turn's last token is the state before the next
+    policy token, so ``s_{t+1}`` and ``A_{t+1}`` come from the next valid column.
     ``lam = 0``: one-step TD errors; ``lam = 1``: ``A_t = G_t - V(s_t)`` (Monte Carlo).
 
     Hand example (the tests): ``r = [0, 0, 1]``, ``V = [0.5, 0.6, 0.7]``, gamma 1: lam 0 -> ``A = [0.1, 0.1, 0.3]``;
-    lam 1 -> ``A = [0.5, 0.4, 0.3]``; returns ``[0.6, 0.7, 1.0]`` and ``[1, 1, 1]``.
+    lam 1 -> ``A = [0.5, 0.4, 0.3]``; returns ``[0.6, 0.7, 1.0]`` and ``[1, 1, 1]``. The same tokens with an
+    observation between the second and third, ``mask = [1, 1, 0, 1]``, give the same numbers on the valid columns
+    and 0 on the hole.
     """
     if token_rewards.shape != values.shape or values.shape != response_mask.shape:
         raise TokenMDPError(
@@ -163,11 +171,13 @@ def gae(
     adv = torch.zeros_like(v)
     next_adv = torch.zeros(b, dtype=v.dtype)
     next_v = torch.zeros(b, dtype=v.dtype)
+    valid = response_mask.to(torch.bool)
     for t in range(t_max - 1, -1, -1):
         delta = r[:, t] + gamma * next_v - v[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        adv[:, t] = next_adv
-        next_v = v[:, t]
+        a_t = delta + gamma * lam * next_adv
+        adv[:, t] = a_t * mask[:, t]
+        next_adv = torch.where(valid[:, t], a_t, next_adv)  # a hole carries the next valid column through
+        next_v = torch.where(valid[:, t], v[:, t], next_v)
     return adv, (adv + v) * mask
 
 

@@ -171,6 +171,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    context_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced log pi(y_t | x, y_<t) of every response token, in one forward pass.
 
@@ -180,6 +181,9 @@ def sequence_logprobs(
     prompt_ids, prompt_mask : (B, P), usually left-padded (right padding works too: each response token is
         predicted from the last unmasked column before it, and position ids come from the attention mask).
     response_ids, response_mask : (B, T), right-padded; the mask is also the response's attention mask.
+    context_mask : (B, T), optional: the response's attention mask when it differs from ``response_mask`` (a
+        multi-turn episode, :mod:`tokenmdp.mdp.env`: the environment's observation tokens are attended to but not
+        scored). Only tokens where ``response_mask`` is 1 get a log-prob.
     temperature : the log-probs and entropies are those of ``softmax(logits / temperature)``; 0 means 1 (greedy
         decoding is scored under the untempered logits).
     return_entropy : also return the entropy of each next-token distribution.
@@ -201,7 +205,7 @@ def sequence_logprobs(
         return counted_logprobs(None, None, response_ids, None, temperature=temperature,
                                 return_entropy=return_entropy, chunk_size=chunk_size)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attn = torch.cat([prompt_mask, response_mask], dim=1).long()
+    attn = torch.cat([prompt_mask, response_mask if context_mask is None else context_mask], dim=1).long()
     parts, hidden = _final_states(model, input_ids, attn)
     pred = predictor_index(attn, p_len)  # (B, T)
     counted = response_mask.bool() & (pred >= 0)

@@ -115,12 +115,14 @@ def shared_prompt_states(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Predictor hidden states ``(N, H)`` of the ``N`` counted response tokens, at ``(rows, cols)``, computed
-    with each distinct prompt run once (the module docstring); counted as in ``sequence_logprobs``."""
+    with each distinct prompt run once (the module docstring); counted as in ``sequence_logprobs`` (``context_mask``:
+    the response's attention mask when it differs from ``response_mask``, a multi-turn episode)."""
     p_len = prompt_ids.shape[1]
     first, inverse = prompt_groups(prompt_ids, prompt_mask)
-    attn = torch.cat([prompt_mask, response_mask], dim=1).long()
+    attn = torch.cat([prompt_mask, response_mask if context_mask is None else context_mask], dim=1).long()
     positions = position_ids_from_mask(attn)
     u_mask = attn[first, :p_len]
     cache = _new_cache(backbone)
@@ -148,6 +150,7 @@ def grouped_sequence_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    context_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sequence_logprobs`` with each distinct prompt row run through the backbone once.
 
@@ -167,11 +170,14 @@ def grouped_sequence_logprobs(
     if kwarg is None:
         warn_fallback(model, why)
         return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+                                 context_mask=context_mask)
     if response_ids.shape[1] == 0 or prompt_ids.shape[1] == 0:
         return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
-    hidden, where = shared_prompt_states(parts.backbone, kwarg, prompt_ids, prompt_mask, response_ids, response_mask)
+                                 temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+                                 context_mask=context_mask)
+    hidden, where = shared_prompt_states(parts.backbone, kwarg, prompt_ids, prompt_mask, response_ids, response_mask,
+                                         context_mask)
     return counted_logprobs(hidden, where, response_ids, parts, temperature=temperature,
                             return_entropy=return_entropy, chunk_size=chunk_size)
 

@@ -115,23 +115,25 @@ class ValueModel(nn.Module):
         return self.value_head(hidden.float()).squeeze(-1)
 
     def values(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-               response_mask: torch.Tensor, *, shared_prompt: bool = False) -> torch.Tensor:
+               response_mask: torch.Tensor, *, shared_prompt: bool = False,
+               context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """V(s_t) of the state before each response token: (B, T) float32, zeros where ``response_mask`` is 0.
 
         ``shared_prompt``: run each distinct prompt row once and the responses on its KV cache
         (:mod:`tokenmdp.policy.shared_prompt`; the same values and gradients up to float summation order); a
-        backbone that cannot falls back to the padded pass, with one warning.
+        backbone that cannot falls back to the padded pass, with one warning. ``context_mask``: the response's
+        attention mask when it differs from ``response_mask`` (a multi-turn episode's observation tokens).
         """
         if shared_prompt and prompt_ids.shape[1] and response_ids.shape[1]:
             kwarg, why = backbone_support(self.backbone)
             if kwarg is not None:
                 hidden, (rows, cols) = shared_prompt_states(self.backbone, kwarg, prompt_ids, prompt_mask,
-                                                            response_ids, response_mask)
+                                                            response_ids, response_mask, context_mask)
                 out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
                 return out.index_put((rows, cols), self.value_head(hidden.float()).squeeze(-1))
             warn_fallback(self, why)
         ids = torch.cat([prompt_ids, response_ids], dim=1)
-        attn = torch.cat([prompt_mask, response_mask], dim=1).long()
+        attn = torch.cat([prompt_mask, response_mask if context_mask is None else context_mask], dim=1).long()
         per_col = self.forward(ids, attn)
         pred = predictor_index(attn, prompt_ids.shape[1])
         out = per_col.gather(1, pred.clamp(min=0))

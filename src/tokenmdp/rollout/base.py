@@ -5,6 +5,13 @@ A rollout holds ``B`` episodes of the token MDP: the prompt ``x`` (left-padded),
 ``logits / temperature``, and how each episode ended: ``terminated`` (EOS sampled; the EOS token is part of the
 response and of its mask) or ``truncated`` (``max_new_tokens`` reached without EOS). Row ``i * n + j`` is sample
 ``j`` of prompt ``i``, so the groups of group-relative methods are contiguous.
+
+A multi-turn episode (:mod:`tokenmdp.mdp.env`, :mod:`tokenmdp.rollout.multiturn`) is still one row: its response
+is the policy's turns and the environment's observation tokens in order, ``response_mask`` is 1 on the policy's
+tokens only (the actions: every loss, advantage and normaliser counts them and nothing else) and
+``observation_mask`` is 1 on the environment's tokens (in the context the model attends to, never in a loss;
+``logprobs`` are 0 there). ``context_mask = response_mask | observation_mask`` is the response's attention mask.
+A single-turn rollout has ``observation_mask = None`` (no observation anywhere).
 """
 
 from __future__ import annotations
@@ -92,9 +99,16 @@ class Rollout:
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     pad_token_id: int = 0
+    observation_mask: torch.Tensor | None = None  # (B, T) long, 1 on environment tokens (multi-turn), else None
 
     def __post_init__(self) -> None:
         b = self.prompt_ids.shape[0]
+        if self.observation_mask is not None:
+            if self.observation_mask.shape != self.response_ids.shape:
+                raise ValueError("Rollout.observation_mask must have the shape of response_ids")
+            if bool((self.observation_mask.bool() & self.response_mask.bool()).any()):
+                raise ValueError("Rollout.observation_mask and response_mask overlap: a token is either the "
+                                 "policy's action or the environment's observation")
         for name in _TENSORS:
             t = getattr(self, name)
             if t.shape[0] != b:
@@ -116,8 +130,21 @@ class Rollout:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """Number of counted response tokens of each row (B,), EOS included."""
+        """Number of counted response tokens of each row (B,), EOS included (the policy's tokens only)."""
         return self.response_mask.sum(dim=1)
+
+    @property
+    def context_mask(self) -> torch.Tensor:
+        """(B, T) attention mask of the response: the policy's tokens and the environment's observations."""
+        if self.observation_mask is None:
+            return self.response_mask
+        return self.response_mask | self.observation_mask.to(self.response_mask.dtype)
+
+    def _extent(self) -> torch.Tensor:
+        """(B,) index past the last token (policy or observation) of each row's response."""
+        ctx = self.context_mask.bool()
+        cols = torch.arange(1, ctx.shape[1] + 1, device=ctx.device).expand_as(ctx)
+        return torch.where(ctx, cols, torch.zeros_like(cols)).amax(dim=1) if ctx.shape[1] else ctx.sum(1)
 
     def select(self, index: torch.Tensor | Sequence[int] | slice) -> Rollout:
         """The rows ``index`` (a slice, a list of ints, an index tensor or a boolean mask), as a new rollout."""
@@ -135,6 +162,7 @@ class Rollout:
             prompts=[self.prompts[i] for i in rows] if self.prompts else [],
             responses=[self.responses[i] for i in rows] if self.responses else [],
             pad_token_id=self.pad_token_id,
+            observation_mask=None if self.observation_mask is None else self.observation_mask.index_select(0, ix),
         )
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -142,6 +170,8 @@ class Rollout:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in _TENSORS:
             kw[name] = kw[name].to(device)
+        if self.observation_mask is not None:
+            kw["observation_mask"] = self.observation_mask.to(device)
         return Rollout(**kw)
 
     @staticmethod
@@ -158,12 +188,14 @@ class Rollout:
     def trimmed(self) -> Rollout:
         """Drop prompt columns that are padding in every row and response columns past the longest response."""
         p_keep = int(self.prompt_mask.sum(1).max().item()) if len(self) else 0
-        t_keep = int(self.lengths.max().item()) if len(self) else 0
+        t_keep = int(self._extent().max().item()) if len(self) else 0
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         p0 = self.prompt_ids.shape[1] - p_keep
         kw["prompt_ids"], kw["prompt_mask"] = self.prompt_ids[:, p0:], self.prompt_mask[:, p0:]
         for name in ("response_ids", "response_mask", "logprobs"):
             kw[name] = getattr(self, name)[:, :t_keep]
+        if self.observation_mask is not None:
+            kw["observation_mask"] = self.observation_mask[:, :t_keep]
         return Rollout(**kw)
 
 
@@ -186,6 +218,11 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     def cat(name: str, width: int, value: int | float, left: bool) -> torch.Tensor:
         return torch.cat([_repad(getattr(r, name), width, value, left=left) for r in rollouts])
 
+    observed = any(r.observation_mask is not None for r in rollouts)
+    obs = None
+    if observed:
+        obs = torch.cat([_repad(r.observation_mask if r.observation_mask is not None
+                                else torch.zeros_like(r.response_mask), t, 0, left=False) for r in rollouts])
     has_text = all(len(r.prompts) == len(r) for r in rollouts)
     has_resp = all(len(r.responses) == len(r) for r in rollouts)
     return Rollout(
@@ -199,6 +236,7 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
         prompts=[s for r in rollouts for s in r.prompts] if has_text else [],
         responses=[s for r in rollouts for s in r.responses] if has_resp else [],
         pad_token_id=pad,
+        observation_mask=obs,
     )
 
 
@@ -315,6 +353,15 @@ class Engine(ABC):
         seed: int | None = None,
     ) -> Rollout:
         """Sample ``n`` responses for each prompt; row ``i * n + j`` is sample ``j`` of prompt ``i``."""
+
+    def sample_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``n`` continuations of each row of left-padded token ids; raw ids and log-probs (B * n, steps),
+        each row stopped at its first EOS or ``stop_ids`` token. The turns of multi-turn episodes
+        (:mod:`tokenmdp.rollout.multiturn`) need it; an engine without it cannot run them."""
+        raise TokenMDPError(f"the {self.name!r} rollout engine cannot sample from token ids, so it cannot run a "
+                            f"multi-turn environment (config field 'task.env.kind'): use rollout.engine 'fast' or 'hf'")
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Make the engine sample from ``model``'s current weights (a no-op for in-process engines)."""

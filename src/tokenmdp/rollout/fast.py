@@ -114,18 +114,31 @@ class FastEngine(Engine):
         device = next(self.model.parameters()).device
         ids, mask = encode_prompts(self.tokenizer, prompts, n=1, device=device,
                                    add_special_tokens=self.add_special_tokens)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            response, logprobs = self._loop(ids, mask, n, max_new_tokens, self._generator(device, seed),
-                                            dict(temperature=temperature, top_k=int(top_k), top_p=float(top_p)))
-        finally:
-            self.model.train(was_training)
+        response, logprobs = self.sample_ids(ids, mask, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                             top_p=top_p, top_k=top_k, seed=seed)
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         return build_rollout(self.tokenizer, prompts, n, ids, mask, response, logprobs, self.eos_ids)
 
+    @torch.inference_mode()
+    def sample_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample from left-padded token ids (the multi-turn driver's turns): raw ids and log-probs (B * n,
+        steps); each row stops at its first EOS or ``stop_ids`` token (columns after it are not meaningful)."""
+        check_sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._loop(prompt_ids.to(device), prompt_mask.to(device), n, max_new_tokens,
+                              self._generator(device, seed),
+                              dict(temperature=temperature, top_k=int(top_k), top_p=float(top_p)),
+                              stops=list(self.eos_ids) + [int(s) for s in stop_ids if int(s) not in self.eos_ids])
+        finally:
+            self.model.train(was_training)
+
     def _loop(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int, gen: torch.Generator,
-              sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+              sampling: dict, stops: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill the distinct prompts, decode n samples each; response ids (B, steps) and log-probs (B, steps)."""
         device = ids.device
         batch = ids.shape[0] * n
@@ -136,7 +149,7 @@ class FastEngine(Engine):
         rows = torch.arange(batch, device=device)  # original row of each live batch row
         alive = torch.ones(batch, dtype=torch.bool, device=device)
         pos = mask.sum(1).repeat_interleave(n)  # position id of the next token
-        eos = torch.tensor(self.eos_ids, device=device)
+        eos = torch.tensor(self.eos_ids if stops is None else list(stops), device=device)
         steps = 0
         for t in range(max_new):
             tokens, logp = sample_next(logits, generator=gen, **sampling)

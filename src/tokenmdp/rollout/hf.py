@@ -78,7 +78,7 @@ class HFEngine(Engine):
         self.pad_id = pad_token_id(tokenizer)
         self.add_special_tokens = add_special_tokens
 
-    def _config(self, max_new_tokens: int, greedy: bool) -> GenerationConfig:
+    def _config(self, max_new_tokens: int, greedy: bool, stops: list[int] | None = None) -> GenerationConfig:
         # top_k=0 turns off transformers' global default top_k=50; greedy leaves the sampling flags unset
         sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         return GenerationConfig(
@@ -87,7 +87,7 @@ class HFEngine(Engine):
             **sampling,
             num_beams=1,
             repetition_penalty=1.0,
-            eos_token_id=self.eos_ids,
+            eos_token_id=self.eos_ids if stops is None else stops,
             pad_token_id=self.pad_id,
             bos_token_id=None,
             use_cache=True,
@@ -100,6 +100,27 @@ class HFEngine(Engine):
         device = next(self.model.parameters()).device
         ids, mask = encode_prompts(self.tokenizer, prompts, n=n, device=device,
                                    add_special_tokens=self.add_special_tokens)
+        response, logprobs = self._sample(ids, mask, max_new_tokens, temperature, top_p, top_k, seed, self.eos_ids)
+        return build_rollout(self.tokenizer, prompts, n, ids, mask, response, logprobs, self.eos_ids)
+
+    @torch.inference_mode()
+    def sample_ids(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, n: int = 1, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample from left-padded token ids (the multi-turn driver's turns): raw ids and log-probs (B * n,
+        steps); each row stops at its first EOS or ``stop_ids`` token (columns after it are not meaningful)."""
+        check_sampling(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        device = next(self.model.parameters()).device
+        ids, mask = prompt_ids.to(device), prompt_mask.to(device)
+        if n > 1:
+            ids, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+        stops = list(self.eos_ids) + [int(s) for s in stop_ids if int(s) not in self.eos_ids]
+        return self._sample(ids, mask, max_new_tokens, temperature, top_p, top_k, seed, stops)
+
+    def _sample(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                top_k: int, seed: int | None, stops: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model.generate`` on prompt ids (B, P): response ids and their log-probs (B, steps)."""
+        device = ids.device
         greedy = temperature == 0
         recorder = LogprobRecorder(temperature, ids.shape[1])
         procs = LogitsProcessorList([recorder])
@@ -120,15 +141,13 @@ class HFEngine(Engine):
                 seqs = self.model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    generation_config=self._config(max_new_tokens, greedy),
+                    generation_config=self._config(max_new_tokens, greedy, stops),
                     logits_processor=procs,
                 )
         finally:
             self.model.generation_config = saved
             self.model.train(was_training)
-        response = seqs[:, ids.shape[1]:]
-        logprobs = recorder.finish(seqs).to(device)
-        return build_rollout(self.tokenizer, prompts, n, ids, mask, response, logprobs, self.eos_ids)
+        return seqs[:, ids.shape[1]:], recorder.finish(seqs).to(device)
 
 
 __all__ = ["HFEngine", "LogprobRecorder"]

@@ -36,6 +36,10 @@ class Batch:
     formatted: torch.Tensor  # (B,) bool
     group_size: int
     times: dict
+    # multi-turn episodes (task.env): each turn's reward on the last token of its policy turn (B, T), and the
+    # episodes' metrics (env/*)
+    token_rewards: torch.Tensor | None = None
+    metrics: dict | None = None
 
     def __len__(self) -> int:
         return len(self.rollout)
@@ -115,10 +119,49 @@ def score(c: Components, problems: list, rollout: Rollout, times: dict) -> Batch
 
 
 def collect(c: Components, problems: list, *, step: int) -> Batch:
-    """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response."""
+    """Render ``problems``, sample ``G`` responses each with the run's engine, and score every response (with a
+    multi-turn environment, ``task.env``: run ``G`` episodes each, :func:`collect_episodes`)."""
+    if c.env is not None:
+        return collect_episodes(c, problems, step=step)
     t0 = time.perf_counter()
     rollout = c.engine.generate(render_prompts(c, problems), **sampling_args(c, step)).to(c.device)
     return score(c, problems, rollout, {"time/rollout": time.perf_counter() - t0})
+
+
+def collect_episodes(c: Components, problems: list, *, step: int) -> Batch:
+    """``G`` episodes of the run's environment for each problem (:func:`tokenmdp.rollout.multiturn.run_episodes`):
+    the rewards are the environment's (each row's return), the scores its final ``info["score"]`` (an episode cut
+    by a limit before any score: its return, not correct, not formatted), the per-turn token rewards kept for the
+    credit assignment (:func:`tokenmdp.train.pg.prepare`)."""
+    from tokenmdp.rollout.multiturn import run_episodes
+    from tokenmdp.tasks.base import Score
+
+    env, args = c.env, sampling_args(c, step)
+    t0 = time.perf_counter()
+    env.begin(args["seed"])
+    ep = run_episodes(c.engine, c.tokenizer, env.make_env, problems, render_prompts(c, problems),
+                      group_size=args["n"], limits=env.limits, temperature=args["temperature"], top_p=args["top_p"],
+                      top_k=args["top_k"], seed=args["seed"])
+    t1 = time.perf_counter()
+    rows = [p for p in problems for _ in range(args["n"])]
+    scores = []
+    for r, info in zip(ep.rewards.tolist(), ep.infos):
+        s = info.get("score")
+        if s is None:
+            s = Score(float(r), False, False, f"no score: truncated by {info.get('truncated_by', 'a limit')}")
+        scores.append(s)
+    limit = [i.get("truncated_by") in ("max_turns", "max_tokens") for i in ep.infos]
+    obs = ep.rollout.observation_mask
+    metrics = {"env/turns": float(ep.turns.float().mean()), "env/limit_truncated": sum(limit) / max(1, len(limit)),
+               "env/observation_tokens": float(obs.sum(1).float().mean()) if obs is not None else 0.0}
+    return Batch(
+        rollout=ep.rollout.to(c.device), problems=rows, scores=scores,
+        rewards=ep.rewards.to(c.device),
+        correct=torch.tensor([bool(s.correct) for s in scores], dtype=torch.bool, device=c.device),
+        formatted=torch.tensor([bool(s.formatted) for s in scores], dtype=torch.bool, device=c.device),
+        group_size=args["n"], times={"time/rollout": t1 - t0, "time/score": 0.0},
+        token_rewards=ep.token_rewards.to(c.device), metrics=metrics,
+    )
 
 
 def _mean(x: torch.Tensor) -> float | None:
@@ -182,7 +225,7 @@ def batch_metrics(batch: Batch, c: Components | None = None) -> dict[str, Any]:
     lengths = torch.tensor(cols["lengths"], dtype=torch.float32)
     correct = torch.tensor(cols["correct"], dtype=torch.bool)
     by_group = correct.view(-1, batch.group_size).float().mean(dim=1)
-    return {
+    return {**(batch.metrics or {}),
         "reward/mean": _mean(rewards),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/accuracy": _mean(correct),

@@ -60,6 +60,27 @@ class ModelConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A multi-turn environment around the task (:mod:`tokenmdp.mdp.env`; ``kind="none"``: the plain token MDP).
+
+    ``single_turn``: the token MDP run through the multi-turn driver (the same rollouts as ``none``);
+    ``two_llm_hint`` / ``two_llm_alternate``: a frozen base model is the environment (:mod:`tokenmdp.rollout.
+    two_llm`): the policy writes a hint line and the base answers, or they alternate lines for ``max_turns`` policy
+    turns. ``base_path``: the frozen base model (None: the policy's start model, ``model.path``, so the policy
+    starts as a copy of the base). ``turn_tokens``: tokens per policy turn; ``base_tokens``: per base turn (None:
+    ``rollout.max_new_tokens``); ``max_tokens``: response tokens of an episode in all, policy and base (None:
+    ``max_turns x (turn_tokens + base_tokens)``)."""
+
+    kind: Literal["none", "single_turn", "two_llm_hint", "two_llm_alternate"] = "none"
+    base_path: str | None = None
+    max_turns: int = 3
+    turn_tokens: int = 16
+    base_tokens: int | None = None
+    max_tokens: int | None = None
+    base_temperature: float = 1.0
+
+
+@dataclass
 class TaskConfig:
     """The verifiable task. ``options`` go to ``get_task(name, **options)``; ``template=None`` is the default."""
 
@@ -71,6 +92,7 @@ class TaskConfig:
     dpo_data: str | None = None  # JSONL of {"prompt", "chosen", "rejected"}; None = on-policy pairs
     step_reward: float = 0.1  # credit "process": +/- this on the token ending each correct / wrong step
     chat_template: bool = False  # wrap each prompt as a user turn of the tokenizer's chat template (instruct models)
+    env: EnvConfig = field(default_factory=EnvConfig)  # a multi-turn environment (kind "none": the token MDP)
 
 
 @dataclass
@@ -376,6 +398,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
             raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
     _validate_lora(config.model.lora, source)
     _validate_fsdp(config, source)
+    _validate_env(config, source)
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
     if config.rollout.max_staleness > 0 and config.rollout.engine not in ("fast", "hf"):
@@ -403,6 +426,34 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
         clash = f"algo {config.algo.name!r} (its critic is not sharded)"
     if clash:
         raise TokenMDPError(f"config field {_where('run.fsdp', source)} is true: it cannot be combined with {clash}")
+
+
+def _validate_env(config: TrainConfig, source: str | None) -> None:
+    """Ranges of ``task.env`` and what a multi-turn environment cannot be combined with (yet)."""
+    env = config.task.env
+    for name in ("max_turns", "turn_tokens", "base_tokens", "max_tokens"):
+        value = getattr(env, name)
+        if value is not None and value < 1:
+            raise TokenMDPError(f"config field {_where('task.env.' + name, source)} must be at least 1, got {value}")
+    if env.base_temperature < 0:
+        raise TokenMDPError(f"config field {_where('task.env.base_temperature', source)} must be non-negative, got "
+                            f"{env.base_temperature}")
+    if env.kind == "none":
+        return
+    clash = None
+    if config.rollout.engine not in ("fast", "hf"):
+        clash = (f"rollout.engine {config.rollout.engine!r} (the turns are sampled from token ids by the in-process "
+                 f"engines 'fast' and 'hf' only)")
+    elif config.rollout.max_staleness > 0:
+        clash = "rollout.max_staleness > 0 (overlapped rollouts sample single-turn batches only)"
+    elif config.task.dpo_data:
+        clash = "task.dpo_data (offline DPO pairs have no episodes)"
+    elif config.run.eval_every > 0:
+        clash = ("run.eval_every > 0 (held-out evaluation samples the policy alone; evaluating the policy with its "
+                 "environment is left to the experiments): set run.eval_every=0")
+    if clash:
+        raise TokenMDPError(f"config field {_where('task.env.kind', source)} is {env.kind!r}: it cannot be combined "
+                            f"with {clash}")
 
 
 def _validate_lora(lora: LoraConfig, source: str | None) -> None:

@@ -90,7 +90,10 @@ def gradient_cosines(
     if advantages.dim() != 1 or advantages.shape[0] != response_ids.shape[0]:
         raise TokenMDPError(f"equivalence: advantages must have shape (B,) = ({response_ids.shape[0]},)")
     params = [p for p in model.parameters() if p.requires_grad]
-    logp, _ = sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature)
+    observed = _field(batch, "observation_mask", required=False)  # a multi-turn episode's environment tokens
+    context = {} if observed is None else {"context_mask": response_mask | observed.to(response_mask.dtype)}
+    logp, _ = sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
+                                **context)
     adv = advantages.detach().to(logp.dtype)
 
     def grpo(old_lp: Tensor, *, kl: float, clip: dict) -> tuple[Tensor, dict[str, float]]:

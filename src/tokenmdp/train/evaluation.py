@@ -64,7 +64,8 @@ def equivalence(c: Components, tb: TrainBatch) -> dict:
     t = tb.select(torch.arange(min(len(tb), c.config.optim.micro_batch_size)))
     sub = t.rollout
     data = {"prompt_ids": sub.prompt_ids, "prompt_mask": sub.prompt_mask, "response_ids": sub.response_ids,
-            "response_mask": sub.response_mask, "old_logprobs": t.old_logprobs, "ref_logprobs": t.ref_logprobs}
+            "response_mask": sub.response_mask, "old_logprobs": t.old_logprobs, "ref_logprobs": t.ref_logprobs,
+            "observation_mask": sub.observation_mask}
     # a constant divisor does not change a cosine: seq_sum_const points where seq_mean_token_sum does
     aggregation = "seq_mean_token_sum" if spec.aggregation == "seq_sum_const" else spec.aggregation
     t0 = time.perf_counter()

@@ -37,9 +37,29 @@ if TYPE_CHECKING:
     from tokenmdp.train.setup import Components
 
 
+def turn_rewards_matter(batch: Batch) -> bool:
+    """Whether a multi-turn batch's per-turn rewards put credit anywhere but on each row's last policy token (then
+    they are the token rewards; otherwise the spec's credit assignment spreads the return as in a single turn)."""
+    tr = batch.token_rewards
+    if tr is None:
+        return False
+    return bool(((tr != 0) & ~_last_token(batch.rollout.response_mask)).any())
+
+
+def _last_token(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the last policy token of each row."""
+    counts = mask.long().cumsum(dim=1)
+    return mask.bool() & (counts == counts[:, -1:])
+
+
 def _credit(c: Components, batch: Batch) -> torch.Tensor | None:
-    """Token rewards when they are not the spec's plain credit assignment: process rewards, or KL in the reward."""
+    """Token rewards when they are not the spec's plain credit assignment: a multi-turn environment's per-turn
+    rewards (each on the last token of its turn: :func:`tokenmdp.mdp.env.turn_token_rewards`, the return kept),
+    process rewards, or KL in the reward."""
     spec, mask = c.spec, batch.rollout.response_mask
+    if batch.token_rewards is not None and (spec.credit == "process" or turn_rewards_matter(batch)):
+        turn = batch.token_rewards.to(batch.rewards.dtype)  # the earlier turns' rewards are the step rewards
+        return process(batch.rewards, mask, step_rewards=turn * ~_last_token(mask))
     if spec.credit == "process":
         steps = step_rewards(c, batch, step_reward=c.config.task.step_reward)
         return process(batch.rewards, mask, step_rewards=steps)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tokenmdp.policy.value_head import ValueModel
     from tokenmdp.rollout.base import Engine
     from tokenmdp.tasks.base import Task
+    from tokenmdp.train.environment import RunEnvironment
     from tokenmdp.train.sharding import Sharding
 
 
@@ -111,6 +112,7 @@ class Components:
     critic: ValueModel | None = None
     critic_optimizer: torch.optim.Optimizer | None = None
     fsdp: Sharding | None = None  # run.fsdp: the policy sharded over the processes (tokenmdp.train.sharding)
+    env: RunEnvironment | None = None  # task.env: a multi-turn environment (tokenmdp.train.environment)
     state: dict[str, Any] = field(default_factory=dict)  # running statistics saved in checkpoints
 
     @property
@@ -287,11 +289,14 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
         critic_optimizer = accelerator.prepare(critic_optimizer)
     engine = get_engine(config.rollout.engine, accelerator.unwrap_model(model), policy.tokenizer,
                         **config.rollout.engine_options)
+    from tokenmdp.train.environment import build_environment
+
+    env = build_environment(config, settings, task, policy.tokenizer, accelerator.device)
     # the trackers (run.report_to) start in RunHandle.begin, once the run folder is (re)created
     return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
                       tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
                       scheduler=scheduler, ref_model=ref_model, adapter=adapter, critic=critic,
-                      critic_optimizer=critic_optimizer, fsdp=sharding)
+                      critic_optimizer=critic_optimizer, fsdp=sharding, env=env)
 
 
 def _shard(model, accelerator) -> Sharding:

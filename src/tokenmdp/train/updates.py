@@ -125,7 +125,7 @@ def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tenso
 
 def row_lengths(rollout: Rollout) -> torch.Tensor:
     """Prompt plus response tokens of each row (B,): the cost of its forward pass."""
-    return rollout.prompt_mask.sum(dim=1) + rollout.response_mask.sum(dim=1)
+    return rollout.prompt_mask.sum(dim=1) + rollout.context_mask.sum(dim=1)
 
 
 def batch_order(c: Components, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -148,16 +148,18 @@ def forward(c: Components, model, sub: Rollout, *, entropy: bool = False):
     run = partial(score, model)
     if c.fsdp is not None and model is c.model:  # through the FSDP root: it gathers the embeddings and head
         run = partial(c.fsdp.root, score)
+    context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}  # multi-turn episodes
     with c.accelerator.autocast(), update_mode(model):
         return run(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                     temperature=temperature, return_entropy=entropy)
+                   temperature=temperature, return_entropy=entropy, **context)
 
 
 def critic_values(c: Components, critic, sub: Rollout) -> torch.Tensor:
     """(B, T) critic values V(s_t) of ``sub``'s response tokens (shared prompts as in :func:`forward`)."""
+    context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}
     with c.accelerator.autocast():
         return critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                             shared_prompt=c.config.optim.shared_prompt)
+                             shared_prompt=c.config.optim.shared_prompt, **context)
 
 
 @torch.no_grad()
