@@ -25,11 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EnvStep, TokenEnv
-from tokenmdp.rollout.base import Engine, encode_prompts, left_pad, pad_token_id
+from tokenmdp.rollout.base import Engine, encode_prompts
 
 VARIANTS = ("hint", "alternate")
 ANSWER_END = "</answer>"

@@ -1,0 +1,155 @@
+"""The trainer on multi-turn environments (config ``task.env``) and the two-LLM formulation (a frozen base model as
+the environment): every algorithm kind trains on episodes with observations, the single-turn environment gives
+the plain loop's batch, a two-LLM run on Countdown with the embedded tiny base, per-turn credit, and the bad
+inputs (a base tokenizer that differs from the policy's, settings an environment cannot run with)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenmdp.base.store import SHIPPED
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.mdp.env import EpisodeLimits
+from tokenmdp.policy.tiny import CHARS, build_char_tokenizer, build_tiny_model
+from tokenmdp.rollout.fast import FastEngine
+from tokenmdp.rollout.multiturn import run_episodes
+from tokenmdp.rollout.two_llm import BaseModelEnvironment, retokenize
+from tokenmdp.tasks import get_task
+from tokenmdp.train.config import load_config
+from tokenmdp.train.trainer import train
+
+from test_trainer import SMALL, ParityTask  # noqa: F401  (registers the parity task)
+
+ALTERNATE = ["task.env.kind=two_llm_alternate", "task.env.max_turns=2", "task.env.turn_tokens=3",
+             "task.env.base_tokens=4"]
+
+
+def _cfg(tmp_path, model_dir, algo, *extra, name=None):
+    out = tmp_path / (name or algo)
+    return load_config(None, [f"model.path={model_dir}", f"algo.name={algo}", f"run.out={out}", *SMALL, *extra])
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "isft+-", "dpo"])
+def test_every_algorithm_kind_trains_on_a_multi_turn_env(tmp_path, tiny_random_dir, algo):
+    """Two steps of each kind (policy gradient, PPO with its critic, filtered SFT, DPO) on episodes that alternate
+    policy lines and base-model lines; the behaviour log-probs match the learner's (ratio 1 on the first epoch)."""
+    run = train(_cfg(tmp_path, tiny_random_dir, algo, *ALTERNATE), progress=False)
+    before, after = load_file(str(tiny_random_dir / "model.safetensors")), load_file(str(run / "final" /
+                                                                                           "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["env/observation_tokens"] > 0 and r["env/turns"] >= 1 for r in records)
+    if algo == "grpo":  # one on-policy epoch (PPO's later epochs move the ratio)
+        assert abs(records[0]["policy/approx_kl"]) < 1e-5 and records[0]["policy/ratio_max"] < 1 + 1e-4
+
+
+def test_single_turn_env_gives_the_plain_batch(tmp_path, tiny_random_dir):
+    from tokenmdp.train.batch import collect
+    from tokenmdp.train.setup import build_components
+
+    problems = ParityTask().problems("train", n=2, seed=1)
+    batches = []
+    for kind in ("none", "single_turn"):
+        c = build_components(_cfg(tmp_path, tiny_random_dir, "grpo", f"task.env.kind={kind}"), tmp_path / "x")
+        batches.append(collect(c, problems, step=3))
+    plain, env = batches
+    for name in ("prompt_ids", "response_ids", "response_mask", "logprobs", "terminated", "truncated"):
+        assert torch.equal(getattr(plain.rollout, name), getattr(env.rollout, name)), name
+    assert torch.equal(plain.rewards, env.rewards) and torch.equal(plain.correct, env.correct)
+    assert [s.reason for s in plain.scores] == [s.reason for s in env.scores]
+
+
+def test_two_llm_countdown_with_the_embedded_base(tmp_path):
+    """The policy starts as a copy of the embedded tiny base and writes a first line; the frozen base answers;
+    the verifier scores the base's text. Two GRPO steps run, the policy moves, the base does not."""
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.skip("the embedded base model is not shipped in this checkout")
+    cfg = load_config(None, [f"model.path={SHIPPED}", "algo.name=grpo", f"run.out={tmp_path / 'run'}",
+                             "rollout.prompts_per_step=2", "rollout.group_size=4", "run.steps=2", "run.save_every=0",
+                             "run.threads=1", "optim.lr=1e-3", "task.env.kind=two_llm_hint",
+                             "task.env.turn_tokens=12", "task.env.base_tokens=100"])
+    run = train(cfg, progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["env/turns"] == 1 and r["env/observation_tokens"] > 0 for r in records)
+    assert all(r["reward/format"] > 0 for r in records)  # the base writes <answer> tags after the policy's line
+    before, after = load_file(str(SHIPPED / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _base_env(base, base_tok, policy_tok, **kw):
+    task = get_task("parity")
+    return BaseModelEnvironment(FastEngine(base, base_tok), base_tok, policy_tok, task, **kw)
+
+
+def test_a_base_with_another_tokenizer_is_retokenised_through_text(tiny_random):
+    """The same characters under other ids: the base's text becomes the observation in the policy's ids."""
+    base, base_tok = tiny_random
+    policy_tok = build_char_tokenizer(CHARS[::-1])
+    policy = build_tiny_model(policy_tok, seed=1)
+    shared = _base_env(base, base_tok, policy_tok, variant="alternate", max_turns=2, base_tokens=4)
+    assert not shared.same_vocab
+    ep = run_episodes(FastEngine(policy, policy_tok), policy_tok, shared.make_env, ParityTask().problems(n=2),
+                      ["n=1:", "n=2:"], group_size=2, limits=EpisodeLimits(2, 3, 40), seed=0)
+    ro = ep.rollout
+    assert ro.observation_mask is not None
+    for b in range(len(ro)):
+        obs_ids = ro.response_ids[b][ro.observation_mask[b].bool()].tolist()
+        base_text = ep.infos[b].get("base_text")
+        if base_text is not None:
+            assert policy_tok.decode(obs_ids, clean_up_tokenization_spaces=False) == base_text
+
+
+def test_a_base_whose_text_the_policy_cannot_write_is_refused(tiny_random):
+    base, base_tok = tiny_random
+    policy_tok = build_char_tokenizer("\n" + "".join(chr(c) for c in range(48, 58)) + "n=:")  # digits and 'n=:'
+    policy = build_tiny_model(policy_tok, seed=1)
+    shared = _base_env(base, base_tok, policy_tok, variant="hint", base_tokens=6)
+    with pytest.raises(TokenMDPError, match="does not round-trip.*task.env.base_path"):
+        run_episodes(FastEngine(policy, policy_tok), policy_tok, shared.make_env, ParityTask().problems(n=2),
+                     ["n=1:", "n=2:"], group_size=2, limits=EpisodeLimits(1, 3, 20), seed=0)
+    assert retokenize("12", policy_tok, what="x") == policy_tok("12", add_special_tokens=False)["input_ids"]
+
+
+def test_turn_rewards_become_the_token_rewards(tmp_path, tiny_random_dir):
+    """Per-turn rewards away from the last policy token are the token rewards of the credit (the return kept)."""
+    from tokenmdp.train.batch import Batch
+    from tokenmdp.train.pg import _credit, turn_rewards_matter
+    from tokenmdp.train.setup import build_components
+
+    c = build_components(_cfg(tmp_path, tiny_random_dir, "reinforce", *ALTERNATE), tmp_path / "x")
+    mask = torch.tensor([[1, 1, 0, 1, 0]])
+    ro = type("R", (), {"response_mask": mask})()
+    late = Batch(ro, [], [], torch.tensor([1.0]), torch.tensor([True]), torch.tensor([True]), 1, {},
+                 token_rewards=torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]]))
+    early = Batch(ro, [], [], torch.tensor([1.5]), torch.tensor([True]), torch.tensor([True]), 1, {},
+                  token_rewards=torch.tensor([[0.0, 0.5, 0.0, 1.0, 0.0]]))
+    assert not turn_rewards_matter(late) and turn_rewards_matter(early)
+    assert _credit(c, late) is None  # the spec's own credit assignment, as in a single turn
+    assert _credit(c, early).tolist() == [[0.0, 0.5, 0.0, 1.0, 0.0]]
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["rollout.engine=vllm"], "task.env.kind"),
+    (["run.eval_every=1"], "task.env.kind"),
+    (["rollout.max_staleness=1"], "task.env.kind"),
+    (["task.env.turn_tokens=0"], "task.env.turn_tokens"),
+    (["task.env.kind=three_llm"], "task.env.kind"),
+])
+def test_env_config_errors_name_the_field(tmp_path, tiny_random_dir, extra, field):
+    with pytest.raises(TokenMDPError, match=field.replace(".", r"\.")):
+        _cfg(tmp_path, tiny_random_dir, "grpo", "task.env.kind=two_llm_hint", *extra)
+
+
+def test_a_missing_base_model_is_one_clear_error(tmp_path, tiny_random_dir):
+    from tokenmdp.train.setup import build_components
+
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", "task.env.kind=two_llm_hint",
+               f"task.env.base_path={tmp_path / 'nowhere'}")
+    with pytest.raises(TokenMDPError, match="task.env.base_path"):
+        build_components(cfg, tmp_path / "x")
