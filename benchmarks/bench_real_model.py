@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
-CASES = ["grpo-lora", "grpo-full", "isft+--lora", "isft+--full", "dpo-lora", "dpo-full", "grpo-full-ckpt"]
+CASES = ["grpo-lora", "grpo-full", "isft+--lora", "isft+--full", "dpo-lora", "dpo-full", "grpo-full-padded",
+         "grpo-full-ckpt"]
 
 
 def smollm2_folder() -> Path:
@@ -77,8 +78,10 @@ def _overrides(case: str, model: Path, out: Path, args) -> list[str]:
             "optim.shared_prompt=true", "run.log_samples=false"]
     if mode.startswith("lora"):
         sets += ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32"]
+    if mode.endswith(("ckpt", "padded")):  # the prompt once per row (checkpointing turns the shared prompt off)
+        sets += ["optim.shared_prompt=false"]
     if mode.endswith("ckpt"):
-        sets += ["model.gradient_checkpointing=true", "optim.shared_prompt=false"]
+        sets += ["model.gradient_checkpointing=true"]
     return sets
 
 

@@ -105,8 +105,11 @@ def dpo_update(c: Components, batch: Batch | None, *, step: int, pairs: list | N
         chosen = torch.arange(len(pairs))
         rejected = chosen + len(pairs)
     else:
-        ro = batch.rollout  # a correct (chosen) and an incorrect (rejected) response of the same prompt
-        chosen, rejected = preference_pairs(batch.correct.float().cpu(), group_size=batch.group_size)
+        # the best (chosen) and the worst (rejected) response of the same prompt by the verifier's reward: with a
+        # 0/1 reward a correct and an incorrect one; with partial credit (a format reward) also a formatted and an
+        # unformatted one, as an online-DPO reward model's ranking would
+        ro = batch.rollout
+        chosen, rejected = preference_pairs(batch.rewards.float().cpu(), group_size=batch.group_size)
     metrics: dict = {"update/rows": float(2 * len(chosen)), "dpo/pairs": float(len(chosen))}
     if nothing_to_train(c, len(chosen), epochs=c.spec.mu):
         return metrics
