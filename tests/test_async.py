@@ -191,3 +191,33 @@ def test_bad_input_names_the_field(tmp_path, tiny_random_dir):
                   "rollout.async_worker=thread", name="lost")
     with pytest.raises(TokenMDPError, match=r"no async_batches.pt: .*'rollout.max_staleness' = 1"):
         train(longer, resume=True, progress=False)
+
+
+def test_the_anchor_from_the_loss_forward_equals_a_pass_of_its_own(tmp_path, tiny_random_dir, monkeypatch):
+    """One epoch, one optimizer step a batch: pi_old is read off the loss's own forward (no extra pass). The run,
+    its importance-weight metrics and its loss equal those of the run that computes pi_old in a pass of its own."""
+    import tokenmdp.train.pg as pg
+
+    extra = (*ASYNC, "rollout.async_worker=thread")
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="in-pass")
+    assert pg.anchor_in_pass(_FakeC(cfg))
+    calls = []
+    real = pg.logprobs_all
+    monkeypatch.setattr(pg, "logprobs_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = train(cfg, progress=False)
+    assert calls == []  # no pass of its own
+    monkeypatch.setattr(pg, "anchor_in_pass", lambda c: False)
+    slow = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="own-pass"), progress=False)
+    assert calls  # the separate pass ran
+    a, b = _params(fast / "final"), _params(slow / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in a)
+    keys = ("async/is_ratio_mean", "async/is_ratio_max", "async/tis_clip_frac", "policy/loss")
+    for x, y in zip(_records(fast), _records(slow)):
+        assert all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9) for k in keys), (x, y)
+
+
+class _FakeC:
+    def __init__(self, config):
+        from tokenmdp.train.config import resolve_algo
+
+        self.config, self.spec = config, resolve_algo(config)

@@ -51,7 +51,8 @@ class TrainBatch:
     :class:`Batch`. Tensors an algorithm does not use are None."""
 
     rollout: Rollout
-    old_logprobs: torch.Tensor  # behaviour log-probs (the engine's, or recomputed)
+    old_logprobs: torch.Tensor | None  # behaviour log-probs (the engine's, or recomputed); None: the loss's own
+    # forward gives the anchor (a stale batch, tokenmdp.train.pg.anchor_in_pass)
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None

@@ -68,6 +68,19 @@ def _credit(c: Components, batch: Batch) -> torch.Tensor | None:
     return None
 
 
+def anchor_in_pass(c: Components) -> bool:
+    """Whether a stale batch's anchor ``pi_old`` (the learner's log-probs before the update) can be read off the
+    loss's own forward pass instead of a pass of its own: one epoch and one optimizer step per batch (the
+    parameters of that forward are those before the update), and nothing else needs ``pi_old`` before the loss
+    (no KL in the reward, no equivalence diagnostic). Then ``pi_old`` is the detached log-probs of the same
+    forward, equal in value to a separate pass, the ratio is exactly 1 and the truncated importance weights come from
+    the same numbers: the update is the same and one no-gradient forward pass a step cheaper."""
+    spec, optim = c.spec, c.config.optim
+    one_step = optim.minibatch_size is None or optim.minibatch_size >= c.config.rollout.prompts_per_step * (
+        c.config.rollout.group_size)
+    return spec.mu == 1 and one_step and not spec.kl_in_reward and not c.config.run.equivalence
+
+
 def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
     """The update's :class:`TrainBatch` (behaviour and reference log-probs, critic values, advantages, returns)
     and its metrics.
@@ -78,10 +91,13 @@ def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:
     """
     spec, ro = c.spec, batch.rollout
     stale = c.config.rollout.max_staleness > 0
-    old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs or stale else ro.logprobs
     metrics: dict = {}
     is_weights = None
-    if stale:
+    if stale and anchor_in_pass(c):
+        old = None  # the loss's own forward gives the anchor (:func:`_micro_loss`): no extra pass
+    else:
+        old = logprobs_all(c, c.model, ro) if c.config.rollout.recompute_logprobs or stale else ro.logprobs
+    if stale and old is not None:
         is_weights, tis_m = truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap)
         metrics.update(tis_m)
     ref = reference_logprobs(c, ro)
@@ -139,13 +155,18 @@ def signal_rows(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _micro_loss(c: Components, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
     spec, sub = c.spec, t.rollout
     lp, ent = forward(c, c.model, sub, entropy=True)
+    old, is_weights, tis_m = t.old_logprobs, t.is_weights, {}
+    if old is None:  # a stale batch's anchor from this very forward (anchor_in_pass)
+        old = lp.detach().float()
+        is_weights, tis_m = truncated_is(old, sub.logprobs, sub.response_mask, cap=spec.tis_cap)
     loss, m = policy_loss(
-        lp.float(), t.old_logprobs, t.advantages, sub.response_mask, clip_low=spec.clip_low,
+        lp.float(), old, t.advantages, sub.response_mask, clip_low=spec.clip_low,
         clip_high=spec.clip_high, aggregation=spec.aggregation, ref_logprobs=t.ref_logprobs,
         kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
         entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.divisor(c.settings.max_new_tokens),
-        num_tokens=n_tok, num_seqs=n_seq, is_weights=t.is_weights,
+        num_tokens=n_tok, num_seqs=n_seq, is_weights=is_weights,
     )
+    m.update(tis_m)
     if c.critic is not None:
         v = critic_values(c, c.critic, sub)
         v_loss, vm = value_loss(v.float(), t.values, t.returns, sub.response_mask, clip_range=spec.value_clip,
