@@ -221,3 +221,10 @@ class _FakeC:
         from tokenmdp.train.config import resolve_algo
 
         self.config, self.spec = config, resolve_algo(config)
+
+
+def test_lora_dropout_keeps_the_anchor_in_a_pass_of_its_own(tmp_path, tiny_random_dir):
+    import tokenmdp.train.pg as pg
+
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *ASYNC, "model.lora.enabled=true", "model.lora.dropout=0.1")
+    assert not pg.anchor_in_pass(_FakeC(cfg))

@@ -258,3 +258,14 @@ def test_shared_prompt_update_with_lora_equals_the_padded_one(tmp_path, tiny_ran
     y = load_file(str(b / "final" / "adapter_model.safetensors"))
     assert x.keys() == y.keys()
     assert all(torch.allclose(x[k], y[k], atol=1e-6, rtol=1e-5) for k in x)
+
+
+def test_lora_dropout_with_checkpointing_is_refused_and_the_adapter_records_a_named_gguf(tmp_path, tiny_random_dir):
+    with pytest.raises(TokenMDPError, match="model.lora.dropout.*gradient_checkpointing"):
+        _cfg(tmp_path, tiny_random_dir, "grpo", "model.lora.dropout=0.1", "model.gradient_checkpointing=true")
+    from tokenmdp.train.setup import Settings, _base_record
+
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo", "model.gguf_file=smol.gguf")
+    settings = Settings("/m/smol", {}, None, 8, None)
+    assert _base_record(cfg, settings) == "/m/smol/smol.gguf"
+    assert _base_record(_cfg(tmp_path, tiny_random_dir, "grpo"), Settings("/m/x.gguf", {}, None, 8, None)) == "/m/x.gguf"

@@ -397,6 +397,10 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
         if value < 0:
             raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
     _validate_lora(config.model.lora, source)
+    if config.model.gradient_checkpointing and config.model.lora.enabled and config.model.lora.dropout > 0:
+        raise TokenMDPError(f"config field {_where('model.lora.dropout', source)} must be 0 with "
+                            "model.gradient_checkpointing: the backward recomputes each layer without the forward's "
+                            "dropout masks")
     _validate_fsdp(config, source)
     _validate_env(config, source)
     if not 0.0 < config.rollout.top_p <= 1.0:

@@ -72,13 +72,14 @@ def anchor_in_pass(c: Components) -> bool:
     """Whether a stale batch's anchor ``pi_old`` (the learner's log-probs before the update) can be read off the
     loss's own forward pass instead of a pass of its own: one epoch and one optimizer step per batch (the
     parameters of that forward are those before the update), and nothing else needs ``pi_old`` before the loss
-    (no KL in the reward, no equivalence diagnostic). Then ``pi_old`` is the detached log-probs of the same
+    (no KL in the reward, no equivalence diagnostic, no LoRA dropout in the loss's forward). Then ``pi_old`` is the detached log-probs of the same
     forward, equal in value to a separate pass, the ratio is exactly 1 and the truncated importance weights come from
     the same numbers: the update is the same and one no-gradient forward pass a step cheaper."""
     spec, optim = c.spec, c.config.optim
     one_step = optim.minibatch_size is None or optim.minibatch_size >= c.config.rollout.prompts_per_step * (
         c.config.rollout.group_size)
-    return spec.mu == 1 and one_step and not spec.kl_in_reward and not c.config.run.equivalence
+    dropout = c.config.model.lora.enabled and c.config.model.lora.dropout > 0  # the loss forward drops, a pass not
+    return spec.mu == 1 and one_step and not spec.kl_in_reward and not c.config.run.equivalence and not dropout
 
 
 def prepare(c: Components, batch: Batch) -> tuple[TrainBatch, dict]:

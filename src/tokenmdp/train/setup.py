@@ -193,6 +193,14 @@ def enable_checkpointing(model) -> None:
     model.eval()
 
 
+def _base_record(config: TrainConfig, settings: Settings) -> str:
+    """What an adapter records as its base (``tokenmdp merge`` loads it): the model path, with ``model.gguf_file``
+    joined to it when the GGUF file was named apart from its folder."""
+    if config.model.gguf_file and not settings.model_path.endswith(".gguf"):
+        return str(Path(settings.model_path) / config.model.gguf_file)
+    return settings.model_path
+
+
 def _policy(config: TrainConfig, settings: Settings, device, resume_from: Path | None):
     """The trained policy and, under LoRA, its peft wrapper: the base model frozen with a fresh adapter (seeded by
     ``run.seed``), or on resume the checkpoint's adapter; without LoRA the model itself (the checkpoint's on
@@ -210,7 +218,8 @@ def _policy(config: TrainConfig, settings: Settings, device, resume_from: Path |
             adapter = load_adapter(policy.model, resume_from / "model", trainable=True)
         else:
             adapter = add_lora(policy.model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                               target_modules=lora.target_modules, seed=config.run.seed, base=settings.model_path)
+                               target_modules=lora.target_modules, seed=config.run.seed, base=_base_record(config,
+                                                                                                        settings))
         adapter.to(device)
         policy.model = adapter.get_base_model()  # the HF model with the LoRA layers in place
         policy.model.eval()
