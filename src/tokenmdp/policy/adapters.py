@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from tokenmdp.atomic import write_folder
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.model import ADAPTER_CONFIG, META_FILE, load_policy
 
@@ -168,8 +169,6 @@ def merge_adapter(folder: str | os.PathLike, out: str | os.PathLike, *, base: st
     """Write the full model ``base + adapter`` of the adapter ``folder`` into ``out`` (atomically): the merged
     weights ``W + (alpha / r) B A`` in ``save_pretrained`` format, the tokenizer, and the adapter folder's
     ``tokenmdp.json``. ``base`` defaults to the adapter's recorded base model."""
-    from tokenmdp.atomic import write_folder
-
     folder = Path(folder)
     if not folder.is_dir():
         raise TokenMDPError(f"adapter folder not found: {folder}")

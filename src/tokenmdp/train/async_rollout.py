@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.rollout import get_engine
 from tokenmdp.rollout.base import Rollout
 from tokenmdp.train.batch import Batch, render_prompts, sampling_args, score
 
@@ -78,8 +79,6 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        from tokenmdp.rollout import get_engine
-
         sampler = get_engine(engine, model, tokenizer, **engine_options)
         while True:
             request = requests.get()
