@@ -136,7 +136,6 @@ def test_turn_rewards_become_the_token_rewards(tmp_path, tiny_random_dir):
 
 @pytest.mark.parametrize("extra, field", [
     (["rollout.engine=vllm"], "task.env.kind"),
-    (["run.eval_every=1"], "task.env.kind"),
     (["rollout.max_staleness=1"], "task.env.kind"),
     (["task.env.turn_tokens=0"], "task.env.turn_tokens"),
     (["task.env.kind=three_llm"], "task.env.kind"),

@@ -64,6 +64,8 @@ class EnvConfig:
     """A multi-turn environment around the task (:mod:`tokenmdp.mdp.env`; ``kind="none"``: the plain token MDP).
 
     ``single_turn``: the token MDP run through the multi-turn driver (the same rollouts as ``none``);
+    ``calculator``: a tool writes the value of each ``a op b =`` step (:mod:`tokenmdp.rollout.calculator`), for
+    ``max_turns`` turns of ``turn_tokens`` tokens and ``max_tokens`` in all (None: ``rollout.max_new_tokens``);
     ``two_llm_hint`` / ``two_llm_alternate``: a frozen base model is the environment (:mod:`tokenmdp.rollout.
     two_llm`): the policy writes a hint line and the base answers, or they alternate lines for ``max_turns`` policy
     turns. ``base_path``: the frozen base model (None: the policy's start model, ``model.path``, so the policy
@@ -71,7 +73,7 @@ class EnvConfig:
     ``rollout.max_new_tokens``); ``max_tokens``: response tokens of an episode in all, policy and base (None:
     ``max_turns x (turn_tokens + base_tokens)``)."""
 
-    kind: Literal["none", "single_turn", "two_llm_hint", "two_llm_alternate"] = "none"
+    kind: Literal["none", "single_turn", "calculator", "two_llm_hint", "two_llm_alternate"] = "none"
     base_path: str | None = None
     max_turns: int = 3
     turn_tokens: int = 16
@@ -452,9 +454,6 @@ def _validate_env(config: TrainConfig, source: str | None) -> None:
         clash = "rollout.max_staleness > 0 (overlapped rollouts sample single-turn batches only)"
     elif config.task.dpo_data:
         clash = "task.dpo_data (offline DPO pairs have no episodes)"
-    elif config.run.eval_every > 0:
-        clash = ("run.eval_every > 0 (held-out evaluation samples the policy alone; evaluating the policy with its "
-                 "environment is left to the experiments): set run.eval_every=0")
     if clash:
         raise TokenMDPError(f"config field {_where('task.env.kind', source)} is {env.kind!r}: it cannot be combined "
                             f"with {clash}")

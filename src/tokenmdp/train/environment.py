@@ -3,6 +3,9 @@
 
 * ``single_turn``: :class:`tokenmdp.mdp.env.SingleTurnEnv` scoring the decoded turn with the task's verifier
   (limits: one turn of ``max_new_tokens``), the same rollouts and scores as the plain loop;
+* ``calculator``: :class:`tokenmdp.rollout.calculator.CalculatorEnvironment`, a tool that writes the value of each
+  ``a op b =`` step the policy asks for (limits: ``max_turns`` turns of ``turn_tokens``, ``max_tokens`` in all,
+  default ``rollout.max_new_tokens``);
 * ``two_llm_hint`` / ``two_llm_alternate``: :class:`tokenmdp.rollout.two_llm.BaseModelEnvironment` over the frozen
   base model ``task.env.base_path`` (default: the policy's start model), loaded here with its own tokenizer and a
   ``fast`` sampler.
@@ -44,6 +47,12 @@ def build_environment(config, settings, task, tokenizer, device) -> RunEnvironme
 
         return RunEnvironment("single_turn", lambda: SingleTurnEnv(score), EpisodeLimits(1, max_new, max_new),
                               lambda seed: None)
+    if env.kind == "calculator":
+        from tokenmdp.rollout.calculator import CalculatorEnvironment
+
+        calc = CalculatorEnvironment(tokenizer, task)
+        limits = EpisodeLimits(env.max_turns, env.turn_tokens, env.max_tokens or max_new)
+        return RunEnvironment("calculator", calc.make_env, limits, calc.begin, calc)
     from tokenmdp.policy.model import load_policy
     from tokenmdp.rollout.fast import FastEngine
     from tokenmdp.rollout.two_llm import BaseModelEnvironment

@@ -4,7 +4,9 @@ The evaluation itself is :func:`tokenmdp.train.heldout.evaluate` (the same code 
 checkpoints), run on the run's engine; the trainer logs its figures under ``eval/``:
 ``eval/accuracy`` (greedy pass@1 when ``run.eval_greedy``, else sampled pass@1), ``eval/sampled_accuracy``
 (mean over problems of the fraction of ``run.eval_k`` samples that are correct), ``eval/pass@k``,
-``eval/format_rate`` and ``eval/length_correct`` / ``eval/length_incorrect``.
+``eval/format_rate`` and ``eval/length_correct`` / ``eval/length_incorrect``. With a multi-turn environment
+(``task.env``) every evaluation is an episode of the policy with it (the two-LLM formulation: the base's answer
+after the policy's hint), scored by the environment.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def held_out(c: Components, problems: list, *, step: int) -> dict:
                 c.unwrapped(), c.tokenizer, c.task, problems, k=run.eval_k, engine=c.engine,
             temperature=run.eval_temperature, max_new_tokens=c.settings.max_new_tokens, greedy=run.eval_greedy,
             seed=run.seed * 1_000 + 17, template=c.settings.template, chat=c.config.task.chat_template,
+            env=c.env,
         )
     m = result["metrics"]
     out = {

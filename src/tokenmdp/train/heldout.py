@@ -65,12 +65,46 @@ def _generate(eng, prompts: list[str], *, n: int, max_new_tokens: int, temperatu
     return texts, lengths, truncated
 
 
+def _episodes(eng, tokenizer, env, problems: Sequence, prompts: list[str], *, n: int, temperature: float, seed: int,
+              batch_size: int, progress: ProgressFn | None, **_: Any) -> tuple[list[str], list[int], list[bool], list]:
+    """Like :func:`_generate` through a multi-turn environment ``env`` (a :class:`~tokenmdp.train.environment.
+    RunEnvironment`): ``n`` episodes per problem; the texts are the episodes' (turns and observations), the lengths
+    count the policy's tokens only, and the fourth list holds each episode's score from the environment (None where
+    a limit cut the episode before it was scored)."""
+    from tokenmdp.rollout.multiturn import run_episodes
+
+    per_call = max(1, batch_size // n)
+    texts: list[str] = []
+    lengths: list[int] = []
+    truncated: list[bool] = []
+    scores: list = []
+    for call, lo in enumerate(range(0, len(prompts), per_call)):
+        call_seed = seed + 7919 * call
+        env.begin(call_seed)
+        ep = run_episodes(eng, tokenizer, env.make_env, problems[lo: lo + per_call], prompts[lo: lo + per_call],
+                          group_size=n, limits=env.limits, temperature=temperature, seed=call_seed)
+        texts += list(ep.rollout.responses)
+        lengths += [int(x) for x in ep.rollout.response_mask.sum(1).tolist()]
+        truncated += [bool(x) for x in ep.rollout.truncated.tolist()]
+        scores += [info.get("score") for info in ep.infos]
+        if progress is not None:
+            progress(len(ep.rollout))
+    return texts, lengths, truncated, scores
+
+
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _scored(task, problem, text: str, length: int, truncated: bool) -> dict:
-    s = task.score(problem, text)
+def _scored(task, problem, text: str, length: int, truncated: bool, score: Any = None, *,
+            from_env: bool = False) -> dict:
+    """One completion's record; ``from_env``: ``score`` is the environment's (None: the episode was cut before it
+    was scored, reward 0), else the task's verifier scores ``text``."""
+    if from_env:
+        from tokenmdp.tasks.base import Score
+
+        score = score if score is not None else Score(0.0, False, False, "no score: the episode was cut by a limit")
+    s = score if from_env else task.score(problem, text)
     return {"completion": text, "reward": float(s.reward), "correct": bool(s.correct),
             "formatted": bool(s.formatted), "length": length, "truncated": truncated}
 
@@ -126,7 +160,7 @@ def summarise(records: list[dict], k: int) -> dict[str, Any]:
 def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_samples: int | None = None,
              engine: Any = "fast", temperature: float = 1.0, max_new_tokens: int = 128, greedy: bool = True,
              batch_size: int = 256, seed: int = 0, template: str | None = None, chat: bool = False,
-             progress: ProgressFn | None = None) -> dict:
+             progress: ProgressFn | None = None, env: Any = None) -> dict:
     """Evaluate ``model`` on ``problems``: returns ``{"metrics", "records", "settings", "time_s"}``.
 
     ``model`` is a causal LM or a :class:`~tokenmdp.policy.model.Policy` (then ``tokenizer`` may be None);
@@ -138,6 +172,11 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
     ``*/length_incorrect`` (mean tokens), ``sampled/truncated_rate``. ``chat``: each prompt as the user turn of the
     tokenizer's chat template (:func:`tokenmdp.policy.model.chat_prompt`). ``progress(m)`` is told of every ``m``
     completions generated (``len(problems) * (n_samples + greedy)`` in all).
+
+    ``env``: a multi-turn environment (:class:`~tokenmdp.train.environment.RunEnvironment`, e.g. the two-LLM
+    formulation's frozen base): every completion is an episode of the policy with it, scored by the environment
+    (the base's answer for two LLMs), its length the policy's tokens; greedy means a greedy policy (the environment
+    samples as it was configured to). ``engine`` must sample from token ids (``fast`` or ``hf``).
     """
     n_samples = k if n_samples is None else n_samples
     if k < 1 or n_samples < k:
@@ -155,23 +194,29 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
     if chat:
         prompts = [chat_prompt(tokenizer, text) for text in prompts]
     opts = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    if env is not None:
+        gen = lambda **kw: _episodes(eng, tokenizer, env, list(problems), prompts, **kw)  # noqa: E731
+    else:
+        gen = lambda **kw: _generate(eng, prompts, **kw) + ([None] * len(prompts) * kw["n"],)  # noqa: E731
     try:
-        g = _generate(eng, prompts, n=1, temperature=0.0, seed=seed, **opts) if greedy else None
-        s = _generate(eng, prompts, n=n_samples, temperature=temperature, seed=seed + 1, **opts)
+        g = gen(n=1, temperature=0.0, seed=seed, **opts) if greedy else None
+        s = gen(n=n_samples, temperature=temperature, seed=seed + 1, **opts)
     finally:
         if was_training:
             model.train()
+    on = env is not None
     records = []
     for i, problem in enumerate(problems):
-        gr = _scored(task, problem, g[0][i], g[1][i], g[2][i]) if g is not None else None
+        gr = _scored(task, problem, g[0][i], g[1][i], g[2][i], g[3][i], from_env=on) if g is not None else None
         rows = range(i * n_samples, (i + 1) * n_samples)
-        samples = [_scored(task, problem, s[0][j], s[1][j], s[2][j]) for j in rows]
+        samples = [_scored(task, problem, s[0][j], s[1][j], s[2][j], s[3][j], from_env=on) for j in rows]
         records.append(problem_record(task, problem, gr, samples, k))
     settings = {"task": getattr(task, "name", str(task)), "template": template, "chat": chat, "n": len(problems),
                 "k": k,
                 "n_samples": n_samples, "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "greedy": greedy, "engine": engine if isinstance(engine, str) else getattr(eng, "name", "custom"),
-                "batch_size": batch_size, "seed": seed}
+                "batch_size": batch_size, "seed": seed,
+                "env": None if env is None else getattr(env, "kind", "custom")}
     return {"metrics": summarise(records, k), "records": records, "settings": settings,
             "time_s": time.perf_counter() - start}
 
