@@ -79,7 +79,8 @@ def _print_env(env: dict[str, Any]) -> None:
         "policy's tokens only")
     for name, doc in env["variants"].items():
         ids = doc["identities"]
-        say(f"{name}: isft+-adv vs grpo_nokl group by group: max |diff| {ids['isft+-adv_vs_grpo_nokl_group_max_abs_diff']:.3g} "
+        say(f"{name}: isft+-adv vs grpo_nokl group by group: max |diff| "
+            f"{ids['isft+-adv_vs_grpo_nokl_group_max_abs_diff']:.3g} "
             f"(relative {ids['isft+-adv_vs_grpo_nokl_group_rel_diff']:.3g}); isft+_seqsum_const cosine "
             f"{ids['isft+_seqsum_cosine']:.6f}, scale {ids['isft+_seqsum_scale']:.4f} (1/L); dr_grpo scale "
             f"{ids['dr_grpo_scale']:.4f}; largest update on the {ids['env_rows']} base rows "
@@ -137,13 +138,15 @@ def exact_cmd(
                   normalize=not raw, init_scale=init_scale)
     result: dict[str, Any] = {}
     if env != "two_llm":
-        result = run_exact(max_len=max_len or D["max_len"], vocab=vocab or D["vocab"], **common)  # type: ignore[arg-type]
+        result = run_exact(max_len=max_len or D["max_len"], vocab=vocab or D["vocab"],
+                           **common)  # type: ignore[arg-type]
     if env != "token":
         own = env == "two_llm"
         result["two_llm"] = run_exact_env(
             env_variants=split_list(env_variant) or ("alternate", "hint"), env_after=_env_after(env_after),
             max_len=(max_len if own and max_len else ENV_D["max_len"]), base_seed=base_seed,
-            vocab=(vocab if own and vocab else ENV_D["vocab"]), base_scale=base_scale, **common)  # type: ignore[arg-type]
+            vocab=(vocab if own and vocab else ENV_D["vocab"]), base_scale=base_scale,
+            **common)  # type: ignore[arg-type]
     if out is not None:
         from tokenmdp.experiments.exact_plots import exact_figures
 

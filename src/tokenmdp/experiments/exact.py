@@ -299,6 +299,6 @@ def save_exact(result: dict[str, Any], out_dir: str | Path, figures: dict[str, b
 
 
 __all__ = ["DEFAULTS", "IDENTITY_PRESETS", "MAX_GROUPS", "SKIPPED", "GroupBatch", "Groups", "Point", "Variant",
-           "count_groups", "dynamics", "enumerate_groups", "evaluate_table", "exact_mdp", "expected_update", "final_answer_verifier",
-           "make_point", "policy_stats", "row_coefficients", "run_exact", "run_threads", "save_exact", "state_values", "theta_free",
-           "variants"]
+           "count_groups", "dynamics", "enumerate_groups", "evaluate_table", "exact_mdp", "expected_update",
+           "final_answer_verifier", "make_point", "policy_stats", "row_coefficients", "run_exact", "run_threads",
+           "save_exact", "state_values", "theta_free", "variants"]
