@@ -92,10 +92,12 @@ def main_job(out: str, *, json_out: bool = False) -> None:
     claims (``<out>/claims.json``, ``report.html``, ``summary.md``)."""
     from tokenmdp.commands.compare import compare_cmd
     from tokenmdp.experiments.exact import run_exact, save_exact
+    from tokenmdp.experiments.exact_env import run_exact_env
     from tokenmdp.experiments.exact_plots import exact_figures
 
     err_console.rule("1. The exact tier: expected updates on an enumerable token MDP")
     result = run_exact()
+    result["two_llm"] = run_exact_env()  # the two-LLM case: a frozen stochastic base between policy tokens
     save_exact(result, Path(out) / "exact", exact_figures(result))
     err_console.print(f"exact tier: {len(result['presets'])} presets in {result['seconds']:.1f} s -> {out}/exact")
     err_console.rule("2. The sampled tier: the embedded tiny model on Countdown (compare --preset demo)")

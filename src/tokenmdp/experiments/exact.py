@@ -27,6 +27,10 @@ three is importable from here.
 two rows, ``|grad J| = 1/4``. With G = 2, REINFORCE's one-sample update is ``x = R s / 2`` with ``|s|^2 = 1``:
 ``E|x|^2 = 1/16``, per-sample variance ``1/16 - 1/64 = 3/64``; Dr. GRPO's ``U = grad J / 4``.
 
+**The two-LLM case** (:mod:`tokenmdp.experiments.exact_env`, ``tokenmdp exact --env two_llm``): the same
+updates on an MDP where a frozen stochastic base writes tokens between the policy's, masked out of every loss,
+through :func:`evaluate_table`; the identities above survive the stochastic transition.
+
 **Per-sample variance**: ``variance = G * Var``, the variance of one response's share of a group estimate
 (comparable across group sizes); ``relative_variance = G * Var / |U|^2`` is free of the presets' constant scales.
 
@@ -48,8 +52,10 @@ lengths (with other verifiers tried at L = 4: 12 of 12 for four of them, 9 of 12
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +190,19 @@ def run_exact(
     ``presets``, ``skipped``, ``identities``, ``dynamics``, ``seconds`` (and ``normalize``, ``init_scale``).
     """
     _check_args(group_size, steps, lr, max_len, vocab)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of a few hundred thousand numbers: one thread is fastest, by far on a
-    try:  # busy machine
+    with run_threads(1):
         return _run(group_size=group_size, steps=steps, lr=lr, seed=seed, max_len=max_len, vocab=vocab,
                     presets=presets, normalize=normalize, init_scale=init_scale)
+
+
+@contextlib.contextmanager
+def run_threads(num: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``num`` inside the block: tensors of a few hundred thousand numbers are
+    fastest on one thread, by far on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -227,6 +241,19 @@ def _run(*, group_size: int, steps: int, lr: float, seed: int, max_len: int, voc
          normalize: bool, init_scale: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     table = enumerate_sequences(exact_mdp(vocab, max_len))
+    doc, state = evaluate_table(table, group_size=group_size, steps=steps, lr=lr, seed=seed, presets=presets,
+                                normalize=normalize, init_scale=init_scale)
+    return {"mdp": _mdp_info(table, state["batch"].groups, init_scale, seed), **doc,
+            "seconds": time.perf_counter() - t0}
+
+
+def evaluate_table(table: SequenceTable, *, group_size: int, steps: int, lr: float, seed: int,
+                   presets: list[str] | None, normalize: bool, init_scale: float
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every preset's expected update at ``theta_0`` on any enumerated ``table`` (the token MDP's, or one with
+    environment tokens), its dynamics, the summaries and the identities. Returns ``(doc, state)``: ``doc`` the
+    ``exact.json`` document less ``mdp`` and ``seconds``; ``state`` what it was computed from (``updates`` by
+    preset, ``grad`` (D,), the :class:`GroupBatch` ``batch``, the start :class:`Point` ``start``, ``theta0``)."""
     groups = enumerate_groups(table, group_size)
     theta0 = init_logits(table, seed=seed, scale=init_scale, requires_grad=False)
     catalogue = variants()
@@ -244,8 +271,7 @@ def _run(*, group_size: int, steps: int, lr: float, seed: int, max_len: int, voc
         updates[name], var = expected_update(v, batch, start, per_group=True)
         runs[name] = dynamics(v, batch, theta0, steps=steps, lr=lr, normalize=normalize)
         summaries[name] = _summary(v, updates[name], var, runs[name], grad, len_grads, group_size)
-    return {
-        "mdp": _mdp_info(table, groups, init_scale, seed),
+    doc = {
         "group_size": group_size, "steps": steps, "lr": lr, "seed": seed, "normalize": normalize,
         "init_scale": init_scale,
         "start": _floats(stats),
@@ -254,8 +280,8 @@ def _run(*, group_size: int, steps: int, lr: float, seed: int, max_len: int, voc
         "skipped": dict(SKIPPED),
         "identities": _identities(updates, grad, summaries),
         "dynamics": runs,
-        "seconds": time.perf_counter() - t0,
     }
+    return doc, {"updates": updates, "grad": grad, "batch": batch, "start": start, "theta0": theta0}
 
 
 def save_exact(result: dict[str, Any], out_dir: str | Path, figures: dict[str, bytes] | None = None) -> Path:
@@ -273,6 +299,6 @@ def save_exact(result: dict[str, Any], out_dir: str | Path, figures: dict[str, b
 
 
 __all__ = ["DEFAULTS", "IDENTITY_PRESETS", "MAX_GROUPS", "SKIPPED", "GroupBatch", "Groups", "Point", "Variant",
-           "count_groups", "dynamics", "enumerate_groups", "exact_mdp", "expected_update", "final_answer_verifier",
-           "make_point", "policy_stats", "row_coefficients", "run_exact", "save_exact", "state_values", "theta_free",
-           "variants"]
+           "count_groups", "dynamics", "enumerate_groups", "evaluate_table", "exact_mdp", "expected_update",
+           "final_answer_verifier", "make_point", "policy_stats", "row_coefficients", "run_exact", "run_threads",
+           "save_exact", "state_values", "theta_free", "variants"]

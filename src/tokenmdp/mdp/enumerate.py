@@ -24,11 +24,18 @@ other logits of those rows).
 Sampling helpers draw whole responses (seeded) from ``p(y)``, which is exactly the distribution of token-by-token
 rollouts, so tests can average sampled gradient estimators and compare them with ``grad J``; :func:`all_groups`
 lists every group of ``G`` responses so the expectation of a group estimator (GRPO, RLOO) can be computed exactly.
+
+**Environment tokens.** A table may also hold episodes in which a frozen environment writes some of the tokens
+(:mod:`tokenmdp.mdp.enumerate_env`, the two-LLM case). Then ``mask`` is the policy's ``response_mask`` (1 on the
+policy's tokens only), ``observation_mask`` marks the environment's tokens and ``env_logprobs`` (N,) holds the
+log-probability the environment gave its tokens, a constant in ``theta``. Every function here then reads
+``log p(y) = sum_{policy t} log pi(y_t | s_t) + env_logprobs`` and differentiates the policy's positions only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -39,6 +46,14 @@ Tensor = torch.Tensor
 MAX_SEQUENCES = 5000
 
 
+class Enumerable(Protocol):
+    """What a table needs of its MDP: the vocabulary, EOS and the policy's token budget ``max_len``."""
+
+    vocab_size: int
+    eos_id: int
+    max_len: int
+
+
 @dataclass(frozen=True)
 class SequenceTable:
     """Every complete response of a tiny token MDP, as padded tensors (``L = max_len``).
@@ -46,9 +61,12 @@ class SequenceTable:
     ``tokens`` (N, L) long, padding 0; ``mask`` (N, L) bool; ``prefix_index`` (N, L) long: the row of ``theta``
     for the state before each token (0 on padding); ``rewards`` (N,) float64; ``lengths`` (N,) long;
     ``terminated`` (N,) bool; ``prefixes`` the S states (response prefixes), ``sequences`` the N responses.
+    With an environment (module docstring): ``mask`` is 1 on the policy's tokens only, ``lengths`` count them,
+    ``observation_mask`` (N, L) bool marks the environment's tokens and ``env_logprobs`` (N,) float64 their
+    log-probability; both ``None`` for the plain token MDP.
     """
 
-    mdp: TokenMDP
+    mdp: Enumerable
     prompt: tuple[int, ...]
     prefixes: tuple[tuple[int, ...], ...]
     sequences: tuple[tuple[int, ...], ...]
@@ -58,6 +76,8 @@ class SequenceTable:
     rewards: Tensor
     lengths: Tensor
     terminated: Tensor
+    observation_mask: Tensor | None = None
+    env_logprobs: Tensor | None = None
 
     @property
     def num_prefixes(self) -> int:
@@ -158,8 +178,9 @@ def token_logprobs(theta: Tensor, table: SequenceTable, index: Tensor | None = N
 
 
 def sequence_logprobs(theta: Tensor, table: SequenceTable) -> Tensor:
-    """``log p(y) = sum_t log pi(y_t | s_t)`` for every response, shape (N,)."""
-    return token_logprobs(theta, table).sum(dim=-1)
+    """``log p(y) = sum_t log pi(y_t | s_t)`` (+ ``env_logprobs``, a constant) for every response, shape (N,)."""
+    logp = token_logprobs(theta, table).sum(dim=-1)
+    return logp if table.env_logprobs is None else logp + table.env_logprobs.to(logp.dtype)
 
 
 def probabilities(theta: Tensor, table: SequenceTable) -> Tensor:
@@ -208,14 +229,17 @@ def sample_sequences(theta: Tensor, table: SequenceTable, num: int, *, seed: int
 
 def sample_tokens(theta: Tensor, table: SequenceTable, num: int, *, seed: int) -> list[tuple[tuple[int, ...], float]]:
     """``num`` rollouts token by token through ``TokenMDP.step`` (slow, for checking :func:`sample_sequences`)."""
+    mdp = table.mdp
+    if table.env_logprobs is not None or not isinstance(mdp, TokenMDP):
+        raise TokenMDPError("sample_tokens: this table has environment tokens; use sample_sequences")
     gen = torch.Generator().manual_seed(seed)
     pi = torch.softmax(theta.detach(), dim=-1)
     out = []
     for _ in range(num):
-        state, reward, done = table.mdp.reset(table.prompt), 0.0, False
+        state, reward, done = mdp.reset(table.prompt), 0.0, False
         while not done:
             probs = pi[table.prefix_row(state.response)]
-            res = table.mdp.step(state, int(torch.multinomial(probs, 1, generator=gen)))
+            res = mdp.step(state, int(torch.multinomial(probs, 1, generator=gen)))
             state, reward, done = res.state, res.reward, res.done
         out.append((state.response, reward))
     return out
@@ -237,6 +261,7 @@ def group_probabilities(theta: Tensor, table: SequenceTable, groups: Tensor) -> 
 
 
 __all__ = [
+    "Enumerable",
     "SequenceTable",
     "enumerate_sequences",
     "init_logits",
