@@ -55,6 +55,7 @@ CHOICES: dict[str, tuple] = {
     "baseline": ("none", "batch_mean", "moving_average"),
     "returns": ("sequence", "to_go"),
     "credit": tuple(CREDIT),
+    "process_final": ("residual", "add"),
     "aggregation": AGGREGATIONS,
     "kl_estimator": KL_ESTIMATORS,
     "kl_in": ("loss", "reward"),
@@ -85,6 +86,9 @@ class AlgoSpec:
     # credit assignment (token rewards for gae / to_go)
     credit: str = "terminal"
     credit_gamma: float = 1.0
+    # credit "process": the last token gets R - sum of the step rewards (residual: the return stays R, so with
+    # sequence returns the update is uniform credit's exactly) or R (add: the return is R + the step rewards)
+    process_final: str = "residual"
     # loss
     aggregation: str = "seq_mean_token_mean"
     max_len: int | None = None  # seq_sum_const constant; None = the rollout's max_new_tokens
@@ -189,7 +193,8 @@ class AlgoSpec:
             keys += ["advantage"]
             keys += {"grpo": ["std_scale"] + (["std"] if self.std_scale != "none" else []),
                      "rloo": [], "reinforce": ["baseline"], "gae": ["critic", "gamma", "lam"]}[self.advantage]
-            keys += ["credit", "returns", "whiten_advantages", "aggregation", "clip_low", "clip_high", "kl_coef"]
+            keys += ["credit"] + (["process_final"] if self.credit == "process" else [])
+            keys += ["returns", "whiten_advantages", "aggregation", "clip_low", "clip_high", "kl_coef"]
             keys += ["kl_estimator", "kl_in"] if self.kl_coef > 0 else []
             keys += ["entropy_coef", "mu"]
             keys += ["filter_groups"] if self.filter_groups else []

@@ -35,13 +35,15 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
-from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, HELDOUT_SEED, TINY_LR,
-                                                   CompareSettings, curve_every, preset_settings,
+from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, HELDOUT_SEED, TINY_LR, Arm,
+                                                   CompareSettings, arm_of, curve_every, preset_settings,
                                                    validate_settings)
 
 
-def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens: int) -> dict:
-    """The training config of ``algo`` (YAML layout of :class:`tokenmdp.train.config.TrainConfig`)."""
+def _base_config(s: CompareSettings, arm: Arm, model_path: str, max_new_tokens: int) -> dict:
+    """The training config of ``arm`` (YAML layout of :class:`tokenmdp.train.config.TrainConfig`; the arm's
+    overrides are applied when it is loaded)."""
+    algo = arm.algo
     cfg = {
         "model": {"path": model_path},
         "task": {"name": s.task, "template": s.template, "options": dict(s.task_kwargs)},
@@ -49,7 +51,7 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
                     "max_new_tokens": max_new_tokens},
         "algo": {"name": algo},
         "optim": {},
-        "run": {"steps": s.steps, "save_every": 0, "keep_last": 1, "eval_every": curve_every(s),
+        "run": {"steps": arm.steps, "save_every": 0, "keep_last": 1, "eval_every": curve_every(s),
                 "eval_n": min(s.eval_n, s.curve_n), "eval_k": s.curve_k, "eval_greedy": True,
                 "report_to": s.report_to, "log_samples": True,
                 "equivalence": algo in ("grpo", "grpo_nokl"), "overwrite": True},
@@ -61,17 +63,31 @@ def _base_config(s: CompareSettings, algo: str, model_path: str, max_new_tokens:
     return cfg
 
 
+def arm_overrides(s: CompareSettings, arm: Arm) -> list[str]:
+    """The config overrides of one arm's runs: the comparison's, then the arm's own; an arm with an environment
+    evaluates its start policy with the environment at step 0 (the base model's own point would be the base alone)."""
+    extra = list(s.overrides) + list(arm.overrides)
+    if any(o.replace(" ", "").startswith("task.env.kind=") and not o.replace(" ", "").endswith("=none")
+           for o in arm.overrides) and curve_every(s) > 0:
+        extra.append("run.eval_before=true")
+    return extra
+
+
 def _load_configs(s: CompareSettings, out: Path, model_path: str, max_new: int) -> dict[str, Path]:
-    """Write ``configs/<algo>.yaml`` and validate each (with the user's overrides) before anything runs."""
+    """Write ``configs/<arm>.yaml`` and validate each (with the overrides) before anything runs."""
     from tokenmdp.train.config import load_config
 
     (out / "configs").mkdir(parents=True, exist_ok=True)
     paths = {}
-    for algo in s.algos:
-        path = out / "configs" / f"{algo.replace('+', 'p').replace('-', 'm')}.yaml"
-        path.write_text(yaml.safe_dump(_base_config(s, algo, model_path, max_new), sort_keys=False))
-        load_config(path, list(s.overrides))
-        paths[algo] = path
+    for name in s.algos:
+        arm = arm_of(s, name)
+        path = out / "configs" / f"{name.replace('+', 'p').replace('-', 'm')}.yaml"
+        path.write_text(yaml.safe_dump(_base_config(s, arm, model_path, max_new), sort_keys=False))
+        try:
+            load_config(path, arm_overrides(s, arm))
+        except TokenMDPError as exc:
+            raise TokenMDPError(f"arm {name!r}: {exc}") from None
+        paths[name] = path
     return paths
 
 
@@ -137,7 +153,8 @@ def _prepare(s: CompareSettings, out: Path, model_path: str, timings: dict) -> _
     s.task_kwargs, s.template = setup["task_kwargs"], setup["template"]
     task_obj = get_task(s.task, **s.task_kwargs)
     configs = _load_configs(s, out, model_path, setup["max_new_tokens"])
-    streams = {seed: prompt_stream(task_obj, seed=seed, steps=s.steps, prompts_per_step=s.prompts_per_step)
+    longest = max(arm_of(s, name).steps for name in s.algos)
+    streams = {seed: prompt_stream(task_obj, seed=seed, steps=longest, prompts_per_step=s.prompts_per_step)
                for seed in s.seeds}
     heldout = _heldout(s, task_obj, out, {p.id for st in streams.values() for step in st for p in step})
     info = {"settings": asdict(s) | {"model": model_path}, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -155,19 +172,27 @@ def _jobs(s: CompareSettings, out: Path, model_path: str, plan: _Plan, overwrite
     for seed in s.seeds:
         for algo in s.algos:
             run_dir = out / "runs" / algo / f"seed-{seed}"
+            arm = arm_of(s, algo)
             jobs.append(Job(label=f"{algo}/seed-{seed}", model_dir=str(run_dir / "final"),
                             out_json=str(run_dir / "eval.json"), algo=algo, seed=seed,
-                            config_path=str(plan.configs[algo]), run_dir=str(run_dir), **common))
+                            config_path=str(plan.configs[algo]), run_dir=str(run_dir),
+                            overrides=arm_overrides(s, arm), steps=arm.steps, **common))
     return jobs
 
 
 def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
-    """:func:`check_same_stream` for every seed: all algorithms logged the prompts of the seed's stream."""
+    """:func:`check_same_stream` for every seed: all algorithms logged the prompts of the seed's stream (arms of
+    different lengths are checked in groups of equal length, each against the stream's first steps)."""
     result = {}
+    lengths = sorted({arm_of(s, a).steps for a in s.algos})
     for seed in s.seeds:
-        run_dirs = {algo: out / "runs" / algo / f"seed-{seed}" for algo in s.algos}
-        expected = [[plan.task.render(p, template=s.template) for p in step] for step in plan.streams[seed]]
-        result[f"seed-{seed}"] = check_same_stream(run_dirs, expected)
+        for steps in lengths:
+            names = [a for a in s.algos if arm_of(s, a).steps == steps]
+            run_dirs = {algo: out / "runs" / algo / f"seed-{seed}" for algo in names}
+            expected = [[plan.task.render(p, template=s.template) for p in step]
+                        for step in plan.streams[seed][:steps]]
+            key = f"seed-{seed}" if len(lengths) == 1 else f"seed-{seed}/{steps}-steps"
+            result[key] = check_same_stream(run_dirs, expected)
     return result
 
 
@@ -192,7 +217,8 @@ def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite:
     if s.workers is None:
         s.workers = 2 if s.model is None and (os.cpu_count() or 1) >= 2 else 1
     runs = len(s.algos) * len(s.seeds)
-    with Tracker(eval_units(s) * (runs + 1) + runs * s.steps * step_weight(s), enabled=progress) as tracker:
+    steps = sum(arm_of(s, a).steps for a in s.algos) * len(s.seeds)
+    with Tracker(eval_units(s) * (runs + 1) + steps * step_weight(s), enabled=progress) as tracker:
         plan = _prepare(s, out, model_path, timings)
         results = run_jobs(_jobs(s, out, model_path, plan, overwrite), tracker, workers=s.workers,
                            threads=s.threads)

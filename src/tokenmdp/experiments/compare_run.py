@@ -4,6 +4,7 @@ fairness check on the logged prompt streams."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -40,6 +41,8 @@ class Job:
     config_path: str | None = None
     run_dir: str | None = None
     overwrite: bool = False
+    overrides: list[str] | None = None  # the run's config overrides (None: the comparison's own)
+    steps: int | None = None  # the run's steps (None: the comparison's)
 
 
 def step_weight(s) -> int:
@@ -86,29 +89,39 @@ def _check_reusable(config, run_dir: Path) -> None:
         raise TokenMDPError(f"{exc}; pass --overwrite to retrain it, or choose another --out") from None
 
 
+def run_config(job: Job, s):
+    """The training config of ``job``'s run (its arm's overrides, its seed and folder)."""
+    from tokenmdp.train.config import load_config
+
+    overrides = list(s.overrides) if job.overrides is None else list(job.overrides)
+    return load_config(job.config_path, overrides + [f"run.seed={job.seed}",
+                                                     f"run.out={json.dumps(str(job.run_dir))}"])
+
+
 def _train(job: Job, s, report: Report) -> float | None:
     """Train one (algorithm, seed) into ``job.run_dir``; seconds taken, or None when a finished run was reused."""
-    from tokenmdp.train.config import load_config
     from tokenmdp.train.trainer import train
 
     run_dir = Path(job.run_dir)
-    config = load_config(job.config_path, list(s.overrides) + [f"run.seed={job.seed}",
-                                                                f"run.out={json.dumps(str(run_dir))}"])
+    config = run_config(job, s)
+    steps = config.run.steps
     if not job.overwrite and (run_dir / "DONE").exists():
         _check_reusable(config, run_dir)
-        report("skip", job.label, s.steps * job.step_w)
+        report("skip", job.label, steps * job.step_w)
         return None
-    report("start", job.label, "train", s.steps)
+    report("start", job.label, "train", steps)
     start = time.perf_counter()
     train(config, progress=False, callbacks=[lambda step, record, c: report("advance", job.label, 1, job.step_w)])
     return time.perf_counter() - start
 
 
-def eval_key(s, problems, max_new_tokens: int) -> dict:
+def eval_key(s, problems, max_new_tokens: int, env: dict | None = None) -> dict:
     """What an evaluation's numbers are a function of (besides the model): a saved evaluation with the same key
-    is reused by a comparison run again in the same folder."""
+    is reused by a comparison run again in the same folder. ``env``: the run's environment (``task.env``), when
+    it evaluates through one."""
     ids = hashlib.sha1("\n".join(p.id for p in problems).encode()).hexdigest()
-    return json.loads(json.dumps({
+    extra = {} if env is None else {"env": env}
+    return json.loads(json.dumps(extra | {
         "task": s.task, "task_kwargs": s.task_kwargs, "template": s.template, "problems": ids, "k": s.k,
         "temperature": s.eval_temperature, "max_new_tokens": max_new_tokens, "seed": s.heldout_seed,
         "batch_size": s.eval_batch_size, "engine": s.engine}, default=str))
@@ -121,7 +134,9 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
     from tokenmdp.policy.model import load_policy
 
     out_json = Path(job.out_json)
-    key = eval_key(s, problems, job.max_new_tokens)
+    config = run_config(job, s) if job.algo is not None else None
+    with_env = config is not None and config.task.env.kind != "none"
+    key = eval_key(s, problems, job.max_new_tokens, dataclasses.asdict(config.task.env) if with_env else None)
     if reuse and out_json.is_file():
         old = json.loads(out_json.read_text())
         if old.get("key") == key:
@@ -130,10 +145,16 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
     if not Path(job.model_dir).exists():
         raise TokenMDPError(f"no final model to evaluate: {job.model_dir} (did the run finish?)")
     policy = load_policy(job.model_dir)
+    env = None
+    if with_env:  # the final policy with its environment (the two-LLM formulation: with the frozen base)
+        from tokenmdp.train.environment import build_environment
+        from tokenmdp.train.setup import resolve_settings
+
+        env = build_environment(config, resolve_settings(config), task, policy.tokenizer, "cpu")
     report("start", job.label, "eval", len(problems) * (s.k + 1))
     result = evaluate(policy, None, task, problems, k=s.k, engine=s.engine, temperature=s.eval_temperature,
                       max_new_tokens=job.max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
-                      template=s.template, progress=lambda m: report("advance", job.label, m, 1))
+                      template=s.template, progress=lambda m: report("advance", job.label, m, 1), env=env)
     records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")
     save_eval(result, out_json, records=records, model=str(job.model_dir), key=key, **extra)
     return result["time_s"]

@@ -48,6 +48,9 @@ class CompareSettings:
     cache_dir: str | None = None
     threads: int | None = None  # torch CPU threads; None: 1 for the embedded tiny model (fastest), else torch's
     workers: int | None = None  # runs in parallel processes; None: 2 for the embedded tiny model on >= 2 CPUs, else 1
+    # named arms: runs that differ by more than the algorithm (an environment, a credit assignment, a step count);
+    # ``algos`` may list an arm's name: {name: {"algo": preset, "set": [config overrides], "steps": n}}
+    arms: dict = field(default_factory=dict)
 
 
 #: Named comparisons (``tokenmdp compare --preset NAME``): settings chosen to answer the paper's questions
@@ -69,13 +72,94 @@ COMPARE_PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One run of each seed: the algorithm preset, the config overrides it adds to the comparison's, its steps."""
+
+    name: str
+    algo: str
+    overrides: tuple[str, ...]
+    steps: int
+
+
+def arm_of(s: CompareSettings, name: str) -> Arm:
+    """The arm ``name`` of ``s``: a named arm of ``s.arms``, else the preset ``name`` with no overrides."""
+    spec = s.arms.get(name)
+    if spec is None:
+        return Arm(name, name, (), s.steps)
+    return Arm(name, spec.get("algo", name), tuple(spec.get("set", ())), int(spec.get("steps", s.steps)))
+
+
+ARM_KEYS = ("algo", "set", "steps")
+
+
+def _validate_arms(s: CompareSettings) -> None:
+    from tokenmdp.algos.registry import PRESETS
+
+    for name, spec in s.arms.items():
+        where = f"--arms: arm {name!r}"
+        if not isinstance(spec, dict):
+            raise TokenMDPError(f"{where} must be a mapping with keys {', '.join(ARM_KEYS)}, got {spec!r}")
+        unknown = set(spec) - set(ARM_KEYS)
+        if unknown:
+            raise TokenMDPError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; the keys are "
+                                f"{', '.join(ARM_KEYS)}")
+        if name in PRESETS:
+            raise TokenMDPError(f"{where} has the name of an algorithm preset: choose another name")
+        if not name or "/" in name or name.startswith("."):
+            raise TokenMDPError(f"{where}: the name must be a plain folder name")
+        if spec.get("algo") not in PRESETS:
+            raise TokenMDPError(f"{where}: unknown algorithm {spec.get('algo')!r}; choose from {', '.join(PRESETS)}")
+        sets = spec.get("set", [])
+        if not isinstance(sets, list) or not all(isinstance(x, str) and "=" in x for x in sets):
+            raise TokenMDPError(f"{where}: 'set' must be a list of config overrides 'field=value', got {sets!r}")
+        steps = spec.get("steps", s.steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise TokenMDPError(f"{where}: 'steps' must be an integer >= 1, got {steps!r}")
+
+
+CALC = ["task.env.kind=calculator", "task.env.max_turns=16", "task.env.turn_tokens=48"]
+HINT = ["task.env.kind=two_llm_hint", "task.env.turn_tokens=16"]
+PROCESS = ["algo.overrides.credit=process"]
+#: Beyond the degenerate MDP (the multi-turn calculator, the two-LLM formulation, process credit): the shared
+#: settings of their presets, sized like the main job's sampled tier
+_BEYOND = {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 200,
+           "k": 4, "eval_every": 4, "overrides": ["optim.warmup_steps=2"]}
+COMPARE_PRESETS.update({
+    # a tool environment: the calculator writes each step's value (the state is no longer the policy's tokens);
+    # GRPO and filtered SFT on it, next to GRPO on the plain token MDP
+    "env-calculator": _BEYOND | {
+        "algos": ["grpo_nokl", "calc-grpo_nokl", "calc-isft+-"],
+        "arms": {"calc-grpo_nokl": {"algo": "grpo_nokl", "set": CALC},
+                 "calc-isft+-": {"algo": "isft+-", "set": CALC}}},
+    # two LLMs: the policy (a copy of the base) writes a hint line, the frozen base answers; against the base alone
+    # (base_eval.json) and against training the base directly (grpo_nokl)
+    "env-two-llm": _BEYOND | {
+        "algos": ["grpo_nokl", "hint-grpo_nokl", "hint-isft+-"],
+        "arms": {"hint-grpo_nokl": {"algo": "grpo_nokl", "set": HINT},
+                 "hint-isft+-": {"algo": "isft+-", "set": HINT}}},
+    # process credit (Countdown's step verifier, +-task.step_reward a step) against uniform credit, for GRPO (the
+    # step rewards added to the sequence return: still a weight per response; with the residual final reward the
+    # return, and so GRPO's update, would be uniform credit's exactly), Dr. GRPO with returns-to-go (a weight per
+    # token) and PPO (GAE over the step rewards)
+    "process-credit": _BEYOND | {
+        "algos": ["grpo_nokl", "process-grpo_nokl", "process-dr_grpo_togo", "ppo", "process-ppo"],
+        "arms": {"process-grpo_nokl": {"algo": "grpo_nokl", "set": PROCESS + ["algo.overrides.process_final=add"]},
+                 "process-dr_grpo_togo": {"algo": "dr_grpo", "set": PROCESS + ["algo.overrides.returns=to_go",
+                                                                               "run.equivalence=true"]},
+                 "process-ppo": {"algo": "ppo", "set": PROCESS}}},
+})
+
+
 def preset_settings(preset: str | None) -> dict:
     """The settings of ``preset`` (a copy; ``{}`` for None); an unknown name is one error listing the presets."""
     if preset is None:
         return {}
     if preset not in COMPARE_PRESETS:
         raise TokenMDPError(f"--preset: unknown preset {preset!r}; choose from {', '.join(COMPARE_PRESETS)}")
-    return {k: list(v) if isinstance(v, list) else v for k, v in COMPARE_PRESETS[preset].items()}
+    import copy
+
+    return copy.deepcopy(COMPARE_PRESETS[preset])
 
 
 def _option(name: str) -> str:
@@ -118,9 +202,11 @@ def validate_settings(s: CompareSettings) -> None:
     _check_types(s)
     if not s.algos:
         raise TokenMDPError("--algos: name at least one algorithm")
+    _validate_arms(s)
     for a in s.algos:
-        if a not in PRESETS:
-            raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}")
+        if a not in PRESETS and a not in s.arms:
+            arms = f" or an arm of --arms ({', '.join(s.arms)})" if s.arms else ""
+            raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}{arms}")
     if len(set(s.algos)) != len(s.algos):
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:

@@ -74,7 +74,11 @@ def gradient_cosines(
 
     ``batch``: a :class:`~tokenmdp.rollout.base.Rollout` or a mapping/object with ``prompt_ids``, ``prompt_mask``,
     ``response_ids``, ``response_mask``, behaviour log-probs ``old_logprobs`` (or ``logprobs``, as in a Rollout)
-    and, when ``kl_coef > 0``, ``ref_logprobs``. ``advantages`` (B,). One forward pass, five backward passes.
+    and, when ``kl_coef > 0``, ``ref_logprobs``. ``advantages`` (B,), or (B, T) per token (returns-to-go, e.g.
+    with process credit: ``A_t = G_t - b_i``): then the GRPO side takes them per token and the SFT side weighs each
+    response by its first token's ``A_i0 = R_i - b_i``, so ``equiv/cosine_on_policy`` measures how far per-token
+    credit moves a step from weighted filtered SFT (1 exactly when ``A_t`` is constant along each response). One
+    forward pass, five backward passes.
 
     Returns ``equiv/cosine`` (GRPO as configured vs SFT), ``equiv/cosine_on_policy`` (``rho = 1``, no KL: the
     paper's identity, 1 up to rounding), ``equiv/cosine_no_kl`` (as configured without the KL term),
@@ -87,21 +91,27 @@ def gradient_cosines(
     ref = _field(batch, "ref_logprobs", required=False)
     if kl_coef > 0 and ref is None:
         raise TokenMDPError("equivalence: kl_coef > 0 needs ref_logprobs in the batch")
-    if advantages.dim() != 1 or advantages.shape[0] != response_ids.shape[0]:
-        raise TokenMDPError(f"equivalence: advantages must have shape (B,) = ({response_ids.shape[0]},)")
+    if advantages.dim() not in (1, 2) or advantages.shape[0] != response_ids.shape[0] or (
+            advantages.dim() == 2 and advantages.shape != response_ids.shape):
+        raise TokenMDPError(f"equivalence: advantages must have shape (B,) = ({response_ids.shape[0]},) or (B, T) = "
+                            f"{tuple(response_ids.shape)}")
     params = [p for p in model.parameters() if p.requires_grad]
     observed = _field(batch, "observation_mask", required=False)  # a multi-turn episode's environment tokens
     context = {} if observed is None else {"context_mask": response_mask | observed.to(response_mask.dtype)}
     logp, _ = sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=temperature,
                                 **context)
     adv = advantages.detach().to(logp.dtype)
+    seq_adv = adv
+    if adv.dim() == 2:  # per-token advantages (returns-to-go): the SFT side weighs each response by its first token's
+        first = response_mask.long().argmax(dim=1)  # A_i0 = R_i - b_i, the sequence advantage
+        seq_adv = adv.gather(1, first.unsqueeze(1)).squeeze(1)
 
     def grpo(old_lp: Tensor, *, kl: float, clip: dict) -> tuple[Tensor, dict[str, float]]:
         return policy_loss(logp, old_lp, adv, response_mask, aggregation=aggregation, ref_logprobs=ref,
                            kl_coef=kl, kl_estimator=kl_estimator, **clip)
 
     configured_clip = dict(clip_low=clip_low, clip_high=clip_high)
-    sft, _ = isft_loss(logp, response_mask, adv > 0, mode="+-", weighting="advantage", advantages=adv,
+    sft, _ = isft_loss(logp, response_mask, seq_adv > 0, mode="+-", weighting="advantage", advantages=seq_adv,
                        aggregation=aggregation)
     g_sft = flat_grad(sft, params)
     loss_cfg, metrics = grpo(old, kl=kl_coef, clip=configured_clip)

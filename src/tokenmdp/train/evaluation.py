@@ -60,9 +60,10 @@ def held_out(c: Components, problems: list, *, step: int) -> dict:
 
 def equivalence(c: Components, tb: TrainBatch) -> dict:
     """``equiv/*`` metrics (:func:`tokenmdp.train.equivalence.gradient_cosines`) on the first
-    ``optim.micro_batch_size`` rows of the batch, before the update, for sequence-advantage policy gradients."""
+    ``optim.micro_batch_size`` rows of the batch, before the update, for group or baseline policy gradients (with
+    ``algo.returns="to_go"`` against their per-token advantages; not for a critic's GAE)."""
     spec = c.spec
-    if spec.kind != "pg" or spec.advantage == "gae" or spec.returns != "sequence":
+    if spec.kind != "pg" or spec.advantage == "gae":
         return {}
     t = tb.select(torch.arange(min(len(tb), c.config.optim.micro_batch_size)))
     sub = t.rollout
@@ -74,7 +75,7 @@ def equivalence(c: Components, tb: TrainBatch) -> dict:
     t0 = time.perf_counter()
     with c.accelerator.autocast():
         out = gradient_cosines(
-            c.unwrapped(), data, t.advantages[:, 0], clip_low=spec.clip_low, clip_high=spec.clip_high,
+            c.unwrapped(), data, t.advantages[:, 0] if spec.returns == "sequence" else t.advantages, clip_low=spec.clip_low, clip_high=spec.clip_high,
             kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
             temperature=c.config.rollout.temperature or 1.0, aggregation=aggregation,
         )

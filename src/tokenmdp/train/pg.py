@@ -62,7 +62,7 @@ def _credit(c: Components, batch: Batch) -> torch.Tensor | None:
         return process(batch.rewards, mask, step_rewards=turn * ~_last_token(mask))
     if spec.credit == "process":
         steps = step_rewards(c, batch, step_reward=c.config.task.step_reward)
-        return process(batch.rewards, mask, step_rewards=steps)
+        return process(batch.rewards, mask, step_rewards=steps, final=c.spec.process_final)
     if spec.kl_in_reward:
         return assign_credit(spec.credit, batch.rewards, mask, **spec.credit_kwargs)
     return None
