@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.compare_run import FairnessError, check_same_stream
@@ -206,5 +207,77 @@ def test_presets_fill_settings_and_options_override_them():
     demo = make_settings("demo")
     assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2, 3]
     assert make_settings(None).algos == list(make_settings(None, algos=None).algos)
-    with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small"):
+    with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small, "
+                                            "env-calculator, env-two-llm, process-credit"):
         make_settings("paper-big")
+
+
+@pytest.mark.parametrize("arms, match", [
+    ({"calc": {"algo": "nope"}}, "arm 'calc': unknown algorithm 'nope'"),
+    ({"grpo": {"algo": "grpo"}}, "name of an algorithm preset"),
+    ({"calc": {"algo": "grpo", "set": "task.env.kind=calculator"}}, "'set' must be a list"),
+    ({"calc": {"algo": "grpo", "steps": 0}}, "'steps' must be an integer >= 1"),
+    ({"calc": {"algo": "grpo", "colour": "red"}}, "unknown key"),
+    ({"a/b": {"algo": "grpo"}}, "plain folder name"),
+    ({"calc": "grpo"}, "must be a mapping"),
+])
+def test_bad_arms_are_one_error_naming_the_arm(arms, match):
+    from tokenmdp.experiments.compare import make_settings
+
+    with pytest.raises(TokenMDPError, match=match):
+        make_settings(None, algos=["grpo", *arms], arms=arms)
+
+
+def test_the_beyond_presets_name_their_arms():
+    from tokenmdp.experiments.compare import make_settings
+    from tokenmdp.experiments.compare_settings import arm_of
+
+    for preset in ("env-calculator", "env-two-llm", "process-credit"):
+        s = make_settings(preset)
+        assert s.algos[0] == "grpo_nokl" and arm_of(s, "grpo_nokl").overrides == ()
+        assert [a for a in s.algos if a not in s.arms] in (["grpo_nokl"], ["grpo_nokl", "ppo"])
+        for name in s.arms:
+            assert name in s.algos and arm_of(s, name).steps == s.steps
+    s = make_settings("process-credit")
+    assert "algo.overrides.returns=to_go" in arm_of(s, "process-dr_grpo_togo").overrides
+    with pytest.raises(TokenMDPError, match="--algos: unknown algorithm 'x'"):
+        make_settings("env-two-llm", algos=["grpo_nokl", "x"])
+
+
+def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
+    """An arm with the calculator environment and an arm of fewer steps beside a plain algorithm: each run gets its
+    arm's config, the calculator arm is evaluated through its environment (and from step 0), fairness is checked
+    per run length, and the report opens with the section beyond the degenerate MDP."""
+    from tokenmdp.cli import main
+
+    out = tmp_path / "arms"
+    arms = ('{calc: {algo: grpo_nokl, set: ["task.env.kind=calculator", "task.env.max_turns=3", '
+            '"task.env.turn_tokens=6", "run.equivalence=true"]}, short: {algo: isft+, steps: 2}}')
+    args = ["compare", "--algos", "grpo_nokl,calc,short", "--arms", arms, "--seeds", "1", "--steps", "3", "--model",
+            str(tiny_random_dir), "--task", "countdown", "-o", "num_count=3", "-o", "high=20", "--template",
+            "compact", "--max-new-tokens", "12", "--eval-n", "4", "--k", "2", "--prompts-per-step", "2",
+            "--group-size", "2", "--eval-every", "3", "--threads", "1", "--workers", "1", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    calc = out / "runs" / "calc" / "seed-0"
+    cfg = yaml.safe_load((calc / "config.yaml").read_text())
+    assert cfg["task"]["env"]["kind"] == "calculator" and cfg["run"]["eval_before"] is True
+    ev = json.loads((calc / "eval.json").read_text())
+    assert ev["settings"]["env"] == "calculator" and ev["key"]["env"]["kind"] == "calculator"
+    steps = [json.loads(line)["step"] for line in (calc / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and max(steps) == 3
+    short = [json.loads(line)["step"] for line in (out / "runs" / "short" / "seed-0" / "metrics.jsonl")
+             .read_text().splitlines()]
+    assert max(short) == 2
+    fair = json.loads((out / "compare.json").read_text())["fairness"]
+    assert fair["seed-0/2-steps"]["algos"] == ["short"] and fair["seed-0/3-steps"]["algos"] == ["grpo_nokl", "calc"]
+    beyond = json.loads((out / "beyond.json").read_text())
+    assert beyond["reference"] == "grpo_nokl" and set(beyond["arms"]) == {"grpo_nokl", "calc", "short"}
+    assert beyond["arms"]["calc"]["kind"]["env"] == "calculator"
+    cos = beyond["arms"]["calc"].get("cosine")  # only steps with a gradient count (a random model may have none)
+    assert cos is None or cos["min"] > 0.999  # on-policy GRPO = weighted SFT through the calculator
+    md = (out / "summary.md").read_text()
+    assert md.index("## Beyond the degenerate MDP") < md.index("## The paper's claims")
+    assert "Beyond the degenerate MDP" in (out / "report.html").read_text()
+    assert main(args[:4] + ["{calc: [1, 2]}"] + args[5:]) == 2
+    assert "--arms" in capsys.readouterr().err

@@ -115,3 +115,25 @@ def test_helpers_and_errors(tiny_random, batch):
         gradient_cosines(model, {k: v for k, v in bb.items() if k != "response_ids"}, adv)
     with pytest.raises(TokenMDPError, match="advantages must have shape"):
         gradient_cosines(model, bb, adv[:3])
+
+
+def test_per_token_advantages_constant_along_each_row_are_the_sequence_case(tiny_random, batch):
+    """(B, T) advantages equal to A_i on every token give the (B,) case's cosines exactly; returns-to-go of
+    process rewards (A_t = G_t - b_i, varying along a row) move the step away from weighted filtered SFT."""
+    model, _ = tiny_random
+    data, adv = batch
+    mask = data["response_mask"]
+    flat = adv.unsqueeze(1).expand(mask.shape).clone() * mask
+    seq = gradient_cosines(model, data, adv)
+    tok = gradient_cosines(model, data, flat)
+    for key in ("equiv/cosine_on_policy", "equiv/grad_norm_grpo", "equiv/grad_norm_isft"):
+        assert tok[key] == pytest.approx(seq[key], rel=1e-9, abs=1e-12), key
+    assert seq["equiv/cosine_on_policy"] > 0.9999
+    # a step reward of +0.5 on each row's first token: G_t - b_i is A_i + 0.5 on the first token only, where
+    # the SFT side still weighs the whole row by its first token's A_i0
+    bump = torch.zeros_like(flat)
+    bump[:, 0] = 0.5
+    varied = gradient_cosines(model, data, (flat + bump) * mask)
+    assert varied["equiv/cosine_on_policy"] < 0.999
+    with pytest.raises(TokenMDPError, match=r"\(B, T\)"):
+        gradient_cosines(model, data, flat[:, :3])

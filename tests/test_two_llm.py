@@ -152,3 +152,31 @@ def test_a_missing_base_model_is_one_clear_error(tmp_path, tiny_random_dir):
                f"task.env.base_path={tmp_path / 'nowhere'}")
     with pytest.raises(TokenMDPError, match="task.env.base_path"):
         build_components(cfg, tmp_path / "x")
+
+
+def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path, tiny_random_dir):
+    """credit "process": the residual final reward keeps each row's return R (so a sequence-return estimator is
+    uniform credit's exactly), "add" makes it R + the step rewards; hand-checked on one row."""
+    from types import SimpleNamespace
+
+    from tokenmdp.train.config import resolve_algo
+    from tokenmdp.train.pg import _credit
+    import tokenmdp.train.pg as pg
+
+    for final, want in (("residual", [0.0, 0.1, 0.0, 0.9]), ("add", [0.0, 0.1, 0.0, 1.0])):
+        cfg = _cfg(tmp_path, tiny_random_dir, "grpo_nokl", "algo.overrides.credit=process",
+                   f"algo.overrides.process_final={final}")
+        spec = resolve_algo(cfg)
+        assert spec.process_final == final
+        c = SimpleNamespace(spec=spec, config=cfg)
+        ro = SimpleNamespace(response_mask=torch.tensor([[1, 1, 1, 1]]))
+        batch = SimpleNamespace(rollout=ro, rewards=torch.tensor([1.0]), token_rewards=None)
+        original = pg.step_rewards
+        pg.step_rewards = lambda c, b, step_reward: torch.tensor([[0.0, step_reward, 0.0, 0.0]])
+        try:
+            got = _credit(c, batch)
+        finally:
+            pg.step_rewards = original
+        assert got.tolist()[0] == pytest.approx(want)
+    with pytest.raises(TokenMDPError, match="process_final"):
+        resolve_algo(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", "algo.overrides.process_final=both"))

@@ -10,6 +10,25 @@ from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
 
 
+def parse_arms(text: str | None) -> dict | None:
+    """``--arms``: a YAML file's path, or YAML/JSON text, holding a mapping of arm names; one error otherwise."""
+    if text is None:
+        return None
+    import yaml
+
+    from tokenmdp.errors import TokenMDPError
+
+    path = Path(text).expanduser()
+    source = path.read_text() if path.is_file() else text
+    try:
+        arms = yaml.safe_load(source)
+    except yaml.YAMLError as exc:
+        raise TokenMDPError(f"--arms: not valid YAML or JSON ({exc})") from None
+    if not isinstance(arms, dict):
+        raise TokenMDPError(f"--arms: expected a mapping of arm names to {{algo, set, steps}}, got {arms!r}")
+    return arms
+
+
 def compare_cmd(
     algos: list[str] | None = typer.Option(None, "--algos", help="Comma-separated presets "
                                            "(default: grpo,dr_grpo,ppo,rloo,isft+,isft+-)."),
@@ -41,6 +60,8 @@ def compare_cmd(
                                        "embedded tiny model, the fastest on a small CPU; else torch's default)."),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Runs trained in parallel processes "
                                        "(default: 2 for the embedded tiny model on a machine with 2+ CPUs, else 1)."),
+    arms: str | None = typer.Option(None, "--arms", help="Named arms, as YAML/JSON or a YAML file: {name: {algo: "
+                                    "PRESET, set: [config overrides], steps: N}}; list the names in --algos."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs already finished in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON document."),
 ) -> None:
@@ -52,7 +73,7 @@ def compare_cmd(
     opts = {"task_kwargs": parse_options(option) or None, "template": template, "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
             "overrides": list(set_) if set_ else None, "cache_dir": cache_dir, "threads": threads,
-            "workers": workers}
+            "workers": workers, "arms": parse_arms(arms)}
     for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
         if value is not None:
             opts[name] = value

@@ -8,11 +8,13 @@ Every algorithm gets the mean and the 95% Student-t confidence interval over its
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.beyond import analyse, beyond_html, beyond_markdown
 from tokenmdp.experiments.claims import evaluate_claims
 from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.plots import all_figures
@@ -242,11 +244,17 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     write_claims(claims, out / "claims.json")
+    beyond = analyse(col)
+    if beyond:
+        (out / "beyond.json").write_text(json.dumps(beyond, indent=2, default=str) + "\n")
     rows = summary_rows(col)
     write_csv(rows, out / "summary.csv")
     reading = length_reading(col, rows)
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
-          + ", ".join(str(s) for s in col.sources) + ".", "", "## The paper's claims", "",
+          + ", ".join(str(s) for s in col.sources) + ".", ""]
+    if beyond:
+        md += ["## Beyond the degenerate MDP", "", beyond_markdown(beyond), ""]
+    md += ["## The paper's claims", "",
           claims_markdown(claims), "", "## Held-out results", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
           "(accuracies in %, lengths in tokens).", ""]
@@ -266,7 +274,7 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     if exact_dir is not None and (exact_dir / "plots").is_dir():
         exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
     header = ["algorithm", "runs"] + column_labels(col)
-    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=claims_html(claims),
+    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=beyond_html(beyond) + claims_html(claims),
                        exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out

@@ -56,6 +56,8 @@ from tokenmdp.tasks.countdown_verify import (
 )
 
 HUB_ID = "Jiayi-Pan/Countdown-Tasks-3to4"
+#: What a first reasoning line (a two-LLM generator's hint) is, by :func:`classify_step`
+STEP_CLASSES = ("on a solution path", "dead end", "false arithmetic", "unavailable operand", "not a step")
 
 R1_TEMPLATE = (
     "A conversation between a User and an Assistant. The User gives a puzzle and the Assistant solves it. The "
@@ -308,4 +310,47 @@ class Countdown(Task):
         return out
 
 
-__all__ = ["Countdown", "HUB_ID", "make_problem", "split_of"]
+def classify_step(line: str, nums: Sequence[int], target: int) -> str:
+    """What the first ``a op b = c`` step of ``line`` is on the problem ``(nums, target)``, one of
+    :data:`STEP_CLASSES`: a true step with available operands after which the target is still reachable from the
+    numbers left (``"on a solution path"``) or no longer (``"dead end"``), ``"false arithmetic"``, ``"unavailable
+    operand"`` (or a division by zero), or ``"not a step"`` (no step in the line).
+
+    Hand examples with nums ``[3, 5, 7]``, target 56: ``"3+5=8"`` is on a path (8 * 7); ``"3*5=15"`` is a dead end
+    (15 and 7 cannot make 56); ``"3+5=9"`` is false arithmetic; ``"5+5=10"`` uses an unavailable 5.
+    """
+    steps = score_steps(line, nums)
+    if not steps:
+        return "not a step"
+    first = steps[0]
+    if not first.correct:
+        return "false arithmetic" if ", not " in first.reason else "unavailable operand"
+    a, op, b, c = step_numbers(first.text)
+    left = list(nums)
+    for x in (a, b):
+        left.remove(x)
+    return "on a solution path" if solve_tree(left + [c], target) is not None else "dead end"
+
+
+def step_numbers(text: str) -> tuple:
+    """``"3+5=8"`` -> ``(3, "+", 5, 8)`` (operands and result as exact numbers)."""
+    from tokenmdp.tasks.countdown_verify import _STEP, _OP_ALIASES, parse_number
+
+    a, op, b, c = _STEP.search(text).groups()
+    return parse_number(a), _OP_ALIASES.get(op, op), parse_number(b), parse_number(c)
+
+
+def parse_question(text: str) -> tuple[list[int], int] | None:
+    """``(nums, target)`` from a prompt or question holding ``"Numbers: 3 5 7. Target: 56."`` (the compact
+    template), or from a problem id ``"countdown-3_5_7-56"``; None otherwise."""
+    import re
+
+    m = re.search(r"Numbers: ([0-9 ]+)\. Target: (-?[0-9]+)\.", text) or re.fullmatch(
+        r"countdown-([0-9_]+)-(-?[0-9]+)", text)
+    if m is None:
+        return None
+    return [int(x) for x in m.group(1).replace("_", " ").split()], int(m.group(2))
+
+
+__all__ = ["Countdown", "HUB_ID", "STEP_CLASSES", "classify_step", "make_problem", "parse_question", "split_of",
+           "step_numbers"]

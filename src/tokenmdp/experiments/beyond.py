@@ -1,0 +1,382 @@
+"""Beyond the degenerate MDP: does the paper's reduction survive an environment or per-step credit?
+
+The reduction of GRPO to filtered SFT (arXiv 2505.13697) rests on two assumptions: the state is the concatenation
+of the policy's tokens, and the reward is spread evenly over them. The comparison presets ``env-calculator`` (a
+tool writes each step's value), ``env-two-llm`` (a frozen base answers after the policy's hint) and
+``process-credit`` (Countdown's step verifier) break one each. This module reads such a comparison and measures,
+per arm, against the arm on the plain token MDP (the *reference*: the first arm without an environment or process
+credit, ``grpo_nokl`` in the presets):
+
+(each arm is compared with the plain arm of its own algorithm when there is one, e.g. ``process-ppo`` with
+``ppo``):
+
+* **equivalence**: ``equiv/cosine_on_policy`` (the cosine between the policy-gradient step and the weighted
+  filtered-SFT step on the same batch, logged every step by :func:`tokenmdp.train.equivalence.gradient_cosines`):
+  its mean over steps per seed, the mean and 95% t interval over seeds, and its minimum over every logged step.
+  "holds" when the minimum is at least :data:`HOLDS` (1 up to float rounding), else "broken" with the numbers;
+* **length of incorrect responses** over training (the policy's own tokens: observations are not counted): the
+  least-squares slope of ``length/incorrect`` per step, per seed, mean and interval, and the paired difference
+  with the reference over seeds;
+* **held-out accuracy** (sampled pass@1 of the final models, through the arm's environment when it has one):
+  mean and interval over seeds, the paired difference with the reference and with the base model alone, over
+  seeds (t interval, p, the minimum detectable difference at 80% power) and over problems (each problem's pass@1
+  averaged over seeds, a paired t over the held-out problems: the power is in the problems);
+* **CPU minutes** of training per run (the comparison's ``train_cpu_s``: the two-LLM arm is compared with
+  training the base directly "for the same CPU minutes");
+* **hints** (two-LLM arms): the generator's most frequent first lines, from the final models' held-out samples
+  and from the first and last training steps' samples (``samples.parquet``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tokenmdp.experiments.runs import Collection, RunData
+from tokenmdp.stats import mean_ci, paired_difference, ls_slope
+
+HOLDS = 0.999  # the on-policy cosine of an update equal to filtered SFT's: 1 up to float rounding
+KEY = "sampled/pass@1"
+TOP_HINTS = 5
+
+
+def _config(run: RunData) -> dict:
+    return run.config or {}
+
+
+def arm_kind(run: RunData) -> dict:
+    """What an arm changes: its algorithm, environment kind, credit assignment and returns (from the run's config)."""
+    cfg = _config(run)
+    algo = cfg.get("algo") or {}
+    over = algo.get("overrides") or {}
+    env = ((cfg.get("task") or {}).get("env") or {}).get("kind", "none")
+    return {"algo": algo.get("name", run.algo), "env": env or "none", "credit": over.get("credit", "preset"),
+            "returns": over.get("returns", "sequence"), "process_final": over.get("process_final")}
+
+
+def _plain(kind: dict) -> bool:
+    return kind["env"] == "none" and kind["credit"] != "process"
+
+
+def _finished_by_arm(col: Collection) -> dict[str, dict[int, RunData]]:
+    return {a: {r.seed: r for r in col.runs_of(a, finished=True)} for a in col.algos}
+
+
+def _cpu_minutes(col: Collection, arm: str, seeds) -> float:
+    vals = []
+    for info in col.compares:
+        for seed in seeds:
+            t = (info.get("timings") or {}).get(f"{arm}/seed-{seed}")
+            if isinstance(t, dict) and isinstance(t.get("train_cpu_s"), (int, float)):
+                vals.append(t["train_cpu_s"] / 60.0)
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _records(run: RunData) -> dict[str, float]:
+    """Each held-out problem's sampled pass@1 of the run's final model (from ``eval_records.jsonl``)."""
+    path = Path(run.path) / "eval_records.jsonl"
+    out: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[str(rec["id"])] = float(rec["pass@1"])
+    return out
+
+
+def _base_records(col: Collection) -> dict[str, float]:
+    for info in col.compares:
+        path = Path(info.get("_source", "")) / "base_eval_records.jsonl"
+        if path.is_file():
+            return {str(r["id"]): float(r["pass@1"]) for r in map(json.loads, path.read_text().splitlines())}
+    return {}
+
+
+def _per_problem(runs: dict[int, RunData]) -> dict[str, float]:
+    """Each problem's pass@1 averaged over the seeds."""
+    sums: dict[str, list[float]] = {}
+    for run in runs.values():
+        for pid, v in _records(run).items():
+            sums.setdefault(pid, []).append(v)
+    return {pid: sum(v) / len(v) for pid, v in sums.items()}
+
+
+def _over_problems(a: dict[str, float], b: dict[str, float]) -> dict | None:
+    ids = sorted(set(a) & set(b))
+    if len(ids) < 2:
+        return None
+    d = paired_difference([a[i] for i in ids], [b[i] for i in ids])
+    return d.to_dict()
+
+
+def _eval(run: RunData, key: str = KEY) -> float:
+    v = ((run.eval or {}).get("metrics") or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def _metric_series(run: RunData, key: str) -> list[tuple[int, float]]:
+    m = run.metrics
+    if m.empty or key not in m.columns:
+        return []
+    v = m[key].dropna()
+    return [(int(s), float(x)) for s, x in zip(v.index, v.values) if int(s) > 0]
+
+
+def _cosines(run: RunData) -> list[tuple[int, float]]:
+    """The logged on-policy cosines of the steps that had a gradient (a step whose groups all scored alike has
+    none: both gradients are 0 and the logged cosine, 0, says nothing)."""
+    norms = dict(_metric_series(run, "equiv/grad_norm_grpo"))
+    return [(s, v) for s, v in _metric_series(run, "equiv/cosine_on_policy") if norms.get(s, 1.0) > 0]
+
+
+def _hints(texts: list[str]) -> list[tuple[str, int]]:
+    firsts = [t.split("\n", 1)[0] for t in texts]
+    return Counter(firsts).most_common(TOP_HINTS)
+
+
+def _classes(rows: list[tuple[str, str, bool]]) -> dict[str, dict] | None:
+    """Countdown hints (first lines) by :func:`tokenmdp.tasks.countdown.classify_step`: each class's share of the
+    samples and the accuracy of the episodes that began with it; None when no problem could be read."""
+    from tokenmdp.tasks.countdown import STEP_CLASSES, classify_step, parse_question
+
+    seen: dict[str, list[bool]] = {c: [] for c in STEP_CLASSES}
+    for where, text, correct in rows:
+        problem = parse_question(where)
+        if problem is None:
+            continue
+        seen[classify_step(text.split("\n", 1)[0], *problem)].append(bool(correct))
+    total = sum(len(v) for v in seen.values())
+    if not total:
+        return None
+    return {c: {"share": len(v) / total, "accuracy": (sum(v) / len(v)) if v else None, "n": len(v)}
+            for c, v in seen.items()}
+
+
+def hint_table(runs: dict[int, RunData]) -> dict[str, Any]:
+    """The generator's hints (first lines): the most frequent, and (Countdown) what kind of step they are and how
+    often the base then answers correctly, in the held-out samples of the final models and in the training samples
+    of the first and the last step (pooled over seeds)."""
+    import pyarrow.parquet as pq
+
+    held: list[tuple[str, str, bool]] = []
+    first: list[tuple[str, str, bool]] = []
+    last: list[tuple[str, str, bool]] = []
+    for run in runs.values():
+        path = Path(run.path) / "eval_records.jsonl"
+        if path.is_file():
+            for rec in map(json.loads, path.read_text().splitlines()):
+                held += [(str(rec["id"]), s["completion"], s["correct"]) for s in rec.get("samples", [])]
+        sp = Path(run.path) / "samples.parquet"
+        if sp.is_file():
+            t = pq.read_table(sp, columns=["step", "prompt", "completion", "correct"]).to_pydict()
+            steps = sorted(set(t["step"]))
+            rows = list(zip(t["step"], t["prompt"], t["completion"], t["correct"]))
+            if steps:
+                first += [(p, c, ok) for s, p, c, ok in rows if s == steps[0]]
+                last += [(p, c, ok) for s, p, c, ok in rows if s == steps[-1]]
+    texts = lambda rows: [c for _, c, _ in rows]  # noqa: E731
+    return {"heldout": _hints(texts(held)), "first_step": _hints(texts(first)), "last_step": _hints(texts(last)),
+            "n_heldout": len(held), "distinct_heldout": len({c.split("\n", 1)[0] for _, c, _ in held}),
+            "classes": {"heldout": _classes(held), "first_step": _classes(first), "last_step": _classes(last)}}
+
+
+def analyse(col: Collection) -> dict[str, Any]:
+    """The measurements of the module docstring for every arm of ``col`` (empty when it has only plain arms)."""
+    runs = _finished_by_arm(col)
+    kinds = {a: arm_kind(next(iter(r.values()))) for a, r in runs.items() if r}
+    if not kinds or all(_plain(k) for k in kinds.values()):
+        return {}
+    reference = next((a for a, k in kinds.items() if _plain(k)), None)
+    base_problems = _base_records(col)
+    base_value = next((float(e.get("metrics", e).get(KEY)) for e in col.base_evals
+                       if isinstance(e.get("metrics", e).get(KEY), (int, float))), math.nan)
+    out: dict[str, Any] = {"reference": reference, "holds_at": HOLDS, "base": {KEY: base_value}, "arms": {}}
+    plain = [a for a in runs if a in kinds and _plain(kinds[a])]
+    order = plain + [a for a in runs if a not in plain]  # each arm's reference is measured before it
+    for arm in order:
+        by_seed = runs[arm]
+        if arm not in kinds:
+            continue
+        seeds = sorted(by_seed)
+        row: dict[str, Any] = {"kind": kinds[arm], "seeds": seeds}
+        cos = {s: _cosines(r) for s, r in by_seed.items()}
+        if any(cos.values()):
+            per_seed = [sum(v for _, v in c) / len(c) for c in cos.values() if c]
+            every = [v for c in cos.values() for _, v in c]
+            ci = mean_ci(per_seed)
+            row["cosine"] = {"mean": ci.mean, "half_width": ci.half_width, "min": min(every), "steps": len(every),
+                             "holds": min(every) >= HOLDS}
+        slopes = {}
+        for s, r in by_seed.items():
+            series = _metric_series(r, "length/incorrect")
+            if len(series) >= 2:
+                slopes[s] = ls_slope([x for x, _ in series], [y for _, y in series])
+        if slopes:
+            ci = mean_ci(list(slopes.values()))
+            row["length_slope"] = {"mean": ci.mean, "half_width": ci.half_width, "per_seed": slopes}
+        acc = {s: _eval(r) for s, r in by_seed.items()}
+        ci = mean_ci(list(acc.values()))
+        row["heldout"] = {"mean": ci.mean, "half_width": ci.half_width, "per_seed": acc}
+        row["train_cpu_min"] = _cpu_minutes(col, arm, seeds)
+        problems = _per_problem(by_seed)
+        row["vs_base"] = {"over_problems": _over_problems(problems, base_problems)}
+        own = next((a for a, k in kinds.items() if _plain(k) and k["algo"] == kinds[arm]["algo"]), reference)
+        row["reference"] = own
+        if own is not None and arm != own:
+            ref = runs[own]
+            common = [s for s in seeds if s in ref]
+            if common:
+                row["vs_reference"] = {
+                    "over_seeds": paired_difference([acc[s] for s in common], [_eval(ref[s]) for s in common]
+                                                    ).to_dict(),
+                    "over_problems": _over_problems(problems, _per_problem(ref)),
+                }
+                ref_slopes = out["arms"].get(own, {}).get("length_slope", {}).get("per_seed", {})
+                both = [s for s in common if s in slopes and s in ref_slopes]
+                if both:
+                    row["length_slope"]["vs_reference"] = paired_difference(
+                        [slopes[s] for s in both], [ref_slopes[s] for s in both]).to_dict()
+        if kinds[arm]["env"].startswith("two_llm"):
+            row["hints"] = hint_table(by_seed)
+        out["arms"][arm] = row
+    return out
+
+
+def _pm(mean: float, half: float | None, scale: float = 1.0, digits: int = 1, signed: bool = False) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    sign = "+" if signed else ""
+    text = f"{mean * scale:{sign}.{digits}f}"
+    return text + (f" ± {half * scale:.{digits}f}" if half is not None and math.isfinite(half) else "")
+
+
+def _diff(d: dict | None, scale: float = 100.0, unit: str = " pts") -> str:
+    if not d:
+        return "n/a"
+    if not math.isfinite(d.get("low", math.nan)):
+        return f"{d['mean'] * scale:+.1f}{unit} (n={d['n']})"
+    return (f"{d['mean'] * scale:+.1f}{unit} [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}], p={d['p_value']:.2g}, "
+            f"MDD {d['mdd'] * scale:.1f} (n={d['n']})")
+
+
+def _what(kind: dict) -> str:
+    bits = [kind["algo"]]
+    if kind["env"] != "none":
+        bits.append(f"env {kind['env']}")
+    if kind["credit"] == "process":
+        bits.append(f"process credit ({kind.get('process_final') or 'residual'}, returns {kind['returns']})")
+    return ", ".join(bits)
+
+
+def _no_cosine(kind: dict) -> str:
+    if kind["algo"].startswith("isft"):
+        return "n/a (filtered SFT itself)"
+    if kind["algo"].startswith("ppo"):
+        return "n/a (a critic's per-token GAE)"
+    return "not logged (run.equivalence off)"
+
+
+def beyond_markdown(result: dict) -> str:
+    """The section of ``summary.md``: one table, one reading per arm, and the two-LLM hints."""
+    if not result:
+        return ""
+    ref = result["reference"]
+    lines = [f"Reference arms (the plain token MDP): each arm against the plain arm of its own algorithm, else "
+             f"**{ref}**. Base model alone: held-out sampled pass@1 "
+             f"{_pm(result['base'][KEY], None, 100)}%. Intervals: 95% Student t over seeds; paired differences "
+             f"with their p-value and the minimum detectable difference (MDD) at 80% power.", "",
+             "| arm | what it changes | seeds | on-policy cosine GRPO vs weighted SFT (mean over steps; min) | "
+             "slope of incorrect length (tokens/step) | held-out sampled pass@1 (%) | vs reference, over problems "
+             "| vs base alone, over problems | train CPU min/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, row in result["arms"].items():
+        c = row.get("cosine")
+        cos = _no_cosine(row["kind"]) if c is None else \
+            f"{_pm(c['mean'], c['half_width'], 1, 4)}; min {c['min']:.4f} ({'holds' if c['holds'] else 'broken'})"
+        sl = row.get("length_slope") or {}
+        h = row["heldout"]
+        vs_ref = (row.get("vs_reference") or {}).get("over_problems")
+        own = row.get("reference")
+        lines.append(f"| {arm} | {_what(row['kind'])} | {len(row['seeds'])} | {cos} | "
+                     f"{_pm(sl.get('mean', math.nan), sl.get('half_width'), 1, 2, True)} | "
+                     f"{_pm(h['mean'], h['half_width'], 100)} | {f'{_diff(vs_ref)} vs {own}' if vs_ref else '(reference)'} | "
+                     f"{_diff(row['vs_base']['over_problems'])} | {_pm(row['train_cpu_min'], None, 1, 1)} |")
+    lines.append("")
+    for arm, row in result["arms"].items():
+        if not row.get("vs_reference"):
+            continue
+        parts = [f"against {row['reference']}"]
+        c = row.get("cosine")
+        if c is not None:
+            parts.append(f"the paper's equivalence {'holds' if c['holds'] else 'is broken'}: on-policy cosine "
+                         f"{c['mean']:.4f} on average, {c['min']:.4f} at worst over {c['steps']} logged steps")
+        else:
+            parts.append(f"the equivalence is {_no_cosine(row['kind'])}")
+        v = (row.get("length_slope") or {}).get("vs_reference")
+        if v:
+            parts.append(f"incorrect length slope minus the reference's: {_diff(v, 1.0, ' tokens/step')} over seeds")
+        vr = row.get("vs_reference") or {}
+        if vr:
+            parts.append(f"held-out accuracy minus the reference's: {_diff(vr.get('over_seeds'))} over seeds, "
+                         f"{_diff(vr.get('over_problems'))} over problems")
+        lines.append(f"- **{arm}**: " + "; ".join(parts) + ".")
+    for arm, row in result["arms"].items():
+        hints = row.get("hints")
+        if not hints:
+            continue
+        lines += ["", f"Most frequent first lines of **{arm}** (the generator's hint; {hints['distinct_heldout']} "
+                  f"distinct among {hints['n_heldout']} held-out samples):", "",
+                  "| held-out, final models | count | first training step | count | last training step | count |",
+                  "|---|---|---|---|---|---|"]
+        cols = [hints["heldout"], hints["first_step"], hints["last_step"]]
+        for i in range(max(len(c) for c in cols)):
+            cells = []
+            for c in cols:
+                cells += [f"`{c[i][0]}`", str(c[i][1])] if i < len(c) else ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        classes = hints.get("classes") or {}
+        if any(classes.values()):
+            lines += ["", f"What kind of step the hints of **{arm}** are (share of samples; the base's accuracy after "
+                      "such a hint):", "",
+                      "| hint | first training step | last training step | held-out, final models |", "|---|---|---|---|"]
+            names = next(v for v in classes.values() if v)
+            for name in names:
+                cells = []
+                for key in ("first_step", "last_step", "heldout"):
+                    c = (classes.get(key) or {}).get(name)
+                    acc = "" if not c or c["accuracy"] is None else f", {100 * c['accuracy']:.0f}% correct"
+                    cells.append("n/a" if not c else f"{100 * c['share']:.1f}% (n={c['n']}{acc})")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def beyond_html(result: dict) -> str:
+    """The same section for ``report.html`` (the markdown tables as HTML)."""
+    if not result:
+        return ""
+    import html
+
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            head, body = table[0], [r for r in table[2:]]
+            cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in r.strip("|").split(" | "))  # noqa: E731
+            out.append("<table><tr>" + cells(head, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body)
+                       + "</table>")
+            table.clear()
+
+    for line in beyond_markdown(result).splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line.lstrip('- ').replace('**', ''))}</p>")
+    flush()
+    return "<h2>Beyond the degenerate MDP</h2>" + "".join(out)
+
+
+__all__ = ["analyse", "arm_kind", "beyond_markdown", "beyond_html", "hint_table", "HOLDS"]
