@@ -133,3 +133,19 @@ def test_plain_comparisons_get_no_section(folder, tmp_path):
     assert analyse(collect([folder])) == {}
     out = build_report(folder)
     assert not (out / "beyond.json").exists() and "Beyond the degenerate MDP" not in (out / "summary.md").read_text()
+
+
+def test_the_exact_two_llm_case_is_reported_from_exact_json(folder):
+    from tokenmdp.experiments.beyond import exact_two_llm_markdown
+
+    two = {"comparison": {"grpo_nokl": {"hint": {"cosine": 0.9977}, "degenerate": {"cosine": 0.9994}},
+                          "isft+": {"hint": {"cosine": 0.9735}, "degenerate": {"cosine": 1.0}}},
+           "variants": {"hint": {"identities": {"isft+-adv_vs_grpo_nokl_group_rel_diff": 1.3e-8,
+                                                "env_rows_max_abs_update": 0.0, "transcript_sft_cosine": 0.5493}}}}
+    md = exact_two_llm_markdown({"two_llm": two})
+    assert "| grpo_nokl | 0.9977 | 0.9994 |" in md and "| isft+ | 0.9735 | 1.0000 |" in md
+    assert "cosine 0.549 with grad J" in md and exact_two_llm_markdown({}) == ""
+    (folder / "exact.json").write_text(json.dumps({"two_llm": two}))
+    out = build_report(folder)
+    assert "| isft+ | 0.9735 | 1.0000 |" in (out / "summary.md").read_text()
+    assert "0.9735" in (out / "report.html").read_text()

@@ -352,9 +352,10 @@ def beyond_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def beyond_html(result: dict) -> str:
-    """The same section for ``report.html`` (the markdown tables as HTML)."""
-    if not result:
+def beyond_html(markdown: str) -> str:
+    """The section's markdown (:func:`beyond_markdown`, :func:`exact_two_llm_markdown`) for ``report.html``: its
+    tables as HTML tables, its other lines as paragraphs; "" for no text."""
+    if not markdown.strip():
         return ""
     import html
 
@@ -368,7 +369,7 @@ def beyond_html(result: dict) -> str:
                        + "</table>")
             table.clear()
 
-    for line in beyond_markdown(result).splitlines():
+    for line in markdown.splitlines():
         if line.startswith("|"):
             table.append(line)
             continue
@@ -379,4 +380,33 @@ def beyond_html(result: dict) -> str:
     return "<h2>Beyond the degenerate MDP</h2>" + "".join(out)
 
 
-__all__ = ["analyse", "arm_kind", "beyond_markdown", "beyond_html", "hint_table", "HOLDS"]
+EXACT_PRESETS = ("grpo_nokl", "isft+-adv", "isft+", "isft-", "isft+_seqsum_const", "dr_grpo", "reinforce")
+
+
+def exact_two_llm_markdown(exact: dict | None) -> str:
+    """The exact tier's two-LLM case (``exact.json``'s ``two_llm``, :mod:`tokenmdp.experiments.exact_env`): each
+    preset's cosine with grad J in both variants next to the degenerate MDP, and the identities; "" without it."""
+    two = (exact or {}).get("two_llm")
+    if not two or not two.get("comparison"):
+        return ""
+    variants = [v for v in ("alternate", "hint") if v in two.get("variants", {})]
+    lines = ["Exact tier, two LLMs (every group enumerated, no sampling): a frozen random base writes tokens between "
+             "or after the policy's; the cosine of each preset's expected update with grad J.", "",
+             "| preset | " + " | ".join(variants) + " | degenerate MDP |", "|---" * (len(variants) + 2) + "|"]
+    for name in EXACT_PRESETS:
+        row = two["comparison"].get(name)
+        if row:
+            cells = [f"{row[v]['cosine']:.4f}" if v in row else "n/a" for v in variants + ["degenerate"]]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for v in variants:
+        ids = two["variants"][v].get("identities", {})
+        lines.append(f"- {v}: isft+-adv equals grpo_nokl group by group (relative difference "
+                     f"{ids.get('isft+-adv_vs_grpo_nokl_group_rel_diff', float('nan')):.1e}); the base's rows get an "
+                     f"update of {ids.get('env_rows_max_abs_update', float('nan')):g}; SFT on the whole transcript "
+                     f"(base tokens not masked) has cosine {ids.get('transcript_sft_cosine', float('nan')):.3f} with "
+                     f"grad J.")
+    return "\n".join(lines)
+
+
+__all__ = ["exact_two_llm_markdown", "analyse", "arm_kind", "beyond_markdown", "beyond_html", "hint_table", "HOLDS"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.beyond import analyse, beyond_html, beyond_markdown
+from tokenmdp.experiments.beyond import analyse, beyond_html, beyond_markdown, exact_two_llm_markdown
 from tokenmdp.experiments.claims import evaluate_claims
 from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.plots import all_figures
@@ -252,8 +252,9 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     reading = length_reading(col, rows)
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
           + ", ".join(str(s) for s in col.sources) + ".", ""]
-    if beyond:
-        md += ["## Beyond the degenerate MDP", "", beyond_markdown(beyond), ""]
+    exact_env = exact_two_llm_markdown(exact)
+    if beyond or exact_env:
+        md += ["## Beyond the degenerate MDP", ""] + [t + "\n" for t in (beyond_markdown(beyond), exact_env) if t]
     md += ["## The paper's claims", "",
           claims_markdown(claims), "", "## Held-out results", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
@@ -274,7 +275,7 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     if exact_dir is not None and (exact_dir / "plots").is_dir():
         exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
     header = ["algorithm", "runs"] + column_labels(col)
-    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=beyond_html(beyond) + claims_html(claims),
+    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=beyond_html("\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)) + claims_html(claims),
                        exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out
