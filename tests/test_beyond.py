@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tokenmdp.experiments.beyond import analyse, beyond_markdown
+from tokenmdp.experiments.beyond import analyse
+from tokenmdp.experiments.beyond_render import beyond_markdown
 from tokenmdp.experiments.report import build_report
 from tokenmdp.experiments.runs import collect
 from tokenmdp.tasks.countdown import classify_step, parse_question
@@ -63,7 +64,7 @@ def _run(root: Path, arm: str, seed: int, *, cfg: dict, inc: list[float], cos: l
 PLAIN = {"algo": {"name": "grpo_nokl"}}
 HINT = {"algo": {"name": "grpo_nokl"}, "task": {"env": {"kind": "two_llm_hint"}}}
 PPO = {"algo": {"name": "ppo"}}
-PPO_PROCESS = {"algo": {"name": "ppo", "overrides": {"credit": "process"}}}
+PPO_PROCESS = {"algo": {"name": "ppo", "credit": "process"}}  # as a run folder's config.yaml writes overrides
 PROMPT = "Numbers: 3 5 7. Target: 56.\n<think>"
 
 
@@ -136,7 +137,7 @@ def test_plain_comparisons_get_no_section(folder, tmp_path):
 
 
 def test_the_exact_two_llm_case_is_reported_from_exact_json(folder):
-    from tokenmdp.experiments.beyond import exact_two_llm_markdown
+    from tokenmdp.experiments.beyond_render import exact_two_llm_markdown
 
     two = {"comparison": {"grpo_nokl": {"hint": {"cosine": 0.9977}, "degenerate": {"cosine": 0.9994}},
                           "isft+": {"hint": {"cosine": 0.9735}, "degenerate": {"cosine": 1.0}}},

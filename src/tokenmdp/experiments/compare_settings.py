@@ -123,7 +123,7 @@ HINT = ["task.env.kind=two_llm_hint", "task.env.turn_tokens=16"]
 PROCESS = ["algo.overrides.credit=process"]
 #: Beyond the degenerate MDP (the multi-turn calculator, the two-LLM formulation, process credit): the shared
 #: settings of their presets, sized like the main job's sampled tier
-_BEYOND = {"seeds": [0, 1, 2], "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 200,
+_BEYOND = {"seeds": [0, 1, 2, 3, 4], "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 200,
            "k": 4, "eval_every": 4, "overrides": ["optim.warmup_steps=2"]}
 COMPARE_PRESETS.update({
     # a tool environment: the calculator writes each step's value (the state is no longer the policy's tokens);

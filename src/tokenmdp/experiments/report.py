@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.beyond import analyse, beyond_html, beyond_markdown, exact_two_llm_markdown
+from tokenmdp.experiments.beyond import analyse
+from tokenmdp.experiments.beyond_render import beyond_html, beyond_markdown, exact_two_llm_markdown
 from tokenmdp.experiments.claims import evaluate_claims
 from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.plots import all_figures
