@@ -135,3 +135,16 @@ def test_a_calculator_run_evaluates_through_the_environment_from_step_0(tmp_path
     assert all(r["env/turns"] > 1 for r in steps)
     # the paper's identity holds on-policy through the calculator's tokens (masked out of both gradients)
     assert all(r["equiv/cosine_on_policy"] > 0.9999 for r in steps)
+
+    # tokenmdp eval --env-from: the final model through the run's environment; a run without one is refused
+    from tokenmdp.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(run / "final"), "--env-from", str(run), "--n", "3", "--k", "2",
+                 "--threads", "1", "--out", str(out), "--json"]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["settings"]["env"] == "calculator" and ev["metrics"]["n_problems"] == 3
+    assert any("=" in s["completion"] for r in ev["records"] for s in r["samples"])
+    (tmp_path / "plain.yaml").write_text(f"model:\n  path: {SHIPPED}\n")
+    assert main(["eval", "--model", str(run / "final"), "--env-from", str(tmp_path / "plain.yaml"), "--n", "2"]) == 2
+    assert main(["eval", "--model", str(run / "final"), "--env-from", str(tmp_path / "nowhere"), "--n", "2"]) == 2

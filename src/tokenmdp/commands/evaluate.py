@@ -37,6 +37,9 @@ def eval_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16, float16 or auto."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "
                                        "embedded tiny model, the fastest on a small CPU; else torch's default)."),
+    env_from: Path | None = typer.Option(None, "--env-from", help="Evaluate through the environment (task.env) of "
+                                         "this run folder or training config: e.g. a two-LLM run's hint generator "
+                                         "with its frozen base."),
     out: Path | None = typer.Option(None, "--out", help="Write metrics, settings and per-problem records as JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics and settings as one JSON document."),
 ) -> None:
@@ -49,7 +52,7 @@ def eval_cmd(
                               template=template, option=option, temperature=temperature,
                               max_new_tokens=max_new_tokens, engine=engine, batch_size=batch_size,
                               greedy=not no_greedy, seed=seed, device=device, dtype=dtype, threads=threads,
-                              chat=chat)
+                              chat=chat, env_from=env_from)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -60,7 +63,8 @@ def eval_cmd(
 
 
 def run_eval_command(*, model, task, data, split, n, k, n_samples, template, option, temperature, max_new_tokens,
-                     engine, batch_size, greedy, seed, device, dtype, threads, chat: bool = False) -> dict:
+                     engine, batch_size, greedy, seed, device, dtype, threads, chat: bool = False,
+                     env_from: Path | None = None) -> dict:
     """Resolve the defaults (the embedded model, ``tokenmdp.json``), load, evaluate with a progress bar."""
     from tokenmdp.commands.tasks import parse_options
     from tokenmdp.train.heldout import evaluate, load_eval_problems, resolve_eval_setup
@@ -80,16 +84,36 @@ def run_eval_command(*, model, task, data, split, n, k, n_samples, template, opt
     task_obj = get_task(setup["task"], **setup["task_kwargs"])
     problems = load_eval_problems(task_obj, data=data, split=split, n=n, seed=seed)
     policy = load_policy(model, dtype=dtype, device=device)
+    env = None if env_from is None else _environment(env_from, task_obj, policy.tokenizer, device)
     total = len(problems) * ((n_samples or k) + (1 if greedy else 0))
     with progress_bar() as bar:
         job = bar.add_task("eval", total=total, info=f"{len(problems)} problems x {n_samples or k} + greedy")
         result = evaluate(policy, None, task_obj, problems, k=k, n_samples=n_samples, engine=engine,
                           temperature=temperature, max_new_tokens=setup["max_new_tokens"], greedy=greedy,
                           batch_size=batch_size, seed=seed, template=setup["template"], chat=chat,
-                          progress=lambda m: bar.update(job, advance=m))
+                          progress=lambda m: bar.update(job, advance=m), env=env)
     result["settings"].update(model=str(model), data=str(data) if data else None, split=None if data else split,
                               task_kwargs=setup["task_kwargs"])
     return result
+
+
+def _environment(env_from: Path, task, tokenizer, device):
+    """``--env-from``: the environment of a run folder's ``config.yaml`` (or a training config file), built for
+    the evaluated model's tokenizer (a two-LLM environment loads its frozen base: the run's start model unless
+    ``task.env.base_path`` names another)."""
+    from tokenmdp.errors import TokenMDPError
+    from tokenmdp.train.config import load_config
+    from tokenmdp.train.environment import build_environment
+    from tokenmdp.train.setup import resolve_settings
+
+    path = Path(env_from).expanduser()
+    file = path / "config.yaml" if path.is_dir() else path
+    if not file.is_file():
+        raise TokenMDPError(f"--env-from: no training config at {file}")
+    config = load_config(file)
+    if config.task.env.kind == "none":
+        raise TokenMDPError(f"--env-from: {file} has no environment (task.env.kind is 'none')")
+    return build_environment(config, resolve_settings(config), task, tokenizer, device)
 
 
 def _print_table(result: dict) -> None:
