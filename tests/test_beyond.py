@@ -86,7 +86,9 @@ def folder(tmp_path):
     (root / "base_eval.json").write_text(json.dumps(eval_doc(0.2, 0.25, 0.5, 40.0)))
     (root / "base_eval_records.jsonl").write_text(json.dumps({"id": ids[0], "pass@1": 0.25}) + "\n"
                                                    + json.dumps({"id": ids[1], "pass@1": 0.25}) + "\n")
-    timings = {f"{a}/seed-{s}": {"train_cpu_s": 60.0 * (1 + s)} for a in ("grpo_nokl", "hint") for s in range(3)}
+    timings = {f"{a}/seed-{s}": {"train_s": 70.0, "train_cpu_s": 60.0 * (1 + s)} for a in ("grpo_nokl", "hint")
+               for s in range(3)}
+    timings["hint/seed-2"] |= {"train_s": None, "train_cpu_s": 0.1}  # reused by a second comparison: not counted
     (root / "compare.json").write_text(json.dumps({"settings": {"algos": ["grpo_nokl", "hint", "ppo",
                                                                           "process-ppo"], "seeds": 3},
                                                    "timings": timings}))
@@ -110,7 +112,7 @@ def test_hand_computed_measurements(folder):
     # over problems: (0.75 - 0.5, 0.25 - 0.25) = (0.25, 0): mean 0.125; against the base (0.5, 0): 0.25
     assert hint["vs_reference"]["over_problems"]["mean"] == pytest.approx(0.125)
     assert hint["vs_base"]["over_problems"]["mean"] == pytest.approx(0.25)
-    assert hint["train_cpu_min"] == pytest.approx(2.0)  # (1 + 2 + 3) minutes / 3
+    assert hint["train_cpu_min"] == pytest.approx(1.5)  # (1 + 2) minutes / 2: the reused run is left out
     # process-ppo is measured against ppo (its own algorithm's plain arm), not grpo_nokl
     assert result["arms"]["process-ppo"]["reference"] == "ppo"
     assert result["arms"]["process-ppo"]["vs_reference"]["over_seeds"]["mean"] == pytest.approx(0.05)

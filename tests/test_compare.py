@@ -160,10 +160,12 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
     assert {r["algo"] for r in doc["summary"]} == {"base", "grpo", "isft+"}
     # run again in the same folder: finished runs and evaluations are reused; a changed config is refused
     before = (out / "runs" / "grpo" / "seed-0" / "eval.json").read_text()
+    first = json.loads((out / "compare.json").read_text())["timings"]
     assert main(args) == 0
     capsys.readouterr()
     again = json.loads((out / "compare.json").read_text())["timings"]
-    assert again["grpo/seed-0"]["train_s"] is None and again["isft+/seed-0"]["train_s"] is None
+    for label in ("grpo/seed-0", "isft+/seed-0"):  # reused, with the times they were trained in
+        assert again[label] == first[label] | {"reused": True}
     assert (out / "runs" / "grpo" / "seed-0" / "eval.json").read_text() == before
     assert main([a if a != "3" else "4" for a in args]) == 2  # --steps 4
     assert "run.steps" in capsys.readouterr().err

@@ -67,11 +67,12 @@ def _finished_by_arm(col: Collection) -> dict[str, dict[int, RunData]]:
 
 
 def _cpu_minutes(col: Collection, arm: str, seeds) -> float:
+    """Mean training CPU minutes of the arm's runs that were trained (not reused) by the comparison."""
     vals = []
     for info in col.compares:
         for seed in seeds:
             t = (info.get("timings") or {}).get(f"{arm}/seed-{seed}")
-            if isinstance(t, dict) and isinstance(t.get("train_cpu_s"), (int, float)):
+            if isinstance(t, dict) and t.get("train_s") is not None and isinstance(t.get("train_cpu_s"), (int, float)):
                 vals.append(t["train_cpu_s"] / 60.0)
     return sum(vals) / len(vals) if vals else math.nan
 

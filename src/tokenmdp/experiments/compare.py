@@ -196,12 +196,21 @@ def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
     return result
 
 
+def _earlier_timings(out: Path) -> dict:
+    """The per-run timings of the comparison last written in ``out`` (``{}`` when none, or unreadable)."""
+    try:
+        return dict(json.loads((out / "compare.json").read_text()).get("timings") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite: bool) -> None:
     """The comparison's work in ``out`` (its writer's lock held by :func:`compare`)."""
     from tokenmdp.experiments.report import build_report
 
     out.mkdir(parents=True, exist_ok=True)
     started, timings = time.perf_counter(), {}
+    earlier = _earlier_timings(out)
     model_path = s.model
     if model_path is None:  # before the comparison's own bars: pretraining shows its own
         from tokenmdp.base.store import ensure_tiny_base
@@ -225,6 +234,9 @@ def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite:
         timings["base_eval_s"] = results[0]["eval_s"]
         for r in results[1:]:
             timings[r["label"]] = {k: r[k] for k in ("train_s", "eval_s", "train_cpu_s", "eval_cpu_s")}
+            kept = earlier.get(r["label"])
+            if r["train_s"] is None and isinstance(kept, dict) and kept.get("train_s") is not None:
+                timings[r["label"]] = kept | {"reused": True}  # a reused run keeps the times it was trained in
         fairness = _fairness(s, out, plan)
         tracker.phase("report")
         timings["total_s"] = time.perf_counter() - started
