@@ -80,6 +80,8 @@ def folder(tmp_path):
         _run(root, "hint", seed, cfg=HINT, inc=[5, 5 + seed, 5 + 2 * seed], cos=[1.0, 0.0, 0.9995],
              norms=[1.0, 0.0, 2.0], acc=[0.4, 0.4, 0.7][seed], records=[(ids[0], 0.75), (ids[1], 0.25)],
              samples=[(1, PROMPT, "3*5=15\nno", False), (1, PROMPT, "3+5=8\n", True), (3, PROMPT, "3+5=8\n", True)])
+        _run(root, "hint-sft", seed, cfg={"algo": {"name": "isft+-"}, "task": {"env": {"kind": "two_llm_hint"}}},
+             inc=[5, 5, 5], cos=None, acc=0.35, records=[(ids[0], 0.5), (ids[1], 0.25)])
         _run(root, "ppo", seed, cfg=PPO, inc=[30, 30, 30], cos=None, acc=0.3, records=[(ids[0], 0.5)])
         _run(root, "process-ppo", seed, cfg=PPO_PROCESS, inc=[30, 31, 32], cos=None, acc=0.35,
              records=[(ids[0], 0.5)])
@@ -117,6 +119,10 @@ def test_hand_computed_measurements(folder):
     assert result["arms"]["process-ppo"]["reference"] == "ppo"
     assert result["arms"]["process-ppo"]["vs_reference"]["over_seeds"]["mean"] == pytest.approx(0.05)
     assert "cosine" not in result["arms"]["ppo"]
+    # filtered SFT inside the two-LLM formulation against GRPO there: (0.35 - 0.4, 0.35 - 0.4, 0.35 - 0.7)
+    sft = result["arms"]["hint-sft"]
+    assert sft["vs_grpo_same_mdp"]["arm"] == "hint" and "vs_grpo_same_mdp" not in hint
+    assert sft["vs_grpo_same_mdp"]["over_seeds"]["mean"] == pytest.approx(-0.15)
     # the hints: kinds of step by hand (3*5=15 is a dead end on 3 5 7 -> 56, 3+5=8 is on a path)
     classes = hint["hints"]["classes"]
     assert classes["first_step"]["dead end"] == {"share": 0.5, "accuracy": 0.0, "n": 3}
@@ -131,7 +137,7 @@ def test_hand_computed_measurements(folder):
 def test_plain_comparisons_get_no_section(folder, tmp_path):
     import shutil
 
-    for arm in ("hint", "process-ppo"):
+    for arm in ("hint", "hint-sft", "process-ppo"):
         shutil.rmtree(folder / "runs" / arm)
     assert analyse(collect([folder])) == {}
     out = build_report(folder)

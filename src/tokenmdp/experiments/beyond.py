@@ -184,6 +184,17 @@ def hint_table(runs: dict[int, RunData]) -> dict[str, Any]:
             "classes": {"heldout": _classes(held), "first_step": _classes(first), "last_step": _classes(last)}}
 
 
+def _grpo_peer(arm: str, kinds: dict[str, dict]) -> str | None:
+    """For a non-GRPO arm that changes the MDP (an environment or process credit): the GRPO arm of the same
+    change, to measure the paper's comparison (filtered SFT against GRPO) inside that formulation."""
+    kind = kinds[arm]
+    if _plain(kind) or kind["algo"] in ("grpo", "grpo_nokl"):
+        return None
+    same = ("env", "credit", "returns", "process_final")
+    return next((a for a, k in kinds.items() if a != arm and k["algo"] in ("grpo_nokl", "grpo")
+                 and all(k.get(f) == kind.get(f) for f in same)), None)
+
+
 def analyse(col: Collection) -> dict[str, Any]:
     """The measurements of the module docstring for every arm of ``col`` (empty when it has only plain arms)."""
     runs = _finished_by_arm(col)
@@ -240,6 +251,16 @@ def analyse(col: Collection) -> dict[str, Any]:
                 if both:
                     row["length_slope"]["vs_reference"] = paired_difference(
                         [slopes[s] for s in both], [ref_slopes[s] for s in both]).to_dict()
+        peer = _grpo_peer(arm, kinds)
+        if peer is not None:
+            common = [s for s in seeds if s in runs[peer]]
+            if common:  # the paper's comparison inside the same formulation: filtered SFT against GRPO there
+                row["vs_grpo_same_mdp"] = {
+                    "arm": peer,
+                    "over_seeds": paired_difference([acc[s] for s in common],
+                                                    [_eval(runs[peer][s]) for s in common]).to_dict(),
+                    "over_problems": _over_problems(problems, _per_problem(runs[peer])),
+                }
         if kinds[arm]["env"].startswith("two_llm"):
             row["hints"] = hint_table(by_seed)
         out["arms"][arm] = row

@@ -89,6 +89,10 @@ def beyond_markdown(result: dict) -> str:
         if vr:
             parts.append(f"held-out accuracy minus the reference's: {_diff(vr.get('over_seeds'))} over seeds, "
                          f"{_diff(vr.get('over_problems'))} over problems")
+        peer = row.get("vs_grpo_same_mdp")
+        if peer:
+            parts.append(f"against {peer['arm']} (GRPO in the same formulation, the paper's comparison there): "
+                         f"{_diff(peer.get('over_seeds'))} over seeds, {_diff(peer.get('over_problems'))} over problems")
         lines.append(f"- **{arm}**: " + "; ".join(parts) + ".")
     for arm, row in result["arms"].items():
         hints = row.get("hints")
