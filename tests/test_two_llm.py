@@ -180,3 +180,23 @@ def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path
         assert got.tolist()[0] == pytest.approx(want)
     with pytest.raises(TokenMDPError, match="process_final"):
         resolve_algo(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", "algo.overrides.process_final=both"))
+
+
+def test_residual_process_credit_leaves_grpo_as_uniform_credit():
+    """Summed step rewards with the residual final reward keep each return R_i, so GRPO's advantages (a weight per
+    response) are those of plain credit up to float rounding; added, they are not."""
+    from tokenmdp.algos.registry import compute_advantages, get_algo
+    from tokenmdp.mdp.credit import process
+
+    spec = get_algo("grpo_nokl")
+    rewards = torch.tensor([1.0, 0.0, 0.1, 1.0])
+    mask = torch.ones(4, 6, dtype=torch.long)
+    steps = torch.zeros(4, 6)
+    steps[:, 1], steps[1, 3], steps[2, 2] = 0.1, -0.1, 0.1
+    plain, _, _ = compute_advantages(spec, rewards, mask, group_size=4)
+    residual, _, _ = compute_advantages(spec, rewards, mask, group_size=4,
+                                        token_rewards=process(rewards, mask, step_rewards=steps))
+    added, _, _ = compute_advantages(spec, rewards, mask, group_size=4,
+                                     token_rewards=process(rewards, mask, step_rewards=steps, final="add"))
+    torch.testing.assert_close(residual, plain, rtol=0, atol=1e-6)
+    assert (added - plain).abs().max() > 0.05
