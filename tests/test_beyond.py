@@ -134,6 +134,17 @@ def test_hand_computed_measurements(folder):
     assert "**process-ppo**: against ppo" in md
 
 
+def test_an_arm_without_its_evaluation_keeps_its_name(folder):
+    """An arm's config names only its preset: a run whose eval.json is missing (killed in evaluation) is still
+    the arm's, by its folder, never counted as the plain preset's run of that seed."""
+    (folder / "runs" / "hint" / "seed-1" / "eval.json").unlink()
+    col = collect([folder])
+    assert [r.seed for r in col.runs_of("hint")] == [0, 1, 2]
+    assert [r.seed for r in col.runs_of("grpo_nokl")] == [0, 1, 2]
+    hint = analyse(col)["arms"]["hint"]
+    assert hint["length_slope"]["per_seed"] == pytest.approx({0: 0.0, 1: 1.0, 2: 2.0})
+
+
 def test_plain_comparisons_get_no_section(folder, tmp_path):
     import shutil
 

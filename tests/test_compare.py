@@ -165,7 +165,8 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
     capsys.readouterr()
     again = json.loads((out / "compare.json").read_text())["timings"]
     for label in ("grpo/seed-0", "isft+/seed-0"):  # reused, with the times they were trained in
-        assert again[label] == first[label] | {"reused": True}
+        assert again[label]["reused"] and again[label]["train_s"] == first[label]["train_s"] > 0
+        assert again[label]["train_cpu_s"] == first[label]["train_cpu_s"]
     assert (out / "runs" / "grpo" / "seed-0" / "eval.json").read_text() == before
     assert main([a if a != "3" else "4" for a in args]) == 2  # --steps 4
     assert "run.steps" in capsys.readouterr().err
@@ -222,12 +223,25 @@ def test_presets_fill_settings_and_options_override_them():
     ({"calc": {"algo": "grpo", "colour": "red"}}, "unknown key"),
     ({"a/b": {"algo": "grpo"}}, "plain folder name"),
     ({"calc": "grpo"}, "must be a mapping"),
+    ({"calc": {"algo": "grpo", "set": ["run.steps=5"]}}, "its 'steps' key"),
+    ({"calc": {"algo": "grpo", "set": ["run.seed=1"]}}, "cannot hold 'run.seed=1'"),
+    ({1: {"algo": "grpo"}}, "must be text"),
+    ({"isftp": {"algo": "grpo"}}, "isft\\+ and isftp would share the config file configs/isftp.yaml"),
 ])
 def test_bad_arms_are_one_error_naming_the_arm(arms, match):
     from tokenmdp.experiments.compare import make_settings
 
     with pytest.raises(TokenMDPError, match=match):
-        make_settings(None, algos=["grpo", *arms], arms=arms)
+        make_settings(None, algos=["isft+", *[a for a in arms if isinstance(a, str)]], arms=arms)
+
+
+def test_inline_arms_longer_than_a_file_name_are_read():
+    from tokenmdp.commands.compare import parse_arms
+
+    text = "{calc: {algo: grpo_nokl, set: [" + ", ".join(["task.env.kind=calculator"] * 12) + "]}}"
+    assert len(text) > 255 and parse_arms(text)["calc"]["algo"] == "grpo_nokl"
+    with pytest.raises(TokenMDPError, match="--arms: expected a mapping"):
+        parse_arms("[1, 2]")
 
 
 def test_the_beyond_presets_name_their_arms():

@@ -139,6 +139,7 @@ def test_turn_rewards_become_the_token_rewards(tmp_path, tiny_random_dir):
     (["rollout.max_staleness=1"], "task.env.kind"),
     (["task.env.turn_tokens=0"], "task.env.turn_tokens"),
     (["task.env.kind=three_llm"], "task.env.kind"),
+    (["algo.overrides.credit=process"], "task.env.kind"),
 ])
 def test_env_config_errors_name_the_field(tmp_path, tiny_random_dir, extra, field):
     with pytest.raises(TokenMDPError, match=field.replace(".", r"\.")):

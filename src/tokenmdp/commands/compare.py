@@ -19,7 +19,11 @@ def parse_arms(text: str | None) -> dict | None:
     from tokenmdp.errors import TokenMDPError
 
     path = Path(text).expanduser()
-    source = path.read_text() if path.is_file() else text
+    try:
+        is_file = path.is_file()
+    except OSError:  # inline YAML longer than a file name may be
+        is_file = False
+    source = path.read_text() if is_file else text
     try:
         arms = yaml.safe_load(source)
     except yaml.YAMLError as exc:

@@ -18,13 +18,15 @@ credit, ``grpo_nokl`` in the presets):
   least-squares slope of ``length/incorrect`` per step, per seed, mean and interval, and the paired difference
   with the reference over seeds;
 * **held-out accuracy** (sampled pass@1 of the final models, through the arm's environment when it has one):
-  mean and interval over seeds, the paired difference with the reference and with the base model alone, over
-  seeds (t interval, p, the minimum detectable difference at 80% power) and over problems (each problem's pass@1
-  averaged over seeds, a paired t over the held-out problems: the power is in the problems);
+  mean and interval over seeds; the paired difference with the reference over the seeds both have (t interval,
+  p, the minimum detectable difference at 80% power) and over problems (each problem's pass@1 averaged over those
+  seeds, a paired t over the held-out problems); with the base model alone (one evaluation) over problems only;
 * **CPU minutes** of training per run (the comparison's ``train_cpu_s``: the two-LLM arm is compared with
   training the base directly "for the same CPU minutes");
 * **hints** (two-LLM arms): the generator's most frequent first lines, from the final models' held-out samples
-  and from the first and last training steps' samples (``samples.parquet``).
+  and from the first and last training steps' samples (``samples.parquet``), and on Countdown their kinds of
+  step (:func:`tokenmdp.tasks.countdown.classify_step`; problems read from the compact prompt or the problem id,
+  so other templates get no kinds).
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def analyse(col: Collection) -> dict[str, Any]:
                 row["vs_reference"] = {
                     "over_seeds": paired_difference([acc[s] for s in common], [_eval(ref[s]) for s in common]
                                                     ).to_dict(),
-                    "over_problems": _over_problems(problems, _per_problem(ref)),
+                    "over_problems": _over_problems(_per_problem({s: by_seed[s] for s in common}),
+                                                    _per_problem({s: ref[s] for s in common})),
                 }
                 ref_slopes = out["arms"].get(own, {}).get("length_slope", {}).get("per_seed", {})
                 both = [s for s in common if s in slopes and s in ref_slopes]
@@ -259,7 +262,8 @@ def analyse(col: Collection) -> dict[str, Any]:
                     "arm": peer,
                     "over_seeds": paired_difference([acc[s] for s in common],
                                                     [_eval(runs[peer][s]) for s in common]).to_dict(),
-                    "over_problems": _over_problems(problems, _per_problem(runs[peer])),
+                    "over_problems": _over_problems(_per_problem({s: by_seed[s] for s in common}),
+                                                    _per_problem({s: runs[peer][s] for s in common})),
                 }
         if kinds[arm]["env"].startswith("two_llm"):
             row["hints"] = hint_table(by_seed)

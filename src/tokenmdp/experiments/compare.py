@@ -34,9 +34,9 @@ import yaml
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare_jobs import Tracker, run_jobs
-from tokenmdp.experiments.compare_run import Job, check_same_stream, eval_units, step_weight
+from tokenmdp.experiments.compare_run import FairnessError, Job, check_same_stream, eval_units, step_weight
 from tokenmdp.experiments.compare_settings import (COMPARE_PRESETS, HELDOUT_SEED, TINY_LR, Arm,
-                                                   CompareSettings, arm_of, curve_every, preset_settings,
+                                                   CompareSettings, arm_of, config_stem, curve_every, preset_settings,
                                                    validate_settings)
 
 
@@ -81,7 +81,7 @@ def _load_configs(s: CompareSettings, out: Path, model_path: str, max_new: int) 
     paths = {}
     for name in s.algos:
         arm = arm_of(s, name)
-        path = out / "configs" / f"{name.replace('+', 'p').replace('-', 'm')}.yaml"
+        path = out / "configs" / f"{config_stem(name)}.yaml"
         path.write_text(yaml.safe_dump(_base_config(s, arm, model_path, max_new), sort_keys=False))
         try:
             load_config(path, arm_overrides(s, arm))
@@ -193,6 +193,11 @@ def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
                         for step in plan.streams[seed][:steps]]
             key = f"seed-{seed}" if len(lengths) == 1 else f"seed-{seed}/{steps}-steps"
             result[key] = check_same_stream(run_dirs, expected)
+        sizes = {k: (tuple(v["prompts_per_step"]), tuple(v["samples_per_step"])) for k, v in result.items()
+                 if k.split("/")[0] == f"seed-{seed}"}
+        if len(set(sizes.values())) > 1:  # arms of different lengths must still draw alike at every step
+            raise FairnessError(f"seed {seed}: the arms of different lengths drew different batches "
+                                f"(prompts, samples per step): {sizes}")
     return result
 
 
@@ -236,7 +241,8 @@ def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite:
             timings[r["label"]] = {k: r[k] for k in ("train_s", "eval_s", "train_cpu_s", "eval_cpu_s")}
             kept = earlier.get(r["label"])
             if r["train_s"] is None and isinstance(kept, dict) and kept.get("train_s") is not None:
-                timings[r["label"]] = kept | {"reused": True}  # a reused run keeps the times it was trained in
+                timings[r["label"]] |= {"train_s": kept["train_s"], "train_cpu_s": kept.get("train_cpu_s"),
+                                        "reused": True}  # a reused run keeps the times it was trained in
         fairness = _fairness(s, out, plan)
         tracker.phase("report")
         timings["total_s"] = time.perf_counter() - started

@@ -93,11 +93,19 @@ def arm_of(s: CompareSettings, name: str) -> Arm:
 ARM_KEYS = ("algo", "set", "steps")
 
 
+def config_stem(name: str) -> str:
+    """The file name (without ``.yaml``) of a run's config in ``configs/``: ``isft+-`` -> ``isftpm``."""
+    return name.replace("+", "p").replace("-", "m")
+
+
 def _validate_arms(s: CompareSettings) -> None:
     from tokenmdp.algos.registry import PRESETS
 
+    taken: dict[str, str] = {}
     for name, spec in s.arms.items():
         where = f"--arms: arm {name!r}"
+        if not isinstance(name, str):
+            raise TokenMDPError(f"{where}: an arm's name must be text")
         if not isinstance(spec, dict):
             raise TokenMDPError(f"{where} must be a mapping with keys {', '.join(ARM_KEYS)}, got {spec!r}")
         unknown = set(spec) - set(ARM_KEYS)
@@ -113,6 +121,10 @@ def _validate_arms(s: CompareSettings) -> None:
         sets = spec.get("set", [])
         if not isinstance(sets, list) or not all(isinstance(x, str) and "=" in x for x in sets):
             raise TokenMDPError(f"{where}: 'set' must be a list of config overrides 'field=value', got {sets!r}")
+        fixed = [x for x in sets if x.split("=", 1)[0].strip() in ("run.steps", "run.seed", "run.out")]
+        if fixed:
+            raise TokenMDPError(f"{where}: 'set' cannot hold {fixed[0]!r}: the comparison sets the seed and the "
+                                f"folder, and an arm's length is its 'steps' key")
         steps = spec.get("steps", s.steps)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise TokenMDPError(f"{where}: 'steps' must be an integer >= 1, got {steps!r}")
@@ -209,6 +221,12 @@ def validate_settings(s: CompareSettings) -> None:
             raise TokenMDPError(f"--algos: unknown algorithm {a!r}; choose from {', '.join(PRESETS)}{arms}")
     if len(set(s.algos)) != len(s.algos):
         raise TokenMDPError(f"--algos: an algorithm is listed twice: {', '.join(s.algos)}")
+    files = [config_stem(a) for a in s.algos]
+    clash = next((a for a, f in zip(s.algos, files) if files.count(f) > 1), None)
+    if clash is not None:
+        others = [a for a, f in zip(s.algos, files) if f == config_stem(clash)]
+        raise TokenMDPError(f"--algos: {' and '.join(others)} would share the config file configs/"
+                            f"{config_stem(clash)}.yaml: rename the arm")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
         raise TokenMDPError(f"--seeds: need at least one seed, none negative and no repeats, got {s.seeds}")
     for name in POSITIVE:

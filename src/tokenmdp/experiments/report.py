@@ -248,6 +248,8 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     beyond = analyse(col)
     if beyond:
         (out / "beyond.json").write_text(json.dumps(beyond, indent=2, default=str) + "\n")
+    else:
+        (out / "beyond.json").unlink(missing_ok=True)  # an earlier report's, for runs no longer given
     rows = summary_rows(col)
     write_csv(rows, out / "summary.csv")
     reading = length_reading(col, rows)

@@ -117,8 +117,12 @@ def _seed_of(config: dict, ev: dict | None, path: Path) -> int | None:
 
 
 def _algo_of(config: dict, ev: dict | None, path: Path) -> str:
+    """The run's name in a report: its evaluation's, else the folder ``<name>/seed-N`` (a comparison's arm, whose
+    config names only the preset it runs), else the config's algorithm."""
     if ev and isinstance(ev.get("algo"), str):
         return ev["algo"]
+    if path.name.startswith("seed-") and path.parent.name:
+        return path.parent.name
     algo = config.get("algo")
     if isinstance(algo, dict) and isinstance(algo.get("name"), str):
         return algo["name"]

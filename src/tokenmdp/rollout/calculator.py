@@ -97,8 +97,8 @@ class CalculatorEnv(TokenEnv):
         return list(prompt_ids)
 
     def step(self, action: Sequence[int]) -> EnvStep:
-        """A turn that ended at ``=`` gets the value of its line; any other (cut by the turn's token limit) gets
-        nothing. Never terminal: the policy ends the episode with EOS."""
+        """A turn whose text ends with ``=`` (the stop token, or a turn cut by its token limit right after one) gets
+        the value of its line; any other gets nothing. Never terminal: the policy ends the episode with EOS."""
         s = self.shared
         self.text += s.decode(action)
         answer = None
