@@ -132,6 +132,7 @@ def _validate_arms(s: CompareSettings) -> None:
 
 CALC = ["task.env.kind=calculator", "task.env.max_turns=16", "task.env.turn_tokens=48"]
 HINT = ["task.env.kind=two_llm_hint", "task.env.turn_tokens=16"]
+ALTERNATE = ["task.env.kind=two_llm_alternate", "task.env.max_turns=3", "task.env.turn_tokens=16"]
 PROCESS = ["algo.overrides.credit=process"]
 #: Beyond the degenerate MDP (the multi-turn calculator, the two-LLM formulation, process credit): the shared
 #: settings of their presets, sized like the main job's sampled tier
@@ -144,12 +145,13 @@ COMPARE_PRESETS.update({
         "algos": ["grpo_nokl", "calc-grpo_nokl", "calc-isft+-"],
         "arms": {"calc-grpo_nokl": {"algo": "grpo_nokl", "set": CALC},
                  "calc-isft+-": {"algo": "isft+-", "set": CALC}}},
-    # two LLMs: the policy (a copy of the base) writes a hint line, the frozen base answers; against the base alone
-    # (base_eval.json) and against training the base directly (grpo_nokl)
+    # two LLMs: the policy (a copy of the base) writes a hint line, the frozen base answers (or they alternate
+    # lines, 3 of the policy's); against the base alone (base_eval.json) and training the base directly (grpo_nokl)
     "env-two-llm": _BEYOND | {
-        "algos": ["grpo_nokl", "hint-grpo_nokl", "hint-isft+-"],
+        "algos": ["grpo_nokl", "hint-grpo_nokl", "hint-isft+-", "alt-grpo_nokl"],
         "arms": {"hint-grpo_nokl": {"algo": "grpo_nokl", "set": HINT},
-                 "hint-isft+-": {"algo": "isft+-", "set": HINT}}},
+                 "hint-isft+-": {"algo": "isft+-", "set": HINT},
+                 "alt-grpo_nokl": {"algo": "grpo_nokl", "set": ALTERNATE}}},
     # process credit (Countdown's step verifier, +-task.step_reward a step) against uniform credit, for GRPO (the
     # step rewards added to the sequence return: still a weight per response; with the residual final reward the
     # return, and so GRPO's update, would be uniform credit's exactly), Dr. GRPO with returns-to-go (a weight per
