@@ -201,3 +201,28 @@ def test_residual_process_credit_leaves_grpo_as_uniform_credit():
                                      token_rewards=process(rewards, mask, step_rewards=steps, final="add"))
     torch.testing.assert_close(residual, plain, rtol=0, atol=1e-6)
     assert (added - plain).abs().max() > 0.05
+
+
+def test_alternate_hands_an_answering_policy_turn_to_the_base(tiny_random):
+    """Alternating lines: a policy turn that starts the answer is cut there; the base writes the rest from the text
+    before it, the episode ends, and the verifier scores the base's text (the policy's answer is never scored)."""
+    from tokenmdp.rollout.two_llm import answer_cut
+
+    assert answer_cut("8*7=56\n</think><answer>(3+5)*7") == 7 and answer_cut("3+5=8\n") is None
+    assert answer_cut("<answer>1</answer>") == 0
+    base, tok = tiny_random
+    shared = _base_env(base, tok, tok, variant="alternate", max_turns=3, base_tokens=5)
+    problem = ParityTask().problems(n=1)[0]
+    env = shared.make_env()
+    env.reset(problem, tok("n=1:", add_special_tokens=False)["input_ids"])
+    start = env.text
+    step = env.step(tok("1\n", add_special_tokens=False)["input_ids"])  # a plain line: the base answers one line
+    assert env.text.startswith(start + "1\n") and env.turn == 1
+    if step.terminated:  # the random base may end the episode itself (EOS) on its first line
+        return
+    before, base_before = env.text, env.base_text
+    step = env.step(tok("7</think><answer>1</answer>", add_special_tokens=False)["input_ids"])
+    assert step.terminated and "score" in step.info  # handed over: the base's final turn, scored
+    written = tok.decode(list(step.observation), clean_up_tokenization_spaces=False)
+    assert env.text == before + "7" + written  # the base continued from "7", without the policy's answer
+    assert step.info["base_text"] == base_before + written

@@ -11,7 +11,11 @@ Variants (:data:`VARIANTS`)
 * ``hint``: one policy turn, then the base writes the rest of the answer (up to EOS or ``base_tokens``); the
   episode ends there and is scored.
 * ``alternate``: the policy writes a line, the base continues one line, ... The episode ends when the base writes
-  EOS or a closing ``</answer>``, or at turn ``max_turns``, where the base writes the rest of the answer.
+  EOS or a closing ``</answer>``, or at turn ``max_turns``, where the base writes the rest of the answer. A policy
+  turn that starts the answer (``</think>`` or ``<answer>``) hands it to the base: the base continues from the
+  text before that point and writes the rest, and the episode ends. (Without the hand-over the policy took the
+  answer turns whenever a solution finished early, and, its text never being scored, the pair fell from the base's
+  30% to 12% on Countdown before any training.)
 
 Tokenizers: the base's text becomes the observation in the *policy's* vocabulary. With the same vocabulary (a
 copy of the base as the policy, the default) the base's token ids are the observation as they are. With a
@@ -31,6 +35,16 @@ from tokenmdp.rollout.base import Engine, encode_prompts
 
 VARIANTS = ("hint", "alternate")
 ANSWER_END = "</answer>"
+#: Text that starts the answer: a policy turn holding one hands the answer to the base (see ``alternate``)
+ANSWER_STARTS = ("</think>", "<answer>")
+
+
+def answer_cut(text: str) -> int | None:
+    """Where ``text`` starts to answer (the first of :data:`ANSWER_STARTS`), or None.
+
+    ``"8*7=56\\n</think><answer>(3+5)*7"`` -> 7; ``"3+5=8\\n"`` -> None."""
+    found = [i for i in (text.find(tag) for tag in ANSWER_STARTS) if i >= 0]
+    return min(found) if found else None
 
 
 def _single_token(tokenizer, text: str) -> int | None:
@@ -116,13 +130,15 @@ class BaseModelEnvironment:
         return rows, texts_out
 
     def step_batch(self, envs: Sequence[TwoLLMEnv], actions: Sequence[Sequence[int]]) -> list[EnvStep]:
+        final = []
         for env, action in zip(envs, actions):
             hint = self._to_base(action)
             if not self.same_vocab:
                 retokenize(hint, self.base_tok, what="the policy's text")
-            env.text += hint
+            cut = answer_cut(hint) if self.variant == "alternate" else None
+            env.text += hint if cut is None else hint[:cut]  # an answer is the base's to write
             env.turn += 1
-        final = [self.variant == "hint" or env.turn >= self.max_turns for env in envs]
+            final.append(self.variant == "hint" or env.turn >= self.max_turns or cut is not None)
         results: list[EnvStep | None] = [None] * len(envs)
         for want in (True, False):
             idx = [i for i, f in enumerate(final) if f == want]
