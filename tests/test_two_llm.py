@@ -223,6 +223,6 @@ def test_alternate_hands_an_answering_policy_turn_to_the_base(tiny_random):
     before, base_before = env.text, env.base_text
     step = env.step(tok("7</think><answer>1</answer>", add_special_tokens=False)["input_ids"])
     assert step.terminated and "score" in step.info  # handed over: the base's final turn, scored
-    written = tok.decode(list(step.observation), clean_up_tokenization_spaces=False)
+    written = tok.decode(list(step.observation), skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert env.text == before + "7" + written  # the base continued from "7", without the policy's answer
     assert step.info["base_text"] == base_before + written
