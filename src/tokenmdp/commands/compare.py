@@ -8,6 +8,7 @@ import typer
 
 from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
+from tokenmdp.errors import TokenMDPError
 
 
 def parse_arms(text: str | None) -> dict | None:
@@ -16,7 +17,6 @@ def parse_arms(text: str | None) -> dict | None:
         return None
     import yaml
 
-    from tokenmdp.errors import TokenMDPError
 
     path = Path(text).expanduser()
     try:

@@ -9,6 +9,7 @@ import typer
 
 from tokenmdp.commands._common import console, emit_json
 from tokenmdp.progress import progress_bar
+from tokenmdp.errors import TokenMDPError
 
 PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",
            "sampled/format_rate", "sampled/truncated_rate")
@@ -101,7 +102,6 @@ def _environment(env_from: Path, task, tokenizer, device):
     """``--env-from``: the environment of a run folder's ``config.yaml`` (or a training config file), built for
     the evaluated model's tokenizer (a two-LLM environment loads its frozen base: the run's start model unless
     ``task.env.base_path`` names another)."""
-    from tokenmdp.errors import TokenMDPError
     from tokenmdp.train.config import load_config
     from tokenmdp.train.environment import build_environment
     from tokenmdp.train.setup import resolve_settings

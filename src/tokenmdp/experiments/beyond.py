@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tokenmdp.experiments.runs import Collection, RunData
+from tokenmdp.experiments.runs import BASE_RECORDS_FILE, EVAL_RECORDS_FILE, Collection, RunData
 from tokenmdp.stats import mean_ci, paired_difference, ls_slope
 
 HOLDS = 0.999  # the on-policy cosine of an update equal to filtered SFT's: 1 up to float rounding
@@ -79,22 +79,21 @@ def _cpu_minutes(col: Collection, arm: str, seeds) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _read_records(path: Path) -> list[dict]:
+    """The per-problem records of an evaluation (``eval_records.jsonl``), [] when there are none."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def _records(run: RunData) -> dict[str, float]:
-    """Each held-out problem's sampled pass@1 of the run's final model (from ``eval_records.jsonl``)."""
-    path = Path(run.path) / "eval_records.jsonl"
-    out: dict[str, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            out[str(rec["id"])] = float(rec["pass@1"])
-    return out
+    """Each held-out problem's sampled pass@1 of the run's final model."""
+    return {str(r["id"]): float(r["pass@1"]) for r in _read_records(Path(run.path) / EVAL_RECORDS_FILE)}
 
 
 def _base_records(col: Collection) -> dict[str, float]:
     for info in col.compares:
-        path = Path(info.get("_source", "")) / "base_eval_records.jsonl"
-        if path.is_file():
-            return {str(r["id"]): float(r["pass@1"]) for r in map(json.loads, path.read_text().splitlines())}
+        records = _read_records(Path(info.get("_source", "")) / BASE_RECORDS_FILE)
+        if records:
+            return {str(r["id"]): float(r["pass@1"]) for r in records}
     return {}
 
 
@@ -168,10 +167,8 @@ def hint_table(runs: dict[int, RunData]) -> dict[str, Any]:
     first: list[tuple[str, str, bool]] = []
     last: list[tuple[str, str, bool]] = []
     for run in runs.values():
-        path = Path(run.path) / "eval_records.jsonl"
-        if path.is_file():
-            for rec in map(json.loads, path.read_text().splitlines()):
-                held += [(str(rec["id"]), s["completion"], s["correct"]) for s in rec.get("samples", [])]
+        for rec in _read_records(Path(run.path) / EVAL_RECORDS_FILE):
+            held += [(str(rec["id"]), s["completion"], s["correct"]) for s in rec.get("samples", [])]
         sp = Path(run.path) / "samples.parquet"
         if sp.is_file():
             t = pq.read_table(sp, columns=["step", "prompt", "completion", "correct"]).to_pydict()

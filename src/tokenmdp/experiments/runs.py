@@ -23,6 +23,7 @@ from tokenmdp.errors import TokenMDPError
 EVAL_FILE = "eval.json"
 BASE_EVAL_FILE = "base_eval.json"
 BASE_RECORDS_FILE = "base_eval_records.jsonl"
+EVAL_RECORDS_FILE = "eval_records.jsonl"  # beside a run's eval.json: one held-out problem a line
 COMPARE_FILE = "compare.json"
 
 

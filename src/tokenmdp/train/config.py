@@ -434,14 +434,10 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
         raise TokenMDPError(f"config field {_where('run.fsdp', source)} is true: it cannot be combined with {clash}")
 
 
-def _presets() -> dict:
-    from tokenmdp.algos.registry import PRESETS
-
-    return PRESETS
-
-
 def _validate_env(config: TrainConfig, source: str | None) -> None:
     """Ranges of ``task.env`` and what a multi-turn environment cannot be combined with (yet)."""
+    from tokenmdp.algos.registry import PRESETS
+
     env = config.task.env
     for name in ("max_turns", "turn_tokens", "base_tokens", "max_tokens"):
         value = getattr(env, name)
@@ -460,7 +456,7 @@ def _validate_env(config: TrainConfig, source: str | None) -> None:
         clash = "rollout.max_staleness > 0 (overlapped rollouts sample single-turn batches only)"
     elif config.task.dpo_data:
         clash = "task.dpo_data (offline DPO pairs have no episodes)"
-    elif config.algo.name in _presets() and resolve_algo(config, source=source).credit == "process":
+    elif config.algo.name in PRESETS and resolve_algo(config, source=source).credit == "process":
         clash = ("algo credit 'process' (an episode's step rewards are its environment's per-turn rewards: the "
                  "task's step verifier would score observations as the policy's steps)")
     if clash:
