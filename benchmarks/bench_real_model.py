@@ -89,7 +89,7 @@ def run_case(case: str, args) -> dict:
     """Train the case in this process and return its figures (called in a child process)."""
     import torch
 
-    from tokenmdp.train.config import load_config
+    from tokenmdp.train.config import load_config, resolve_algo
     from tokenmdp.train.trainer import train
 
     model = smollm2_folder()
@@ -97,18 +97,18 @@ def run_case(case: str, args) -> dict:
                      "update_s": 0.0, "new_tokens": 0, "update_tokens": 0}
 
     class Meter:
-        def on_batch(self, c, batch, step):
+        def on_batch(self, learner, batch, step):
             figures["rollout_peak_mib"] = max(figures["rollout_peak_mib"], _hwm_kib() / 1024)
             if batch is not None:
                 ro = batch.rollout
                 figures["new_tokens"] += int(ro.response_mask.sum())
                 rows = int(ro.prompt_mask.sum() + ro.response_mask.sum())
-                figures["update_tokens"] += rows * max(1, c.spec.mu)
-                figures["params"] = sum(p.numel() for p in c.model.parameters())
-                figures["trainable"] = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
+                figures["update_tokens"] += rows * max(1, figures["epochs"])
+                figures["params"] = sum(p.numel() for p in learner.model.parameters())
+                figures["trainable"] = sum(p.numel() for p in learner.model.parameters() if p.requires_grad)
             _reset_hwm()
 
-        def on_step(self, step, record, c):
+        def on_step(self, step, record, learner):
             figures["update_peak_mib"] = max(figures["update_peak_mib"], _hwm_kib() / 1024)
             figures["rollout_s"] += record.get("time/rollout", 0.0)
             figures["update_s"] += record.get("time/update", 0.0)
@@ -116,6 +116,7 @@ def run_case(case: str, args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(None, _overrides(case, model, Path(tmp) / "run", args))
+        figures["epochs"] = resolve_algo(config).epochs
         torch.manual_seed(0)
         _reset_hwm()
         figures["load_peak_mib"] = None

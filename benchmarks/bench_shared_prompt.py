@@ -25,14 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tokenmdp.train.batch import collect  # noqa: E402
 from tokenmdp.train.config import load_config  # noqa: E402
 from tokenmdp.train.data import prompt_stream  # noqa: E402
-from tokenmdp.train.setup import build_components  # noqa: E402
-from tokenmdp.train.pg import pg_update  # noqa: E402
-from tokenmdp.train.supervised import dpo_update, isft_update  # noqa: E402
-
-UPDATES = {"pg": pg_update, "isft": isft_update, "dpo": dpo_update}
+from tokenmdp.train.trainer import build_step  # noqa: E402
 
 
 def _model_path() -> tuple[str, str]:
@@ -42,9 +37,10 @@ def _model_path() -> tuple[str, str]:
     return str(path), f"tiny base model ({path})"
 
 
-def _time_updates(c, batch, update, repeats: int) -> tuple[dict[bool, float], float]:
+def _time_updates(learner, algorithm, batch, repeats: int) -> tuple[dict[bool, float], float]:
     """Best-of-``repeats`` update time with the switch off and on, and the largest parameter difference."""
-    pairs = [(c.model, c.optimizer)] + ([(c.critic, c.critic_optimizer)] if c.critic is not None else [])
+    pairs = [(learner.model, learner.optimizer)] + (
+        [(learner.critic, learner.critic_optimizer)] if learner.critic is not None else [])
     start = [(copy.deepcopy(m.state_dict()), copy.deepcopy(o.state_dict())) for m, o in pairs]
     times: dict[bool, float] = {False: float("inf"), True: float("inf")}
     params: dict[bool, dict] = {}
@@ -53,11 +49,11 @@ def _time_updates(c, batch, update, repeats: int) -> tuple[dict[bool, float], fl
             for (model, opt), (m_state, o_state) in zip(pairs, start):
                 model.load_state_dict(m_state)
                 opt.load_state_dict(o_state)
-            c.config.optim.shared_prompt = shared
+            learner.shared_prompt = shared
             t0 = time.perf_counter()
-            update(c, batch, step=1)
+            algorithm.update(learner, batch, step=1)
             times[shared] = min(times[shared], time.perf_counter() - t0)
-            params[shared] = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+            params[shared] = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
     diff = max(float((params[True][k] - params[False][k]).abs().max()) for k in params[False])
     return times, diff
 
@@ -78,10 +74,10 @@ def main() -> None:
     cfg = load_config(None, [f"model.path={path}", f"algo.name={args.algo}", f"run.out={tmp / 'run'}",
                              f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
                              f"optim.micro_batch_size={args.micro}", f"run.threads={args.threads}"])
-    c = build_components(cfg, tmp / "run")
+    learner, algorithm, rollouts = build_step(cfg, tmp / "run")
     torch.set_num_threads(args.threads)
-    batch = collect(c, prompt_stream(c.task, seed=0, steps=1, prompts_per_step=args.prompts)[0], step=1)
-    times, diff = _time_updates(c, batch, UPDATES[c.spec.kind], args.repeats)
+    batch = rollouts.collect(prompt_stream(rollouts.task, seed=0, steps=1, prompts_per_step=args.prompts)[0], step=1)
+    times, diff = _time_updates(learner, algorithm, batch, args.repeats)
     ro = batch.rollout
     out = {"model": desc, "algo": args.algo, "rows": len(batch), "micro_batch_size": args.micro,
            "prompt_tokens": int(ro.prompt_mask.sum()), "response_tokens": int(ro.response_mask.sum()),

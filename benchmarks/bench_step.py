@@ -144,9 +144,9 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
     info: dict = {}
 
     class Timer:
-        def on_batch(self, c, batch, step):
+        def on_batch(self, learner, batch, step):
             steps.setdefault(step, {}).update(_tokens(batch.rollout.prompt_mask, batch.rollout.response_mask))
-            info.setdefault("parameters", sum(p.numel() for p in c.model.parameters()))
+            info.setdefault("parameters", sum(p.numel() for p in learner.model.parameters()))
 
         def on_step(self, step, record, c):
             rollout = record.get("time/rollout")
@@ -246,8 +246,8 @@ def run_trl(s: Setup, tag: str) -> dict:
 
 def compare_first_step(s: Setup, trl_run: dict) -> dict:
     """TRL's step-1 batch through TRL's loss and tokenmdp's, from the initial weights: losses and gradients."""
-    from tokenmdp.algos.losses import policy_loss
-    from tokenmdp.algos.registry import compute_advantages, get_algo
+    from tokenmdp.algos.core import compute_advantages, policy_loss
+    from tokenmdp.algos.presets import get_algo
     from tokenmdp.policy.logprobs import sequence_logprobs
     from tokenmdp.policy.model import load_policy
 

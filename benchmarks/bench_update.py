@@ -3,7 +3,7 @@
 GRPO gives advantage 0 to every row of a group whose rewards are all equal (all right or all wrong); with no KL
 term in the loss, no entropy bonus and no critic such rows add exactly nothing to the gradient, and
 ``optim.skip_zero_advantage`` (off by default) leaves them out of the forward and backward passes (module
-:mod:`tokenmdp.train.pg`). This script rolls out one GRPO batch (``--prompts`` x ``--group`` Countdown samples) on
+:class:`tokenmdp.train.algorithms.PolicyGradient`). This script rolls out one GRPO batch (``--prompts`` x ``--group`` Countdown samples) on
 the embedded tiny base model (built into the cache first when absent: a few minutes), sets the rewards of a
 fraction ``--uniform`` of the groups to all-equal, and times the same update with the skip off and on, alternating,
 best of ``--repeats``, from the same parameters and optimizer state each time. It prints both times, their ratio,
@@ -26,11 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from tokenmdp.train.batch import collect  # noqa: E402
 from tokenmdp.train.config import load_config  # noqa: E402
 from tokenmdp.train.data import prompt_stream  # noqa: E402
-from tokenmdp.train.pg import pg_update  # noqa: E402
-from tokenmdp.train.setup import build_components  # noqa: E402
+from tokenmdp.train.trainer import build_step  # noqa: E402
 
 
 def _model_path() -> tuple[str, str]:
@@ -55,25 +53,25 @@ def main() -> None:
     cfg = load_config(None, [f"model.path={path}", "algo.name=grpo", "algo.kl_coef=0", f"run.out={tmp / 'run'}",
                              f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
                              f"run.threads={args.threads}"])
-    c = build_components(cfg, tmp / "run")
+    learner, algorithm, rollouts = build_step(cfg, tmp / "run")
     torch.set_num_threads(args.threads)
-    batch = collect(c, prompt_stream(c.task, seed=0, steps=1, prompts_per_step=args.prompts)[0], step=1)
+    batch = rollouts.collect(prompt_stream(rollouts.task, seed=0, steps=1, prompts_per_step=args.prompts)[0], step=1)
     n_uniform = round(args.uniform * args.prompts)
     batch.rewards[: n_uniform * args.group] = 1.0
-    start_model = copy.deepcopy(c.model.state_dict())
-    start_opt = copy.deepcopy(c.optimizer.state_dict())
+    start_model = copy.deepcopy(learner.model.state_dict())
+    start_opt = copy.deepcopy(learner.optimizer.state_dict())
     times: dict[bool, float] = {False: float("inf"), True: float("inf")}
     params: dict[bool, dict] = {}
     skipped = 0.0
     for _ in range(args.repeats):
         for skip in (False, True):
-            c.model.load_state_dict(start_model)
-            c.optimizer.load_state_dict(start_opt)
-            c.config.optim.skip_zero_advantage = skip
+            learner.model.load_state_dict(start_model)
+            learner.optimizer.load_state_dict(start_opt)
+            algorithm.skip_zero_advantage = skip
             t0 = time.perf_counter()
-            metrics = pg_update(c, batch, step=1)
+            metrics = algorithm.update(learner, batch, step=1)
             times[skip] = min(times[skip], time.perf_counter() - t0)
-            params[skip] = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+            params[skip] = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
             skipped = metrics["update/skipped_rows"] if skip else skipped
     diff = max(float((params[True][k] - params[False][k]).abs().max()) for k in params[False])
     out = {"model": desc, "rows": len(batch), "uniform_groups": n_uniform, "skipped_rows": skipped,

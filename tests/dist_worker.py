@@ -31,6 +31,9 @@ out, overrides = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--resume"]
 resume = "--resume" in sys.argv[2:]  # continue the run folder from its newest checkpoint
 
 
+config = load_config(None, overrides)
+
+
 def on_step(step, record, c):
     rank = c.accelerator.process_index
     if c.fsdp is not None:  # run.fsdp: what this process holds after the update (its shard only)
@@ -41,7 +44,7 @@ def on_step(step, record, c):
                   "moments": [local_fraction(m) for m in moments]}
         with open(out / f"shards{rank}-{step}.json", "w") as fh:
             json.dump(shards, fh)
-    if step == c.config.run.steps:
+    if step == config.run.steps:
         if c.fsdp is not None:  # every process gathers, each saves the whole
             from tokenmdp.train.sharding import full_state_dict
 
@@ -55,4 +58,4 @@ def on_step(step, record, c):
 # a run here takes about 15 s: past 120 s, print every thread's stack (where it waits) and exit
 faulthandler.dump_traceback_later(120, exit=True)
 torch.set_num_threads(1)
-train(load_config(None, overrides), resume=resume, progress=False, callbacks=[on_step])
+train(config, resume=resume, progress=False, callbacks=[on_step])

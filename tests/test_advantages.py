@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tokenmdp.algos.advantages import (
+from tokenmdp.algos.core import (
     gae,
     grpo_advantages,
     overlong_penalty,
@@ -16,7 +16,7 @@ from tokenmdp.algos.advantages import (
     rloo_advantages,
     whiten,
 )
-from tokenmdp.algos.losses import policy_loss
+from tokenmdp.algos.core import policy_loss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.enumerate import (
     all_groups,

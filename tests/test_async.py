@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenmdp.algos.correction import truncated_is
-from tokenmdp.algos.losses import policy_loss
+from tokenmdp.algos.core import policy_loss, truncated_is
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.async_rollout import behaviour_step, staleness
 from tokenmdp.train.config import load_config
@@ -71,23 +70,20 @@ def test_the_staleness_schedule():
 def test_zero_staleness_is_the_synchronous_loop(tmp_path, tiny_random_dir):
     """``max_staleness=0`` ends with the parameters of the synchronous loop spelled out by hand (collect, update,
     schedule, sync), bit for bit."""
-    from tokenmdp.train.batch import collect
     from tokenmdp.train.data import prompt_stream
-    from tokenmdp.train.pg import pg_update
-    from tokenmdp.train.setup import build_components
-    from tokenmdp.train.trainer import _schedule_step
+    from tokenmdp.train.trainer import _schedule_step, build_step
 
     extra = ("run.steps=3", "algo.kl_coef=0.05", "optim.minibatch_size=4")
     run = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, "rollout.max_staleness=0"), progress=False)
     assert "async/staleness" not in _records(run)[0]
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="by-hand")
-    c = build_components(cfg, tmp_path / "by-hand")
-    stream = prompt_stream(c.task, seed=0, steps=3, prompts_per_step=2)
+    learner, algorithm, rollouts = build_step(cfg, tmp_path / "by-hand")
+    stream = prompt_stream(rollouts.task, seed=0, steps=3, prompts_per_step=2)
     for step in (1, 2, 3):
-        pg_update(c, collect(c, stream[step - 1], step=step), step=step)
-        _schedule_step(c)
-        c.engine.sync_weights(c.unwrapped())
-    by_hand = {k: v.detach() for k, v in c.unwrapped().state_dict().items() if k in _params(run / "final")}
+        algorithm.update(learner, rollouts.collect(stream[step - 1], step=step), step=step)
+        _schedule_step(learner.scheduler)
+        rollouts.engine.sync_weights(learner.unwrapped())
+    by_hand = {k: v.detach() for k, v in learner.unwrapped().state_dict().items() if k in _params(run / "final")}
     assert _equal(_params(run / "final"), by_hand)
 
 
@@ -100,9 +96,9 @@ def test_the_batch_of_step_t_is_sampled_with_the_weights_of_step_t_minus_2(tmp_p
     rollouts, weights = {}, {}
 
     class Capture:
-        def on_batch(self, c, batch, step):  # before the update of `step`: the weights of step - 1
+        def on_batch(self, learner, batch, step):  # before the update of `step`: the weights of step - 1
             rollouts[step] = batch.rollout
-            weights[step - 1] = {k: v.detach().clone() for k, v in c.unwrapped().state_dict().items()}
+            weights[step - 1] = {k: v.detach().clone() for k, v in learner.unwrapped().state_dict().items()}
 
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *ASYNC, f"rollout.async_worker={worker}")
     run = train(cfg, progress=False, callbacks=[Capture()])
@@ -127,7 +123,7 @@ def test_async_runs_are_deterministic_and_resume_exactly(tmp_path, tiny_random_d
     """Two straight runs are bitwise equal; a run that crashes during step 3 and resumes from the step-2
     checkpoint (which carries the batch of step 3, sampled ahead) ends with the same parameters and metrics; a
     finished 4-step run extended to 5 equals a straight 5-step run. Thread and process samplers agree."""
-    extra = (*ASYNC, "optim.minibatch_size=4", "algo.mu=2")
+    extra = (*ASYNC, "optim.minibatch_size=4", "algo.epochs=2")
     straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="a"), progress=False)
     again = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, "rollout.async_worker=thread", name="b"),
                   progress=False)
@@ -196,17 +192,18 @@ def test_bad_input_names_the_field(tmp_path, tiny_random_dir):
 def test_the_anchor_from_the_loss_forward_equals_a_pass_of_its_own(tmp_path, tiny_random_dir, monkeypatch):
     """One epoch, one optimizer step a batch: pi_old is read off the loss's own forward (no extra pass). The run,
     its importance-weight metrics and its loss equal those of the run that computes pi_old in a pass of its own."""
-    import tokenmdp.train.pg as pg
+    from tokenmdp.train.algorithms import PolicyGradient
+    from tokenmdp.train.learner import Learner
 
     extra = (*ASYNC, "rollout.async_worker=thread")
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="in-pass")
-    assert pg.anchor_in_pass(_FakeC(cfg))
+    assert _unit(cfg).anchor_in_pass
     calls = []
-    real = pg.logprobs_all
-    monkeypatch.setattr(pg, "logprobs_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = Learner.logprobs_all
+    monkeypatch.setattr(Learner, "logprobs_all", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = train(cfg, progress=False)
     assert calls == []  # no pass of its own
-    monkeypatch.setattr(pg, "anchor_in_pass", lambda c: False)
+    monkeypatch.setattr(PolicyGradient, "anchor_in_pass", property(lambda self: False))
     slow = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="own-pass"), progress=False)
     assert calls  # the separate pass ran
     a, b = _params(fast / "final"), _params(slow / "final")
@@ -216,15 +213,14 @@ def test_the_anchor_from_the_loss_forward_equals_a_pass_of_its_own(tmp_path, tin
         assert all(x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9) for k in keys), (x, y)
 
 
-class _FakeC:
-    def __init__(self, config):
-        from tokenmdp.train.config import resolve_algo
+def _unit(config):
+    """The policy-gradient unit of ``config`` (no model is built)."""
+    from tokenmdp.train.algorithms import make_algorithm
+    from tokenmdp.train.config import resolve_algo
 
-        self.config, self.spec = config, resolve_algo(config)
+    return make_algorithm(resolve_algo(config), config, max_new_tokens=8)
 
 
 def test_lora_dropout_keeps_the_anchor_in_a_pass_of_its_own(tmp_path, tiny_random_dir):
-    import tokenmdp.train.pg as pg
-
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *ASYNC, "model.lora.enabled=true", "model.lora.dropout=0.1")
-    assert not pg.anchor_in_pass(_FakeC(cfg))
+    assert not _unit(cfg).anchor_in_pass

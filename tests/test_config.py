@@ -28,13 +28,13 @@ def test_defaults_are_the_tiny_model_on_countdown_with_grpo():
 def test_yaml_and_set_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("algo:\n  name: dr_grpo\n  clip_high: 0.28\noptim:\n  lr: 1e-5\nrun:\n  steps: 7\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "run.out=/x/y", "task.options={num_count: 3}", "algo.mu=2",
+    cfg = load_config(path, ["optim.lr=3e-4", "run.out=/x/y", "task.options={num_count: 3}", "algo.epochs=2",
                              "rollout.max_new_tokens=null", "optim.max_grad_norm=null", "run.log_samples=false"])
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
     assert cfg.run.steps == 7 and cfg.run.out == "/x/y" and cfg.run.log_samples is False
     assert cfg.task.options == {"num_count": 3} and cfg.rollout.max_new_tokens is None
-    assert cfg.algo.name == "dr_grpo" and cfg.algo.overrides == {"clip_high": 0.28, "mu": 2}
-    assert resolve_algo(cfg).clip_high == 0.28 and resolve_algo(cfg).mu == 2
+    assert cfg.algo.name == "dr_grpo" and cfg.algo.overrides == {"clip_high": 0.28, "epochs": 2}
+    assert resolve_algo(cfg).clip_high == 0.28 and resolve_algo(cfg).epochs == 2
     assert load_config(path).optim.lr == pytest.approx(1e-5)  # YAML 1.1 reads 1e-5 as a string; we read a number
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
@@ -58,8 +58,8 @@ def test_round_trip_through_config_yaml(tmp_path):
     (["task.options=3"], "config field 'task.options' in --set must be a mapping"),
     (["algo.name=grpoo"], "config field 'algo.name' in --set is 'grpoo'; choose one of reinforce, rloo, grpo"),
     (["algo.klcoef=0.1"], "unknown config field 'algo.klcoef' in --set"),
-    (["algo.aggregation=mean"], "'aggregation'"),
-    (["algo.mu=0"], "'mu'"),
+    (["algo.aggregation=mean"], "'algo.aggregation'"),
+    (["algo.epochs=0"], "'epochs'"),
     (["optim.lr"], "expected key=value"),
     (["run=3"], "config section 'run' in --set must be a mapping"),
 ])
@@ -92,7 +92,7 @@ def test_every_preset_file_loads(path):
 
 
 def test_there_is_one_config_per_preset_and_a_gpu_example():
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     names = {load_config(p).algo.name for p in CONFIGS.glob("*.yaml")}
     assert set(PRESETS) <= names

@@ -75,7 +75,7 @@ def test_two_processes_stay_in_step(tmp_path, tiny_random_dir, algo, task):
 
 
 def test_uneven_prompt_split_is_one_clear_error(tmp_path, tiny_random_dir):
-    from tokenmdp.algos.registry import get_algo
+    from tokenmdp.algos.presets import get_algo
     from tokenmdp.errors import TokenMDPError
     from tokenmdp.train.config import load_config
     from tokenmdp.train.setup import check_processes

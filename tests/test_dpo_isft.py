@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from tokenmdp.algos.advantages import grpo_advantages
+from tokenmdp.algos.core import AGGREGATIONS, grpo_advantages, policy_loss
 from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
 from tokenmdp.algos.isft import isft_loss, kept_counts
-from tokenmdp.algos.losses import AGGREGATIONS, policy_loss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.enumerate import enumerate_sequences, init_logits, probabilities, token_logprobs
 from tokenmdp.mdp.token import TokenMDP

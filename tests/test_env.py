@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmdp.algos.advantages import gae, returns_to_go
+from tokenmdp.algos.core import gae, policy_loss, returns_to_go
 from tokenmdp.algos.dpo import sequence_logps
 from tokenmdp.algos.isft import isft_loss
-from tokenmdp.algos.losses import policy_loss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import (
     EnvStep,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmdp.algos.advantages import grpo_advantages
+from tokenmdp.algos.core import grpo_advantages, policy_loss
 from tokenmdp.algos.isft import isft_loss
-from tokenmdp.algos.losses import policy_loss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.equivalence import cosine, flat_grad, gradient_cosines
 from tokenmdp.policy.logprobs import sequence_logprobs

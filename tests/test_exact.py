@@ -11,8 +11,8 @@ import torch
 
 from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
 from tokenmdp.algos.isft import isft_loss, kept_counts
-from tokenmdp.algos.losses import kl_reward, policy_loss
-from tokenmdp.algos.registry import compute_advantages, get_algo
+from tokenmdp.algos.core import compute_advantages, kl_reward, policy_loss
+from tokenmdp.algos.presets import get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact import (
     DEFAULTS,
@@ -243,7 +243,7 @@ def test_unsupported_choices_are_named():
     groups = enumerate_groups(table, 2)
     point = make_point(init_logits(table, seed=0, requires_grad=False), groups)
     batch = GroupBatch(groups, point)
-    for overrides, what in (({"mu": 2}, "mu > 1"), ({"whiten_advantages": True}, "batch whitening"),
+    for overrides, what in (({"epochs": 2}, "epochs > 1"), ({"whiten_advantages": True}, "batch whitening"),
                             ({"std_scale": "batch"}, "batch-wide std"), ({"entropy_coef": 0.01}, "entropy")):
         v = Variant("custom", get_algo("grpo", **overrides), "")
         with pytest.raises(TokenMDPError, match=what):

@@ -93,7 +93,7 @@ def _launch_again(out, model_dir, *extra):
 
 
 def test_one_process_is_one_clear_error(tiny_random_dir):
-    from tokenmdp.algos.registry import get_algo
+    from tokenmdp.algos.presets import get_algo
     from tokenmdp.errors import TokenMDPError
     from tokenmdp.train.config import load_config
     from tokenmdp.train.setup import check_processes

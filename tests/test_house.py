@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tokenmdp.algos.registry import get_algo
+from tokenmdp.algos.presets import get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.model import DEFAULT_MAX_NEW_TOKENS, META_FILE, model_defaults, read_meta
 from tokenmdp.train.config import load_config

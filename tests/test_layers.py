@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RANKS = {
     "errors": 0,
     "progress": 1, "atomic": 1, "locks": 1, "values": 1, "stats": 1, "__init__": 1,  # the ground
+    "schema": 1.5,  # the one coercer of settings (reads values)
     "mdp": 2,
     "solvers": 3, "tasks": 3, "algos": 3, "policy": 3,
     "rollout": 4,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tests.test_trainer  # noqa: F401  (registers the parity task)
-from tokenmdp.algos.registry import PRESETS
+from tokenmdp.algos.presets import PRESETS
 from tokenmdp.cli import main
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.adapters import add_lora, inject_lora, load_adapter, merge_adapter
@@ -39,8 +39,8 @@ class Keep:
     def __init__(self):
         self.c = None
 
-    def on_step(self, step, record, c):
-        self.c = c
+    def on_step(self, step, record, learner):
+        self.c = learner
 
 
 @pytest.mark.parametrize("algo", list(PRESETS))

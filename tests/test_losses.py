@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tokenmdp.algos.losses import AGGREGATIONS, aggregate, kl_penalty, kl_reward, policy_loss, value_loss
+from tokenmdp.algos.core import AGGREGATIONS, aggregate, kl_penalty, kl_reward, policy_loss, value_loss
 from tokenmdp.errors import TokenMDPError
 
 LN15 = math.log(1.5)

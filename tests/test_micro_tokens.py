@@ -12,7 +12,7 @@ import tests.test_trainer  # noqa: F401  (registers the parity task)
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.config import load_config
 from tokenmdp.train.trainer import train
-from tokenmdp.train.updates import micro_batches
+from tokenmdp.train.learner import micro_batches
 
 SMALL = tests.test_trainer.SMALL
 

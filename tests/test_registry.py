@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from tokenmdp.algos.advantages import gae, grpo_advantages, rloo_advantages
-from tokenmdp.algos.registry import PRESETS, AlgoSpec, compute_advantages, describe, get_algo
+from tokenmdp.algos.core import compute_advantages, gae, grpo_advantages, rloo_advantages
+from tokenmdp.algos.presets import PRESETS, AlgoSpec, describe, get_algo
 from tokenmdp.errors import TokenMDPError
 
 NAMES = ["reinforce", "rloo", "grpo", "dr_grpo", "dapo", "bnpo", "ppo", "dpo", "isft+", "isft-", "isft+-"]
@@ -32,7 +32,7 @@ def test_preset_choices():
     # bnpo differs from grpo in the aggregation only
     diff = {f.name for f in dataclasses.fields(AlgoSpec) if getattr(g, f.name) != getattr(bnpo, f.name)}
     assert diff == {"name", "description", "aggregation"}
-    assert ppo.critic and ppo.advantage == "gae" and ppo.kl_in == "reward" and ppo.mu > 1
+    assert ppo.critic and ppo.advantage == "gae" and ppo.kl_in == "reward" and ppo.epochs > 1
     assert PRESETS["rloo"].advantage == "rloo" and PRESETS["reinforce"].baseline == "moving_average"
     assert PRESETS["dpo"].kind == "dpo" and PRESETS["dpo"].needs_reference
     assert [PRESETS[n].isft_mode for n in ("isft+", "isft-", "isft+-")] == ["+", "-", "+-"]
@@ -46,14 +46,14 @@ def test_get_algo_overrides_and_string_values():
     spec = get_algo("grpo", kl_coef=0.0, aggregation="token_mean")
     assert spec.kl_coef == 0.0 and spec.aggregation == "token_mean" and spec.name == "grpo"
     assert PRESETS["grpo"].kl_coef == 0.04  # the preset itself is untouched
-    spec = get_algo("ppo", mu="4", clip_high="0.3", whiten_advantages="false", max_len="none")
-    assert (spec.mu, spec.clip_high, spec.whiten_advantages, spec.max_len) == (4, 0.3, False, None)
+    spec = get_algo("ppo", epochs="4", clip_high="0.3", whiten_advantages="false", max_len="none")
+    assert (spec.epochs, spec.clip_high, spec.whiten_advantages, spec.max_len) == (4, 0.3, False, None)
     assert get_algo(spec, lam=0.9).lam == 0.9
-    spec = get_algo("grpo", mu=2.0, kl_coef=0, clip_high=None, critic=True, advantage="gae")  # YAML-typed values
-    assert (spec.mu, spec.kl_coef, spec.clip_high, spec.critic) == (2, 0.0, None, True)
-    assert isinstance(spec.mu, int) and isinstance(spec.kl_coef, float)
+    spec = get_algo("grpo", epochs=2.0, kl_coef=0, clip_high=None, critic=True, advantage="gae")  # YAML-typed values
+    assert (spec.epochs, spec.kl_coef, spec.clip_high, spec.critic) == (2, 0.0, None, True)
+    assert isinstance(spec.epochs, int) and isinstance(spec.kl_coef, float)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.mu = 3  # type: ignore[misc]
+        spec.epochs = 3  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("call, message", [
@@ -63,13 +63,14 @@ def test_get_algo_overrides_and_string_values():
     (lambda: get_algo("grpo", kl_estimator="k9"), "algo field 'kl_estimator'"),
     (lambda: get_algo("grpo", clip_low=-0.1), "algo field 'clip_low' must be >= 0"),
     (lambda: get_algo("grpo", lam=1.5), "algo field 'lam' must be in"),
-    (lambda: get_algo("grpo", mu=0), "algo field 'mu' must be >= 1"),
-    (lambda: get_algo("grpo", mu="two"), "algo field 'mu': cannot read 'two'"),
-    (lambda: get_algo("grpo", mu=1.5), "algo field 'mu': cannot read 1.5 as int"),
-    (lambda: get_algo("grpo", kl_coef=True), "algo field 'kl_coef': cannot read True"),
-    (lambda: get_algo("grpo", critic="maybe"), "algo field 'critic': cannot read 'maybe' as bool"),
-    (lambda: get_algo("grpo", aggregation=3), "algo field 'aggregation': cannot read 3 as str"),
-    (lambda: get_algo("grpo", mu=None), "algo field 'mu' cannot be None"),
+    (lambda: get_algo("grpo", epochs=0), "algo field 'epochs' must be >= 1"),
+    (lambda: get_algo("grpo", epochs="two"), "algo field 'epochs' must be an integer, got 'two'"),
+    (lambda: get_algo("grpo", epochs=1.5), "algo field 'epochs' must be an integer, got 1.5"),
+    (lambda: get_algo("grpo", kl_coef=True), "algo field 'kl_coef' must be a number, got True"),
+    (lambda: get_algo("grpo", critic="maybe"), "algo field 'critic' must be true or false, got 'maybe'"),
+    (lambda: get_algo("grpo", aggregation=3), "algo field 'aggregation' is 3; choose one of"),
+    (lambda: get_algo("grpo", epochs=None), "algo field 'epochs' must be an integer, got None"),
+    (lambda: get_algo("grpo", mu=2), "unknown algo field 'mu' \\(renamed to 'epochs'\\)"),
     (lambda: get_algo("grpo", advantage="gae"), "GAE needs a critic"),
     (lambda: get_algo("grpo", returns="to_go"), "'returns' is 'to_go' but 'std_scale'"),
     (lambda: get_algo("dpo", dpo_beta=0), "'dpo_beta' must be > 0"),

@@ -13,7 +13,7 @@ from torch import nn
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
 from tokenmdp.policy.tiny import build_tiny_random
-from tokenmdp.train.updates import micro_batches
+from tokenmdp.train.learner import micro_batches
 
 
 @pytest.fixture(scope="module")

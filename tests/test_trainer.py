@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenmdp.algos.registry import PRESETS
+from tokenmdp.algos.presets import PRESETS
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.tasks.base import Problem, Score, Task
 from tokenmdp.tasks.registry import register_task
@@ -72,7 +72,7 @@ def test_every_preset_moves_every_parameter(tmp_path, tiny_random_dir, algo):
     assert all(r["update/rows"] > 0 for r in records)
     for key in ("reward/mean", "reward/accuracy", "length/mean", "policy/entropy", "time/rollout", "time/update", "lr"):
         assert records[0][key] is not None, key
-    if PRESETS[algo].kind == "pg" and PRESETS[algo].mu == 1:
+    if PRESETS[algo].kind == "pg" and PRESETS[algo].epochs == 1:
         assert abs(records[0]["policy/approx_kl"]) < 1e-5  # one on-policy update: the ratio is 1
     if PRESETS[algo].critic:
         from tokenmdp.policy.value_head import ValueModel
@@ -88,35 +88,35 @@ def test_every_preset_moves_every_parameter(tmp_path, tiny_random_dir, algo):
 
 
 def _components(tmp_path, model_dir, algo, *extra):
-    from tokenmdp.train.setup import build_components
+    """``(learner, algorithm, rollouts)`` of a step built by hand."""
+    from tokenmdp.train.trainer import build_step
 
     cfg = _cfg(tmp_path, model_dir, algo, "rollout.prompts_per_step=3", "rollout.max_new_tokens=8", *extra)
-    return build_components(cfg, tmp_path / "unused")
+    return build_step(cfg, tmp_path / "unused")
 
 
 @pytest.mark.parametrize("algo", ["grpo", "bnpo", "dr_grpo", "ppo", "isft+", "isft+-adv", "dpo"])
 def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo):
     """One step with micro-batches of 2 rows moves the parameters as the whole batch in one pass does (plain SGD,
     so the parameter change is the accumulated gradient itself)."""
-    from tokenmdp.train.batch import collect
     from tokenmdp.train.trainer import run_step
 
     problems = ParityTask().problems("train", n=3, seed=5)
     results = []
     for micro in (64, 2):
-        # one inner epoch: with mu = 2 the second epoch starts from parameters moved by SGD at lr 1, which
+        # one inner epoch: with epochs = 2 the second epoch starts from parameters moved by SGD at lr 1, which
         # amplifies float round-off of the first past any tolerance
-        c = _components(tmp_path, tiny_random_dir, algo, f"optim.micro_batch_size={micro}", "optim.max_grad_norm=null",
-                        "algo.mu=1")
-        c.optimizer = torch.optim.SGD(c.model.parameters(), lr=1.0)
-        c.scheduler = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda s: 1.0)
-        if c.critic is not None:
-            c.critic_optimizer = torch.optim.SGD(c.critic.parameters(), lr=1.0)
-        batch = collect(c, problems, step=1)
+        learner, algorithm, rollouts = _components(tmp_path, tiny_random_dir, algo, f"optim.micro_batch_size={micro}",
+                                                   "optim.max_grad_norm=null", "algo.epochs=1")
+        learner.optimizer = torch.optim.SGD(learner.model.parameters(), lr=1.0)
+        learner.scheduler = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda s: 1.0)
+        if learner.critic is not None:
+            learner.critic_optimizer = torch.optim.SGD(learner.critic.parameters(), lr=1.0)
+        batch = rollouts.collect(problems, step=1)
         assert 0 < float(batch.correct.float().mean()) < 1
-        start = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
-        run_step(c, problems, 1)
-        results.append({k: v.detach() - start[k] for k, v in c.model.state_dict().items()})
+        start = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+        run_step(learner, algorithm, rollouts, problems, 1)
+        results.append({k: v.detach() - start[k] for k, v in learner.model.state_dict().items()})
     assert max(float(d.abs().max()) for d in results[0].values()) > 1e-4  # the step did move the model
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-7, msg=key)
@@ -126,35 +126,33 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, a
 def test_skipping_zero_advantage_rows_gives_the_same_update(tmp_path, tiny_random_dir, algo):
     """Rows of a group with equal rewards have advantage 0 and skip the forward/backward; the AdamW step (two
     steps, so the moments matter) equals the one that runs them. With a KL term in the loss nothing is skipped."""
-    from tokenmdp.train.batch import collect
-    from tokenmdp.train.pg import pg_update
-
     problems = ParityTask().problems("train", n=3, seed=5)
     results, skipped = {}, {}
     for skip in (False, True):
-        c = _components(tmp_path, tiny_random_dir, algo, "algo.kl_coef=0", "optim.micro_batch_size=2",
-                        "optim.max_grad_norm=null", f"optim.skip_zero_advantage={str(skip).lower()}")
-        start = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+        learner, algorithm, rollouts = _components(tmp_path, tiny_random_dir, algo, "algo.kl_coef=0",
+                                                   "optim.micro_batch_size=2", "optim.max_grad_norm=null",
+                                                   f"optim.skip_zero_advantage={str(skip).lower()}")
+        start = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
         for step in (1, 2):
-            batch = collect(c, problems, step=step)
+            batch = rollouts.collect(problems, step=step)
             batch.rewards[:4] = 1.0  # the first group: all right (advantage 0)
             batch.rewards[4:8] = torch.tensor([1.0, 0.0, 0.0, 1.0])  # the second: mixed
-            metrics = pg_update(c, batch, step=step)
+            metrics = algorithm.update(learner, batch, step=step)
             skipped[skip] = metrics["update/skipped_rows"]
-        results[skip] = {k: v.detach() - start[k] for k, v in c.model.state_dict().items()}
+        results[skip] = {k: v.detach() - start[k] for k, v in learner.model.state_dict().items()}
     assert skipped[False] == 0 and skipped[True] >= 4
     assert max(float(d.abs().max()) for d in results[False].values()) > 1e-5
     for key in results[False]:
         torch.testing.assert_close(results[True][key], results[False][key], rtol=1e-4, atol=1e-6, msg=key)
-    c = _components(tmp_path, tiny_random_dir, "grpo", "algo.kl_coef=0.04")
-    batch = collect(c, problems, step=1)
+    learner, algorithm, rollouts = _components(tmp_path, tiny_random_dir, "grpo", "algo.kl_coef=0.04")
+    batch = rollouts.collect(problems, step=1)
     batch.rewards[:4] = 1.0
-    assert pg_update(c, batch, step=1)["update/skipped_rows"] == 0
+    assert algorithm.update(learner, batch, step=1)["update/skipped_rows"] == 0
 
 
 def test_resume_gives_identical_parameters(tmp_path, tiny_random_dir):
     """4 steps straight == 2 steps, a crash during step 3, and a resume from the step-2 checkpoint."""
-    extra = ("run.steps=4", "optim.minibatch_size=4", "algo.mu=2", "algo.kl_coef=0.05")
+    extra = ("run.steps=4", "optim.minibatch_size=4", "algo.epochs=2", "algo.kl_coef=0.05")
     straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="straight"), progress=False)
 
     class Crash(Exception):

@@ -49,14 +49,13 @@ def test_every_algorithm_kind_trains_on_a_multi_turn_env(tmp_path, tiny_random_d
 
 
 def test_single_turn_env_gives_the_plain_batch(tmp_path, tiny_random_dir):
-    from tokenmdp.train.batch import collect
-    from tokenmdp.train.setup import build_components
+    from tokenmdp.train.trainer import build_step
 
     problems = ParityTask().problems("train", n=2, seed=1)
     batches = []
     for kind in ("none", "single_turn"):
-        c = build_components(_cfg(tmp_path, tiny_random_dir, "grpo", f"task.env.kind={kind}"), tmp_path / "x")
-        batches.append(collect(c, problems, step=3))
+        _, _, rollouts = build_step(_cfg(tmp_path, tiny_random_dir, "grpo", f"task.env.kind={kind}"), tmp_path / "x")
+        batches.append(rollouts.collect(problems, step=3))
     plain, env = batches
     for name in ("prompt_ids", "response_ids", "response_mask", "logprobs", "terminated", "truncated"):
         assert torch.equal(getattr(plain.rollout, name), getattr(env.rollout, name)), name
@@ -118,11 +117,12 @@ def test_a_base_whose_text_the_policy_cannot_write_is_refused(tiny_random):
 
 def test_turn_rewards_become_the_token_rewards(tmp_path, tiny_random_dir):
     """Per-turn rewards away from the last policy token are the token rewards of the credit (the return kept)."""
+    from tokenmdp.train.algorithms import make_algorithm, turn_rewards_matter
     from tokenmdp.train.batch import Batch
-    from tokenmdp.train.pg import _credit, turn_rewards_matter
-    from tokenmdp.train.setup import build_components
+    from tokenmdp.train.config import resolve_algo
 
-    c = build_components(_cfg(tmp_path, tiny_random_dir, "reinforce", *ALTERNATE), tmp_path / "x")
+    cfg = _cfg(tmp_path, tiny_random_dir, "reinforce", *ALTERNATE)
+    unit = make_algorithm(resolve_algo(cfg), cfg, max_new_tokens=8)
     mask = torch.tensor([[1, 1, 0, 1, 0]])
     ro = type("R", (), {"response_mask": mask})()
     late = Batch(ro, [], [], torch.tensor([1.0]), torch.tensor([True]), torch.tensor([True]), 1, {},
@@ -130,8 +130,8 @@ def test_turn_rewards_become_the_token_rewards(tmp_path, tiny_random_dir):
     early = Batch(ro, [], [], torch.tensor([1.5]), torch.tensor([True]), torch.tensor([True]), 1, {},
                   token_rewards=torch.tensor([[0.0, 0.5, 0.0, 1.0, 0.0]]))
     assert not turn_rewards_matter(late) and turn_rewards_matter(early)
-    assert _credit(c, late) is None  # the spec's own credit assignment, as in a single turn
-    assert _credit(c, early).tolist() == [[0.0, 0.5, 0.0, 1.0, 0.0]]
+    assert unit.token_rewards(late) is None  # the spec's own credit assignment, as in a single turn
+    assert unit.token_rewards(early).tolist() == [[0.0, 0.5, 0.0, 1.0, 0.0]]
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -147,12 +147,12 @@ def test_env_config_errors_name_the_field(tmp_path, tiny_random_dir, extra, fiel
 
 
 def test_a_missing_base_model_is_one_clear_error(tmp_path, tiny_random_dir):
-    from tokenmdp.train.setup import build_components
+    from tokenmdp.train.setup import build_run
 
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", "task.env.kind=two_llm_hint",
                f"task.env.base_path={tmp_path / 'nowhere'}")
     with pytest.raises(TokenMDPError, match="task.env.base_path"):
-        build_components(cfg, tmp_path / "x")
+        build_run(cfg, tmp_path / "x")
 
 
 def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path, tiny_random_dir):
@@ -160,24 +160,20 @@ def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path
     uniform credit's exactly), "add" makes it R + the step rewards; hand-checked on one row."""
     from types import SimpleNamespace
 
+    from tokenmdp.train.algorithms import make_algorithm
     from tokenmdp.train.config import resolve_algo
-    from tokenmdp.train.pg import _credit
-    import tokenmdp.train.pg as pg
 
     for final, want in (("residual", [0.0, 0.1, 0.0, 0.9]), ("add", [0.0, 0.1, 0.0, 1.0])):
         cfg = _cfg(tmp_path, tiny_random_dir, "grpo_nokl", "algo.overrides.credit=process",
                    f"algo.overrides.process_final={final}")
         spec = resolve_algo(cfg)
         assert spec.process_final == final
-        c = SimpleNamespace(spec=spec, config=cfg)
+        step_reward = cfg.task.step_reward
+        unit = make_algorithm(spec, cfg, max_new_tokens=8,
+                              process_rewards=lambda b: torch.tensor([[0.0, step_reward, 0.0, 0.0]]))
         ro = SimpleNamespace(response_mask=torch.tensor([[1, 1, 1, 1]]))
         batch = SimpleNamespace(rollout=ro, rewards=torch.tensor([1.0]), token_rewards=None)
-        original = pg.step_rewards
-        pg.step_rewards = lambda c, b, step_reward: torch.tensor([[0.0, step_reward, 0.0, 0.0]])
-        try:
-            got = _credit(c, batch)
-        finally:
-            pg.step_rewards = original
+        got = unit.token_rewards(batch)
         assert got.tolist()[0] == pytest.approx(want)
     with pytest.raises(TokenMDPError, match="process_final"):
         resolve_algo(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", "algo.overrides.process_final=both"))
@@ -186,7 +182,8 @@ def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path
 def test_residual_process_credit_leaves_grpo_as_uniform_credit():
     """Summed step rewards with the residual final reward keep each return R_i, so GRPO's advantages (a weight per
     response) are those of plain credit up to float rounding; added, they are not."""
-    from tokenmdp.algos.registry import compute_advantages, get_algo
+    from tokenmdp.algos.core import compute_advantages
+    from tokenmdp.algos.presets import get_algo
     from tokenmdp.mdp.credit import process
 
     spec = get_algo("grpo_nokl")

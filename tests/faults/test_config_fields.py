@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from tokenmdp.algos.registry import AlgoSpec, get_algo
+from tokenmdp.algos.presets import AlgoSpec, get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.config import SECTIONS, TrainConfig, load_config
 

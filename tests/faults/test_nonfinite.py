@@ -25,7 +25,7 @@ class NaNRewards:
     def __init__(self, steps):
         self.steps = set(steps)
 
-    def on_batch(self, c, batch, step):
+    def on_batch(self, learner, batch, step):
         if step in self.steps:
             batch.rewards[:] = math.nan
         return {}

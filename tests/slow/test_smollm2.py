@@ -71,8 +71,8 @@ class Keep:
     def __init__(self):
         self.c = None
 
-    def on_step(self, step, record, c):
-        self.c = c
+    def on_step(self, step, record, learner):
+        self.c = learner
 
 
 def test_grpo_lora_raises_the_format_reward_on_held_out_questions(tmp_path, smollm2_dir, gsm8k_dir):

@@ -2,7 +2,7 @@
 
 Sample from the current model, filter by the verifier, take a (negated) log-likelihood step, repeat. Per response
 ``i`` a signed weight ``w_i`` is chosen, and the per-token loss ``l_it = -w_i log pi(o_it | q, o_i<t)`` is reduced
-by the same aggregations as the policy loss (:func:`tokenmdp.algos.losses.aggregate`).
+by the same aggregations as the policy loss (:func:`tokenmdp.algos.core.aggregate`).
 
 Filtering by ``mode``: ``"+"`` keeps the correct responses (positives), ``"-"`` the incorrect ones (negatives,
 trained with a negated likelihood: their probability is pushed down), ``"+-"`` both. Responses that are filtered
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmdp.algos.losses import aggregate
+from tokenmdp.algos.core import aggregate
 from tokenmdp.errors import TokenMDPError
 
 Tensor = torch.Tensor

@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("reward/mean", "reward/accuracy", "reward/format", "length/corre
 
 def presets_table(as_json: bool) -> None:
     """Print the presets and their choices (a rich table, or JSON)."""
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     if as_json:
         emit_json({name: {"description": spec.description, **spec.choices()} for name, spec in PRESETS.items()})
@@ -27,7 +27,7 @@ def presets_table(as_json: bool) -> None:
 
     table = Table(title="algorithm presets: tokenmdp train --algo NAME [--set algo.FIELD=VALUE]",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for col in ("name", "kind", "advantage", "aggregation", "clip", "KL", "mu"):
+    for col in ("name", "kind", "advantage", "aggregation", "clip", "KL", "epochs"):
         table.add_column(col, no_wrap=True)
     for name, spec in PRESETS.items():
         clip = "-" if spec.kind != "pg" else f"{spec.clip_low}/{spec.clip_high if spec.clip_high is not None else spec.clip_low}"
@@ -35,7 +35,7 @@ def presets_table(as_json: bool) -> None:
         if spec.kind == "dpo":
             kl = f"beta {spec.dpo_beta}"
         adv = spec.advantage if spec.kind == "pg" or spec.isft_weighting == "advantage" else "-"
-        table.add_row(name, spec.kind, adv, spec.aggregation if spec.kind != "dpo" else "-", clip, kl, str(spec.mu))
+        table.add_row(name, spec.kind, adv, spec.aggregation if spec.kind != "dpo" else "-", clip, kl, str(spec.epochs))
     console.print(table)
     for name, spec in PRESETS.items():
         console.print(f"[bold]{name}[/bold]: {spec.description}", highlight=False)

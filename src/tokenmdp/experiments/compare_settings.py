@@ -99,7 +99,7 @@ def config_stem(name: str) -> str:
 
 
 def _validate_arms(s: CompareSettings) -> None:
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     taken: dict[str, str] = {}
     for name, spec in s.arms.items():
@@ -211,7 +211,7 @@ ENGINES, TRACKERS = ("fast", "hf", "vllm"), ("none", "tensorboard")
 
 def validate_settings(s: CompareSettings) -> None:
     """One error naming the option for a wrong type, a value out of range or an unknown choice."""
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     _check_types(s)
     if not s.algos:

@@ -42,8 +42,8 @@ import torch
 
 from tokenmdp.algos.dpo import dpo_loss, sequence_logps
 from tokenmdp.algos.isft import isft_loss
-from tokenmdp.algos.losses import kl_reward, policy_loss
-from tokenmdp.algos.registry import AlgoSpec, compute_advantages, get_algo
+from tokenmdp.algos.core import compute_advantages, kl_reward, policy_loss
+from tokenmdp.algos.presets import AlgoSpec, get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact_groups import Groups, Point, state_values
 from tokenmdp.mdp.credit import assign_credit
@@ -77,7 +77,7 @@ def variants() -> dict[str, Variant]:
         Variant("dr_grpo", get_algo("dr_grpo"), _desc("dr_grpo")),
         Variant("dapo", get_algo("dapo", overlong_buffer=0), "group mean/std; token mean; no KL; overlong "
                 "penalty off (its buffer exceeds max_len); dynamic sampling has no effect on one group"),
-        Variant("ppo_oracle", get_algo("ppo", whiten_advantages=False, mu=1),
+        Variant("ppo_oracle", get_algo("ppo", whiten_advantages=False, epochs=1),
                 "ppo with the exact V^pi as critic, GAE(1, 0.95), no whitening, first epoch, k1 KL 0.05 in the "
                 "reward (reference: the start policy)", oracle_critic=True),
         Variant("dpo", get_algo("dpo"), "sigmoid DPO, beta 0.1, averaged over every (correct, wrong) pair of the "
@@ -100,7 +100,7 @@ def _desc(name: str) -> str:
 def _check_supported(v: Variant) -> None:
     s = v.spec
     uses_adv = s.kind == "pg" or (s.kind == "isft" and s.isft_weighting == "advantage")
-    bad = [(s.mu != 1, "mu > 1 (later epochs are off-policy)"),
+    bad = [(s.epochs != 1, "epochs > 1 (later epochs are off-policy)"),
            (s.entropy_coef != 0, "an entropy bonus"), (s.whiten_advantages, "batch whitening"),
            (uses_adv and s.advantage == "grpo" and s.std_scale == "batch", "a batch-wide std"),
            (s.kind == "pg" and s.advantage == "reinforce" and s.baseline == "batch_mean", "a batch-mean baseline"),

@@ -15,8 +15,8 @@ and seeds of every step are known in advance (:func:`tokenmdp.train.data.prompt_
   continues bit for bit whatever ``run.save_every`` is, and with any engine; batches are sampled up to step
   ``run.steps + k`` so that the final checkpoint extends exactly too (its last ``k`` batches are otherwise unused).
 
-The correction of the stale batch is the update's (:func:`tokenmdp.train.pg.prepare`, truncated importance
-sampling). ``k = 0`` never builds a sampler: the loop is the synchronous one, unchanged.
+The correction of the stale batch is the update's (:class:`tokenmdp.train.algorithms.PolicyGradient` with
+``stale``, truncated importance sampling). ``k = 0`` never builds a sampler: the loop is the synchronous one, unchanged.
 
 Logged each step: ``async/staleness``, ``time/wait`` (seconds the learner waited for the batch), ``time/rollout``
 (the sampler's own seconds for it) and, from the update, ``async/is_ratio_mean`` / ``_max`` / ``async/tis_clip_frac``.
@@ -31,7 +31,7 @@ import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +39,7 @@ import torch
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.rollout import get_engine
 from tokenmdp.rollout.base import Rollout
-from tokenmdp.train.batch import Batch, render_prompts, sampling_args, score
-
-if TYPE_CHECKING:
-    from tokenmdp.train.setup import Components
+from tokenmdp.train.batch import Batch
 
 IN_FLIGHT_FILE = "async_batches.pt"
 
@@ -99,32 +96,36 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
 class AsyncSampler:
     """The sampler of a run with ``rollout.max_staleness = k > 0`` (see the module docstring).
 
-    ``stream``: the prompts of every step up to ``run.steps + k``; ``start``: the steps already done;
-    ``in_flight``: the batches of steps ``start + 1 .. start + k`` of the checkpoint resumed from (packed).
+    ``rollouts``: the run's :class:`tokenmdp.train.trainer.Rollouts` (prompts rendered, sampling arguments,
+    scoring); ``model``: the learner's model (copied for the sampler; its trained weights are published after each
+    update); ``stream``: the prompts of every step up to ``last = run.steps + k``; ``start``: the steps already
+    done; ``in_flight``: the batches of steps ``start + 1 .. start + k`` of the checkpoint resumed from (packed).
     """
 
-    def __init__(self, c: Components, stream: list[list], *, start: int, in_flight: dict[int, dict] | None = None):
-        self.c, self.stream = c, stream
-        self.k = c.config.rollout.max_staleness
-        self.last = c.config.run.steps + self.k
+    def __init__(self, rollouts, model, stream: list[list], *, start: int, max_staleness: int, last: int,
+                 worker: str = "process", engine: str = "fast", engine_options: dict | None = None,
+                 threads: int | None = None, in_flight: dict[int, dict] | None = None):
+        self.rollouts, self.learner_model, self.stream = rollouts, model, stream
+        self.k = max_staleness
+        self.last = last
         self.ready: dict[int, tuple[dict, float]] = {s: (r, 0.0) for s, r in (in_flight or {}).items()}
         self.asked: set[int] = set(self.ready)
         self.sent: dict[int, dict] = {}  # weights handed over, kept alive until their batch is back (shared memory)
-        self.mode = c.config.rollout.async_worker
-        model = copy.deepcopy(c.unwrapped()).eval()  # the sampler's own copy (the learner trains its original)
-        args = (model, c.tokenizer, c.config.rollout.engine, dict(c.config.rollout.engine_options))
+        self.mode = worker
+        copy_ = copy.deepcopy(model).eval()  # the sampler's own copy (the learner trains its original)
+        args = (copy_, rollouts.tokenizer, engine, dict(engine_options or {}))
         if self.mode == "process":
             import torch.multiprocessing as mp
 
             ctx = mp.get_context("spawn")
             self.requests, self.results = ctx.Queue(), ctx.Queue()
-            self.worker = ctx.Process(target=_serve, args=(*args, c.config.run.threads or 1, self.requests,
-                                                           self.results), daemon=True, name="tokenmdp-sampler")
+            self.worker = ctx.Process(target=_serve, args=(*args, threads or 1, self.requests, self.results),
+                                      daemon=True, name="tokenmdp-sampler")
         else:  # torch's thread count is per process: the thread shares the learner's
             self.requests, self.results = queue.Queue(), queue.Queue()
             self.worker = threading.Thread(target=_serve, args=(*args, None, self.requests, self.results),
                                            daemon=True, name="tokenmdp-sampler")
-        self._model = model  # kept alive while the sampler shares its memory
+        self._model = copy_  # kept alive while the sampler shares its memory
         self.worker.start()
         for step in range(start + 1, start + self.k + 2):  # sampled with the current weights: the model copied
             if step not in self.asked:
@@ -134,7 +135,7 @@ class AsyncSampler:
         if step > self.last or step in self.asked:
             return
         problems = self.stream[step - 1]
-        self.requests.put((step, weights, render_prompts(self.c, problems), sampling_args(self.c, step)))
+        self.requests.put((step, weights, self.rollouts.render(problems), self.rollouts.sampling(step)))
         self.asked.add(step)
         if weights is not None:
             self.sent[step] = weights
@@ -142,7 +143,7 @@ class AsyncSampler:
     def after_update(self, step: int) -> None:
         """Publish the weights after the update of ``step`` and ask for the batch of ``step + 1 + k``."""
         if step + 1 + self.k <= self.last:
-            self._ask(step + 1 + self.k, trained_weights(self.c.unwrapped()))
+            self._ask(step + 1 + self.k, trained_weights(self.learner_model))
 
     def _wait_for(self, step: int) -> None:
         while step not in self.ready:
@@ -168,8 +169,8 @@ class AsyncSampler:
         self._wait_for(step)
         wait = time.perf_counter() - t0
         packed, seconds = self.ready.pop(step)
-        rollout = _unpack(packed, self.c.device)
-        batch = score(self.c, self.stream[step - 1], rollout, {"time/rollout": seconds})
+        rollout = _unpack(packed, self.rollouts.device)
+        batch = self.rollouts.score(self.stream[step - 1], rollout, {"time/rollout": seconds})
         return batch, {"time/wait": wait, "async/staleness": staleness(step, self.k)}
 
     def in_flight(self, step: int) -> dict[str, Any]:

@@ -5,21 +5,19 @@ defaults train the embedded tiny base model on Countdown with GRPO on a CPU. ``l
 applies dotted overrides (``--set optim.lr=3e-4``, values parsed as YAML scalars) and validates every field:
 a wrong name or value raises one :class:`~tokenmdp.errors.TokenMDPError` naming the field (and the file).
 
-The ``algo`` section is a preset name plus overrides of :class:`tokenmdp.algos.registry.AlgoSpec` fields::
+The ``algo`` section is a preset name plus overrides of :class:`tokenmdp.algos.presets.AlgoSpec` fields::
 
     algo:
       name: grpo
       kl_coef: 0.04      # any AlgoSpec field
 
-Only the spelling of the overrides is checked here; :func:`resolve_algo` builds the spec through
-``tokenmdp.algos.registry.get_algo``, which owns the fields and their meaning.
+Every section, the algorithm's included, goes through the project's one coercer and unknown-field check
+(:mod:`tokenmdp.schema`); :func:`resolve_algo` builds the spec through ``tokenmdp.algos.presets.get_algo``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +25,8 @@ from typing import Any, Literal
 import yaml
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.values import as_number, parse_assignment
+from tokenmdp.schema import Where, build, check_fields
+from tokenmdp.values import parse_assignment
 
 
 @dataclass
@@ -121,7 +120,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    """A preset of :data:`tokenmdp.algos.registry.PRESETS` plus overrides of its ``AlgoSpec`` fields."""
+    """A preset of :data:`tokenmdp.algos.presets.PRESETS` plus overrides of its ``AlgoSpec`` fields."""
 
     name: str = "grpo"
     overrides: dict = field(default_factory=dict)
@@ -216,7 +215,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict, *, source: str | None = None) -> "TrainConfig":
         """Validate ``data`` (the YAML layout) into a config; errors name the field and ``source``."""
-        return _build(cls, data, "", source)
+        return _build_config(data, source)
 
     def run_dir(self) -> Path:
         """The run folder: ``run.out`` or ``runs/<algo>-seed<seed>``."""
@@ -229,81 +228,25 @@ SECTIONS = ("model", "task", "rollout", "algo", "optim", "run")
 
 
 def _where(name: str, source: str | None) -> str:
-    return f"{name!r}" + (f" in {source}" if source else "")
+    return Where(source=source)(name)
 
 
-def _build(cls: type, data: Any, prefix: str, source: str | None) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise TokenMDPError(f"config section {_where(prefix.rstrip('.') or '<root>', source)} must be a mapping")
-    if cls is AlgoConfig:
-        return _build_algo(data, prefix, source)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in hints:
-            raise TokenMDPError(
-                f"unknown config field {_where(dotted, source)}; expected one of: {', '.join(names)}"
-            )
-        kwargs[key] = _coerce(value, hints[key], dotted, source)
-    return cls(**kwargs)
+def _build_config(data: Any, source: str | None) -> TrainConfig:
+    """The config of the YAML layout ``data``: every section through the one coercer (:mod:`tokenmdp.schema`),
+    the ``algo`` section's overrides against :class:`tokenmdp.algos.presets.AlgoSpec`'s fields."""
+    from tokenmdp.algos.presets import RENAMED, AlgoSpec
 
-
-def _build_algo(data: dict, prefix: str, source: str | None) -> AlgoConfig:
-    data = dict(data)
-    name = data.pop("name", AlgoConfig.name)
-    if not isinstance(name, str):
-        raise TokenMDPError(f"config field {_where(prefix + 'name', source)} must be a preset name (a string)")
-    if "overrides" in data and isinstance(data["overrides"], dict):  # the dataclass layout, also accepted
-        data = {**data.pop("overrides"), **data}
-    data = {k: as_number(v) if isinstance(v, str) else v for k, v in data.items()}
-    return AlgoConfig(name=name, overrides=data)
-
-
-_YAML_BOOL = {False: ("no", "false", "off", "n"), True: ("yes", "true", "on", "y")}
-
-
-def _coerce(value: Any, hint: Any, field_name: str, source: str | None) -> Any:
-    """Check ``value`` against the type ``hint``; return it converted (int -> float, nested dataclasses)."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, field_name + ".", source)
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, field_name, source)
-            except TokenMDPError as exc:
-                errors.append(str(exc))
-        raise TokenMDPError(errors[0])
-    if origin is Literal:
-        if isinstance(value, bool) and all(isinstance(a, str) for a in args):  # YAML 1.1 read `no` / `off` as
-            value = next((w for w in (_YAML_BOOL[value]) if w in args), value)  # false: the word was meant
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise TokenMDPError(f"config field {_where(field_name, source)} is {value!r}; choose one of {choices}")
-        return value
-    if hint in (int, float) and isinstance(value, str):
-        value = as_number(value)
-    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-                list: "a list"}
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        bool: isinstance(value, bool),
-        dict: isinstance(value, dict),
-        list: isinstance(value, list),
-    }.get(hint, True)
-    if not ok:
-        raise TokenMDPError(f"config field {_where(field_name, source)} must be {expected[hint]}, got {value!r}")
-    return float(value) if hint is float else value
+    where = Where(source=source)
+    if isinstance(data, dict) and isinstance(data.get("algo"), dict):
+        algo = dict(data["algo"])
+        if isinstance(algo.get("overrides"), dict):  # the dataclass layout, also accepted
+            algo = {**algo.pop("overrides"), **algo}
+        name = algo.pop("name", AlgoConfig.name)
+        if not isinstance(name, str):
+            raise TokenMDPError(f"{where('algo.name')} must be a preset name (a string)")
+        overrides = check_fields(AlgoSpec, algo, where, prefix="algo.", renamed=RENAMED)
+        data = {**data, "algo": {"name": name, "overrides": overrides}}
+    return build(TrainConfig, data, where)
 
 
 def _set(data: dict, key: str, value: Any) -> None:
@@ -350,7 +293,7 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``path`` (YAML, or the defaults when None), apply ``key=value`` overrides, validate.
 
-    The algo preset and its overrides are checked against the registry (:func:`resolve_algo`).
+    The algo preset and its overrides are checked against the presets (:func:`resolve_algo`).
     """
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else None
@@ -436,7 +379,7 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
 
 def _validate_env(config: TrainConfig, source: str | None) -> None:
     """Ranges of ``task.env`` and what a multi-turn environment cannot be combined with (yet)."""
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     env = config.task.env
     for name in ("max_turns", "turn_tokens", "base_tokens", "max_tokens"):
@@ -482,25 +425,16 @@ def _validate_lora(lora: LoraConfig, source: str | None) -> None:
 
 
 def resolve_algo(config: TrainConfig, *, source: str | None = None):
-    """The :class:`AlgoSpec` of ``config.algo`` (preset + overrides); errors name ``algo.<field>``."""
-    from tokenmdp.algos.registry import PRESETS, AlgoSpec, get_algo
+    """The :class:`~tokenmdp.algos.presets.AlgoSpec` of ``config.algo`` (preset + overrides); errors name
+    ``algo.<field>``."""
+    from tokenmdp.algos.presets import PRESETS, get_algo
 
     algo = config.algo
     if algo.name not in PRESETS:
-        raise TokenMDPError(
-            f"config field {_where('algo.name', source)} is {algo.name!r}; choose one of {', '.join(PRESETS)}"
-        )
-    known = {f.name for f in dataclasses.fields(AlgoSpec)}
-    for key in algo.overrides:
-        if key not in known:
-            raise TokenMDPError(
-                f"unknown config field {_where('algo.' + key, source)}; AlgoSpec fields: {', '.join(sorted(known))}"
-            )
+        raise TokenMDPError(f"{_where('algo.name', source)} is {algo.name!r}; choose one of {', '.join(PRESETS)}")
     try:
         return get_algo(algo.name, **algo.overrides)
     except TokenMDPError as exc:
-        raise TokenMDPError(f"config section {_where('algo', source)}: {exc}") from None
-    except (TypeError, ValueError) as exc:
         raise TokenMDPError(f"config section {_where('algo', source)}: {exc}") from None
 
 

@@ -1,5 +1,5 @@
-"""The run's multi-turn environment (config section ``task.env``): built once from the config, used by
-:func:`tokenmdp.train.batch.collect` to roll out episodes through :func:`tokenmdp.rollout.multiturn.run_episodes`.
+"""The run's multi-turn environment (config section ``task.env``): built once from the config; :func:`collect_episodes`
+rolls out a step's episodes through :func:`tokenmdp.rollout.multiturn.run_episodes`.
 
 * ``single_turn``: :class:`tokenmdp.mdp.env.SingleTurnEnv` scoring the decoded turn with the task's verifier
   (limits: one turn of ``max_new_tokens``), the same rollouts and scores as the plain loop;
@@ -13,13 +13,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EpisodeLimits, SingleTurnEnv, TokenEnv
+from tokenmdp.train.batch import Batch
 
 
 @dataclass
@@ -76,4 +80,39 @@ def build_environment(config, settings, task, tokenizer, device) -> RunEnvironme
     return RunEnvironment(env.kind, shared.make_env, limits, shared.begin, shared)
 
 
-__all__ = ["RunEnvironment", "build_environment"]
+def collect_episodes(env: RunEnvironment, engine, tokenizer, problems: list, prompts: list[str], sampling: dict,
+                     device) -> Batch:
+    """``G = sampling["n"]`` episodes of ``env`` for each problem: the rewards are the environment's (each row's
+    return), the scores its final ``info["score"]`` (an episode cut by a limit before any score: its return, not
+    correct, not formatted), the per-turn token rewards kept for the credit assignment."""
+    from tokenmdp.rollout.multiturn import run_episodes
+    from tokenmdp.tasks.base import Score
+
+    t0 = time.perf_counter()
+    env.begin(sampling["seed"])
+    ep = run_episodes(engine, tokenizer, env.make_env, problems, prompts, group_size=sampling["n"],
+                      limits=env.limits, temperature=sampling["temperature"], top_p=sampling["top_p"],
+                      top_k=sampling["top_k"], seed=sampling["seed"])
+    t1 = time.perf_counter()
+    rows = [p for p in problems for _ in range(sampling["n"])]
+    scores = []
+    for r, info in zip(ep.rewards.tolist(), ep.infos):
+        s = info.get("score")
+        if s is None:
+            s = Score(float(r), False, False, f"no score: truncated by {info.get('truncated_by', 'a limit')}")
+        scores.append(s)
+    limit = [i.get("truncated_by") in ("max_turns", "max_tokens") for i in ep.infos]
+    obs = ep.rollout.observation_mask
+    metrics = {"env/turns": float(ep.turns.float().mean()), "env/limit_truncated": sum(limit) / max(1, len(limit)),
+               "env/observation_tokens": float(obs.sum(1).float().mean()) if obs is not None else 0.0}
+    return Batch(
+        rollout=ep.rollout.to(device), problems=rows, scores=scores,
+        rewards=ep.rewards.to(device),
+        correct=torch.tensor([bool(s.correct) for s in scores], dtype=torch.bool, device=device),
+        formatted=torch.tensor([bool(s.formatted) for s in scores], dtype=torch.bool, device=device),
+        group_size=sampling["n"], times={"time/rollout": t1 - t0, "time/score": 0.0},
+        token_rewards=ep.token_rewards.to(device), metrics=metrics,
+    )
+
+
+__all__ = ["RunEnvironment", "build_environment", "collect_episodes"]

@@ -2,7 +2,7 @@
 
 On one batch of responses, with advantages ``A_i`` (B,), compare two parameter gradients of the same model:
 
-* the GRPO policy loss (:func:`tokenmdp.algos.losses.policy_loss`, aggregation ``seq_mean_token_mean``) with the
+* the GRPO policy loss (:func:`tokenmdp.algos.core.policy_loss`, aggregation ``seq_mean_token_mean``) with the
   batch's behaviour log-probs, the ratio clip and the KL to the reference as configured;
 * filtered iterative SFT on positives and negatives weighted by ``A_i / |o_i|``
   (:func:`tokenmdp.algos.isft.isft_loss` with ``mode="+-"``, ``weighting="advantage"``, the same aggregation).
@@ -12,7 +12,7 @@ With the KL weight 0 and an on-policy batch (``rho = 1``, so the clip is inactiv
     grad GRPO = -(1/B) sum_i (A_i / |o_i|) sum_t grad log pi(o_it | q, o_i<t) = grad isft(+-),
 
 so their cosine is 1 up to rounding (the tests require > 0.9999 on a tiny Qwen2 model). Off-policy inner epochs
-(``mu > 1``: the clip becomes active) and the KL term move GRPO away from SFT; :func:`gradient_cosines` reports
+(``epochs > 1``: the clip becomes active) and the KL term move GRPO away from SFT; :func:`gradient_cosines` reports
 the cosine as configured, on-policy without KL, and with the KL or the clip switched off one at a time, so a run can
 log how much each ingredient contributes (``equiv/*`` metrics).
 """
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tokenmdp.algos.isft import isft_loss
-from tokenmdp.algos.losses import policy_loss
+from tokenmdp.algos.core import policy_loss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.logprobs import sequence_logprobs
 

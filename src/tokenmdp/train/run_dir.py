@@ -31,7 +31,7 @@ from tokenmdp.train.checkpoint import Checkpoint, latest_checkpoint, save_checkp
 from tokenmdp.policy.adapters import trainable_state
 from tokenmdp.policy.model import META_FILE, read_meta
 from tokenmdp.train.config import TrainConfig, save_config
-from tokenmdp.train.setup import Components
+from tokenmdp.train.learner import Learner, TrainerState
 from tokenmdp.train.sharding import full_state_dict, load_optimizer_state, optimizer_state
 
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
@@ -45,22 +45,23 @@ RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_e
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "DONE")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def _section_fields(data: dict, prefix: str = "") -> dict:
+    """The config's fields under ``section.field`` keys (one level deep: a mapping-valued field stays whole)."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict) and prefix.count(".") < 1:
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(_section_fields(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def _scalar_leaves(data: dict, prefix: str = "") -> dict:
     """Every scalar leaf of a nested dict under its dotted key (the trackers' hyperparameters)."""
     out = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(_scalar_leaves(value, f"{prefix}{key}."))
         elif isinstance(value, (int, float, str, bool)):
             out[f"{prefix}{key}"] = value
     return out
@@ -72,7 +73,7 @@ def check_same_run(config: TrainConfig, path: Path) -> None:
     if not file.is_file():
         raise TokenMDPError(f"cannot resume {path}: it has no config.yaml (not a run folder)")
     saved = TrainConfig.from_dict(yaml.safe_load(file.read_text()) or {}, source=str(file))
-    old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    old, new = _section_fields(saved.to_dict()), _section_fields(config.to_dict())
     if old.get("model.path") is None and new.get("model.path") and read_meta(new["model.path"], required=False):
         old["model.path"] = new["model.path"]  # a run folder from before the commands filled in the embedded base
     for key in sorted(set(old) | set(new)):
@@ -96,22 +97,23 @@ class RunHandle:
     def checkpoint_path(self) -> Path | None:
         return self.checkpoint.path if self.checkpoint is not None else None
 
-    def restore(self, c: Components) -> int:
+    def restore(self, learner: Learner) -> int:
         """Load optimizer, scheduler, critic-optimizer, RNG and trainer state; returns the steps already done."""
         if self.checkpoint is None:
             return 0
-        sharded = c.fsdp is not None
-        self.checkpoint.load_into(optimizer=None if sharded else c.optimizer, scheduler=c.scheduler,
-                                  critic_optimizer=c.critic_optimizer)
+        sharded = learner.fsdp is not None
+        self.checkpoint.load_into(optimizer=None if sharded else learner.optimizer, scheduler=learner.scheduler,
+                                  critic_optimizer=learner.critic_optimizer)
         if sharded:  # the full moments, each process keeping its shard
-            load_optimizer_state(c.model, c.optimizer, torch.load(self.checkpoint.path / "optimizer.pt",
-                                                                  map_location="cpu", weights_only=False))
-        c.state = dict(self.checkpoint.state.get("trainer") or {})
+            load_optimizer_state(learner.model, learner.optimizer, torch.load(
+                self.checkpoint.path / "optimizer.pt", map_location="cpu", weights_only=False))
+        learner.state = TrainerState.from_dict(self.checkpoint.state.get("trainer"))
         return self.checkpoint.step
 
-    def begin(self, c: Components) -> None:
-        """Create (or reopen) the folder once everything is built: config.yaml written, DONE and final/ removed."""
-        if not c.accelerator.is_main_process:
+    def begin(self, accelerator) -> None:
+        """Create (or reopen) the folder once everything is built: config.yaml written, DONE and final/ removed;
+        the trackers (``run.report_to``) start on ``accelerator``."""
+        if not accelerator.is_main_process:
             return
         if not self.resumed and self.path.exists():
             shutil.rmtree(self.path)  # only reached with run.overwrite (open_run refuses otherwise)
@@ -123,7 +125,7 @@ class RunHandle:
                 stale.unlink()
         save_config(self.config, self.path / "config.yaml")
         if self.config.run.report_to != "none":  # after the folder is (re)created, so its event files survive
-            c.accelerator.init_trackers(self.path.name, config=_flat(self.config.to_dict()))
+            accelerator.init_trackers(self.path.name, config=_scalar_leaves(self.config.to_dict()))
 
 
 def nothing_done(path: Path) -> bool:
@@ -169,63 +171,67 @@ def open_run(config: TrainConfig, *, resume: bool) -> RunHandle:
     return RunHandle(config, path, resumed=True, checkpoint=ckpt, already_done=done)
 
 
-def checkpoint_state(c: Components) -> dict:
-    """The trainer part of ``trainer_state.json``: running statistics (e.g. REINFORCE's moving baseline)."""
-    return {"trainer": dict(c.state), "algo": c.config.algo.name, "seed": c.config.run.seed}
+def checkpoint_state(learner: Learner, config: TrainConfig) -> dict:
+    """The trainer part of ``trainer_state.json``: the learner's running counters and the run's identity."""
+    return {"trainer": learner.state.to_dict(), "algo": config.algo.name, "seed": config.run.seed}
 
 
-def gathered(c: Components) -> tuple[dict | None, dict | None]:
+def gathered(learner: Learner) -> tuple[dict | None, dict | None]:
     """A sharded policy's full state dict and full optimizer state on the main process (every process calls it:
     they are gathered); ``(None, None)`` for an unsharded one."""
-    if c.fsdp is None:
+    if learner.fsdp is None:
         return None, None
-    main = c.accelerator.is_main_process
-    return full_state_dict(c.model, main=main), optimizer_state(c.model, c.optimizer)
+    main = learner.accelerator.is_main_process
+    return full_state_dict(learner.model, main=main), optimizer_state(learner.model, learner.optimizer)
 
 
-def save_step(c: Components, path: Path, step: int, samples, *,
-              states: tuple[dict | None, dict | None] | None = None,
+def save_step(learner: Learner, path: Path, step: int, samples, *, tokenizer, config: TrainConfig,
+              meta_file: Path | None, states: tuple[dict | None, dict | None] | None = None,
               extra_objects: dict | None = None) -> Path | None:
     """Flush the samples and write ``checkpoints/step-<step>`` (main process; others wait). A sharded policy's
     state is gathered first (every process), unless ``states`` holds what :func:`gathered` returned;
-    ``extra_objects``: files written with ``torch.save`` into it (the in-flight batches of overlapped rollouts)."""
-    model_state, optim_state = gathered(c) if states is None else states
+    ``meta_file``: the base model's ``tokenmdp.json``, copied beside the weights; ``extra_objects``: files written
+    with ``torch.save`` into it (the in-flight batches of overlapped rollouts)."""
+    model_state, optim_state = gathered(learner) if states is None else states
     out = None
-    if c.accelerator.is_main_process:
+    acc = learner.accelerator
+    if acc.is_main_process:
         if samples is not None:
             samples.flush()
-        critic = c.accelerator.unwrap_model(c.critic) if c.critic is not None else None
-        if critic is not None and c.adapter is not None:  # under LoRA: the critic's adapter and value head only
+        critic = acc.unwrap_model(learner.critic) if learner.critic is not None else None
+        if critic is not None and learner.adapter is not None:  # under LoRA: the critic's adapter and head only
             critic = trainable_state(critic)
         out = save_checkpoint(
-            path / "checkpoints", step, model=c.saveable(), tokenizer=c.tokenizer,
-            optimizer=optim_state if c.fsdp is not None else c.optimizer, model_state=model_state,
-            scheduler=c.scheduler, critic=critic,
-            critic_optimizer=c.critic_optimizer, state=checkpoint_state(c), keep_last=c.config.run.keep_last,
-            extra_files={"tokenmdp.json": c.settings.meta_file}, extra_objects=extra_objects,
+            path / "checkpoints", step, model=learner.saveable(), tokenizer=tokenizer,
+            optimizer=optim_state if learner.fsdp is not None else learner.optimizer, model_state=model_state,
+            scheduler=learner.scheduler, critic=critic, critic_optimizer=learner.critic_optimizer,
+            state=checkpoint_state(learner, config), keep_last=config.run.keep_last,
+            extra_files={"tokenmdp.json": meta_file}, extra_objects=extra_objects,
         )
-    c.accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
     return out
 
 
-def finish_run(c: Components, path: Path, samples, *, started: float, extra_objects=None) -> None:
+def finish_run(learner: Learner, path: Path, samples, *, started: float, tokenizer, config: TrainConfig,
+               meta_file: Path | None, extra_objects=None) -> None:
     """Last checkpoint (so the run can be extended), ``final/`` (atomically), samples, then ``DONE``.
     ``extra_objects``: a function of the step giving the checkpoint's extra files (see :func:`save_step`)."""
-    steps = c.config.run.steps
+    steps = config.run.steps
     ckpt = latest_checkpoint(path / "checkpoints", verify=False)  # written by this process: no need to re-hash
-    model_state, optim_state = gathered(c)
+    model_state, optim_state = gathered(learner)
     if ckpt is None or ckpt.step != steps:
-        save_step(c, path, steps, samples, states=(model_state, optim_state),
-                  extra_objects=extra_objects(steps) if extra_objects else None)
-    if c.accelerator.is_main_process:
-        write_folder(path / "final", lambda tmp: save_model(tmp, c.saveable(), c.tokenizer,
-                                                            {META_FILE: c.settings.meta_file},
-                                                            state_dict=model_state), replace=True)
+        save_step(learner, path, steps, samples, tokenizer=tokenizer, config=config, meta_file=meta_file,
+                  states=(model_state, optim_state), extra_objects=extra_objects(steps) if extra_objects else None)
+    acc = learner.accelerator
+    if acc.is_main_process:
+        write_folder(path / "final", lambda tmp: save_model(tmp, learner.saveable(), tokenizer,
+                                                            {META_FILE: meta_file}, state_dict=model_state),
+                     replace=True)
         if samples is not None:
             samples.flush()
-        done = {"steps": steps, "algo": c.config.algo.name, "seed": c.config.run.seed,
+        done = {"steps": steps, "algo": config.algo.name, "seed": config.run.seed,
                 "seconds": round(time.perf_counter() - started, 2)}
         (path / "DONE").write_text(json.dumps(done) + "\n")
-    if c.config.run.report_to != "none":
-        c.accelerator.end_training()
-    c.accelerator.wait_for_everyone()
+    if config.run.report_to != "none":
+        acc.end_training()
+    acc.wait_for_everyone()

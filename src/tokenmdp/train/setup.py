@@ -8,25 +8,24 @@ open: the task options, the prompt template and ``max_new_tokens`` of the embedd
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from tokenmdp.algos.registry import AlgoSpec
+from tokenmdp.algos.presets import AlgoSpec
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.model import ModelDefaults, model_defaults
+from tokenmdp.train.algorithms import Algorithm, make_algorithm
+from tokenmdp.train.batch import step_rewards
 from tokenmdp.train.config import TrainConfig, resolve_algo
+from tokenmdp.train.environment import RunEnvironment, build_environment
+from tokenmdp.train.learner import Learner
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tokenmdp.policy.value_head import ValueModel
-    from tokenmdp.rollout.base import Engine
-    from tokenmdp.tasks.base import Task
-    from tokenmdp.train.environment import RunEnvironment
     from tokenmdp.train.sharding import Sharding
 
 
@@ -91,40 +90,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
-
-
-@dataclass
-class Components:
-    """The live objects of a run (``model`` and ``critic`` as prepared by accelerate)."""
-
-    config: TrainConfig
-    spec: AlgoSpec
-    settings: Settings
-    accelerator: Accelerator
-    task: Task
-    tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
-    engine: Engine
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    ref_model: PreTrainedModel | None = None
-    adapter: Any = None  # the peft.PeftModel around ``model`` when model.lora is enabled (``model`` is its base)
-    critic: ValueModel | None = None
-    critic_optimizer: torch.optim.Optimizer | None = None
-    fsdp: Sharding | None = None  # run.fsdp: the policy sharded over the processes (tokenmdp.train.sharding)
-    env: RunEnvironment | None = None  # task.env: a multi-turn environment (tokenmdp.train.environment)
-    state: dict[str, Any] = field(default_factory=dict)  # running statistics saved in checkpoints
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    def saveable(self):
-        """What a checkpoint's ``model/`` and ``final/`` save: the adapter alone under LoRA, else the model."""
-        return self.adapter if self.adapter is not None else self.unwrapped()
 
 
 def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> None:
@@ -258,9 +223,24 @@ def _critic(config: TrainConfig, settings: Settings, device, resume_from: Path |
     return critic.to(device)
 
 
-def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = None) -> Components:
+class RunParts(NamedTuple):
+    """What :func:`build_run` builds, each part with one job: the algorithm's spec and unit, the learner (model,
+    optimizer, reference, critic), what the rollouts need (task, tokenizer, engine, environment; assembled by
+    :func:`tokenmdp.train.trainer.make_rollouts`) and the resolved settings."""
+
+    spec: AlgoSpec
+    settings: Settings
+    learner: Learner
+    algorithm: Algorithm
+    task: Any
+    tokenizer: Any
+    engine: Any
+    env: RunEnvironment | None
+
+
+def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = None) -> RunParts:
     """Everything the loop needs. ``resume_from`` is a checkpoint folder (the policy and tokenizer load from its
-    ``model/``; optimizer states are restored by the caller)."""
+    ``model/``; optimizer states are restored by :meth:`tokenmdp.train.run_dir.RunHandle.restore`)."""
     from tokenmdp.rollout import get_engine
     from tokenmdp.tasks import get_task
 
@@ -287,7 +267,7 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
         optimizer, lr_lambda(config.optim.schedule, config.optim.warmup_steps, config.run.steps)
     )
     # the model is not wrapped (no DDP): forward passes go through its backbone and head directly
-    # (tokenmdp.policy.logprobs), so gradients are averaged over processes by the update itself
+    # (tokenmdp.policy.logprobs), so gradients are averaged over processes by the learner's step
     model, optimizer = policy.model, accelerator.prepare(optimizer)
     critic = critic_optimizer = None
     if spec.critic:
@@ -298,14 +278,25 @@ def build_components(config: TrainConfig, run_dir: Path, *, resume_from: Path | 
         critic_optimizer = accelerator.prepare(critic_optimizer)
     engine = get_engine(config.rollout.engine, accelerator.unwrap_model(model), policy.tokenizer,
                         **config.rollout.engine_options)
-    from tokenmdp.train.environment import build_environment
-
     env = build_environment(config, settings, task, policy.tokenizer, accelerator.device)
+    learner = Learner(
+        model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+        temperature=config.rollout.temperature or 1.0, micro_batch_size=config.optim.micro_batch_size,
+        micro_batch_tokens=config.optim.micro_batch_tokens, shared_prompt=config.optim.shared_prompt,
+        max_grad_norm=config.optim.max_grad_norm, needs_reference=spec.needs_reference, ref_model=ref_model,
+        adapter=adapter, critic=critic, critic_optimizer=critic_optimizer, fsdp=sharding,
+    )
+    process_rewards = None
+    if spec.credit == "process":
+        step_reward = config.task.step_reward
+
+        def process_rewards(batch):
+            return step_rewards(task, policy.tokenizer, batch, step_reward=step_reward)
+
+    algorithm = make_algorithm(spec, config, max_new_tokens=settings.max_new_tokens, tokenizer=policy.tokenizer,
+                               process_rewards=process_rewards)
     # the trackers (run.report_to) start in RunHandle.begin, once the run folder is (re)created
-    return Components(config=config, spec=spec, settings=settings, accelerator=accelerator, task=task,
-                      tokenizer=policy.tokenizer, model=model, engine=engine, optimizer=optimizer,
-                      scheduler=scheduler, ref_model=ref_model, adapter=adapter, critic=critic,
-                      critic_optimizer=critic_optimizer, fsdp=sharding, env=env)
+    return RunParts(spec, settings, learner, algorithm, task, policy.tokenizer, engine, env)
 
 
 def _shard(model, accelerator) -> Sharding:

@@ -1,44 +1,131 @@
-"""The training loop: one on-policy loop for every algorithm of the family.
+"""The training loop, and one step of it, for every algorithm of the family.
 
 Each step takes the step's prompts from :func:`prompt_stream` (a function of the seed only), rolls out groups of
-``G`` responses with the run's engine, scores them with the task's verifier, and hands the batch to the update of
-the algorithm's kind: policy gradient (:mod:`tokenmdp.train.pg`: REINFORCE, RLOO, the GRPO family, PPO), filtered
-iterative SFT or DPO (:mod:`tokenmdp.train.supervised`). A run folder records everything (module
-:mod:`tokenmdp.train.run_dir`); ``resume=True`` continues from the newest checkpoint and, on a CPU, ends with the
-same parameters as an uninterrupted run. With ``rollout.max_staleness = k > 0`` the batches come from a sampler that
-runs ahead of the learner (module :mod:`tokenmdp.train.async_rollout`: the batch of step ``t`` sampled with the
-weights of step ``max(0, t - 1 - k)``, exactly); ``k = 0`` is the synchronous loop.
+``G`` responses with the run's engine and scores them with the task's verifier (:class:`Rollouts`), and hands the
+batch to the algorithm's unit (:mod:`tokenmdp.train.algorithms`: policy gradient, filtered SFT or DPO), which
+takes its optimizer steps through the :class:`~tokenmdp.train.learner.Learner`. A run folder records everything
+(:mod:`tokenmdp.train.run_dir`); ``resume=True`` continues from the newest checkpoint and, on a CPU, ends with the
+same parameters as an uninterrupted run. With ``rollout.max_staleness = k > 0`` the batches come from a sampler
+that runs ahead of the learner (:mod:`tokenmdp.train.async_rollout`: the batch of step ``t`` sampled with the
+weights of step ``max(0, t - 1 - k)``, exactly); ``k = 0`` is the synchronous loop. The route of one GRPO step,
+file by file, is in ``docs/design.md`` (section 5).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
+from tokenmdp.policy.model import chat_prompt
+from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
-from tokenmdp.train.batch import batch_metrics, collect, reduce_over_processes, sample_rows
+from tokenmdp.train.batch import Batch, batch_metrics, reduce_over_processes, sample_rows, step_seed
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
+from tokenmdp.train.environment import RunEnvironment, collect_episodes
 from tokenmdp.train.evaluation import eval_problems, held_out
+from tokenmdp.train.learner import Learner
 from tokenmdp.train.log import MetricsLogger, SampleLogger
-from tokenmdp.train.pg import pg_update
 from tokenmdp.train.run_dir import finish_run, open_run, save_step
-from tokenmdp.train.setup import Components, build_components
+from tokenmdp.train.setup import build_run
 from tokenmdp.train.sharding import full_weights
-from tokenmdp.train.supervised import dpo_update, isft_update
 
-__all__ = ["train", "prompt_stream", "run_step"]
+__all__ = ["Rollouts", "build_step", "make_rollouts", "prompt_stream", "run_step", "train"]
+
+
+@dataclass
+class Rollouts:
+    """The experience of a step: prompts rendered, ``G`` responses each sampled by the run's ``engine``, and
+    every response scored by the task's verifier (or, with ``env``, ``G`` episodes of a multi-turn environment)."""
+
+    task: Any
+    tokenizer: Any
+    engine: Any
+    group_size: int
+    max_new_tokens: int
+    seed: int
+    device: torch.device
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    template: str | None = None
+    chat_template: bool = False
+    env: RunEnvironment | None = None
+
+    def render(self, problems: list) -> list[str]:
+        """The prompt text of each problem (the task's template, wrapped in the chat template when asked)."""
+        prompts = [self.task.render(p, template=self.template) for p in problems]
+        if self.chat_template:
+            prompts = [chat_prompt(self.tokenizer, text) for text in prompts]
+        return prompts
+
+    def sampling(self, step: int) -> dict:
+        """The keyword arguments of ``engine.generate`` for training step ``step`` (its seed included)."""
+        return dict(n=self.group_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k, seed=step_seed(self.seed, step))
+
+    def score(self, problems: list, rollout, times: dict) -> Batch:
+        """Score every response of ``rollout`` (sampled for ``problems``, ``G`` rows each) with the task's
+        verifier; ``times`` gets the scoring time as ``time/score``."""
+        group = self.group_size
+        t1 = time.perf_counter()
+        rows = [p for p in problems for _ in range(group)]
+        scores = [self.task.score(p, text) for p, text in zip(rows, rollout.responses)]
+        t2 = time.perf_counter()
+        return Batch(
+            rollout=rollout,
+            problems=rows,
+            scores=scores,
+            rewards=torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.device),
+            correct=torch.tensor([s.correct for s in scores], dtype=torch.bool, device=self.device),
+            formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=self.device),
+            group_size=group,
+            times={**times, "time/score": t2 - t1},
+        )
+
+    def collect(self, problems: list, *, step: int) -> Batch:
+        """Render ``problems``, sample ``G`` responses each, and score every response."""
+        if self.env is not None:
+            return collect_episodes(self.env, self.engine, self.tokenizer, problems, self.render(problems),
+                                    self.sampling(step), self.device)
+        t0 = time.perf_counter()
+        rollout = self.engine.generate(self.render(problems), **self.sampling(step)).to(self.device)
+        return self.score(problems, rollout, {"time/rollout": time.perf_counter() - t0})
+
+
+def make_rollouts(config: TrainConfig, settings, task, tokenizer, engine, env: RunEnvironment | None,
+                  device) -> Rollouts:
+    """The run's :class:`Rollouts` from its config, resolved settings (:func:`tokenmdp.train.setup.
+    resolve_settings`) and built parts."""
+    r = config.rollout
+    return Rollouts(task=task, tokenizer=tokenizer, engine=engine, group_size=r.group_size,
+                    max_new_tokens=settings.max_new_tokens, seed=config.run.seed, device=device,
+                    temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, template=settings.template,
+                    chat_template=config.task.chat_template, env=env)
+
+
+def build_step(config: TrainConfig, run_dir: Path) -> tuple[Learner, Algorithm, Rollouts]:
+    """The three parts of a training step built from ``config``, for scripts and tests that drive steps by hand:
+    ``algorithm.update(learner, rollouts.collect(problems, step=s), step=s)``."""
+    parts = build_run(config, run_dir)
+    rollouts = make_rollouts(config, parts.settings, parts.task, parts.tokenizer, parts.engine, parts.env,
+                             parts.learner.device)
+    return parts.learner, parts.algorithm, rollouts
 
 
 def _callbacks(callbacks: Iterable[Any] | None) -> tuple[list, list]:
-    """Split callbacks into ``on_batch(c, batch, step) -> dict | None`` (before the update) and
-    ``on_step(step, record, c)`` (after logging); a plain callable is an ``on_step``."""
+    """Split callbacks into ``on_batch(learner, batch, step) -> dict | None`` (before the update) and
+    ``on_step(step, record, learner)`` (after logging); a plain callable is an ``on_step``."""
     before, after = [], []
     for cb in callbacks or []:
         if hasattr(cb, "on_batch"):
@@ -50,48 +137,44 @@ def _callbacks(callbacks: Iterable[Any] | None) -> tuple[list, list]:
     return before, after
 
 
-def _shard(items: list, c: Components) -> list:
+def _share(items: list, accelerator) -> list:
     """This process's share of the step's prompts (every process rolls out and trains on its own share)."""
-    acc = c.accelerator
-    return items if acc.num_processes == 1 else items[acc.process_index :: acc.num_processes]
+    n = accelerator.num_processes
+    return items if n == 1 else items[accelerator.process_index :: n]
 
 
-def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | None = None,
-             before: list[Callable] = (), sampler: AsyncSampler | None = None) -> dict:
-    """One training step on ``items`` (problems, or offline DPO pairs); returns the step's metrics. With a
-    ``sampler`` (``rollout.max_staleness > 0``) the batch is the one it sampled ahead, and the weights after the
-    update go to it."""
+def run_step(learner: Learner, algorithm: Algorithm, rollouts: Rollouts, items: list, step: int, *,
+             samples: SampleLogger | None = None, before: list[Callable] = (),
+             sampler: AsyncSampler | None = None, offline: bool = False, label: tuple[str, int] = ("", 0)) -> dict:
+    """One training step on ``items`` (problems, or offline DPO pairs when ``offline``); returns the step's
+    metrics. The batch comes from ``rollouts`` (a sharded policy is whole while it samples), or with a ``sampler``
+    (``rollout.max_staleness > 0``) it is the one sampled ahead, and the weights after the update go to it.
+    ``samples``: the run's sample log when ``run.log_samples`` (None: no rows); ``label``: the run's algorithm name
+    and seed, written beside each row of it."""
     t0 = time.perf_counter()
-    spec, record = c.spec, {}
-    offline = spec.trains_on_pairs(c.config.task.dpo_data)
+    acc, record = learner.accelerator, {}
     batch = None
     if not offline:
         if sampler is None:
-            with full_weights(c.fsdp):  # a sharded policy is whole while it samples
-                batch = collect(c, _shard(items, c), step=step)
+            with full_weights(learner.fsdp):
+                batch = rollouts.collect(_share(items, acc), step=step)
         else:
             batch, info = sampler.batch(step)
             record.update(info)
-        record.update(batch_metrics(batch, c))
+        record.update(batch_metrics(batch, acc))
         record.update(batch.times)
-        if samples is not None and c.config.run.log_samples:  # every process: the rows are gathered
-            rows = sample_rows(batch, step=step, algo=c.config.algo.name, seed=c.config.run.seed, c=c)
-            samples.add(rows)
+        if samples is not None:  # run.log_samples, on every process: the rows are gathered
+            samples.add(sample_rows(batch, step=step, algo=label[0], seed=label[1], accelerator=acc))
     for hook in before:
-        record.update(hook(c, batch, step) or {})
-    record["lr"] = c.scheduler.get_last_lr()[0]
-    skipped_before = int(c.state.get("nonfinite_steps", 0))
+        record.update(hook(learner, batch, step) or {})
+    record["lr"] = learner.scheduler.get_last_lr()[0]
+    skipped_before = learner.state.nonfinite_steps
     t1 = time.perf_counter()
-    if spec.kind == "pg":
-        update = pg_update(c, batch, step=step)
-    elif spec.kind == "isft":
-        update = isft_update(c, batch, step=step)
-    else:
-        update = dpo_update(c, batch, step=step, pairs=_shard(items, c) if offline else None)
-    record.update(reduce_over_processes(c, update))
-    record["update/nonfinite_steps"] = int(c.state.get("nonfinite_steps", 0)) - skipped_before
-    _schedule_step(c)
-    c.engine.sync_weights(c.unwrapped())
+    pairs = {"pairs": _share(items, acc)} if offline else {}
+    record.update(reduce_over_processes(acc, algorithm.update(learner, batch, step=step, **pairs)))
+    record["update/nonfinite_steps"] = learner.state.nonfinite_steps - skipped_before
+    _schedule_step(learner.scheduler)
+    rollouts.engine.sync_weights(learner.unwrapped())
     record["time/update"] = time.perf_counter() - t1
     if sampler is not None:
         sampler.after_update(step)
@@ -99,11 +182,11 @@ def run_step(c: Components, items: list, step: int, *, samples: SampleLogger | N
     return record
 
 
-def _check_nonfinite(c: Components, path: Path, step: int) -> None:
+def _check_nonfinite(learner: Learner, limit: int, path: Path, step: int) -> None:
     """Stop the run when ``optim.max_nonfinite_steps`` optimizer steps in a row were skipped for a NaN or Inf
     loss or gradient: the parameters are still those before the first of them (skipped steps change nothing), and
     the checkpoints already written are intact."""
-    limit, in_row = c.config.optim.max_nonfinite_steps, int(c.state.get("nonfinite_in_row", 0))
+    in_row = learner.state.nonfinite_in_row
     if limit and in_row >= limit:
         ckpt = latest_checkpoint(path / "checkpoints", verify=False)
         last = f"the last checkpoint, step {ckpt.step}, is intact" if ckpt else "no checkpoint was written yet"
@@ -112,35 +195,39 @@ def _check_nonfinite(c: Components, path: Path, step: int) -> None:
                             f"without using them; {last} ({path}); lower optim.lr or check the rewards")
 
 
-def _schedule_step(c: Components) -> None:
+def _schedule_step(scheduler) -> None:
     """Advance the learning-rate schedule by one training step, whether or not the step updated the model (an
     iterative-SFT step with no kept response, a DPO step with no pair); torch warns about a scheduler step before
     the first optimizer step, which here is by design: the schedule counts training steps, not updates."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        c.scheduler.step()
+        scheduler.step()
 
 
-def _stream(c: Components) -> list[list]:
+def _stream(config: TrainConfig, task, offline: bool) -> list[list]:
     """The prompts (or offline pairs) of every step; with overlapped rollouts also of the ``k`` steps past the end
     (sampled ahead so that the last checkpoint extends exactly; the stream is prefix-stable)."""
-    cfg = c.config
-    if c.spec.trains_on_pairs(cfg.task.dpo_data):
-        pairs = load_pairs(cfg.task.dpo_data)
-        return pair_stream(pairs, seed=cfg.run.seed, steps=cfg.run.steps, pairs_per_step=cfg.rollout.prompts_per_step)
-    return prompt_stream(c.task, seed=cfg.run.seed, steps=cfg.run.steps + cfg.rollout.max_staleness,
-                         prompts_per_step=cfg.rollout.prompts_per_step, split=cfg.task.train_split)
+    if offline:
+        pairs = load_pairs(config.task.dpo_data)
+        return pair_stream(pairs, seed=config.run.seed, steps=config.run.steps,
+                           pairs_per_step=config.rollout.prompts_per_step)
+    return prompt_stream(task, seed=config.run.seed, steps=config.run.steps + config.rollout.max_staleness,
+                         prompts_per_step=config.rollout.prompts_per_step, split=config.task.train_split)
 
 
-def _sampler(c: Components, run, stream: list[list], start: int) -> AsyncSampler | None:
+def _sampler(config: TrainConfig, learner: Learner, rollouts: Rollouts, run, stream: list[list],
+             start: int) -> AsyncSampler | None:
     """The sampler of overlapped rollouts (None for the synchronous loop, ``rollout.max_staleness = 0``)."""
-    k = c.config.rollout.max_staleness
+    k = config.rollout.max_staleness
     if k == 0:
         return None
     in_flight = None
     if run.checkpoint is not None:
-        in_flight = load_in_flight(run.checkpoint.path, start, k, c.config.run.steps + k)
-    return AsyncSampler(c, stream, start=start, in_flight=in_flight)
+        in_flight = load_in_flight(run.checkpoint.path, start, k, config.run.steps + k)
+    return AsyncSampler(rollouts, learner.unwrapped(), stream, start=start, max_staleness=k,
+                        last=config.run.steps + k, worker=config.rollout.async_worker, engine=config.rollout.engine,
+                        engine_options=config.rollout.engine_options, threads=config.run.threads,
+                        in_flight=in_flight)
 
 
 @contextmanager
@@ -174,9 +261,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     """Train as ``config`` says; returns the run folder (see :mod:`tokenmdp.train.run_dir` for its files).
 
     ``resume=True`` continues the run in ``config.run_dir()`` from its newest checkpoint (a finished run with
-    more ``run.steps`` is extended). ``callbacks``: objects with ``on_batch(c, batch, step) -> dict | None``
-    (called before each update; returned metrics are logged) and/or ``on_step(step, record, c)`` (after each
-    step is logged), or plain callables ``fn(step, record, c)``.
+    more ``run.steps`` is extended). ``callbacks``: objects with ``on_batch(learner, batch, step) -> dict | None``
+    (called before each update; returned metrics are logged) and/or ``on_step(step, record, learner)`` (after
+    each step is logged), or plain callables ``fn(step, record, learner)``; ``learner`` is the run's
+    :class:`~tokenmdp.train.learner.Learner`.
     """
     validate(config)
     with exclusive(config.run_dir(), what="run folder"):
@@ -187,40 +275,49 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
     run = open_run(config, resume=resume)
     if run.already_done:
         return run.path
-    c = build_components(config, run.path, resume_from=run.checkpoint_path)
-    start = run.restore(c)
-    stream = _stream(c)
-    held = eval_problems(c) if config.run.eval_every > 0 else None
-    run.begin(c)
-    main = c.accelerator.is_main_process
+    parts = build_run(config, run.path, resume_from=run.checkpoint_path)
+    learner, algorithm = parts.learner, parts.algorithm
+    rollouts = make_rollouts(config, parts.settings, parts.task, parts.tokenizer, parts.engine, parts.env,
+                             learner.device)
+    start = run.restore(learner)
+    offline = parts.spec.trains_on_pairs(config.task.dpo_data)
+    stream = _stream(config, rollouts.task, offline)
+    held = eval_problems(rollouts.task, config) if config.run.eval_every > 0 else None
+    run.begin(learner.accelerator)
+    main = learner.accelerator.is_main_process
     metrics = MetricsLogger(run.path / "metrics.jsonl", resume_step=start if run.resumed else None,
-                            trackers=c.accelerator if config.run.report_to != "none" else None) if main else None
+                            trackers=learner.accelerator if config.run.report_to != "none" else None) if main else None
     samples = SampleLogger(run.path / "samples.parquet", resume_step=start if run.resumed else None,
                            enabled=config.run.log_samples and main)
     before, after = _callbacks(callbacks)
     label = f"train {config.algo.name} seed {config.run.seed}"
-    if held is not None and config.run.eval_before and start == 0 and not run.resumed:  # the start policy
+    evaluate = (lambda step: held_out(learner, rollouts, config.run, held, step=step)) if held is not None else None
+    if evaluate is not None and config.run.eval_before and start == 0 and not run.resumed:  # the start policy
         # (a resumed run with no checkpoint kept its logged step 0)
-        record = held_out(c, held, step=0)
+        record = evaluate(0)
         if metrics is not None:
             metrics.log(0, record)
-    sampler = _sampler(c, run, stream, start)
+    sampler = _sampler(config, learner, rollouts, run, stream, start)
     extra = sampler.in_flight if sampler is not None else None
+    save = dict(tokenizer=rollouts.tokenizer, config=config, meta_file=parts.settings.meta_file)
     try:
         with _progress(progress and main, config.run.steps, start, label) as advance:
             for step in range(start + 1, config.run.steps + 1):
-                record = run_step(c, stream[step - 1], step, samples=samples, before=before, sampler=sampler)
+                record = run_step(learner, algorithm, rollouts, stream[step - 1], step,
+                                  samples=samples if config.run.log_samples else None, before=before,
+                                  sampler=sampler, offline=offline, label=(config.algo.name, config.run.seed))
                 if _eval_due(config, step):
-                    record.update(held_out(c, held, step=step))
+                    record.update(evaluate(step))
                 if metrics is not None:
                     record = metrics.log(step, record)
                 for hook in after:
-                    hook(step, record, c)
-                _check_nonfinite(c, run.path, step)
+                    hook(step, record, learner)
+                _check_nonfinite(learner, config.optim.max_nonfinite_steps, run.path, step)
                 if config.run.save_every and step % config.run.save_every == 0 and step < config.run.steps:
-                    save_step(c, run.path, step, samples, extra_objects=extra(step) if extra else None)
+                    save_step(learner, run.path, step, samples, **save,
+                              extra_objects=extra(step) if extra else None)
                 advance(_info(record))
-        finish_run(c, run.path, samples, started=run.started, extra_objects=extra)
+        finish_run(learner, run.path, samples, started=run.started, extra_objects=extra, **save)
     finally:
         if sampler is not None:
             sampler.close()

@@ -1,12 +1,12 @@
-"""The algorithm registry: every algorithm as a visible set of choices.
+"""The algorithm presets: every algorithm of the family as a visible set of choices.
 
-An :class:`AlgoSpec` names one choice on each axis of the family (DESIGN.md): the kind of update (``pg``,
+An :class:`AlgoSpec` names one choice on each axis of the family (``docs/design.md``): the kind of update (``pg``,
 ``isft``, ``dpo``), the advantage estimator and its scaling, the credit assignment, the loss aggregation, the
 ratio clip, the KL (estimator, weight, in the loss or in the reward), the entropy bonus, the number of inner
-epochs ``mu``, and whether a critic is trained. :data:`PRESETS` holds the named algorithms; ``describe()`` prints
+``epochs`` over each batch, and whether a critic is trained. :data:`PRESETS` holds the named algorithms; ``describe()`` prints
 their choices side by side; ``get_algo(name, **overrides)`` builds a custom mix (``--set algo.aggregation=...``).
-:func:`compute_advantages` turns rewards into the advantages a spec asks for, so trainers hold no per-algorithm
-branches.
+:func:`tokenmdp.algos.core.compute_advantages` turns rewards into the advantages a spec asks for. The field
+types are ``Literal`` choices checked by the project's one coercer (:mod:`tokenmdp.schema`).
 
 The presets (each states how it differs from its neighbours):
 
@@ -33,74 +33,46 @@ The presets (each states how it differs from its neighbours):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch
-
-from tokenmdp.algos.advantages import gae, grpo_advantages, overlong_penalty, reinforce_advantages, returns_to_go
-from tokenmdp.algos.advantages import rloo_advantages, whiten
-from tokenmdp.algos.dpo import DPO_LOSS_TYPES
-from tokenmdp.algos.isft import ISFT_MODES, ISFT_WEIGHTINGS
-from tokenmdp.algos.losses import AGGREGATIONS, KL_ESTIMATORS
+from tokenmdp.algos.core import Aggregation, KLEstimator
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.mdp.credit import CREDIT, assign_credit
-from tokenmdp.values import parse_value
-
-CHOICES: dict[str, tuple] = {
-    "kind": ("pg", "isft", "dpo"),
-    "advantage": ("grpo", "rloo", "reinforce", "gae"),
-    "std_scale": ("group", "batch", "none"),
-    "std": ("population", "unbiased"),
-    "baseline": ("none", "batch_mean", "moving_average"),
-    "returns": ("sequence", "to_go"),
-    "credit": tuple(CREDIT),
-    "process_final": ("residual", "add"),
-    "aggregation": AGGREGATIONS,
-    "kl_estimator": KL_ESTIMATORS,
-    "kl_in": ("loss", "reward"),
-    "isft_mode": ISFT_MODES,
-    "isft_weighting": ISFT_WEIGHTINGS,
-    "dpo_loss_type": DPO_LOSS_TYPES,
-}
-_NON_NEGATIVE = ("clip_low", "clip_high", "kl_coef", "entropy_coef", "value_coef", "overlong_penalty",
-                 "isft_pos_weight", "isft_neg_weight", "advantage_eps")
-_UNIT = ("gamma", "lam", "credit_gamma", "baseline_momentum")
-
+from tokenmdp.schema import Where, check_fields, hints, literal_choices
 
 @dataclass(frozen=True)
 class AlgoSpec:
     """One algorithm: a choice on every axis. Fields are validated on creation (errors name the field)."""
 
     name: str = "custom"
-    kind: str = "pg"  # pg | isft | dpo
+    kind: Literal["pg", "isft", "dpo"] = "pg"
     # advantages
-    advantage: str = "grpo"  # grpo | rloo | reinforce | gae
-    std_scale: str = "group"  # grpo: group | batch | none
-    std: str = "unbiased"  # population | unbiased
+    advantage: Literal["grpo", "rloo", "reinforce", "gae"] = "grpo"
+    std_scale: Literal["group", "batch", "none"] = "group"  # grpo's std division
+    std: Literal["population", "unbiased"] = "unbiased"
     advantage_eps: float = 1e-6
-    baseline: str = "none"  # reinforce: none | batch_mean | moving_average
+    baseline: Literal["none", "batch_mean", "moving_average"] = "none"  # reinforce's baseline
     baseline_momentum: float = 0.9
-    returns: str = "sequence"  # sequence: R_i on every token | to_go: return-to-go of the token rewards
+    returns: Literal["sequence", "to_go"] = "sequence"  # R_i on every token, or the return-to-go of token rewards
     whiten_advantages: bool = False
     # credit assignment (token rewards for gae / to_go)
-    credit: str = "terminal"
+    credit: Literal["terminal", "uniform", "discounted", "process"] = "terminal"
     credit_gamma: float = 1.0
     # credit "process": the last token gets R - sum of the step rewards (residual: the return stays R, so with
     # sequence returns the update is uniform credit's exactly) or R (add: the return is R + the step rewards)
-    process_final: str = "residual"
+    process_final: Literal["residual", "add"] = "residual"
     # loss
-    aggregation: str = "seq_mean_token_mean"
+    aggregation: Aggregation = "seq_mean_token_mean"
     max_len: int | None = None  # seq_sum_const constant; None = the rollout's max_new_tokens
     clip_low: float = 0.2
     clip_high: float | None = None  # None = clip_low
     kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_in: str = "loss"  # loss | reward
+    kl_estimator: KLEstimator = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
-    mu: int = 1  # inner epochs over each batch of rollouts
-    # a stale batch (rollout.max_staleness > 0): truncated importance weight min(pi_old / mu, tis_cap) per token
-    # (tokenmdp.algos.correction.truncated_is; verl's token TIS default 2)
+    epochs: int = 1  # passes over each batch of rollouts (PPO's inner epochs; TRL's num_iterations)
+    # a stale batch (rollout.max_staleness > 0): truncated importance weight min(pi_old / behaviour, tis_cap) per
+    # token (tokenmdp.algos.core.truncated_is; verl's token TIS default 2)
     tis_cap: float = 2.0
     # PPO critic
     critic: bool = False
@@ -113,13 +85,13 @@ class AlgoSpec:
     overlong_buffer: int = 0  # soft overlong penalty over the last `overlong_buffer` tokens (0 = off)
     overlong_penalty: float = 1.0
     # filtered iterative SFT
-    isft_mode: str = "+-"
-    isft_weighting: str = "constant"
+    isft_mode: Literal["+", "-", "+-"] = "+-"
+    isft_weighting: Literal["constant", "advantage"] = "constant"
     isft_pos_weight: float = 1.0
     isft_neg_weight: float = 1.0
     # DPO
     dpo_beta: float = 0.1
-    dpo_loss_type: str = "sigmoid"
+    dpo_loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     dpo_label_smoothing: float = 0.0
     description: str = ""
 
@@ -127,7 +99,8 @@ class AlgoSpec:
         for field_name, allowed in CHOICES.items():
             value = getattr(self, field_name)
             if value not in allowed:
-                raise TokenMDPError(f"algo field {field_name!r} is {value!r}; choose from {', '.join(allowed)}")
+                raise TokenMDPError(f"algo field {field_name!r} is {value!r}; choose one of "
+                                    f"{', '.join(repr(a) for a in allowed)}")
         for field_name in _NON_NEGATIVE:
             value = getattr(self, field_name)
             if value is not None and value < 0:
@@ -135,8 +108,8 @@ class AlgoSpec:
         for field_name in _UNIT:
             if not 0.0 <= getattr(self, field_name) <= 1.0:
                 raise TokenMDPError(f"algo field {field_name!r} must be in [0, 1], got {getattr(self, field_name)}")
-        if self.mu < 1:
-            raise TokenMDPError(f"algo field 'mu' must be >= 1, got {self.mu}")
+        if self.epochs < 1:
+            raise TokenMDPError(f"algo field 'epochs' must be >= 1, got {self.epochs}")
         if self.max_len is not None and self.max_len < 1:
             raise TokenMDPError(f"algo field 'max_len' must be >= 1 or None, got {self.max_len}")
         if not self.tis_cap > 0:
@@ -196,23 +169,32 @@ class AlgoSpec:
             keys += ["credit"] + (["process_final"] if self.credit == "process" else [])
             keys += ["returns", "whiten_advantages", "aggregation", "clip_low", "clip_high", "kl_coef"]
             keys += ["kl_estimator", "kl_in"] if self.kl_coef > 0 else []
-            keys += ["entropy_coef", "mu"]
+            keys += ["entropy_coef", "epochs"]
             keys += ["filter_groups"] if self.filter_groups else []
             keys += ["overlong_buffer", "overlong_penalty"] if self.overlong_buffer > 0 else []
         elif self.kind == "isft":
             keys += ["isft_mode", "isft_weighting"]
             keys += ["advantage", "std_scale", "std"] if self.isft_weighting == "advantage" else []
-            keys += ["aggregation", "mu"]
+            keys += ["aggregation", "epochs"]
         else:
-            keys += ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "mu"]
+            keys += ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "epochs"]
         return {k: getattr(self, k) for k in keys}
+
+
+#: The allowed values of every choice field, read off its ``Literal`` type.
+CHOICES: dict[str, tuple] = {k: literal_choices(h) for k, h in hints(AlgoSpec).items() if literal_choices(h)}
+#: Fields renamed since earlier versions (named in the unknown-field error).
+RENAMED = {"mu": "epochs"}
+_NON_NEGATIVE = ("clip_low", "clip_high", "kl_coef", "entropy_coef", "value_coef", "overlong_penalty",
+                 "isft_pos_weight", "isft_neg_weight", "advantage_eps")
+_UNIT = ("gamma", "lam", "credit_gamma", "baseline_momentum")
 
 
 def _preset(name: str, description: str, **choices: Any) -> AlgoSpec:
     return AlgoSpec(name=name, description=description, **choices)
 
 
-_PG_ONE_EPOCH = dict(kind="pg", mu=1, clip_low=0.2)
+_PG_ONE_EPOCH = dict(kind="pg", epochs=1, clip_low=0.2)
 PRESETS: dict[str, AlgoSpec] = {
     spec.name: spec
     for spec in [
@@ -237,7 +219,7 @@ PRESETS: dict[str, AlgoSpec] = {
         _preset("ppo", "critic + GAE(1, 0.95), whitened; token mean; clip 0.2; k1 KL 0.05 in the reward; 2 epochs",
                 kind="pg", advantage="gae", critic=True, gamma=1.0, lam=0.95, whiten_advantages=True,
                 credit="terminal", aggregation="token_mean", clip_low=0.2, kl_coef=0.05, kl_estimator="k1",
-                kl_in="reward", mu=2),
+                kl_in="reward", epochs=2),
         _preset("dpo", "sigmoid preference loss, beta 0.1, on-policy best-vs-worst pairs",
                 kind="dpo", dpo_beta=0.1, dpo_loss_type="sigmoid", aggregation="token_mean"),
         _preset("isft+", "SFT on the correct responses (token mean)",
@@ -253,41 +235,11 @@ PRESETS: dict[str, AlgoSpec] = {
 }
 
 
-def _coerce(name: str, value: Any, ftype: str) -> Any:
-    """Check an override against the field's type; strings (command line) are read by
-    :func:`tokenmdp.values.parse_value` first, and integral floats (YAML) are accepted for integer fields."""
-    optional, base = "None" in ftype, ftype.split("|")[0].strip()
-    if isinstance(value, str) and base != "str":  # "none" (any case) means None, as "null" does
-        value = None if value.strip().lower() == "none" else parse_value(value, where=f"algo field {name!r}")
-    if value is None:
-        if optional:
-            return None
-        raise TokenMDPError(f"algo field {name!r} cannot be None")
-    bad = TokenMDPError(f"algo field {name!r}: cannot read {value!r} as {base}")
-    if base == "str":
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        if value in (0, 1):
-            return bool(value)
-        raise bad
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad
-    if base == "int":
-        if float(value) != int(value):
-            raise bad
-        return int(value)
-    return float(value)
-
-
 def get_algo(name: str | AlgoSpec, **overrides: Any) -> AlgoSpec:
     """The preset ``name`` with ``overrides`` applied; an unknown name or field raises :class:`TokenMDPError`.
 
-    Override values are checked against the field types: strings from the command line are parsed
-    (``"0.3"``, ``"true"``, ``"none"``), integral floats are accepted for integer fields (``mu=2.0``).
+    Override values go through the project's one coercer (:func:`tokenmdp.schema.check_fields`): strings from the
+    command line are parsed (``"0.3"``, ``"true"``, ``"none"``), integral floats are accepted for integer fields.
     """
     if isinstance(name, AlgoSpec):
         base = name
@@ -295,13 +247,7 @@ def get_algo(name: str | AlgoSpec, **overrides: Any) -> AlgoSpec:
         base = PRESETS[name]
     else:
         raise TokenMDPError(f"unknown algorithm {name!r}; choose from {', '.join(PRESETS)}")
-    known = {f.name: str(f.type) for f in fields(AlgoSpec)}
-    clean: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in known:
-            raise TokenMDPError(f"unknown algo field {key!r}; fields: {', '.join(sorted(known))}")
-        clean[key] = _coerce(key, value, known[key])
-    return dataclasses.replace(base, **clean)
+    return dataclasses.replace(base, **check_fields(AlgoSpec, overrides, Where("algo field"), renamed=RENAMED))
 
 
 def describe(names: list[str] | None = None) -> str:
@@ -315,65 +261,4 @@ def describe(names: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def compute_advantages(
-    spec: AlgoSpec,
-    rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    group_size: int,
-    values: torch.Tensor | None = None,
-    token_rewards: torch.Tensor | None = None,
-    baseline_state: torch.Tensor | None = None,
-    max_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The advantages (B, T) that ``spec`` asks for; returns ``(advantages, returns, baseline_state)``.
-
-    ``rewards`` (B,) are the verifier rewards (groups contiguous). ``token_rewards`` (B, T), when given, replace
-    the credit assignment of ``spec.credit`` (e.g. with KL in the reward, or process rewards); otherwise they are
-    ``assign_credit(spec.credit, rewards, response_mask)``. Sequence estimators (grpo, rloo, reinforce) use the
-    sequence return ``R_i = sum_t token_rewards`` on every token (``returns="sequence"``) or the return-to-go
-    ``G_t`` minus the same per-sequence baseline (``returns="to_go"``; only for estimators without std scaling,
-    so that ``A_t = G_t - b_i``). ``gae`` needs ``values`` (B, T) and
-    returns the critic targets as ``returns``. DAPO's overlong penalty (``spec.overlong_buffer > 0``, needs
-    ``max_len``) is added to the rewards first. ``baseline_state`` is REINFORCE's moving average (pass back the
-    returned one next step).
-    """
-    mask = response_mask.to(torch.bool)
-    dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
-    rewards = rewards.to(dtype)
-    if spec.overlong_buffer > 0:
-        if max_len is None:
-            raise TokenMDPError("algo field 'overlong_buffer' is set but no max_len was given to compute_advantages")
-        penalty = overlong_penalty(mask.sum(-1), max_len=max_len, buffer=spec.overlong_buffer,
-                                   penalty=spec.overlong_penalty).to(dtype)
-        rewards = rewards + penalty
-        if token_rewards is not None:
-            token_rewards = token_rewards + assign_credit("terminal", penalty, mask)
-    if token_rewards is None:
-        if spec.credit == "process":
-            raise TokenMDPError("credit 'process' needs token_rewards from the step verifier (mdp.credit.process)")
-        token_rewards = assign_credit(spec.credit, rewards, mask, **spec.credit_kwargs)
-    returns = None
-    if spec.advantage == "gae":
-        if values is None:
-            raise TokenMDPError("advantage 'gae' needs values from the critic")
-        adv, returns = gae(token_rewards, values, mask, gamma=spec.gamma, lam=spec.lam)
-    else:
-        seq_return = token_rewards.sum(dim=-1)
-        if spec.advantage == "grpo":
-            seq_adv = grpo_advantages(seq_return, group_size=group_size, scale=spec.std_scale, std=spec.std,
-                                      eps=spec.advantage_eps)
-        elif spec.advantage == "rloo":
-            seq_adv = rloo_advantages(seq_return, group_size=group_size)
-        else:
-            seq_adv, baseline_state = reinforce_advantages(seq_return, baseline=spec.baseline,
-                                                           state=baseline_state, momentum=spec.baseline_momentum)
-        adv = seq_adv.unsqueeze(-1).expand(mask.shape).clone()
-        if spec.returns == "to_go":  # unscaled estimators: A_t = G_t - b_i = A_i + (G_t - R_i)
-            adv = adv + returns_to_go(token_rewards, mask, gamma=1.0) - seq_return.unsqueeze(-1)
-    if spec.whiten_advantages:
-        adv = whiten(adv, mask)
-    return torch.where(mask, adv, torch.zeros((), dtype=adv.dtype)), returns, baseline_state
-
-
-__all__ = ["AlgoSpec", "PRESETS", "CHOICES", "get_algo", "describe", "compute_advantages"]
+__all__ = ["AlgoSpec", "CHOICES", "PRESETS", "describe", "get_algo"]

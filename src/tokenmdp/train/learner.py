@@ -1,0 +1,356 @@
+"""The learner: the trained model with its optimizer, and everything that wraps the algorithm's math from outside.
+
+An algorithm (:mod:`tokenmdp.train.algorithms`) says how a batch becomes a loss; the :class:`Learner` runs it on
+the hardware: teacher-forced forward passes (mixed precision by ``accelerate``'s autocast, one prompt pass per
+group with ``optim.shared_prompt``, through the FSDP root when the policy is sharded), micro-batches cut by rows
+and tokens (processes kept in lockstep under sharding), the backward pass, and the optimizer step (gradients
+averaged over processes, clipped, a non-finite step skipped and counted in :class:`TrainerState`). None of these
+branches inside an algorithm.
+
+Exact gradient accumulation: a minibatch of rows is cut into micro-batches; every micro-batch loss is computed
+with the normalisers of the whole minibatch (``num_seqs``, ``num_tokens``, :mod:`tokenmdp.algos.core`) and the
+micro-batch gradients are summed, so the update equals the one of the whole minibatch in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from tokenmdp.algos.core import kl_penalty
+from tokenmdp.policy.adapters import adapter_disabled, update_mode
+from tokenmdp.policy.logprobs import sequence_logprobs
+from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
+from tokenmdp.rollout.base import Rollout
+from tokenmdp.train.batch import gather_parts, total_over_processes
+from tokenmdp.train.sharding import Sharding, grad_norm
+
+SUMMED = ("policy/loss", "policy/pg_loss", "value/loss", "isft/loss", "dpo/loss", "update/loss")
+
+
+class MetricMeter:
+    """Averages metrics over micro-batches and minibatches.
+
+    Keys in :data:`SUMMED` are summed within a minibatch (micro-batch losses add up to the minibatch loss) and
+    averaged over minibatches; ``*_min`` / ``*_max`` keys keep the extreme; every other key is a mean weighted by
+    the micro-batch's token count.
+    """
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.extremes: dict[str, float] = {}
+        self.current: dict[str, float] = defaultdict(float)
+        self.summed: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            if key in SUMMED:
+                self.current[key] += value
+            elif key.endswith("_min"):
+                self.extremes[key] = min(value, self.extremes.get(key, value))
+            elif key.endswith("_max"):
+                self.extremes[key] = max(value, self.extremes.get(key, value))
+            else:
+                self.weighted[key] += value * weight
+                self.weights[key] += weight
+
+    def end_minibatch(self, **extra: float) -> None:
+        for key, value in {**self.current, **extra}.items():
+            self.summed[key].append(value)
+        self.current = defaultdict(float)
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.weighted[k] / self.weights[k] for k in self.weighted if self.weights[k] > 0}
+        out.update(self.extremes)
+        out.update({k: sum(v) / len(v) for k, v in self.summed.items() if v})
+        return out
+
+
+@dataclass
+class TrainerState:
+    """The learner's running counters, saved in every checkpoint (``trainer_state.json``, key ``trainer``).
+
+    ``nonfinite_steps``: optimizer steps skipped for a NaN or Inf loss or gradient; ``nonfinite_in_row``: how
+    many of the latest were in a row (a finite step resets it); ``baseline``: REINFORCE's moving-average baseline.
+    """
+
+    nonfinite_steps: int = 0
+    nonfinite_in_row: int = 0
+    baseline: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> TrainerState:
+        data = data or {}
+        return cls(int(data.get("nonfinite_steps", 0)), int(data.get("nonfinite_in_row", 0)), data.get("baseline"))
+
+
+def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None,
+                  groups: torch.Tensor | None = None, *, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """``rows`` cut into chunks of ``size``; with ``lengths`` (per row of the batch), longest rows first, so that
+    each micro-batch holds rows of similar length and little padding (the result does not depend on the order:
+    the normalisers are those of the whole minibatch). With ``groups`` (a group id per row of the batch), the rows
+    of a group are kept next to each other (groups longest first), so that a micro-batch holds whole groups
+    where ``size`` allows (``optim.shared_prompt`` then runs each group's prompt once). With ``max_tokens`` (and
+    ``lengths``) a micro-batch also holds at most that many padded tokens, its rows times its longest row (a row
+    longer than the budget goes alone): ``lengths [9, 5, 4, 2]``, ``size 4``, ``max_tokens 12`` ->
+    ``[9], [5, 4], [2]``."""
+    if (len(rows) > size or max_tokens is not None) and (lengths is not None or groups is not None):
+        rows = rows[_order(rows, lengths, groups).to(rows.device)]
+    if max_tokens is None or lengths is None:
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
+        return
+    length = lengths.index_select(0, rows.to(lengths.device)).cpu().tolist()
+    start, longest = 0, 0
+    for i, n in enumerate(length):
+        longest_with = max(longest, n)
+        if i > start and (i - start >= size or (i - start + 1) * longest_with > max_tokens):
+            yield rows[start:i]
+            start, longest_with = i, n
+        longest = longest_with
+    if start < len(rows):
+        yield rows[start:]
+
+
+def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+    """Positions of ``rows`` in micro-batch order: by length, descending; with ``groups``, group after group, each
+    group at the length of its longest row (ties: first seen first; a group's rows in their order)."""
+    n = len(rows)
+    length = torch.zeros(n, dtype=torch.long) if lengths is None else lengths.index_select(
+        0, rows.to(lengths.device)).cpu().long()
+    if groups is None:
+        return torch.argsort(length, descending=True, stable=True)
+    group = groups.index_select(0, rows.to(groups.device)).cpu().long()
+    longest = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_reduce(0, group, length, reduce="amax")
+    order = torch.argsort(group, stable=True)
+    return order[torch.argsort(longest[group[order]], descending=True, stable=True)]
+
+
+def row_lengths(rollout: Rollout) -> torch.Tensor:
+    """Prompt plus response tokens of each row (B,): the cost of its forward pass."""
+    return rollout.prompt_mask.sum(dim=1) + rollout.context_mask.sum(dim=1)
+
+
+def rows_of(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rows ``rows`` of ``rollout``, trimmed of all-padding response columns."""
+    return rollout.select(rows.to(rollout.device)).trimmed()
+
+
+def approx_kl(old_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over valid tokens of ``rho - 1 - log rho`` with ``rho = pi / pi_old`` (k3 of KL(pi_old || pi))."""
+    kl = kl_penalty(old_logprobs.detach(), logprobs.detach(), estimator="k3")
+    m = mask.bool()
+    return float(kl[m].mean()) if m.any() else 0.0
+
+
+def zero_missing_grads(model) -> None:
+    """Give every trainable parameter without a gradient a zero one, so that the optimizer step (AdamW's moments
+    and weight decay) and the cross-process gradient average treat it as a zero gradient, not as absent."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _sync_gradients(accelerator, params) -> None:
+    """Average gradients over processes (the model is not wrapped in DDP: forward passes bypass ``forward``)."""
+    if accelerator.num_processes <= 1:
+        return
+    for p in params:  # every parameter, a zero gradient where this process has none: the same calls everywhere
+        p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+
+
+@dataclass
+class Learner:
+    """The trained policy (``model``, as prepared by accelerate; under LoRA the HF model with its adapter layers,
+    ``adapter`` the peft wrapper), its optimizer and schedule, the frozen reference, PPO's critic, and how the
+    passes are cut and run (from the config's ``optim`` and ``rollout.temperature``)."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accelerator: Any
+    temperature: float = 1.0
+    micro_batch_size: int = 16
+    micro_batch_tokens: int | None = None
+    shared_prompt: bool = False
+    max_grad_norm: float | None = 1.0
+    needs_reference: bool = False
+    ref_model: Any = None
+    adapter: Any = None
+    critic: Any = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    fsdp: Sharding | None = None
+    state: TrainerState = field(default_factory=TrainerState)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def saveable(self):
+        """What a checkpoint's ``model/`` and ``final/`` save: the adapter alone under LoRA, else the model."""
+        return self.adapter if self.adapter is not None else self.unwrapped()
+
+    # -- passes --------------------------------------------------------------------------------------------------
+
+    def batch_order(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(lengths, groups)`` for :func:`micro_batches` over the rows of ``rollout``: the row lengths, and with
+        ``optim.shared_prompt`` the distinct prompt of each row (rows of equal prompt ids and mask)."""
+        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1] if self.shared_prompt else None
+        return row_lengths(rollout), groups
+
+    def forward(self, model, sub: Rollout, *, entropy: bool = False):
+        """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with
+        ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once."""
+        score = grouped_sequence_logprobs if self.shared_prompt else sequence_logprobs
+        run = partial(score, model)
+        if self.fsdp is not None and model is self.model:  # through the FSDP root: it gathers embeddings and head
+            run = partial(self.fsdp.root, score)
+        context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}  # multi-turn episodes
+        with self.accelerator.autocast(), update_mode(model):
+            return run(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                       temperature=self.temperature, return_entropy=entropy, **context)
+
+    def critic_values(self, critic, sub: Rollout) -> torch.Tensor:
+        """(B, T) critic values V(s_t) of ``sub``'s response tokens (shared prompts as in :meth:`forward`)."""
+        context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}
+        with self.accelerator.autocast():
+            return critic.values(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
+                                 shared_prompt=self.shared_prompt, **context)
+
+    @torch.no_grad()
+    def logprobs_all(self, model, rollout: Rollout) -> torch.Tensor:
+        """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
+        out = torch.zeros_like(rollout.logprobs)
+        rows = torch.arange(len(rollout), device=rollout.device)
+        for micro in self.micro_passes(rows, self.batch_order(rollout), joined=model is self.model):
+            sub = rows_of(rollout, micro)
+            lp, _ = self.forward(model, sub)
+            out[micro, : lp.shape[1]] = lp.float()
+        return out
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """(B, T) log-probs under the frozen reference policy, or None when the algorithm has none: the separate
+        reference model, or under LoRA the trained model with its adapter disabled (the base, bit for bit)."""
+        if self.ref_model is not None:
+            return self.logprobs_all(self.ref_model, rollout)
+        if self.adapter is not None and self.needs_reference:
+            with adapter_disabled(self.adapter):
+                return self.logprobs_all(self.model, rollout)
+        return None
+
+    @torch.no_grad()
+    def values_all(self, rollout: Rollout) -> torch.Tensor:
+        """(B, T) critic values V(s_t) of every response token, without gradients."""
+        out = torch.zeros_like(rollout.logprobs)
+        rows = torch.arange(len(rollout), device=rollout.device)
+        critic = self.accelerator.unwrap_model(self.critic)
+        for micro in micro_batches(rows, self.micro_batch_size, *self.batch_order(rollout),
+                                   max_tokens=self.micro_batch_tokens):
+            sub = rows_of(rollout, micro)
+            v = self.critic_values(critic, sub)
+            out[micro, : v.shape[1]] = v.float() * sub.response_mask
+        return out
+
+    def micro_passes(self, rows: torch.Tensor, order: tuple, *, joined: bool = True) -> Iterator[torch.Tensor]:
+        """This process's micro-batches of ``rows`` (``optim.micro_batch_size`` rows, ``optim.micro_batch_tokens``
+        tokens, in ``order`` = :meth:`batch_order`). With a sharded policy (and ``joined``), the passes that other
+        processes run beyond this one's count are joined here with zero loss after the last (:meth:`lockstep`)."""
+        micros = list(micro_batches(rows, self.micro_batch_size, *order, max_tokens=self.micro_batch_tokens))
+        yield from self.lockstep(micros) if joined else micros
+
+    def lockstep(self, micros: list) -> Iterator:
+        """``micros`` (this process's micro-batches of a minibatch), and with a sharded policy a zero-loss pass
+        (:meth:`dummy_pass`) for each micro-batch another process runs beyond this one's count, so every process
+        runs as many scoring passes (collectives) as the others."""
+        most = len(micros)
+        if self.fsdp is not None:  # counted before any pass: the gather is a collective too
+            most = max(int(p["n"]) for p in gather_parts(self.accelerator, {"n": len(micros)}))
+        yield from micros
+        for _ in range(most - len(micros)):
+            self.dummy_pass()
+
+    def dummy_pass(self) -> None:
+        """A forward (and, with gradients on, backward) pass of zero loss through the sharded policy (one token): it
+        takes part in the collectives of a scoring pass and adds exactly zero to every gradient."""
+        one = torch.ones(1, 1, dtype=torch.long, device=self.device)
+        with self.accelerator.autocast(), update_mode(self.model):
+            lp, _ = self.fsdp.root(sequence_logprobs, one, one, one, one, temperature=self.temperature)
+        if torch.is_grad_enabled():
+            self.accelerator.backward(lp.sum() * 0.0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def nothing_to_train(self, count: int, *, epochs: int) -> bool:
+        """Whether this process's share of the step has no row to train on (``count == 0``): the caller then
+        returns. Every process calls it once per update; a process with no row while others have some takes part
+        in their optimizer steps with zero gradients, one per epoch, so the parameters stay in step."""
+        total = total_over_processes(self.accelerator, count)
+        if count == 0 and total > 0:
+            meter = MetricMeter()
+            for _ in range(epochs):
+                for _ in self.lockstep([]):  # a sharded policy: the others' scoring passes, with zero loss
+                    pass
+                zero_missing_grads(self.model)
+                if self.critic is not None:
+                    zero_missing_grads(self.critic)
+                self.step(meter)
+        return count == 0
+
+    def step(self, meter: MetricMeter) -> None:
+        """Average gradients over processes, clip, step the policy (and critic) optimizer, clear gradients.
+
+        A sharded policy has its gradients averaged by FSDP in the backward pass already; its norm is that of the
+        whole gradient. A gradient that is not finite skips the step of every optimizer (parameters and moments
+        stay as they were) and is counted in :attr:`state`; every process sees the same averaged gradient, so all
+        skip together. Under fp16's grad scaler the step always runs (the scaler skips an overflow itself).
+        """
+        max_norm = self.max_grad_norm
+        pairs = [(self.model, self.optimizer, "policy/grad_norm")]
+        if self.critic is not None:
+            pairs.append((self.critic, self.critic_optimizer, "value/grad_norm"))
+        norms = []
+        for model, _, _ in pairs:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if self.fsdp is not None and model is self.model:
+                norms.append(float(grad_norm(params, max_norm)))
+                continue
+            _sync_gradients(self.accelerator, params)
+            if max_norm is not None and max_norm > 0:
+                norm = self.accelerator.clip_grad_norm_(params, max_norm)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            norms.append(float(norm))
+        finite = all(math.isfinite(n) for n in norms)
+        scaled = getattr(self.accelerator, "scaler", None) is not None
+        for (_, optimizer, key), norm in zip(pairs, norms):
+            if finite:
+                meter.add({key: norm}, 1.0)
+            if finite or scaled:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finite = finite or scaled  # an fp16 overflow while the scale calibrates is not a fault of the run
+        self.state.nonfinite_in_row = 0 if finite else self.state.nonfinite_in_row + 1
+        if not finite:
+            self.state.nonfinite_steps += 1
+
+
+__all__ = ["Learner", "MetricMeter", "TrainerState", "approx_kl", "micro_batches", "row_lengths", "rows_of",
+           "zero_missing_grads"]
