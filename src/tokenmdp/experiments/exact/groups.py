@@ -1,5 +1,5 @@
 """The exact tier's ground: the token MDP, its verifier, every multiset of responses and what each needs at one
-``theta``. The updates are :mod:`tokenmdp.experiments.exact_updates`; the runs :mod:`tokenmdp.experiments.exact`.
+``theta``. The updates are :mod:`tokenmdp.experiments.exact.updates`; the runs :mod:`tokenmdp.experiments.exact`.
 
 The MDP (:func:`exact_mdp`): vocabulary ``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L, one empty prompt, and the
 *final-answer verifier* ``R(y) = 1`` iff the response ended with EOS and the token before it is ``a``, else 0; a

@@ -2,7 +2,7 @@
 ``dr_grpo`` or ``isft+``; judged from the runs' ``length/incorrect`` slopes, the exact tier's length shift reported
 beside them) and C5 (the expectation view, exact tier only: which presets' expected updates point along
 ``grad J``). :func:`tokenmdp.experiments.claims.evaluate_claims` collects them with C1-C3; the shared helpers and
-thresholds are :mod:`tokenmdp.experiments.claims_common`.
+thresholds are :mod:`tokenmdp.experiments.claims.common`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.claims_common import (C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL, C5_IDENTITIES,
+from tokenmdp.experiments.claims.common import (C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL, C5_IDENTITIES,
                                                 _combine, _finished, _g, _get, _pair, _record, _reference, fmt_seeds)
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, direction_verdict, ls_slope, paired_difference

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from tokenmdp.experiments.beyond import KEY
+from tokenmdp.experiments.beyond.analysis import KEY
 
 
 def _pm(mean: float, half: float | None, scale: float = 1.0, digits: int = 1, signed: bool = False) -> str:
@@ -156,7 +156,7 @@ EXACT_PRESETS = ("grpo_nokl", "isft+-adv", "isft+", "isft-", "isft+_seqsum_const
 
 
 def exact_two_llm_markdown(exact: dict | None) -> str:
-    """The exact tier's two-LLM case (``exact.json``'s ``two_llm``, :mod:`tokenmdp.experiments.exact_env`): each
+    """The exact tier's two-LLM case (``exact.json``'s ``two_llm``, :mod:`tokenmdp.experiments.exact.env`): each
     preset's cosine with grad J in both variants next to the degenerate MDP, and the identities; "" without it."""
     two = (exact or {}).get("two_llm")
     if not two or not two.get("comparison"):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.beyond import analyse
-from tokenmdp.experiments.beyond_render import beyond_html, beyond_markdown, exact_two_llm_markdown
+from tokenmdp.experiments.beyond.render import beyond_html, beyond_markdown, exact_two_llm_markdown
 from tokenmdp.experiments.claims import evaluate_claims
-from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
-from tokenmdp.experiments.plots import all_figures
-from tokenmdp.experiments.report_html import render_html
+from tokenmdp.experiments.claims.render import claims_html, claims_markdown, write_claims
+from tokenmdp.experiments.report.plots import all_figures
+from tokenmdp.experiments.report.html import render_html
 from tokenmdp.experiments.runs import Collection, collect, read_json
 from tokenmdp.stats import mean_ci
 

@@ -18,12 +18,13 @@ are absent, ``not measured`` (``missing`` names them, e.g. ``"isft- (seeds 0-2)"
 
 C1 and C4 judge from the runs; the exact tier's figures are reported beside them (a C1 exact step difference
 beyond float tolerance overrides to ``contradicted``) but cannot stand in for missing runs. C5 needs the exact
-tier. Thresholds are the constants of :mod:`tokenmdp.experiments.claims_common`, each with its reason. Only run
+tier. Thresholds are the constants of :mod:`tokenmdp.experiments.claims.common`, each with its reason. Only run
 folders (and the exact tier's dict) are read; no model code.
 
-This module holds C1-C3 and :func:`evaluate_claims`; C4 and C5 are :mod:`tokenmdp.experiments.claims_length`, the
-shared readers, formatting and thresholds :mod:`tokenmdp.experiments.claims_common` (all importable from here),
-and the tables and ``claims.json`` :mod:`tokenmdp.experiments.claims_render`.
+This module holds C1-C3 and :func:`evaluate_claims`; C4 and C5 are :mod:`tokenmdp.experiments.claims.length`, the
+shared readers, formatting and thresholds :mod:`tokenmdp.experiments.claims.common` (the public names of all
+four importable from :mod:`tokenmdp.experiments.claims`),
+and the tables and ``claims.json`` :mod:`tokenmdp.experiments.claims.render`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.claims_common import (
+from tokenmdp.experiments.claims.common import (
     C1_COSINE_TOL,
     C1_FLIP_SAMPLES,
     C1_CURVE_ATOL,
@@ -64,7 +65,7 @@ from tokenmdp.experiments.claims_common import (
     _reference,
     fmt_seeds,
 )
-from tokenmdp.experiments.claims_length import _c4, _c5, length_trend
+from tokenmdp.experiments.claims.length import _c4, _c5, length_trend
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import (
     CONTRADICTED,

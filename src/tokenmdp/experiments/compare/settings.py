@@ -1,6 +1,6 @@
 """What a comparison is a function of (:class:`CompareSettings`, written to ``compare.json``), its defaults and
 their checks. Shared by the comparison (:mod:`tokenmdp.experiments.compare`) and its jobs
-(:mod:`tokenmdp.experiments.compare_run`), which import this module and never each other the wrong way round.
+(:mod:`tokenmdp.experiments.compare.run`), which import this module and never each other the wrong way round.
 """
 
 from __future__ import annotations

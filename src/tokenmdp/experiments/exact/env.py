@@ -1,6 +1,6 @@
 """The exact tier's two-LLM case: every preset's exact expected update when a frozen, stochastic environment writes
 tokens between the policy's (:mod:`tokenmdp.mdp.enumerate_env`), next to the same presets on the degenerate token
-MDP of the same vocabulary and policy budget (:mod:`tokenmdp.experiments.exact_groups`, no environment).
+MDP of the same vocabulary and policy budget (:mod:`tokenmdp.experiments.exact.groups`, no environment).
 
 The base's tokens are in every transcript and in every group, but out of every loss: the tables' ``mask`` is the
 policy's ``response_mask``, so token counts, lengths ``|o|`` and the ``max_len`` divisor count policy tokens only,
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.exact import DEFAULTS, _mdp_info, evaluate_table, run_threads
-from tokenmdp.experiments.exact_groups import exact_mdp
-from tokenmdp.experiments.exact_updates import row_coefficients, variants
+from tokenmdp.experiments.exact.tier import DEFAULTS, _mdp_info, evaluate_table, run_threads
+from tokenmdp.experiments.exact.groups import exact_mdp
+from tokenmdp.experiments.exact.updates import row_coefficients, variants
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, probabilities, token_logprobs
 from tokenmdp.mdp.enumerate_env import ENV_VARIANTS, TwoLLMTokenMDP, enumerate_env_sequences, policy_rows
 

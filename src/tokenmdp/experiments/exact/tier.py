@@ -1,12 +1,13 @@
 """The exact tier: every algorithm's expected update on a token MDP small enough to enumerate, without sampling.
 
-Three files of computation, by responsibility (and :mod:`tokenmdp.experiments.exact_plots` for the figures): :mod:`tokenmdp.experiments.exact_groups` holds the MDP (vocabulary
-``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L, one empty prompt, the final-answer verifier), the enumeration of its
-responses' multisets (groups) and what every update needs at one ``theta``; :mod:`tokenmdp.experiments.exact_updates`
-the presets as this tier runs them and the exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings
-give the details); this module the dynamics, :func:`run_exact` (every preset's update at ``theta_0``, its dynamics,
-the summaries and the identities below), :func:`save_exact` and the public constants. Every public name of the
-three is importable from here.
+Three files of computation, by responsibility (and :mod:`tokenmdp.experiments.exact.plots` for the figures):
+:mod:`tokenmdp.experiments.exact.groups` holds the MDP (vocabulary ``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L,
+one empty prompt, the final-answer verifier), the enumeration of its responses' multisets (groups) and what every
+update needs at one ``theta``; :mod:`tokenmdp.experiments.exact.updates` the presets as this tier runs them and the
+exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings give the details); this module the dynamics,
+:func:`run_exact` (every preset's update at ``theta_0``, its dynamics, the summaries and the identities below),
+:func:`save_exact` and the public constants. Every public name of the three is importable from
+:mod:`tokenmdp.experiments.exact`.
 
 **Identities** (MATH.md sections 4 and 7; ``tests/test_exact.py``), with ``s = grad log p(y)``, ``E[s] = 0``,
 ``grad J = E[R s]``, ``E[s | R=1] = grad J / J`` and ``E[s | R=0] = -grad J / (1 - J)``:
@@ -27,7 +28,7 @@ three is importable from here.
 two rows, ``|grad J| = 1/4``. With G = 2, REINFORCE's one-sample update is ``x = R s / 2`` with ``|s|^2 = 1``:
 ``E|x|^2 = 1/16``, per-sample variance ``1/16 - 1/64 = 3/64``; Dr. GRPO's ``U = grad J / 4``.
 
-**The two-LLM case** (:mod:`tokenmdp.experiments.exact_env`, ``tokenmdp exact --env two_llm``): the same
+**The two-LLM case** (:mod:`tokenmdp.experiments.exact.env`, ``tokenmdp exact --env two_llm``): the same
 updates on an MDP where a frozen stochastic base writes tokens between the policy's, masked out of every loss,
 through :func:`evaluate_table`; the identities above survive the stochastic transition.
 
@@ -62,12 +63,10 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-# re-exported: every public name of exact_groups and exact_updates is importable from here
-from tokenmdp.experiments.exact_groups import (ANSWER, EOS, MAX_GROUPS, Groups, Point, count_groups,
-                                               enumerate_groups, exact_mdp, final_answer_verifier, make_point,
-                                               state_values)
-from tokenmdp.experiments.exact_updates import (GroupBatch, Normalisers, Variant, expected_update,
-                                                row_coefficients, theta_free, variants)
+from tokenmdp.experiments.exact.groups import (EOS, MAX_GROUPS, Groups, Point, count_groups, enumerate_groups,
+                                               exact_mdp, final_answer_verifier, make_point, state_values)
+from tokenmdp.experiments.exact.updates import (GroupBatch, Variant, expected_update, row_coefficients, theta_free,
+                                                variants)
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, exact_gradient, init_logits, probabilities
 
 Tensor = torch.Tensor
