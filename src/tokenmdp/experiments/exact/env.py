@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.exact.tier import DEFAULTS, _mdp_info, evaluate_table, run_threads
+from tokenmdp.experiments.exact.tier import DEFAULTS, mdp_info, evaluate_table, run_threads
 from tokenmdp.experiments.exact.groups import exact_mdp
 from tokenmdp.experiments.exact.updates import row_coefficients, variants
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, probabilities, token_logprobs
@@ -157,7 +157,7 @@ def run_exact_env(
             docs[mdp.variant] = {"mdp": _env_info(mdp, table, state, seed, init_scale), **doc}
         table = enumerate_sequences(exact_mdp(vocab, max_len))
         doc, state = evaluate_table(table, **kw)  # type: ignore[arg-type]
-        degenerate = {"mdp": _mdp_info(table, state["batch"].groups, init_scale, seed), **doc}
+        degenerate = {"mdp": mdp_info(table, state["batch"].groups, init_scale, seed), **doc}
     cases = {**docs, "degenerate": degenerate}
     comparison = {name: {case: {k: d["presets"][name][k] for k in COMPARED} for case, d in cases.items()}
                   for name in degenerate["presets"]}

@@ -221,7 +221,7 @@ def _summary(v: Variant, update: Tensor, var: Tensor, run: list[dict], grad: Ten
     }
 
 
-def _mdp_info(table: SequenceTable, groups: Groups, init_scale: float, seed: int) -> dict[str, Any]:
+def mdp_info(table: SequenceTable, groups: Groups, init_scale: float, seed: int) -> dict[str, Any]:
     correct, lengths = table.rewards > 0.5, table.lengths
     v, length, g = table.vocab_size, table.mdp.max_len, groups.size
     return {
@@ -242,7 +242,7 @@ def _run(*, group_size: int, steps: int, lr: float, seed: int, max_len: int, voc
     table = enumerate_sequences(exact_mdp(vocab, max_len))
     doc, state = evaluate_table(table, group_size=group_size, steps=steps, lr=lr, seed=seed, presets=presets,
                                 normalize=normalize, init_scale=init_scale)
-    return {"mdp": _mdp_info(table, state["batch"].groups, init_scale, seed), **doc,
+    return {"mdp": mdp_info(table, state["batch"].groups, init_scale, seed), **doc,
             "seconds": time.perf_counter() - t0}
 
 
@@ -297,7 +297,5 @@ def save_exact(result: dict[str, Any], out_dir: str | Path, figures: dict[str, b
     return path
 
 
-__all__ = ["DEFAULTS", "IDENTITY_PRESETS", "MAX_GROUPS", "SKIPPED", "GroupBatch", "Groups", "Point", "Variant",
-           "count_groups", "dynamics", "enumerate_groups", "evaluate_table", "exact_mdp", "expected_update",
-           "final_answer_verifier", "make_point", "policy_stats", "row_coefficients", "run_exact", "run_threads",
-           "save_exact", "state_values", "theta_free", "variants"]
+__all__ = ["DEFAULTS", "IDENTITY_PRESETS", "SKIPPED", "dynamics", "evaluate_table", "mdp_info", "policy_stats",
+           "run_exact", "run_threads", "save_exact"]
