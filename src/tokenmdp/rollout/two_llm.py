@@ -31,7 +31,7 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EnvStep, TokenEnv
-from tokenmdp.rollout.base import Engine, encode_prompts
+from tokenmdp.rollout.types import Engine, encode_prompts
 
 VARIANTS = ("hint", "alternate")
 ANSWER_END = "</answer>"

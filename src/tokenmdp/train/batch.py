@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokenmdp.policy.model import chat_prompt
-from tokenmdp.rollout.base import Rollout
+from tokenmdp.rollout.types import Rollout
 
 if TYPE_CHECKING:
     from tokenmdp.train.setup import Components

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tokenmdp.policy.value_head import ValueModel
-    from tokenmdp.rollout.base import Engine
+    from tokenmdp.rollout.types import Engine
     from tokenmdp.tasks.base import Task
     from tokenmdp.train.environment import RunEnvironment
     from tokenmdp.train.sharding import Sharding

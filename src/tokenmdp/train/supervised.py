@@ -18,7 +18,8 @@ from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
 from tokenmdp.algos.isft import isft_loss, kept_counts
 from tokenmdp.algos.losses import kl_penalty
 from tokenmdp.algos.registry import compute_advantages
-from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
+from tokenmdp.rollout.padding import right_pad
+from tokenmdp.rollout.types import Rollout, encode_prompts
 from tokenmdp.train.batch import Batch, TrainBatch
 from tokenmdp.train.updates import (
     MetricMeter,
