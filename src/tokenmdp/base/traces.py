@@ -277,7 +277,7 @@ def parse_trace(completion: str) -> tuple[list[Attempt], str]:
 
 
 def problem_numbers(problem) -> tuple[list[int], int]:
-    """``(numbers, target)`` of a Countdown :class:`~tokenmdp.tasks.base.Problem` (``metadata["nums"]``, ``answer``)."""
+    """``(numbers, target)`` of a Countdown :class:`~tokenmdp.tasks.task.Problem` (``metadata["nums"]``, ``answer``)."""
     return [int(x) for x in problem.metadata["nums"]], int(problem.answer)
 
 

@@ -41,7 +41,7 @@ from tokenmdp.errors import TokenMDPError
 class EnvStep:
     """What :meth:`TokenEnv.step` returns: observation token ids (in the policy's vocabulary), the turn's reward,
     ``terminated`` (the episode ended: answered, solved, failed), ``truncated`` (the environment's own limit) and
-    ``info`` (``info["score"]``: the verifier's :class:`~tokenmdp.tasks.base.Score` of the episode, when scored)."""
+    ``info`` (``info["score"]``: the verifier's :class:`~tokenmdp.tasks.task.Score` of the episode, when scored)."""
 
     observation: tuple[int, ...] = ()
     reward: float = 0.0

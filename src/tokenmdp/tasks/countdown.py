@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Problem, Score, StepScore, Task, check_split
+from tokenmdp.tasks.task import Problem, Score, StepScore, Task, check_split
 from tokenmdp.tasks.countdown_solve import format_step, reachable_targets, solve_tree, to_expression, to_steps
 from tokenmdp.tasks.countdown_verify import (
     DEFAULT_MAX_CHARS,

@@ -29,7 +29,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Sequence, Union
 
-from tokenmdp.tasks.base import StepScore
+from tokenmdp.tasks.task import StepScore
 
 Number = Union[int, Fraction]
 

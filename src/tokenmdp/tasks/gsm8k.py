@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Problem, Score, Task, check_split, read_records, require
+from tokenmdp.tasks.task import Problem, Score, Task, check_split, read_records, require
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 ENV_DIR = "TOKENMDP_GSM8K_DIR"

@@ -135,7 +135,7 @@ def collect_episodes(c: Components, problems: list, *, step: int) -> Batch:
     by a limit before any score: its return, not correct, not formatted), the per-turn token rewards kept for the
     credit assignment (:func:`tokenmdp.train.pg.prepare`)."""
     from tokenmdp.rollout.multiturn import run_episodes
-    from tokenmdp.tasks.base import Score
+    from tokenmdp.tasks.task import Score
 
     env, args = c.env, sampling_args(c, step)
     t0 = time.perf_counter()

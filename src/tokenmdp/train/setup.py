@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from tokenmdp.policy.value_head import ValueModel
     from tokenmdp.rollout.types import Engine
-    from tokenmdp.tasks.base import Task
+    from tokenmdp.tasks.task import Task
     from tokenmdp.train.environment import RunEnvironment
     from tokenmdp.train.sharding import Sharding
 
