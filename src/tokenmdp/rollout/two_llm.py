@@ -13,9 +13,8 @@ Variants (:data:`VARIANTS`)
 * ``alternate``: the policy writes a line, the base continues one line, ... The episode ends when the base writes
   EOS or a closing ``</answer>``, or at turn ``max_turns``, where the base writes the rest of the answer. A policy
   turn that starts the answer (``</think>`` or ``<answer>``) hands it to the base: the base continues from the
-  text before that point and writes the rest, and the episode ends. (Without the hand-over the policy took the
-  answer turns whenever a solution finished early, and, its text never being scored, the pair fell from the base's
-  30% to 12% on Countdown before any training.)
+  text before that point and writes the rest, and the episode ends, so the answer is always the scored base's
+  (``benchmarks/RESULTS.md``, "Beyond the degenerate MDP", has what it was without).
 
 Tokenizers: the base's text becomes the observation in the *policy's* vocabulary. With the same vocabulary (a
 copy of the base as the policy, the default) the base's token ids are the observation as they are. With a

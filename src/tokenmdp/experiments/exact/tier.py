@@ -13,7 +13,7 @@ exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings give the 
 ``grad J = E[R s]``, ``E[s | R=1] = grad J / J`` and ``E[s | R=0] = -grad J / (1 - J)``:
 
 * ``isft+-adv`` equals ``grpo_nokl`` group by group, up to ``isft_weights`` casting the advantages to torch's
-  default dtype: relative difference 4e-9 on the default with float32, exactly 0 with float64;
+  default dtype (float32 rounding; exactly 0 with float64);
 * ``isft+_seqsum_const``, ``isft-_seqsum_const``, ``reinforce`` (b = 0, the same estimator as ISFT+), ``rloo``:
   ``U = grad J / L``;
 * ``dr_grpo``: ``A_i = R_i - mean_j R_j`` contains ``R_i / G``, so ``U = (G - 1) / (G L) grad J``;
@@ -43,11 +43,8 @@ taken from it (``update_norm``, ``step_size``, ``cosine`` with ``grad J`` there)
 
 **The length shift** ``len_incorrect_shift`` = E[length | incorrect] after the dynamics minus at the start;
 ``len_incorrect_slope`` = ``grad E[length | incorrect] . U / |U|`` at the start (first order). Dr. GRPO moves along
-``grad J``, so its sign is that of the task, not of the algorithm. On the default (seed 0) GRPO's is positive and
-Dr. GRPO's negative, but that literal sign pattern is not robust: over seeds 0-11 (first-order slopes, G = 4) it
-holds in 3 of 12 at L = 3 and in none at L = 4 (there ``grad J`` itself lengthens wrong answers by removing the
-short wrong ones). What is robust is the difference: GRPO's slope exceeds Dr. GRPO's in 12 of 12 seeds at both
-lengths (with other verifiers tried at L = 4: 12 of 12 for four of them, 9 of 12 for "no b anywhere"), and
+``grad J``, so its sign is that of the task, not of the algorithm: over start seeds the sign pattern is not
+robust, the difference is (GRPO's slope exceeds Dr. GRPO's; ``benchmarks/RESULTS.md``, "The exact tier"), and
 ``grpo_nokl_seqsum`` (std kept, ``1/|o|`` removed) moves exactly like Dr. GRPO: the difference is the ``1/|o|``.
 """
 
