@@ -64,7 +64,8 @@ def retokenize(text: str, tokenizer, *, what: str) -> list[int]:
     if back != text:
         raise TokenMDPError(f"two-LLM environment: {what} {text!r} does not round-trip through the other model's "
                             f"tokenizer (it reads back as {back!r}); use a policy and a base model (config field "
-                            f"'task.env.base_path') whose tokenizers can write each other's text, or the same tokenizer")
+                            f"'task.env.base_path') whose tokenizers can write each other's text, or the same "
+                            f"tokenizer")
     return [int(i) for i in ids]
 
 

@@ -88,8 +88,8 @@ def claim_c4(col: Collection, exact: dict | None) -> dict:
         "C4, length: under GRPO's per-sequence 1/|o| weighting incorrect responses grow longer; not under ISFT+, "
         "nor under Dr. GRPO's constant divisor",
         f"slope of length/incorrect: {ref} > 0, {ref} - dr_grpo > 0, {ref} - isft+ > 0 (paired over seeds)",
-        algos, ["exact tier"], measured, "; ".join(texts), combine_verdicts([t["verdict"] for t in tests.values()]), power,
-        missing)
+        algos, ["exact tier"], measured, "; ".join(texts), combine_verdicts([t["verdict"] for t in tests.values()]),
+        power, missing)
 
 
 # --- C5: the expectation view ------------------------------------------------------------------------------------

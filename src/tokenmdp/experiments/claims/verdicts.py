@@ -270,7 +270,8 @@ def _c1(col: Collection, exact: dict | None) -> dict:
     return claim_record(
         "C1, the reduction: with no KL and one on-policy update, GRPO and advantage/length-weighted ISFT+- take the "
         "same step", "grpo_nokl and isft+-adv runs with the same seed follow the same trajectory (equal final "
-        "parameters and curves, or bit-equal until float rounding changes one sample)", ["grpo_nokl", "isft+-adv"], ["exact tier"], measured, "; ".join(parts), verdict,
+        "parameters and curves, or bit-equal until float rounding changes one sample)", ["grpo_nokl", "isft+-adv"],
+        ["exact tier"], measured, "; ".join(parts), verdict,
         "deterministic comparison (seeded sampling: equal steps give equal samples), not a statistical test",
         missing)
 
@@ -377,10 +378,11 @@ def _c3(col: Collection) -> dict:
             verdict = SUPPORTED
         elif ci.has_interval and ci.low >= base - EQUIV_MARGIN:
             verdict = CONTRADICTED
-        band = f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval else "(1 seed, no interval)"
+        band = (f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval
+                else "(1 seed, no interval)")
         last = [c[-1][1] for c in measured["curve"].values() if c]
-        summary = (f"isft- {PRIMARY_METRIC} {fmt_points(ci.mean, False)}% {band} vs base {fmt_points(base, False)}%, n={ci.n} "
-                   f"seeds (collapse: upper end below {fmt_points(C3_COLLAPSE_FRACTION * base, False)}%)"
+        summary = (f"isft- {PRIMARY_METRIC} {fmt_points(ci.mean, False)}% {band} vs base {fmt_points(base, False)}%, "
+                   f"n={ci.n} seeds (collapse: upper end below {fmt_points(C3_COLLAPSE_FRACTION * base, False)}%)"
                    + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
                       else ""))
     power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points" if ci.has_interval else

@@ -278,7 +278,8 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     if exact_dir is not None and (exact_dir / "plots").is_dir():
         exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
     header = ["algorithm", "runs"] + column_labels(col)
-    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=beyond_html("\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)) + claims_html(claims),
-                       exact_figures=exact_figures)
+    beyond_text = "\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)
+    page = render_html(col, header, table_cells(rows), rows, figures, reading,
+                       claims=beyond_html(beyond_text) + claims_html(claims), exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out
