@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tokenmdp.experiments.beyond import analyse
-from tokenmdp.experiments.beyond_render import beyond_markdown
+from tokenmdp.experiments.beyond.render import beyond_markdown
 from tokenmdp.experiments.report import build_report
 from tokenmdp.experiments.runs import collect
 from tokenmdp.tasks.countdown import classify_step, parse_question
@@ -156,7 +156,7 @@ def test_plain_comparisons_get_no_section(folder, tmp_path):
 
 
 def test_the_exact_two_llm_case_is_reported_from_exact_json(folder):
-    from tokenmdp.experiments.beyond_render import exact_two_llm_markdown
+    from tokenmdp.experiments.beyond.render import exact_two_llm_markdown
 
     two = {"comparison": {"grpo_nokl": {"hint": {"cosine": 0.9977}, "degenerate": {"cosine": 0.9994}},
                           "isft+": {"hint": {"cosine": 0.9735}, "degenerate": {"cosine": 1.0}}},

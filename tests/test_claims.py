@@ -20,7 +20,7 @@ from tokenmdp.experiments.claims import (
     length_trend,
     param_difference,
 )
-from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
+from tokenmdp.experiments.claims.render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.runs import Collection, collect, load_run
 from tokenmdp.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.compare_run import FairnessError, check_same_stream
+from tokenmdp.experiments.compare.run import FairnessError, check_same_stream
 
 
 def write_samples(run_dir: Path, steps: list[list[str]], group: int = 2) -> Path:
@@ -178,7 +178,7 @@ def test_compare_end_to_end(tiny_random_dir, tmp_path, capsys):
 def test_tracker_writes_plain_lines_where_bars_do_not_show():
     """Without a terminal (a log file, `make demo | tee`) every job start and end is one line with the share
     done; the share follows the weighted units of the overall bar."""
-    from tokenmdp.experiments.compare_jobs import Tracker, _minutes
+    from tokenmdp.experiments.compare.jobs import Tracker, _minutes
 
     lines: list[str] = []
     with Tracker(total=8, enabled=False, log=lines.append) as tracker:
@@ -201,7 +201,7 @@ def test_tracker_writes_plain_lines_where_bars_do_not_show():
 
 def test_presets_fill_settings_and_options_override_them():
     from tokenmdp.experiments.compare import make_settings
-    from tokenmdp.experiments.compare_settings import COMPARE_PRESETS
+    from tokenmdp.experiments.compare.settings import COMPARE_PRESETS
 
     s = make_settings("paper-small", seeds=2, steps=5, overrides=["algo.kl_coef=0"])
     assert s.algos == COMPARE_PRESETS["paper-small"]["algos"] and s.seeds == [0, 1] and s.steps == 5
@@ -246,7 +246,7 @@ def test_inline_arms_longer_than_a_file_name_are_read():
 
 def test_the_beyond_presets_name_their_arms():
     from tokenmdp.experiments.compare import make_settings
-    from tokenmdp.experiments.compare_settings import arm_of
+    from tokenmdp.experiments.compare.settings import arm_of
 
     for preset in ("env-calculator", "env-two-llm", "process-credit"):
         s = make_settings(preset)

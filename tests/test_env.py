@@ -22,7 +22,7 @@ from tokenmdp.mdp.env import (
     turn_token_rewards,
 )
 from tokenmdp.policy.logprobs import sequence_logprobs
-from tokenmdp.rollout.base import Rollout, concat_rollouts
+from tokenmdp.rollout.types import Rollout, concat_rollouts
 from tokenmdp.rollout.fast import FastEngine
 from tokenmdp.rollout.hf import HFEngine
 from tokenmdp.rollout.multiturn import run_episodes
@@ -240,7 +240,7 @@ def test_an_episode_that_never_ends_is_truncated_at_the_limits(tiny_random, engi
 
 
 def test_an_engine_without_token_sampling_refuses(tiny_random):
-    from tokenmdp.rollout.base import Engine
+    from tokenmdp.rollout.types import Engine
 
     class TextOnly(Engine):
         name = "text-only"

@@ -60,7 +60,7 @@ def test_on_policy_kl_free_grpo_equals_weighted_filtered_sft(tiny_random, batch)
 
 def test_accepts_a_rollout(tiny_random, batch):
     """A Rollout carries the behaviour log-probs as ``logprobs``; the diagnostic reads them from there."""
-    from tokenmdp.rollout.base import Rollout
+    from tokenmdp.rollout.types import Rollout
 
     model, _ = tiny_random
     b, adv = batch

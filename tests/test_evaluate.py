@@ -11,7 +11,7 @@ import torch
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.heldout import evaluate, save_eval
 from tokenmdp.rollout import Rollout
-from tokenmdp.tasks.base import Problem, Score, Task
+from tokenmdp.tasks.task import Problem, Score, Task
 
 
 class ScriptedEngine:
@@ -152,7 +152,7 @@ def test_real_tiny_model_is_reproducible(tiny_random, tmp_path):
 
 def test_task_answer_keys_group_equivalent_answers():
     from tokenmdp.tasks import get_task
-    from tokenmdp.tasks.base import Problem
+    from tokenmdp.tasks.task import Problem
 
     cd = get_task("countdown", template="compact")
     p = Problem("c", "Numbers: 3 5 7. Target: 56.", 56, {"nums": [3, 5, 7]})

@@ -1,5 +1,5 @@
 """The exact tier's two-LLM case: a frozen stochastic base writes tokens between the policy's, masked out of every
-loss (tokenmdp.mdp.enumerate_env, tokenmdp.experiments.exact_env)."""
+loss (tokenmdp.mdp.enumerate_env, tokenmdp.experiments.exact.env)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact import GroupBatch, enumerate_groups, expected_update, make_point, variants
-from tokenmdp.experiments.exact_env import run_exact_env, transcript_update
-from tokenmdp.experiments.exact_updates import row_coefficients
+from tokenmdp.experiments.exact.env import run_exact_env, transcript_update
+from tokenmdp.experiments.exact.updates import row_coefficients
 from tokenmdp.mdp.enumerate import (
     exact_gradient,
     expected_return,

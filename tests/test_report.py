@@ -16,7 +16,7 @@ import yaml
 
 from tokenmdp.cli import main
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.plots import seed_band
+from tokenmdp.experiments.report.plots import seed_band
 from tokenmdp.experiments.report import SUMMARY_METRICS, build_report, format_cell
 from tokenmdp.experiments.runs import collect, read_metrics
 

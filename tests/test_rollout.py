@@ -9,7 +9,7 @@ from torch import nn
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.tiny import build_tiny_random
-from tokenmdp.rollout import get_engine
+from tokenmdp.rollout import concat_rollouts, get_engine
 
 import importlib.util
 
@@ -311,7 +311,8 @@ def test_unknown_decoder(tiny):
 
 
 def _manual_rollout(prompts, responses, eos=1, pad=0):
-    from tokenmdp.rollout.base import Rollout, left_pad, response_mask_from_eos, right_pad
+    from tokenmdp.rollout.padding import left_pad, response_mask_from_eos, right_pad
+    from tokenmdp.rollout.types import Rollout
 
     ids = right_pad(responses, pad)
     valid = right_pad([[1] * len(r) for r in responses], 0)
@@ -324,7 +325,7 @@ def _manual_rollout(prompts, responses, eos=1, pad=0):
 
 
 def test_padding_helpers_and_eos_mask():
-    from tokenmdp.rollout.base import left_pad, response_mask_from_eos, right_pad
+    from tokenmdp.rollout.padding import left_pad, response_mask_from_eos, right_pad
 
     assert left_pad([[1, 2], [3]]).tolist() == [[1, 2], [0, 3]]
     assert right_pad([[1, 2], [3]], 9).tolist() == [[1, 2], [3, 9]]
@@ -347,7 +348,7 @@ def test_rollout_select_to_lengths_concat():
     assert s.prompts == ["[7]"] and s.response_ids.tolist() == [[4, 4, 4]] and s.lengths.tolist() == [3]
     assert a.select(torch.tensor([False, True])).prompts == s.prompts
     assert a.select(slice(0, 1)).response_ids.tolist() == [[4, 1, 0]]
-    c = a.concat([a, b])
+    c = concat_rollouts([a, b])
     assert c.prompt_ids.tolist() == [[0, 7, 8, 9], [0, 0, 0, 7], [6, 6, 6, 6]]
     assert c.prompt_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]]
     assert c.response_ids.tolist() == [[4, 1, 0], [4, 4, 4], [3, 0, 0]]

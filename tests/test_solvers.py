@@ -21,8 +21,8 @@ from tokenmdp.solvers import (
     td_control,
     value_iteration,
 )
-from tokenmdp.solvers.base import epsilon_greedy
-from tokenmdp.solvers.pg import (
+from tokenmdp.solvers.common import epsilon_greedy
+from tokenmdp.solvers.policy_gradient import (
     discounted_returns,
     exact_policy_gradient,
     reinforce_gradient,

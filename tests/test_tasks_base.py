@@ -10,7 +10,7 @@ import pytest
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.tasks import Countdown, Problem, Score, StepScore, Task, get_task, known_tasks, register_task
-from tokenmdp.tasks.base import read_records
+from tokenmdp.tasks.task import read_records
 
 USER_TASK = textwrap.dedent(
     '''

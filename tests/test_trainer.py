@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tokenmdp.algos.presets import PRESETS
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Problem, Score, Task
+from tokenmdp.tasks.task import Problem, Score, Task
 from tokenmdp.tasks.registry import register_task
 from tokenmdp.train.config import load_config
 from tokenmdp.train.data import prompt_stream

@@ -54,12 +54,16 @@ def _root(
 
 
 def _register_all() -> None:
+    """Import every command module of :data:`COMMAND_MODULES` and let it register its commands. A module that
+    fails to import stops the CLI: a missing one (a typo in the list) is one error naming it, any other import
+    error propagates as it is, so no command is ever dropped without a word."""
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"tokenmdp.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command group not written yet
+        except ModuleNotFoundError as exc:
             if exc.name == f"tokenmdp.commands.{name}":
-                continue
+                raise ImportError(f"command module tokenmdp.commands.{name} (named in tokenmdp.cli.COMMAND_MODULES) "
+                                  f"does not exist", name=exc.name) from exc
             raise
         module.register(app)
 

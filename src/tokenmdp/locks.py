@@ -5,7 +5,8 @@ A second ``tokenmdp train`` or ``compare`` into the same folder refuses at once 
 and the process holding it (its pid, host and command, read from the lock file). The operating system releases the
 lock when its process dies, however it dies (``kill -9`` included), so a lock file left by a killed process is
 simply taken over: nothing to clean up by hand. In a run of several processes (``torchrun`` / ``accelerate
-launch``) only rank 0 takes the lock, and a process that holds it may enter it again. On a platform without ``fcntl`` (Windows) it is a no-op.
+launch``) only rank 0 takes the lock, and a process that holds it may enter it again. On a platform without
+``fcntl`` (Windows) it is a no-op.
 """
 
 from __future__ import annotations

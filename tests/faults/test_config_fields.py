@@ -89,7 +89,7 @@ def test_an_unknown_algorithm_field_names_it():
 
 
 def _compare_fields():
-    from tokenmdp.experiments.compare_settings import CompareSettings
+    from tokenmdp.experiments.compare.settings import CompareSettings
 
     return [f.name for f in dataclasses.fields(CompareSettings)]
 

@@ -281,5 +281,5 @@ def pretrain(task: str = "countdown", out: str | Path | None = None, settings: P
     return write_folder(out, write, replace=overwrite)
 
 
-__all__ = ["BASE_TASK_KWARGS", "DEFAULT_THREADS", "PretrainSettings", "SETTINGS_KEYS", "TRACE_TASKS", "TraceStream", "encode_examples",
-           "lr_at", "optimizer", "pretrain", "train_loop"]
+__all__ = ["BASE_TASK_KWARGS", "DEFAULT_THREADS", "PretrainSettings", "SETTINGS_KEYS", "TRACE_TASKS", "TraceStream",
+           "encode_examples", "lr_at", "optimizer", "pretrain", "train_loop"]

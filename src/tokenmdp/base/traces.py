@@ -1,13 +1,9 @@
 """Derivational traces for Countdown: a visible search with dead ends, then the answer.
 
 The embedded tiny base model (:mod:`tokenmdp.base.pretrain`) is pretrained on these traces so that it learns to
-*search*: to try a line of reasoning, check where it lands, abandon it, and try another. A trace is a sequence of
-**attempts**. Each attempt is a full derivation from the given numbers: ``n - 1`` steps ``a op b=c`` (one per line,
-the notation of :func:`tokenmdp.tasks.countdown_solve.format_step`), each merging two numbers of the current pool
-into one. Every step is arithmetically true; intermediate results are positive integers (``-`` and ``/`` only
-when the result is a positive integer, the larger operand first). An attempt whose last result misses the target
-is a **dead end** and its last line ends with :data:`DEAD_END` (``" no"``); the next attempt starts again from the
-given numbers. The last attempt reaches the target, and the answer follows::
+*search*. A trace is a sequence of **attempts**, each a full derivation from the given numbers: ``n - 1`` true steps
+``a op b=c`` (:func:`tokenmdp.tasks.countdown_solve.format_step`; positive integer results only). An attempt that
+misses the target is a **dead end**, its last line marked :data:`DEAD_END`; the last attempt reaches the target::
 
     Numbers: 3 5 7. Target: 56.
     <think>7-5=2
@@ -16,54 +12,18 @@ given numbers. The last attempt reaches the target, and the answer follows::
     8*7=56
     </think><answer>(5+3)*7</answer>
 
-The order of attempts is a random-order depth-first search over the first move: the first moves are shuffled
-(seeded), each one is expanded, and a first move from which the target cannot be reached is shown as one dead
-end, completed by the path whose final value lands closest to the target (a near miss). At most
-``max_failures`` dead ends are shown, so a trace stays short: with ``max_failures=2``, 3 numbers give at most 6
-step lines: later dead ends are skipped and the trace goes on with a first move that reaches the target (a
-*restart search*, the traces of the default ``tiny-countdown-v3`` base model). The trace is a function of
-``(numbers, target, seed)`` and the settings only.
+Attempts follow a seeded random-order depth-first search over the first move; an unreachable first move shows as
+one dead end completed by its nearest miss. Kinds (a trace is a function of ``(numbers, target, seed)`` and these):
 
-A **give-up search** (``give_up > 0``) shows every dead end in order, and after each one its writer gives up with
-probability ``give_up`` (always after ``max_failures`` of them): it closes the think block and answers its closest
-near miss, a wrong answer in the right format::
+* **restart search** (default): at most ``max_failures`` dead ends, then a first move that reaches the target;
+* **give-up search** (``give_up > 0``): after each dead end the writer stops with probability ``give_up`` (always
+  after ``max_failures``) and answers its nearest miss (a wrong answer in the right format); with ``bluff`` it
+  presents the attempt it stops at as a success instead;
+* **direct answer** (``direct > 0``, the share of such writers): no search lines, the answer of the first attempt.
 
-    Numbers: 3 5 7. Target: 56.
-    <think>7-5=2
-    3*2=6 no
-    </think><answer>3*(7-5)</answer>
-
-A **bluff search** (``give_up > 0`` and ``bluff``) gives up the other way: the writer presents the attempt it stops
-at as a success, without the dead-end mark, and answers it::
-
-    Numbers: 3 5 7. Target: 56.
-    <think>7-5=2
-    3*2=6 no
-    7*5=35
-    35+3=38
-    </think><answer>7*5+3</answer>
-
-In both, the corpus mixes patient and impatient writers (patience is geometric), every line of it is still true,
-and a model pretrained on it stops on problems it could solve by searching on: room that RL (or filtered SFT)
-could fill by choosing to continue. ``tokenmdp pretrain --give-up 0.4 --max-failures 8 [--bluff]`` builds such a
-model; what GRPO made of them is in ``benchmarks/RESULTS.md`` ("Other trace kinds").
-
-A **direct answer** (``direct > 0``: the share of writers who do not show their work) has no search lines at
-all: the writer answers what its first attempt (the first first move of its shuffled order, completed as above)
-gives, the target when that move reaches it and its near miss otherwise, so it is right exactly when a search
-would have shown no dead end (22% of the default base model's training problems). Whether a trace is direct is
-drawn apart from the search itself, so the traces that show their work are those of ``direct=0``, unchanged::
-
-    Numbers: 3 5 7. Target: 56.
-    <think></think><answer>3*(7-5)</answer>
-
-A base pretrained on such a mix picks a style with its first token: a choice that RL (or filtered SFT) could
-select on, if the styles differed in accuracy. At the default model size they hardly do (the shown work loses
-most of its accuracy in the mix): ``tokenmdp pretrain --direct 0.6 --max-failures 4`` builds one, and
-``benchmarks/RESULTS.md`` ("Direct answers mixed with shown work") has its figures.
-
-When the target is reachable only through fractions or negative intermediates (outside this move set), the trace
-falls back to the task's reference solution (:func:`tokenmdp.tasks.countdown_solve.solve_tree`), without dead ends.
+These leave RL room to choose: to keep searching, or which style to start with. When the target needs fractions
+or negative intermediates, the trace falls back to :func:`tokenmdp.tasks.countdown_solve.solve_tree`, without dead
+ends. What the base models built on each kind do is in ``benchmarks/RESULTS.md`` ("Tiny base model").
 """
 
 from __future__ import annotations
@@ -277,7 +237,7 @@ def parse_trace(completion: str) -> tuple[list[Attempt], str]:
 
 
 def problem_numbers(problem) -> tuple[list[int], int]:
-    """``(numbers, target)`` of a Countdown :class:`~tokenmdp.tasks.base.Problem` (``metadata["nums"]``, ``answer``)."""
+    """``(numbers, target)`` of a Countdown :class:`~tokenmdp.tasks.task.Problem` (``metadata["nums"]``, ``answer``)."""
     return [int(x) for x in problem.metadata["nums"]], int(problem.answer)
 
 

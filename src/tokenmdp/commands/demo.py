@@ -91,9 +91,8 @@ def main_job(out: str, *, json_out: bool = False) -> None:
     embedded base model (``<out>``), (3) the report, whose first section is the verdict on each of the paper's
     claims (``<out>/claims.json``, ``report.html``, ``summary.md``)."""
     from tokenmdp.commands.compare import compare_cmd
-    from tokenmdp.experiments.exact import run_exact, save_exact
-    from tokenmdp.experiments.exact_env import run_exact_env
-    from tokenmdp.experiments.exact_plots import exact_figures
+    from tokenmdp.experiments.exact import run_exact, run_exact_env, save_exact
+    from tokenmdp.experiments.exact.plots import exact_figures
 
     err_console.rule("1. The exact tier: expected updates on an enumerable token MDP")
     result = run_exact()

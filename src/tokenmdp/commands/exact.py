@@ -129,8 +129,7 @@ def exact_cmd(
     """Exact expected update of every algorithm (cosine with grad J, norm ratio, per-sample variance) and its
     population dynamics on a token MDP small enough to enumerate: no sampling noise."""
     from tokenmdp.errors import TokenMDPError
-    from tokenmdp.experiments.exact import run_exact, save_exact
-    from tokenmdp.experiments.exact_env import run_exact_env
+    from tokenmdp.experiments.exact import run_exact, run_exact_env, save_exact
 
     if env not in ENVS:
         raise TokenMDPError(f"exact: unknown --env {env!r}; choose from {', '.join(ENVS)}")
@@ -148,7 +147,7 @@ def exact_cmd(
             vocab=(vocab if own and vocab else ENV_D["vocab"]), base_scale=base_scale,
             **common)  # type: ignore[arg-type]
     if out is not None:
-        from tokenmdp.experiments.exact_plots import exact_figures
+        from tokenmdp.experiments.exact.plots import exact_figures
 
         figures = exact_figures(result) if "presets" in result else {}
         for name, doc in result.get("two_llm", {}).get("variants", {}).items():

@@ -87,7 +87,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def read_input(path: Path):
     """Yield ``(where, record)``; a JSONL line that is not JSON yields a TokenMDPError as its record."""
-    from tokenmdp.tasks.base import read_records
+    from tokenmdp.tasks.task import read_records
 
     if path.suffix.lower() in (".parquet", ".pq"):
         yield from ((f"{path}:{ln}", rec) for ln, rec in read_records(path))

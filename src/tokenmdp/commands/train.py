@@ -30,7 +30,8 @@ def presets_table(as_json: bool) -> None:
     for col in ("name", "kind", "advantage", "aggregation", "clip", "KL", "epochs"):
         table.add_column(col, no_wrap=True)
     for name, spec in PRESETS.items():
-        clip = "-" if spec.kind != "pg" else f"{spec.clip_low}/{spec.clip_high if spec.clip_high is not None else spec.clip_low}"
+        clip_high = spec.clip_high if spec.clip_high is not None else spec.clip_low
+        clip = "-" if spec.kind != "pg" else f"{spec.clip_low}/{clip_high}"
         kl = f"{spec.kl_coef} {spec.kl_estimator} in {spec.kl_in}" if spec.kind == "pg" and spec.kl_coef > 0 else "-"
         if spec.kind == "dpo":
             kl = f"beta {spec.dpo_beta}"

@@ -11,7 +11,7 @@ GRPO to filtered SFT on). An episode, Gymnasium-style::
         context += action + step.observation           # observations enter the context ...
         if step.terminated or step.truncated: break    # ... but are never the policy's actions
 
-The episode is stored as one row of a rollout (:class:`tokenmdp.rollout.base.Rollout`): the response is the turns
+The episode is stored as one row of a rollout (:class:`tokenmdp.rollout.types.Rollout`): the response is the turns
 and observations in order, ``response_mask`` is 1 on the policy's tokens only (every loss counts those and nothing
 else) and ``observation_mask`` is 1 on the environment's tokens (attended to, never trained on). Turn ``k``'s
 reward ``r_k`` is placed on the last token of policy turn ``k`` (:func:`turn_token_rewards`), so the return is
@@ -41,7 +41,7 @@ from tokenmdp.errors import TokenMDPError
 class EnvStep:
     """What :meth:`TokenEnv.step` returns: observation token ids (in the policy's vocabulary), the turn's reward,
     ``terminated`` (the episode ended: answered, solved, failed), ``truncated`` (the environment's own limit) and
-    ``info`` (``info["score"]``: the verifier's :class:`~tokenmdp.tasks.base.Score` of the episode, when scored)."""
+    ``info`` (``info["score"]``: the verifier's :class:`~tokenmdp.tasks.task.Score` of the episode, when scored)."""
 
     observation: tuple[int, ...] = ()
     reward: float = 0.0

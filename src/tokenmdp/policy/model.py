@@ -122,7 +122,7 @@ def model_defaults(model_path: str | os.PathLike | None, task: str | None = None
     )
 
 
-def _resolve(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None, bool]:
+def resolve_source(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None, bool]:
     """(source for from_pretrained, gguf file name or None, whether the source is a local folder)."""
     text = resolve_package_path(os.fspath(name_or_path))
     path = Path(text).expanduser()
@@ -252,7 +252,7 @@ def load_policy(
 
     if dtype not in DTYPES:
         raise TokenMDPError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    source, gguf, local = _resolve(name_or_path, gguf_file)
+    source, gguf, local = resolve_source(name_or_path, gguf_file)
     if gguf is not None and importlib.util.find_spec("gguf") is None:
         raise TokenMDPError("loading a GGUF model needs the gguf package: pip install 'tokenmdp[gguf]'")
     try:
@@ -285,5 +285,5 @@ def load_policy(
 
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "chat_prompt",
-           "find_package_gguf", "find_smollm2_gguf", "resolve_package_path",
+           "find_package_gguf", "find_smollm2_gguf", "resolve_package_path", "resolve_source",
            "load_policy", "model_defaults", "read_meta", "write_meta"]

@@ -68,9 +68,9 @@ class ValueModel(nn.Module):
         if isinstance(policy, nn.Module):
             backbone = copy.deepcopy(getattr(policy, policy.base_model_prefix))
             return cls(backbone, seed=seed)
-        from tokenmdp.policy.model import DTYPES, _resolve
+        from tokenmdp.policy.model import DTYPES, resolve_source
 
-        source, gguf, _ = _resolve(policy, gguf_file)
+        source, gguf, _ = resolve_source(policy, gguf_file)
         try:
             backbone = AutoModel.from_pretrained(source, dtype=DTYPES.get(dtype, torch.float32), gguf_file=gguf)
         except (OSError, ValueError) as exc:

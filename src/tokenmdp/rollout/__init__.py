@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.rollout.base import Engine, Rollout, concat_rollouts, left_pad, right_pad
+from tokenmdp.rollout.padding import left_pad, right_pad
+from tokenmdp.rollout.types import Engine, Rollout, concat_rollouts
 
 ENGINES = {
     "hf": "tokenmdp.rollout.hf:HFEngine",

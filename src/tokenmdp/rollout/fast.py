@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.rollout.base import (
+from tokenmdp.rollout.types import (
     Engine,
     Rollout,
     build_rollout,

@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from tokenmdp.rollout.base import (
+from tokenmdp.rollout.types import (
     Engine,
     Rollout,
     build_rollout,

@@ -1,5 +1,5 @@
 """The multi-turn driver: ``B`` episodes of a :class:`~tokenmdp.mdp.env.TokenEnv` in lockstep turns, as one
-:class:`~tokenmdp.rollout.base.Rollout`.
+:class:`~tokenmdp.rollout.types.Rollout`.
 
 Each turn, the policy's engine samples the next turn of every live episode from its whole context (prompt, earlier
 turns and observations, as token ids: nothing is re-tokenised), stopping each row at EOS, at one of the
@@ -33,7 +33,8 @@ from tokenmdp.mdp.env import (
     check_observation,
     turn_token_rewards,
 )
-from tokenmdp.rollout.base import Engine, Rollout, encode_prompts, left_pad, pad_token_id, right_pad
+from tokenmdp.rollout.padding import left_pad, right_pad
+from tokenmdp.rollout.types import Engine, Rollout, encode_prompts, pad_token_id
 
 
 @dataclass

@@ -13,9 +13,8 @@ Variants (:data:`VARIANTS`)
 * ``alternate``: the policy writes a line, the base continues one line, ... The episode ends when the base writes
   EOS or a closing ``</answer>``, or at turn ``max_turns``, where the base writes the rest of the answer. A policy
   turn that starts the answer (``</think>`` or ``<answer>``) hands it to the base: the base continues from the
-  text before that point and writes the rest, and the episode ends. (Without the hand-over the policy took the
-  answer turns whenever a solution finished early, and, its text never being scored, the pair fell from the base's
-  30% to 12% on Countdown before any training.)
+  text before that point and writes the rest, and the episode ends, so the answer is always the scored base's
+  (``benchmarks/RESULTS.md``, "Beyond the degenerate MDP", has what it was without).
 
 Tokenizers: the base's text becomes the observation in the *policy's* vocabulary. With the same vocabulary (a
 copy of the base as the policy, the default) the base's token ids are the observation as they are. With a
@@ -31,7 +30,7 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EnvStep, TokenEnv
-from tokenmdp.rollout.base import Engine, encode_prompts
+from tokenmdp.rollout.types import Engine, encode_prompts
 
 VARIANTS = ("hint", "alternate")
 ANSWER_END = "</answer>"
@@ -65,7 +64,8 @@ def retokenize(text: str, tokenizer, *, what: str) -> list[int]:
     if back != text:
         raise TokenMDPError(f"two-LLM environment: {what} {text!r} does not round-trip through the other model's "
                             f"tokenizer (it reads back as {back!r}); use a policy and a base model (config field "
-                            f"'task.env.base_path') whose tokenizers can write each other's text, or the same tokenizer")
+                            f"'task.env.base_path') whose tokenizers can write each other's text, or the same "
+                            f"tokenizer")
     return [int(i) for i in ids]
 
 

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.rollout.base import (
+from tokenmdp.rollout.padding import right_pad
+from tokenmdp.rollout.types import (
     Engine,
     Rollout,
     build_rollout,
@@ -28,7 +29,6 @@ from tokenmdp.rollout.base import (
     encode_prompts,
     eos_token_ids,
     pad_token_id,
-    right_pad,
 )
 
 MISSING = (

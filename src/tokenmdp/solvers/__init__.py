@@ -10,9 +10,9 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.tabular import TabularMDP
-from tokenmdp.solvers.base import SolverResult, greedy_policy, q_from_v, uniform_policy
+from tokenmdp.solvers.common import SolverResult, greedy_policy, q_from_v, uniform_policy
 from tokenmdp.solvers.dp import evaluate_policy, iterative_evaluation, policy_iteration, value_iteration
-from tokenmdp.solvers.pg import exact_policy_gradient, reinforce, softmax_policy
+from tokenmdp.solvers.policy_gradient import exact_policy_gradient, reinforce, softmax_policy
 from tokenmdp.solvers.show import Path, greedy_path, path_picture, policy_picture
 from tokenmdp.solvers.td import expected_sarsa, q_learning, sarsa, td_control
 

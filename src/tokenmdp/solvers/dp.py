@@ -16,7 +16,7 @@ import numpy as np
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.tabular import TabularMDP
-from tokenmdp.solvers.base import SolverResult, greedy_policy, q_from_v, uniform_policy
+from tokenmdp.solvers.common import SolverResult, greedy_policy, q_from_v, uniform_policy
 
 
 def check_policy(mdp: TabularMDP, policy: np.ndarray) -> np.ndarray:

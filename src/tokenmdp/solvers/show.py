@@ -196,7 +196,7 @@ def dense_tables(mdp: TabularMDP) -> list[Table]:
 
 
 def result_text(result) -> str:
-    """Plain-text V, Q and policy of a :class:`~tokenmdp.solvers.base.SolverResult`."""
+    """Plain-text V, Q and policy of a :class:`~tokenmdp.solvers.common.SolverResult`."""
     with np.printoptions(precision=4, suppress=True, linewidth=120):
         return (
             f"{result.method}: {result.iterations} iterations, converged={result.converged}\n"

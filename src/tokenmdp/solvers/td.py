@@ -22,7 +22,7 @@ import numpy as np
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.tabular import TabularMDP
-from tokenmdp.solvers.base import SolverResult, epsilon_greedy, greedy_policy
+from tokenmdp.solvers.common import SolverResult, epsilon_greedy, greedy_policy
 
 RULES = ("q-learning", "sarsa", "expected-sarsa")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenmdp.tasks.base import Problem, Score, StepScore, Task
+from tokenmdp.tasks.task import Problem, Score, StepScore, Task
 from tokenmdp.tasks.countdown import Countdown
 from tokenmdp.tasks.gsm8k import GSM8K
 from tokenmdp.tasks.registry import get_task, known_tasks, register_task

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Problem, Score, StepScore, Task, check_split
+from tokenmdp.tasks.task import Problem, Score, StepScore, Task, check_split
 from tokenmdp.tasks.countdown_solve import format_step, reachable_targets, solve_tree, to_expression, to_steps
 from tokenmdp.tasks.countdown_verify import (
     DEFAULT_MAX_CHARS,
@@ -334,10 +334,10 @@ def classify_step(line: str, nums: Sequence[int], target: int) -> str:
 
 def step_numbers(text: str) -> tuple:
     """``"3+5=8"`` -> ``(3, "+", 5, 8)`` (operands and result as exact numbers)."""
-    from tokenmdp.tasks.countdown_verify import _STEP, _OP_ALIASES, parse_number
+    from tokenmdp.tasks.countdown_verify import OP_ALIASES, STEP_PATTERN, parse_number
 
-    a, op, b, c = _STEP.search(text).groups()
-    return parse_number(a), _OP_ALIASES.get(op, op), parse_number(b), parse_number(c)
+    a, op, b, c = STEP_PATTERN.search(text).groups()
+    return parse_number(a), OP_ALIASES.get(op, op), parse_number(b), parse_number(c)
 
 
 def parse_question(text: str) -> tuple[list[int], int] | None:

@@ -29,7 +29,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Sequence, Union
 
-from tokenmdp.tasks.base import StepScore
+from tokenmdp.tasks.task import StepScore
 
 Number = Union[int, Fraction]
 
@@ -179,10 +179,10 @@ def verify_equation(text: str, nums: Sequence[int], target: int, max_chars: int 
 # ----------------------------------------------------------------------------------------------------------- steps
 _OPERAND = r"(?:[0-9]+|\(\s*-?[0-9]+(?:\s*/\s*[0-9]+)?\s*\))"
 _RESULT = r"(?:-?[0-9]+(?:/[0-9]+)?|\(\s*-?[0-9]+(?:\s*/\s*[0-9]+)?\s*\))"
-_STEP = re.compile(
+STEP_PATTERN = re.compile(
     rf"(?<![0-9A-Za-z_.)+\-*/])({_OPERAND})\s*([-+*/x×÷])\s*({_OPERAND})\s*=\s*({_RESULT})(?!\.?[0-9])(?!\s*/)"
 )
-_OP_ALIASES = {"x": "*", "×": "*", "÷": "/"}
+OP_ALIASES = {"x": "*", "×": "*", "÷": "/"}
 
 
 MAX_STEP_DIGITS = 30  # no Countdown step needs a longer number; Python refuses to read ints over 4,300 digits
@@ -218,9 +218,9 @@ def score_steps(completion: str, nums: Sequence[int]) -> list[StepScore]:
     start, end = reasoning_span(completion)
     pool: Counter = Counter(nums)
     out: list[StepScore] = []
-    for m in _STEP.finditer(completion, start, end):
+    for m in STEP_PATTERN.finditer(completion, start, end):
         a_txt, op, b_txt, c_txt = m.groups()
-        op = _OP_ALIASES.get(op, op)
+        op = OP_ALIASES.get(op, op)
         correct, reason = False, "ok"
         try:
             a, b, c = parse_number(a_txt), parse_number(b_txt), parse_number(c_txt)

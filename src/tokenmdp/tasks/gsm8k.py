@@ -12,8 +12,7 @@ Templates
     ``boxed``: asks for the final answer in ``\\boxed{}`` (extraction ``boxed``).
     ``instruct``: the ``####`` format stated first and shown by an example, then the question (extraction
     ``strict``); written for small instruct models under their chat template (``task.chat_template``), which
-    follow an instruction placed before the question far more often: SmolLM2-135M-Instruct at temperature 1 and
-    64 new tokens wrote ``#### <number>`` in 11 of 64 samples with it, 1 of 32 with ``hash``.
+    follow an instruction placed before the question far more often (``benchmarks/RESULTS.md``).
 
 Extraction (:func:`extract`) and comparison
     ``strict``: the number after the last ``####``; ``boxed``: the content of the last ``\\boxed{...}`` (nested
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Problem, Score, Task, check_split, read_records, require
+from tokenmdp.tasks.task import Problem, Score, Task, check_split, read_records, require
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 ENV_DIR = "TOKENMDP_GSM8K_DIR"

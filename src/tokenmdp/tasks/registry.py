@@ -7,7 +7,7 @@ import inspect
 from typing import Any, Callable
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.base import Task
+from tokenmdp.tasks.task import Task
 
 _FACTORIES: dict[str, str] = {
     "countdown": "tokenmdp.tasks.countdown:Countdown",

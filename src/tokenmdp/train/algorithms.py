@@ -34,7 +34,8 @@ from tokenmdp.algos.dpo import dpo_loss, preference_pairs, sequence_logps
 from tokenmdp.algos.isft import isft_loss, kept_counts
 from tokenmdp.algos.presets import AlgoSpec
 from tokenmdp.mdp.credit import assign_credit, process
-from tokenmdp.rollout.base import Rollout, encode_prompts, right_pad
+from tokenmdp.rollout.padding import right_pad
+from tokenmdp.rollout.types import Rollout, encode_prompts
 from tokenmdp.train.batch import Batch
 from tokenmdp.train.equivalence import gradient_cosines
 from tokenmdp.train.learner import Learner, MetricMeter, approx_kl, micro_batches, zero_missing_grads

@@ -38,7 +38,7 @@ import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.rollout import get_engine
-from tokenmdp.rollout.base import Rollout
+from tokenmdp.rollout.types import Rollout
 from tokenmdp.train.batch import Batch
 
 IN_FLIGHT_FILE = "async_batches.pt"

@@ -3,7 +3,7 @@ groups contiguous, with its problems, the verifier's scores and ``rewards`` / ``
 ``reward/*`` and ``length/*`` metrics, its rows of ``samples.parquet``, the process rewards of a step verifier, and
 the gathering of per-process parts in a run of several processes.
 
-The three forms of a step's experience: the engine's :class:`~tokenmdp.rollout.base.Rollout`, this
+The three forms of a step's experience: the engine's :class:`~tokenmdp.rollout.types.Rollout`, this
 :class:`Batch` (:meth:`tokenmdp.train.trainer.Rollouts.collect`), and the update's
 :class:`~tokenmdp.train.algorithms.TrainBatch`.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tokenmdp.rollout.base import Rollout
+from tokenmdp.rollout.types import Rollout
 
 
 @dataclass

@@ -66,7 +66,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
 
     A missing field or a non-string value raises :class:`TokenMDPError` naming the file and line.
     """
-    from tokenmdp.tasks.base import read_records, require
+    from tokenmdp.tasks.task import read_records, require
 
     pairs = []
     for lineno, record in read_records(path):

@@ -86,7 +86,7 @@ def collect_episodes(env: RunEnvironment, engine, tokenizer, problems: list, pro
     return), the scores its final ``info["score"]`` (an episode cut by a limit before any score: its return, not
     correct, not formatted), the per-turn token rewards kept for the credit assignment."""
     from tokenmdp.rollout.multiturn import run_episodes
-    from tokenmdp.tasks.base import Score
+    from tokenmdp.tasks.task import Score
 
     t0 = time.perf_counter()
     env.begin(sampling["seed"])

@@ -72,7 +72,7 @@ def gradient_cosines(
 ) -> dict[str, float]:
     """Cosines between the GRPO gradient and the ``A_i / |o_i|``-weighted filtered-SFT gradient on ``batch``.
 
-    ``batch``: a :class:`~tokenmdp.rollout.base.Rollout` or a mapping/object with ``prompt_ids``, ``prompt_mask``,
+    ``batch``: a :class:`~tokenmdp.rollout.types.Rollout` or a mapping/object with ``prompt_ids``, ``prompt_mask``,
     ``response_ids``, ``response_mask``, behaviour log-probs ``old_logprobs`` (or ``logprobs``, as in a Rollout)
     and, when ``kl_coef > 0``, ``ref_logprobs``. ``advantages`` (B,), or (B, T) per token (returns-to-go, e.g.
     with process credit: ``A_t = G_t - b_i``): then the GRPO side takes them per token and the SFT side weighs each

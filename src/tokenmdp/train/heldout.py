@@ -101,7 +101,7 @@ def _scored(task, problem, text: str, length: int, truncated: bool, score: Any =
     """One completion's record; ``from_env``: ``score`` is the environment's (None: the episode was cut before it
     was scored, reward 0), else the task's verifier scores ``text``."""
     if from_env:
-        from tokenmdp.tasks.base import Score
+        from tokenmdp.tasks.task import Score
 
         score = score if score is not None else Score(0.0, False, False, "no score: the episode was cut by a limit")
     s = score if from_env else task.score(problem, text)

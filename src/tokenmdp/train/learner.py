@@ -27,7 +27,7 @@ from tokenmdp.algos.core import kl_penalty
 from tokenmdp.policy.adapters import adapter_disabled, update_mode
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
-from tokenmdp.rollout.base import Rollout
+from tokenmdp.rollout.types import Rollout
 from tokenmdp.train.batch import gather_parts, total_over_processes
 from tokenmdp.train.sharding import Sharding, grad_norm
 

@@ -1,6 +1,6 @@
 """The exact tier's updates: the presets as it runs them (:class:`Variant`, :func:`variants`), the stacked batch of
 every group with each loss kind (:class:`GroupBatch`), and every preset's exact expected update
-(:func:`expected_update`). The MDP and the groups are :mod:`tokenmdp.experiments.exact_groups`; the runs, the
+(:func:`expected_update`). The MDP and the groups are :mod:`tokenmdp.experiments.exact.groups`; the runs, the
 dynamics and the identities :mod:`tokenmdp.experiments.exact`.
 
 **The update of one group** comes from the project's own loss code: ``compute_advantages`` + ``policy_loss``
@@ -45,7 +45,7 @@ from tokenmdp.algos.isft import isft_loss
 from tokenmdp.algos.core import compute_advantages, kl_reward, policy_loss
 from tokenmdp.algos.presets import AlgoSpec, get_algo
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.exact_groups import Groups, Point, state_values
+from tokenmdp.experiments.exact.groups import Groups, Point, state_values
 from tokenmdp.mdp.credit import assign_credit
 
 Tensor = torch.Tensor

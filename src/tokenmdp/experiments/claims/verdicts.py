@@ -18,12 +18,13 @@ are absent, ``not measured`` (``missing`` names them, e.g. ``"isft- (seeds 0-2)"
 
 C1 and C4 judge from the runs; the exact tier's figures are reported beside them (a C1 exact step difference
 beyond float tolerance overrides to ``contradicted``) but cannot stand in for missing runs. C5 needs the exact
-tier. Thresholds are the constants of :mod:`tokenmdp.experiments.claims_common`, each with its reason. Only run
+tier. Thresholds are the constants of :mod:`tokenmdp.experiments.claims.common`, each with its reason. Only run
 folders (and the exact tier's dict) are read; no model code.
 
-This module holds C1-C3 and :func:`evaluate_claims`; C4 and C5 are :mod:`tokenmdp.experiments.claims_length`, the
-shared readers, formatting and thresholds :mod:`tokenmdp.experiments.claims_common` (all importable from here),
-and the tables and ``claims.json`` :mod:`tokenmdp.experiments.claims_render`.
+This module holds C1-C3 and :func:`evaluate_claims`; C4 and C5 are :mod:`tokenmdp.experiments.claims.length`, the
+shared readers, formatting and thresholds :mod:`tokenmdp.experiments.claims.common` (the public names of all
+four importable from :mod:`tokenmdp.experiments.claims`),
+and the tables and ``claims.json`` :mod:`tokenmdp.experiments.claims.render`.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.claims_common import (
+from tokenmdp.experiments.claims.common import (
     C1_COSINE_TOL,
-    C1_FLIP_SAMPLES,
     C1_CURVE_ATOL,
     C1_EXACT_ATOL,
     C1_EXACT_RTOL,
+    C1_FLIP_SAMPLES,
     C1_PARAM_RTOL,
     C3_COLLAPSE_FRACTION,
     C4_SLOPE_MARGIN,
@@ -52,19 +53,19 @@ from tokenmdp.experiments.claims_common import (
     NOT_MEASURED,
     PRIMARY_METRIC,
     SECONDARY_METRIC,
-    _base_value,
-    _combine,
-    _eval_value,
-    _g,
-    _get,
-    _interval,
-    _pair,
-    _pts,
-    _record,
-    _reference,
+    base_metric,
+    claim_record,
+    combine_verdicts,
+    fmt_g,
+    fmt_interval,
+    fmt_points,
     fmt_seeds,
+    nested_get,
+    paired_runs,
+    reference_algo,
+    run_metric,
 )
-from tokenmdp.experiments.claims_length import _c4, _c5, length_trend
+from tokenmdp.experiments.claims.length import claim_c4, claim_c5, length_trend
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import (
     CONTRADICTED,
@@ -173,16 +174,16 @@ def changed_samples(a: RunData, b: RunData, step: int) -> int | None:
 
 
 def _batch_size(run: RunData) -> int | None:
-    p, g = _get(run.config, "rollout", "prompts_per_step"), _get(run.config, "rollout", "group_size")
+    p, g = nested_get(run.config, "rollout", "prompts_per_step"), nested_get(run.config, "rollout", "group_size")
     return int(p) * int(g) if isinstance(p, int) and isinstance(g, int) else None
 
 
 def _c1_seed(a: RunData, b: RunData) -> dict:
     params = param_difference(a.path / "final", b.path / "final")
     curves = {k: _curve_diff(a.metrics, b.metrics, k) for k in C1_CURVES}
-    finals = {k: {"grpo_nokl": _eval_value(a, k), "isft+-adv": _eval_value(b, k)} for k in (PRIMARY_METRIC,
+    finals = {k: {"grpo_nokl": run_metric(a, k), "isft+-adv": run_metric(b, k)} for k in (PRIMARY_METRIC,
                                                                                             SECONDARY_METRIC)}
-    lr = _get(a.config, "optim", "lr")
+    lr = nested_get(a.config, "optim", "lr")
     if params and isinstance(lr, (int, float)) and lr > 0:
         params["max_abs_diff_in_lr"] = params["max_abs_diff"] / lr
     known = [v for v in curves.values() if v is not None]
@@ -215,15 +216,15 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
 
 
 def _c1(col: Collection, exact: dict | None) -> dict:
-    seeds, missing, runs = _pair(col, ["grpo_nokl", "isft+-adv"])
-    ident = _get(exact, "identities", "isft+-adv_vs_grpo_nokl_max_abs_diff")
-    ident_rel = _get(exact, "identities", "isft+-adv_vs_grpo_nokl_rel_diff")
+    seeds, missing, runs = paired_runs(col, ["grpo_nokl", "isft+-adv"])
+    ident = nested_get(exact, "identities", "isft+-adv_vs_grpo_nokl_max_abs_diff")
+    ident_rel = nested_get(exact, "identities", "isft+-adv_vs_grpo_nokl_rel_diff")
     per_seed = {f"seed-{s}": _c1_seed(runs["grpo_nokl"][s], runs["isft+-adv"][s]) for s in seeds} if not missing \
         else {}
     measured = {"seeds": seeds, "per_seed": per_seed, "exact_max_abs_diff": ident, "exact_rel_diff": ident_rel,
                 "param_rtol": C1_PARAM_RTOL, "curve_atol": C1_CURVE_ATOL, "exact_rtol": C1_EXACT_RTOL,
                 "exact_atol": C1_EXACT_ATOL}
-    verdict = _combine([r["verdict"] for r in per_seed.values()])
+    verdict = combine_verdicts([r["verdict"] for r in per_seed.values()])
     if isinstance(ident_rel, (int, float)):
         exact_apart = ident_rel > C1_EXACT_RTOL
     else:
@@ -236,13 +237,13 @@ def _c1(col: Collection, exact: dict | None) -> dict:
     parts = []
     if params:
         worst = max(params, key=lambda p: p["rel"])
-        parts.append(f"max |θ(isft+-adv) - θ(grpo_nokl)| = {_g(worst['max_abs_diff'])} (relative "
-                     f"{_g(worst['rel'])}, tolerance {C1_PARAM_RTOL:.0e})")
+        parts.append(f"max |θ(isft+-adv) - θ(grpo_nokl)| = {fmt_g(worst['max_abs_diff'])} (relative "
+                     f"{fmt_g(worst['rel'])}, tolerance {C1_PARAM_RTOL:.0e})")
     elif per_seed:
         parts.append("final parameters not found (final/*.safetensors)")
     flips = {k: r["first_divergence_step"] for k, r in per_seed.items() if r["first_divergence_step"] is not None}
     if curves and not flips:
-        parts.append(f"curves (reward, length, held-out) differ by at most {_g(max(curves))}")
+        parts.append(f"curves (reward, length, held-out) differ by at most {fmt_g(max(curves))}")
     for k, step in flips.items():
         r = per_seed[k]
         n = r.get("samples_changed_at_divergence")
@@ -253,23 +254,24 @@ def _c1(col: Collection, exact: dict | None) -> dict:
     cosines = [r["min_equiv_cosine"] for r in per_seed.values() if r["min_equiv_cosine"] is not None]
     if cosines:
         parts.append(f"per-step cosine of the GRPO and weighted-SFT gradients on GRPO's batches >= "
-                     f"1 - {_g(1 - min(cosines))}")
+                     f"1 - {fmt_g(1 - min(cosines))}")
     gaps = [r["final"][PRIMARY_METRIC]["isft+-adv"] - r["final"][PRIMARY_METRIC]["grpo_nokl"] for r in
             per_seed.values()]
     gaps = [g for g in gaps if math.isfinite(g)]
     if gaps:
-        parts.append(f"held-out {PRIMARY_METRIC} gap up to {_pts(max(gaps, key=abs))} points")
+        parts.append(f"held-out {PRIMARY_METRIC} gap up to {fmt_points(max(gaps, key=abs))} points")
     if per_seed:
         parts.append(f"n={len(per_seed)} seeds")
     if isinstance(ident, (int, float)) or isinstance(ident_rel, (int, float)):
-        parts.append(f"exact tier: steps differ by {_g(ident)}" + (f" (relative {_g(ident_rel)})"
+        parts.append(f"exact tier: steps differ by {fmt_g(ident)}" + (f" (relative {fmt_g(ident_rel)})"
                                                                    if isinstance(ident_rel, (int, float)) else ""))
     else:
         parts.append("exact tier not given")
-    return _record(
+    return claim_record(
         "C1, the reduction: with no KL and one on-policy update, GRPO and advantage/length-weighted ISFT+- take the "
         "same step", "grpo_nokl and isft+-adv runs with the same seed follow the same trajectory (equal final "
-        "parameters and curves, or bit-equal until float rounding changes one sample)", ["grpo_nokl", "isft+-adv"], ["exact tier"], measured, "; ".join(parts), verdict,
+        "parameters and curves, or bit-equal until float rounding changes one sample)", ["grpo_nokl", "isft+-adv"],
+        ["exact tier"], measured, "; ".join(parts), verdict,
         "deterministic comparison (seeded sampling: equal steps give equal samples), not a statistical test",
         missing)
 
@@ -278,8 +280,8 @@ def _c1(col: Collection, exact: dict | None) -> dict:
 
 
 def _paired_runs(ra: dict, rb: dict, seeds: list, key: str) -> PairedDiff | None:
-    a = [_eval_value(ra[s], key) for s in seeds]
-    b = [_eval_value(rb[s], key) for s in seeds]
+    a = [run_metric(ra[s], key) for s in seeds]
+    b = [run_metric(rb[s], key) for s in seeds]
     try:
         return paired_difference(a, b)
     except TokenMDPError:
@@ -290,7 +292,7 @@ def _c2_part(col: Collection, other: str, ref: str, labels: dict, reading: str) 
                                                                                      list[str]]:
     """One paired comparison ``other - ref`` of the held-out metrics, read as "reaches" (equivalence within
     :data:`EQUIV_MARGIN`) or "below" (one-sided, :func:`direction_verdict`)."""
-    seeds, missing, runs = _pair(col, [other, ref], labels)
+    seeds, missing, runs = paired_runs(col, [other, ref], labels)
     out: dict = {"seeds": seeds, "verdict": None, "reading": reading}
     if missing:
         return out, None, missing
@@ -305,7 +307,7 @@ def _c2_part(col: Collection, other: str, ref: str, labels: dict, reading: str) 
 
 
 def _c2(col: Collection) -> dict:
-    ref, note = _reference(col)
+    ref, note = reference_algo(col)
     labels = {"grpo": "grpo or grpo_nokl"}
     parts, diffs, missing = {}, {}, []
     for other, reading in (("isft+-", "reaches"), ("isft+", "below")):
@@ -316,9 +318,9 @@ def _c2(col: Collection) -> dict:
     for name, part in parts.items():
         d = diffs[name]
         if d is not None:
-            texts.append(f"{name} = {_pts(d.mean)} points {_interval(d)}, p={_g(d.p_value)}, detectable "
-                         f"{_pts(d.mdd, False)} ({part['reading']}: {part['verdict']})")
-            powers.append(f"{_pts(d.mdd, False)} points ({name}, n={d.n})")
+            texts.append(f"{name} = {fmt_points(d.mean)} points {fmt_interval(d)}, p={fmt_g(d.p_value)}, detectable "
+                         f"{fmt_points(d.mdd, False)} ({part['reading']}: {part['verdict']})")
+            powers.append(f"{fmt_points(d.mdd, False)} points ({name}, n={d.n})")
     n = max((len(p["seeds"]) for p in parts.values()), default=0)
     summary = "; ".join(texts) + (f"; n={n} seeds, {PRIMARY_METRIC}, margin {100 * EQUIV_MARGIN:g} points"
                                   if texts else "")
@@ -326,11 +328,11 @@ def _c2(col: Collection) -> dict:
                 **parts}
     power = ("detectable at 80% power, 5% two-sided: " + ", ".join(powers)
              + f"; 'reaches' needs the 95% interval inside ±{100 * EQUIV_MARGIN:g} points") if powers else None
-    return _record(
+    return claim_record(
         "C2, the comparison: ISFT+- reaches GRPO's accuracy; ISFT+ (positives only) is somewhat below",
         f"paired over seeds, held-out {PRIMARY_METRIC}: isft+- - {ref} within ±{100 * EQUIV_MARGIN:g} points; "
         f"isft+ - {ref} below 0", [ref, "isft+-", "isft+"], [], measured, summary,
-        _combine([p["verdict"] for p in parts.values()]), power, missing)
+        combine_verdicts([p["verdict"] for p in parts.values()]), power, missing)
 
 
 # --- C3: negatives alone collapse --------------------------------------------------------------------------------
@@ -342,26 +344,26 @@ def _curve_from_zero(run: RunData, col: Collection) -> list[list[float]]:
     if not m.empty and "eval/accuracy" in m.columns:
         points = [[int(s), float(v)] for s, v in m["eval/accuracy"].dropna().items()]
     if not points or points[0][0] != 0:
-        greedy = _get(run.config, "run", "eval_greedy") is not False
-        base = _base_value(col, SECONDARY_METRIC if greedy else PRIMARY_METRIC)
+        greedy = nested_get(run.config, "run", "eval_greedy") is not False
+        base = base_metric(col, SECONDARY_METRIC if greedy else PRIMARY_METRIC)
         if math.isfinite(base):
             points.insert(0, [0, base])
     return points
 
 
 def _c3(col: Collection) -> dict:
-    _, missing, runs = _pair(col, ["isft-"])
+    _, missing, runs = paired_runs(col, ["isft-"])
     runs = runs["isft-"]
-    base = _base_value(col, PRIMARY_METRIC)
+    base = base_metric(col, PRIMARY_METRIC)
     if not col.base_evals or not math.isfinite(base):
         missing.append(f"base_eval.json with {PRIMARY_METRIC} (the base model's held-out evaluation)")
     seeds = sorted(runs, key=lambda s: (s is None, s or 0))
-    values = [_eval_value(runs[s], PRIMARY_METRIC) for s in seeds]
+    values = [run_metric(runs[s], PRIMARY_METRIC) for s in seeds]
     ci = mean_ci(values)
     measured: dict = {"seeds": seeds, "metric": PRIMARY_METRIC, "per_seed": dict(zip([f"seed-{s}" for s in seeds],
                                                                                      values)),
-                      "greedy_per_seed": {f"seed-{s}": _eval_value(runs[s], SECONDARY_METRIC) for s in seeds},
-                      "mean_ci": ci.to_dict(), "base": base, "base_greedy": _base_value(col, SECONDARY_METRIC),
+                      "greedy_per_seed": {f"seed-{s}": run_metric(runs[s], SECONDARY_METRIC) for s in seeds},
+                      "mean_ci": ci.to_dict(), "base": base, "base_greedy": base_metric(col, SECONDARY_METRIC),
                       "collapse_below": C3_COLLAPSE_FRACTION * base if math.isfinite(base) else math.nan,
                       "curve": {f"seed-{s}": _curve_from_zero(runs[s], col) for s in seeds},
                       "curve_note": "eval/accuracy of metrics.jsonl; step 0 is the base model (base_eval.json) "
@@ -376,15 +378,16 @@ def _c3(col: Collection) -> dict:
             verdict = SUPPORTED
         elif ci.has_interval and ci.low >= base - EQUIV_MARGIN:
             verdict = CONTRADICTED
-        band = f"[{_pts(ci.low, False)}, {_pts(ci.high, False)}]" if ci.has_interval else "(1 seed, no interval)"
+        band = (f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval
+                else "(1 seed, no interval)")
         last = [c[-1][1] for c in measured["curve"].values() if c]
-        summary = (f"isft- {PRIMARY_METRIC} {_pts(ci.mean, False)}% {band} vs base {_pts(base, False)}%, n={ci.n} "
-                   f"seeds (collapse: upper end below {_pts(C3_COLLAPSE_FRACTION * base, False)}%)"
-                   + (f"; last held-out curve point {_pts(sum(last) / len(last), False)}% on average" if last
+        summary = (f"isft- {PRIMARY_METRIC} {fmt_points(ci.mean, False)}% {band} vs base {fmt_points(base, False)}%, "
+                   f"n={ci.n} seeds (collapse: upper end below {fmt_points(C3_COLLAPSE_FRACTION * base, False)}%)"
+                   + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
                       else ""))
-    power = (f"n={ci.n} seeds, 95% half width {_pts(ci.half_width, False)} points" if ci.has_interval else
+    power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points" if ci.has_interval else
              "one seed: no interval") if ci.n else None
-    return _record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
+    return claim_record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
                    f"isft- held-out {PRIMARY_METRIC} far below the base model's", ["isft-", "base model evaluation"],
                    [], measured, summary, verdict, power, missing)
 
@@ -395,7 +398,7 @@ def _c3(col: Collection) -> dict:
 def evaluate_claims(col: Collection, exact: dict | None = None, *, strict: bool = False) -> dict:
     """``{"C1": {...}, ..., "C5": {...}}`` (see the module docstring). ``strict=True``: a claim that runs given
     cannot measure is an error naming every such claim and what it lacks, instead of a ``not measured`` verdict."""
-    claims = {"C1": _c1(col, exact), "C2": _c2(col), "C3": _c3(col), "C4": _c4(col, exact), "C5": _c5(exact)}
+    claims = {"C1": _c1(col, exact), "C2": _c2(col), "C3": _c3(col), "C4": claim_c4(col, exact), "C5": claim_c5(exact)}
     if strict:
         lacking = [f"{cid} needs {', '.join(c['missing'])}" for cid, c in claims.items() if c["missing"]]
         if lacking:
@@ -403,7 +406,4 @@ def evaluate_claims(col: Collection, exact: dict | None = None, *, strict: bool 
     return claims
 
 
-__all__ = ["C1_CURVES", "C1_CURVE_ATOL", "C1_EXACT_ATOL", "C1_EXACT_RTOL", "C1_PARAM_RTOL", "C3_COLLAPSE_FRACTION",
-           "C4_SLOPE_MARGIN", "C5_COSINE_CONTRADICT", "C5_COSINE_TOL", "C5_IDENTITIES", "CLAIM_IDS", "EQUIV_MARGIN",
-           "NOT_MEASURED", "PRIMARY_METRIC", "SECONDARY_METRIC", "evaluate_claims", "fmt_seeds", "length_trend",
-           "param_difference"]
+__all__ = ["C1_CURVES", "changed_samples", "evaluate_claims", "first_divergence", "param_difference"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from tokenmdp.experiments.beyond import KEY
+from tokenmdp.experiments.beyond.analysis import KEY
 
 
 def _pm(mean: float, half: float | None, scale: float = 1.0, digits: int = 1, signed: bool = False) -> str:
@@ -21,8 +21,8 @@ def _diff(d: dict | None, scale: float = 100.0, unit: str = " pts") -> str:
         return "n/a"
     if not math.isfinite(d.get("low", math.nan)):
         return f"{d['mean'] * scale:+.1f}{unit} (n={d['n']})"
-    return (f"{d['mean'] * scale:+.1f}{unit} [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}], p={d['p_value']:.2g}, "
-            f"MDD {d['mdd'] * scale:.1f} (n={d['n']})")
+    return (f"{d['mean'] * scale:+.1f}{unit} [{d['low'] * scale:+.1f}, {d['high'] * scale:+.1f}], "
+            f"p={d['p_value']:.2g}, MDD {d['mdd'] * scale:.1f} (n={d['n']})")
 
 
 def _what(kind: dict) -> str:
@@ -69,7 +69,8 @@ def beyond_markdown(result: dict) -> str:
         own = row.get("reference")
         lines.append(f"| {arm} | {_what(row['kind'])} | {len(row['seeds'])} | {cos} | "
                      f"{_pm(sl.get('mean', math.nan), sl.get('half_width'), 1, 2, True)} | "
-                     f"{_pm(h['mean'], h['half_width'], 100)} | {f'{_diff(vs_ref)} vs {own}' if vs_ref else '(reference)'} | "
+                     f"{_pm(h['mean'], h['half_width'], 100)} | "
+                     f"{f'{_diff(vs_ref)} vs {own}' if vs_ref else '(reference)'} | "
                      f"{_diff(row['vs_base']['over_problems'])} | {_pm(row['train_cpu_min'], None, 1, 1)} |")
     lines.append("")
     for arm, row in result["arms"].items():
@@ -92,7 +93,8 @@ def beyond_markdown(result: dict) -> str:
         peer = row.get("vs_grpo_same_mdp")
         if peer:
             parts.append(f"against {peer['arm']} (GRPO in the same formulation, the paper's comparison there): "
-                         f"{_diff(peer.get('over_seeds'))} over seeds, {_diff(peer.get('over_problems'))} over problems")
+                         f"{_diff(peer.get('over_seeds'))} over seeds, "
+                         f"{_diff(peer.get('over_problems'))} over problems")
         lines.append(f"- **{arm}**: " + "; ".join(parts) + ".")
     for arm, row in result["arms"].items():
         hints = row.get("hints")
@@ -112,7 +114,8 @@ def beyond_markdown(result: dict) -> str:
         if any(classes.values()):
             lines += ["", f"What kind of step the hints of **{arm}** are (share of samples; the base's accuracy after "
                       "such a hint):", "",
-                      "| hint | first training step | last training step | held-out, final models |", "|---|---|---|---|"]
+                      "| hint | first training step | last training step | held-out, final models |",
+                      "|---|---|---|---|"]
             names = next(v for v in classes.values() if v)
             for name in names:
                 cells = []
@@ -133,12 +136,14 @@ def beyond_html(markdown: str) -> str:
 
     out, table = [], []
 
+    def cells(r: str, tag: str) -> str:
+        return "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in r.strip("|").split(" | "))
+
     def flush() -> None:
         if table:
             head, body = table[0], [r for r in table[2:]]
-            cells = lambda r, tag: "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in r.strip("|").split(" | "))  # noqa: E731
-            out.append("<table><tr>" + cells(head, "th") + "</tr>" + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body)
-                       + "</table>")
+            out.append("<table><tr>" + cells(head, "th") + "</tr>"
+                       + "".join(f"<tr>{cells(r, 'td')}</tr>" for r in body) + "</table>")
             table.clear()
 
     for line in markdown.splitlines():
@@ -156,7 +161,7 @@ EXACT_PRESETS = ("grpo_nokl", "isft+-adv", "isft+", "isft-", "isft+_seqsum_const
 
 
 def exact_two_llm_markdown(exact: dict | None) -> str:
-    """The exact tier's two-LLM case (``exact.json``'s ``two_llm``, :mod:`tokenmdp.experiments.exact_env`): each
+    """The exact tier's two-LLM case (``exact.json``'s ``two_llm``, :mod:`tokenmdp.experiments.exact.env`): each
     preset's cosine with grad J in both variants next to the degenerate MDP, and the identities; "" without it."""
     two = (exact or {}).get("two_llm")
     if not two or not two.get("comparison"):

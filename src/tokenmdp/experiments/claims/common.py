@@ -1,7 +1,7 @@
 """What every claim of :mod:`tokenmdp.experiments.claims` shares: the verdict words, the thresholds (each with its
 reason), reading a :class:`~tokenmdp.experiments.runs.Collection` (finished runs by seed, the seeds asked for, the
 held-out and base-model metrics), formatting numbers for the summaries, and the claim record itself
-(:func:`_record`, :func:`_combine`). No claim is judged here.
+(:func:`claim_record`, :func:`combine_verdicts`). No claim is judged here.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ C5_IDENTITIES = {"isft+_seqsum_cosine": "isft+ (sequence sum)", "isft-_seqsum_co
 # --- reading the collection --------------------------------------------------------------------------------------
 
 
-def _finished(col: Collection, algo: str) -> dict:
+def finished_runs(col: Collection, algo: str) -> dict:
     return {r.seed: r for r in col.runs_of(algo, finished=True)}
 
 
@@ -88,9 +88,9 @@ def fmt_seeds(seeds) -> str:
     return "seeds " + ", ".join(str(s) for s in seeds)
 
 
-def _pair(col: Collection, algos: list[str], labels: dict | None = None) -> tuple[list, list[str], dict]:
+def paired_runs(col: Collection, algos: list[str], labels: dict | None = None) -> tuple[list, list[str], dict]:
     """Seeds every one of ``algos`` has a finished run of, what is missing when there is none, and the runs."""
-    runs = {a: _finished(col, a) for a in algos}
+    runs = {a: finished_runs(col, a) for a in algos}
     expected = _expected_seeds(col)
     missing = []
     for a in algos:
@@ -104,24 +104,24 @@ def _pair(col: Collection, algos: list[str], labels: dict | None = None) -> tupl
     return common, missing, runs
 
 
-def _reference(col: Collection) -> tuple[str, str | None]:
-    if _finished(col, "grpo") or not _finished(col, "grpo_nokl"):
+def reference_algo(col: Collection) -> tuple[str, str | None]:
+    if finished_runs(col, "grpo") or not finished_runs(col, "grpo_nokl"):
         return "grpo", None
     return "grpo_nokl", "no grpo runs: grpo_nokl (GRPO without the KL term) stands in"
 
 
-def _eval_value(run: RunData, key: str) -> float:
+def run_metric(run: RunData, key: str) -> float:
     ev = run.eval or {}
     v = ev.get("metrics", ev).get(key)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
-def _base_value(col: Collection, key: str) -> float:
+def base_metric(col: Collection, key: str) -> float:
     vals = [float(v) for e in col.base_evals for v in [e.get("metrics", e).get(key)] if isinstance(v, (int, float))]
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _get(d: dict | None, *keys):
+def nested_get(d: dict | None, *keys):
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -132,23 +132,23 @@ def _get(d: dict | None, *keys):
 # --- formatting --------------------------------------------------------------------------------------------------
 
 
-def _pts(x: float, signed: bool = True) -> str:
+def fmt_points(x: float, signed: bool = True) -> str:
     if x is None or not math.isfinite(x):
         return "inf" if x == math.inf else "n/a"
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
-def _interval(d: PairedDiff, scale: float = 100.0, digits: int = 1) -> str:
+def fmt_interval(d: PairedDiff, scale: float = 100.0, digits: int = 1) -> str:
     if not d.has_interval:
         return "[no interval: 1 seed]"
     return f"[{d.low * scale:+.{digits}f}, {d.high * scale:+.{digits}f}]"
 
 
-def _g(x) -> str:
+def fmt_g(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.2g}"
 
 
-def _record(claim: str, prediction: str, needs: list[str], optional: list[str], measured: dict, summary: str,
+def claim_record(claim: str, prediction: str, needs: list[str], optional: list[str], measured: dict, summary: str,
             verdict: str, power: str | None, missing: list[str]) -> dict:
     if missing:
         verdict = NOT_MEASURED
@@ -157,7 +157,7 @@ def _record(claim: str, prediction: str, needs: list[str], optional: list[str], 
             "power": power, "needs": needs, "optional": optional, "missing": missing}
 
 
-def _combine(verdicts: list[str]) -> str:
+def combine_verdicts(verdicts: list[str]) -> str:
     if verdicts and all(v == SUPPORTED for v in verdicts):
         return SUPPORTED
     return CONTRADICTED if CONTRADICTED in verdicts else INCONCLUSIVE

@@ -91,11 +91,6 @@ def q_from_v(mdp: TabularMDP, V: np.ndarray) -> np.ndarray:
     return Q
 
 
-def v_from_q(Q: np.ndarray, policy: np.ndarray) -> np.ndarray:
-    """``V[s] = sum_a policy[s, a] Q[s, a]``; shapes (S, A), (S, A) -> (S,)."""
-    return (policy * Q).sum(axis=1)
-
-
 def greedy_policy(Q: np.ndarray, mdp: TabularMDP | None = None) -> np.ndarray:
     """A deterministic (one-hot) policy taking the first maximising action of ``Q`` (S, A) in each state;
     uniform on terminal states, where no action matters."""

@@ -1,6 +1,6 @@
 """The exact tier's two-LLM case: every preset's exact expected update when a frozen, stochastic environment writes
 tokens between the policy's (:mod:`tokenmdp.mdp.enumerate_env`), next to the same presets on the degenerate token
-MDP of the same vocabulary and policy budget (:mod:`tokenmdp.experiments.exact_groups`, no environment).
+MDP of the same vocabulary and policy budget (:mod:`tokenmdp.experiments.exact.groups`, no environment).
 
 The base's tokens are in every transcript and in every group, but out of every loss: the tables' ``mask`` is the
 policy's ``response_mask``, so token counts, lengths ``|o|`` and the ``max_len`` divisor count policy tokens only,
@@ -22,20 +22,9 @@ on the degenerate MDP. Hence
   the responses they weigh: the ``alternate`` default's correct episodes all have 2 policy tokens, so ISFT+'s
   token mean keeps cosine 1 there, while the ``hint`` variant's correct episodes have 1 or 2 and it bends.
 
-The defaults (V = 3, policy budget 2, G = 4, seed 0, base seed 1; ``tokenmdp exact --env two_llm``): the
-``alternate`` MDP has 13 episodes (2 correct, 1,820 groups), ``hint`` 14 (7 correct, 2,380 groups), the
-degenerate MDP 7 (1 correct, 210 groups). With the stochastic base turn, ``isft+-adv`` equals ``grpo_nokl`` to
-1.3e-8 relative on the loss coefficients of every row of every group (float32 advantages; bit-identical in
-float64) and to 4e-9 relative on the expected update; ISFT+ / ISFT- with a constant divisor, REINFORCE and RLOO
-have cosine 1 with ``grad J`` and scale 1/2 = 1/L in both variants, Dr. GRPO 3/8. ISFT+ (token mean) has cosine
-1.0 (``alternate``), 0.9735 (``hint``) and 1.0 (degenerate); ``grpo_nokl`` 0.9932 / 0.9977 / 0.9994; ISFT-
-0.978 / 0.985 / 0.997. Every update, and ``grad J``, is exactly 0 on the rows of ``theta`` at the base's
-positions. Trained on the whole transcript instead (the base's tokens unmasked, as SFT on the full text would),
-``E[R grad log pi(transcript)]`` has cosine 0.61 (``alternate``) and 0.55 (``hint``) with ``grad J``, 79% and 84%
-of its norm on the base's rows: the mask is what keeps filtered SFT on ``grad J``. Along the 30 unit-length
-steps J rises from 0.097 to 0.315 in ``alternate`` for every preset (the base caps it: the policy can only pick
-the hint the base most often answers ``a`` to and stop after an ``a``) and from 0.366 to 0.748 (ISFT+) ... 0.768
-(ISFT-) in ``hint``. The degenerate MDP's start ``theta`` has other rows, so its start policy is not the same.
+The defaults: V = 3, policy budget 2, G = 4, seed 0, base seed 1 (``tokenmdp exact --env two_llm``). The base's
+tokens being masked out of every loss is what keeps filtered SFT on ``grad J``: trained on the whole transcript it
+bends away. Figures: ``benchmarks/RESULTS.md`` ("Beyond the degenerate MDP", the exact tier's two-LLM case).
 """
 
 from __future__ import annotations
@@ -47,9 +36,9 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.exact import DEFAULTS, _mdp_info, evaluate_table, run_threads
-from tokenmdp.experiments.exact_groups import exact_mdp
-from tokenmdp.experiments.exact_updates import row_coefficients, variants
+from tokenmdp.experiments.exact.tier import DEFAULTS, mdp_info, evaluate_table, run_threads
+from tokenmdp.experiments.exact.groups import exact_mdp
+from tokenmdp.experiments.exact.updates import row_coefficients, variants
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, probabilities, token_logprobs
 from tokenmdp.mdp.enumerate_env import ENV_VARIANTS, TwoLLMTokenMDP, enumerate_env_sequences, policy_rows
 
@@ -157,7 +146,7 @@ def run_exact_env(
             docs[mdp.variant] = {"mdp": _env_info(mdp, table, state, seed, init_scale), **doc}
         table = enumerate_sequences(exact_mdp(vocab, max_len))
         doc, state = evaluate_table(table, **kw)  # type: ignore[arg-type]
-        degenerate = {"mdp": _mdp_info(table, state["batch"].groups, init_scale, seed), **doc}
+        degenerate = {"mdp": mdp_info(table, state["batch"].groups, init_scale, seed), **doc}
     cases = {**docs, "degenerate": degenerate}
     comparison = {name: {case: {k: d["presets"][name][k] for k in COMPARED} for case, d in cases.items()}
                   for name in degenerate["presets"]}

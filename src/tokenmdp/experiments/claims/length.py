@@ -2,7 +2,7 @@
 ``dr_grpo`` or ``isft+``; judged from the runs' ``length/incorrect`` slopes, the exact tier's length shift reported
 beside them) and C5 (the expectation view, exact tier only: which presets' expected updates point along
 ``grad J``). :func:`tokenmdp.experiments.claims.evaluate_claims` collects them with C1-C3; the shared helpers and
-thresholds are :mod:`tokenmdp.experiments.claims_common`.
+thresholds are :mod:`tokenmdp.experiments.claims.common`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.claims_common import (C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL, C5_IDENTITIES,
-                                                _combine, _finished, _g, _get, _pair, _record, _reference, fmt_seeds)
+from tokenmdp.experiments.claims.common import (C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL, C5_IDENTITIES,
+                                                claim_record, combine_verdicts, finished_runs, fmt_g, fmt_seeds,
+                                                nested_get, paired_runs, reference_algo)
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, direction_verdict, ls_slope, paired_difference
 
@@ -33,15 +34,15 @@ def length_trend(run: RunData) -> dict:
             "change": last - first}
 
 
-def _c4(col: Collection, exact: dict | None) -> dict:
-    ref, note = _reference(col)
+def claim_c4(col: Collection, exact: dict | None) -> dict:
+    ref, note = reference_algo(col)
     labels = {"grpo": "grpo or grpo_nokl"}
     algos = [ref, "dr_grpo", "isft+"]
     missing: list[str] = []
-    trends = {a: {s: length_trend(r) for s, r in _finished(col, a).items()} for a in algos}
+    trends = {a: {s: length_trend(r) for s, r in finished_runs(col, a).items()} for a in algos}
     tests: dict = {}
     for other in (None, "dr_grpo", "isft+"):
-        seeds, miss, _ = _pair(col, [ref] if other is None else [ref, other], labels)
+        seeds, miss, _ = paired_runs(col, [ref] if other is None else [ref, other], labels)
         missing += [m for m in miss if m not in missing]
         name = f"{ref} slope" if other is None else f"{ref} - {other}"
         if miss:
@@ -59,14 +60,14 @@ def _c4(col: Collection, exact: dict | None) -> dict:
         tests[name] = {"seeds": seeds, **d.to_dict(), "verdict": direction_verdict(d, 1, C4_SLOPE_MARGIN)}
     # the exact tier's change of E[length | incorrect] under its dynamics: predicted > 0 for grpo_nokl, <= 0 for
     # dr_grpo (reported beside the runs' verdict; on an MDP this small it is a property of the MDP, not a theorem)
-    shift = _get(exact, "identities", "len_incorrect_shift")
+    shift = nested_get(exact, "identities", "len_incorrect_shift")
     exact_out = None
     if isinstance(shift, dict):
         g, dr = shift.get("grpo_nokl"), shift.get("dr_grpo")
         ok = isinstance(g, (int, float)) and isinstance(dr, (int, float))
         exact_out = {"grpo_nokl": g, "dr_grpo": dr, "agrees": (g > 0 and dr <= 0) if ok else None,
                      "grpo_nokl_larger": (g > dr) if ok else None,
-                     "slope_at_start": _get(exact, "identities", "len_incorrect_slope")}
+                     "slope_at_start": nested_get(exact, "identities", "len_incorrect_slope")}
     measured = {"reference": ref, "reference_note": note, "unit": "tokens per step", "margin": C4_SLOPE_MARGIN,
                 "runs": {a: {f"seed-{s}": t for s, t in trends[a].items()} for a in algos}, "tests": tests,
                 "exact_len_incorrect_shift": exact_out}
@@ -78,26 +79,26 @@ def _c4(col: Collection, exact: dict | None) -> dict:
     if tests:
         texts.append(f"n={max(t['n'] for t in tests.values())} seeds")
     if exact_out:
-        texts.append(f"exact tier E[len | incorrect] shift: grpo_nokl {_g(exact_out['grpo_nokl'])}, dr_grpo "
-                     f"{_g(exact_out['dr_grpo'])} (signs as predicted: {'yes' if exact_out['agrees'] else 'no'}; "
+        texts.append(f"exact tier E[len | incorrect] shift: grpo_nokl {fmt_g(exact_out['grpo_nokl'])}, dr_grpo "
+                     f"{fmt_g(exact_out['dr_grpo'])} (signs as predicted: {'yes' if exact_out['agrees'] else 'no'}; "
                      f"grpo_nokl larger: {'yes' if exact_out['grpo_nokl_larger'] else 'no'})")
     power = ("detectable slope differences at 80% power: " + ", ".join(
         f"{name} {t['mdd']:.2f}" for name, t in tests.items())) if tests else None
-    return _record(
+    return claim_record(
         "C4, length: under GRPO's per-sequence 1/|o| weighting incorrect responses grow longer; not under ISFT+, "
         "nor under Dr. GRPO's constant divisor",
         f"slope of length/incorrect: {ref} > 0, {ref} - dr_grpo > 0, {ref} - isft+ > 0 (paired over seeds)",
-        algos, ["exact tier"], measured, "; ".join(texts), _combine([t["verdict"] for t in tests.values()]), power,
-        missing)
+        algos, ["exact tier"], measured, "; ".join(texts), combine_verdicts([t["verdict"] for t in tests.values()]),
+        power, missing)
 
 
 # --- C5: the expectation view ------------------------------------------------------------------------------------
 
 
-def _c5(exact: dict | None) -> dict:
-    ident = _get(exact, "identities") or {}
+def claim_c5(exact: dict | None) -> dict:
+    ident = nested_get(exact, "identities") or {}
     cosines = {k: float(ident[k]) for k in C5_IDENTITIES if isinstance(ident.get(k), (int, float))}
-    presets = _get(exact, "presets") or {}
+    presets = nested_get(exact, "presets") or {}
     table = {name: {k: p.get(k) for k in ("cosine", "norm_ratio", "variance", "description")}
              for name, p in presets.items() if isinstance(p, dict)}
     differ = sorted(((n, p) for n, p in table.items()
@@ -112,13 +113,13 @@ def _c5(exact: dict | None) -> dict:
     verdict = (SUPPORTED if cosines and all(abs(g) <= C5_COSINE_TOL for g in gaps.values()) else
                CONTRADICTED if any(abs(g) > C5_COSINE_CONTRADICT for g in gaps.values()) else INCONCLUSIVE)
     measured = {"identity_cosines": cosines, "missing_identities": [k for k in C5_IDENTITIES if k not in cosines],
-                "presets": table, "differ_from_grad_J": [n for n, _ in differ], "skipped": _get(exact, "skipped"),
-                "grad_J_norm": _get(exact, "grad_J_norm"), "group_size": _get(exact, "group_size"),
+                "presets": table, "differ_from_grad_J": [n for n, _ in differ], "skipped": nested_get(exact, "skipped"),
+                "grad_J_norm": nested_get(exact, "grad_J_norm"), "group_size": nested_get(exact, "group_size"),
                 "tolerance": C5_COSINE_TOL}
     texts = []
     if cosines:
         texts.append("cosine with grad J: " + ", ".join(
-            f"{C5_IDENTITIES[k]} " + ("1" if g == 0 else f"1 - {_g(g)}" if g > 0 else f"1 + {_g(-g)}")
+            f"{C5_IDENTITIES[k]} " + ("1" if g == 0 else f"1 - {fmt_g(g)}" if g > 0 else f"1 + {fmt_g(-g)}")
             for k, g in gaps.items()))
     if differ:
         texts.append("differ: " + ", ".join(
@@ -127,7 +128,7 @@ def _c5(exact: dict | None) -> dict:
             for n, p in differ))
     elif table:
         texts.append("every preset's expected update is along grad J")
-    return _record(
+    return claim_record(
         "C5, the expectation view: with a 0/1 reward, REINFORCE, ISFT+ and ISFT- point the same way in expectation",
         "exact tier: isft+ / isft- with a sequence-sum loss and dr_grpo have cosine 1 with grad J; length and std "
         "normalisers bend the others", ["exact tier"], [], measured, "; ".join(texts), verdict,

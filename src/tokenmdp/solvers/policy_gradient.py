@@ -23,7 +23,7 @@ import numpy as np
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.tabular import TabularMDP
-from tokenmdp.solvers.base import SolverResult
+from tokenmdp.solvers.common import SolverResult
 from tokenmdp.solvers.dp import evaluate_policy, policy_matrices
 from tokenmdp.solvers.td import Sampler
 

@@ -1,4 +1,5 @@
-"""The `Rollout` batch that every engine returns, padding helpers, and the engine interface.
+"""The `Rollout` batch that every engine returns, the engine interface and the engines' shared helpers
+(padding is :mod:`tokenmdp.rollout.padding`).
 
 A rollout holds ``B`` episodes of the token MDP: the prompt ``x`` (left-padded), the sampled response ``y``
 (right-padded), the behaviour policy's log-probabilities ``log pi_old(y_t | x, y_<t)`` of the sampled tokens under
@@ -23,6 +24,7 @@ from typing import Sequence
 import torch
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.rollout.padding import left_pad, repad, response_mask_from_eos
 
 _TENSORS = (
     "prompt_ids",
@@ -33,53 +35,6 @@ _TENSORS = (
     "terminated",
     "truncated",
 )
-
-
-def left_pad(seqs: Sequence[torch.Tensor | Sequence[int]], pad_value: int | float = 0, *, length: int | None = None,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Stack 1-D sequences into ``(B, L)`` with padding on the left: ``[[1, 2], [3]] -> [[1, 2], [0, 3]]``."""
-    rows = [torch.as_tensor(s, dtype=dtype) for s in seqs]
-    width = max([len(r) for r in rows] + [0]) if length is None else length
-    dt = dtype or (rows[0].dtype if rows else torch.long)
-    out = torch.full((len(rows), width), pad_value, dtype=dt)
-    for i, r in enumerate(rows):
-        n = min(len(r), width)
-        if n:
-            out[i, width - n :] = r[len(r) - n :]
-    return out
-
-
-def right_pad(seqs: Sequence[torch.Tensor | Sequence[int]], pad_value: int | float = 0, *, length: int | None = None,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Stack 1-D sequences into ``(B, L)`` with padding on the right: ``[[1, 2], [3]] -> [[1, 2], [3, 0]]``."""
-    rows = [torch.as_tensor(s, dtype=dtype) for s in seqs]
-    width = max([len(r) for r in rows] + [0]) if length is None else length
-    dt = dtype or (rows[0].dtype if rows else torch.long)
-    out = torch.full((len(rows), width), pad_value, dtype=dt)
-    for i, r in enumerate(rows):
-        n = min(len(r), width)
-        out[i, :n] = r[:n]
-    return out
-
-
-def response_mask_from_eos(response_ids: torch.Tensor, eos_ids: Sequence[int], valid: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask (B, T) of the tokens up to and including the first EOS, and whether an EOS was found (B,).
-
-    ``valid`` (B, T), optional, marks the columns that were generated at all (e.g. shorter rows of a batch).
-    ``[[5, 1, 7]]`` with EOS 1 -> mask ``[[1, 1, 0]]``, terminated ``[True]``.
-    """
-    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= response_ids == e
-    if valid is not None:
-        is_eos &= valid.bool()
-    # number of EOS strictly before column t; a token counts while no EOS came before it
-    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    mask = before == 0
-    if valid is not None:
-        mask &= valid.bool()
-    return mask.long(), is_eos.any(dim=1)
 
 
 @dataclass
@@ -174,11 +129,6 @@ class Rollout:
             kw["observation_mask"] = self.observation_mask.to(device)
         return Rollout(**kw)
 
-    @staticmethod
-    def concat(rollouts: Sequence[Rollout]) -> Rollout:
-        """Row-wise concatenation, re-padded to common widths (see :func:`concat_rollouts`)."""
-        return concat_rollouts(rollouts)
-
     def full_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[prompt | response]`` ids and attention mask, (B, P + T) each."""
         ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
@@ -199,14 +149,6 @@ class Rollout:
         return Rollout(**kw)
 
 
-def _repad(t: torch.Tensor, width: int, value: int | float, *, left: bool) -> torch.Tensor:
-    extra = width - t.shape[1]
-    if extra == 0:
-        return t
-    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
-    return torch.cat([pad, t] if left else [t, pad], dim=1)
-
-
 def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     """Stack rollouts row-wise, re-padding prompts on the left and responses on the right to common widths."""
     if not rollouts:
@@ -216,12 +158,12 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     t = max(r.response_ids.shape[1] for r in rollouts)
 
     def cat(name: str, width: int, value: int | float, left: bool) -> torch.Tensor:
-        return torch.cat([_repad(getattr(r, name), width, value, left=left) for r in rollouts])
+        return torch.cat([repad(getattr(r, name), width, value, left=left) for r in rollouts])
 
     observed = any(r.observation_mask is not None for r in rollouts)
     obs = None
     if observed:
-        obs = torch.cat([_repad(r.observation_mask if r.observation_mask is not None
+        obs = torch.cat([repad(r.observation_mask if r.observation_mask is not None
                                 else torch.zeros_like(r.response_mask), t, 0, left=False) for r in rollouts])
     has_text = all(len(r.prompts) == len(r) for r in rollouts)
     has_resp = all(len(r.responses) == len(r) for r in rollouts)
@@ -372,9 +314,6 @@ __all__ = [
     "Rollout",
     "Engine",
     "concat_rollouts",
-    "left_pad",
-    "right_pad",
-    "response_mask_from_eos",
     "check_sampling",
     "eos_token_ids",
     "pad_token_id",

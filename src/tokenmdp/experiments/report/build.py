@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.beyond import analyse
-from tokenmdp.experiments.beyond_render import beyond_html, beyond_markdown, exact_two_llm_markdown
+from tokenmdp.experiments.beyond.render import beyond_html, beyond_markdown, exact_two_llm_markdown
 from tokenmdp.experiments.claims import evaluate_claims
-from tokenmdp.experiments.claims_render import claims_html, claims_markdown, write_claims
-from tokenmdp.experiments.plots import all_figures
-from tokenmdp.experiments.report_html import render_html
+from tokenmdp.experiments.claims.render import claims_html, claims_markdown, write_claims
+from tokenmdp.experiments.report.plots import all_figures
+from tokenmdp.experiments.report.html import render_html
 from tokenmdp.experiments.runs import Collection, collect, read_json
 from tokenmdp.stats import mean_ci
 
@@ -278,7 +278,8 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     if exact_dir is not None and (exact_dir / "plots").is_dir():
         exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
     header = ["algorithm", "runs"] + column_labels(col)
-    page = render_html(col, header, table_cells(rows), rows, figures, reading, claims=beyond_html("\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)) + claims_html(claims),
-                       exact_figures=exact_figures)
+    beyond_text = "\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)
+    page = render_html(col, header, table_cells(rows), rows, figures, reading,
+                       claims=beyond_html(beyond_text) + claims_html(claims), exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out

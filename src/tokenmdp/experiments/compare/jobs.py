@@ -11,7 +11,7 @@ import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from tokenmdp.experiments.compare_run import Job, execute
+from tokenmdp.experiments.compare.run import Job, execute
 
 
 class Tracker:

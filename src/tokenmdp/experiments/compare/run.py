@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.compare_settings import CompareSettings, curve_every
+from tokenmdp.experiments.compare.settings import CompareSettings, curve_every
 
 # report(event, label, *args): ("start", name, total), ("advance", n, weight) or ("skip", units)
 Report = Callable[..., None]

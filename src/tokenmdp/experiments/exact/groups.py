@@ -1,5 +1,5 @@
 """The exact tier's ground: the token MDP, its verifier, every multiset of responses and what each needs at one
-``theta``. The updates are :mod:`tokenmdp.experiments.exact_updates`; the runs :mod:`tokenmdp.experiments.exact`.
+``theta``. The updates are :mod:`tokenmdp.experiments.exact.updates`; the runs :mod:`tokenmdp.experiments.exact`.
 
 The MDP (:func:`exact_mdp`): vocabulary ``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L, one empty prompt, and the
 *final-answer verifier* ``R(y) = 1`` iff the response ended with EOS and the token before it is ``a``, else 0; a
@@ -9,8 +9,8 @@ correct (lengths 2, 3) and 12 wrong (lengths 1, 2, 3; 8 truncated). The policy i
 
 **Groups.** Every group update here is symmetric in the order of the group, so its expectation is a sum over the
 ``M = C(N + G - 1, G)`` multisets (3,060 for the default G = 4, against ``N^G = 50,625`` ordered groups) with the
-multinomial probability ``P(g) = G! / prod_k m_k! * prod_j p(y_j)``. :data:`MAX_GROUPS` bounds M. The default
-runs in about 2 s; ``max_len=4`` (46,376 groups) in about 25 s (one thread, which is fastest for these sizes).
+multinomial probability ``P(g) = G! / prod_k m_k! * prod_j p(y_j)``. :data:`MAX_GROUPS` bounds M (``max_len=4``
+already has 46,376 groups).
 
 :class:`Point` holds what every update needs at one ``theta`` (token log-probs, their Jacobian, ``P(g)``);
 :func:`state_values` is the exact ``V^pi(s_t)`` of the task reward (``ppo_oracle``'s critic).

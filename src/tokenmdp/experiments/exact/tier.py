@@ -1,18 +1,19 @@
 """The exact tier: every algorithm's expected update on a token MDP small enough to enumerate, without sampling.
 
-Three files of computation, by responsibility (and :mod:`tokenmdp.experiments.exact_plots` for the figures): :mod:`tokenmdp.experiments.exact_groups` holds the MDP (vocabulary
-``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L, one empty prompt, the final-answer verifier), the enumeration of its
-responses' multisets (groups) and what every update needs at one ``theta``; :mod:`tokenmdp.experiments.exact_updates`
-the presets as this tier runs them and the exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings
-give the details); this module the dynamics, :func:`run_exact` (every preset's update at ``theta_0``, its dynamics,
-the summaries and the identities below), :func:`save_exact` and the public constants. Every public name of the
-three is importable from here.
+Three files of computation, by responsibility (and :mod:`tokenmdp.experiments.exact.plots` for the figures):
+:mod:`tokenmdp.experiments.exact.groups` holds the MDP (vocabulary ``{0: EOS, 1: a, 2: b, ...}``, ``max_len`` L,
+one empty prompt, the final-answer verifier), the enumeration of its responses' multisets (groups) and what every
+update needs at one ``theta``; :mod:`tokenmdp.experiments.exact.updates` the presets as this tier runs them and the
+exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings give the details); this module the dynamics,
+:func:`run_exact` (every preset's update at ``theta_0``, its dynamics, the summaries and the identities below),
+:func:`save_exact` and the public constants. Every public name of the three is importable from
+:mod:`tokenmdp.experiments.exact`.
 
 **Identities** (MATH.md sections 4 and 7; ``tests/test_exact.py``), with ``s = grad log p(y)``, ``E[s] = 0``,
 ``grad J = E[R s]``, ``E[s | R=1] = grad J / J`` and ``E[s | R=0] = -grad J / (1 - J)``:
 
 * ``isft+-adv`` equals ``grpo_nokl`` group by group, up to ``isft_weights`` casting the advantages to torch's
-  default dtype: relative difference 4e-9 on the default with float32, exactly 0 with float64;
+  default dtype (float32 rounding; exactly 0 with float64);
 * ``isft+_seqsum_const``, ``isft-_seqsum_const``, ``reinforce`` (b = 0, the same estimator as ISFT+), ``rloo``:
   ``U = grad J / L``;
 * ``dr_grpo``: ``A_i = R_i - mean_j R_j`` contains ``R_i / G``, so ``U = (G - 1) / (G L) grad J``;
@@ -27,7 +28,7 @@ three is importable from here.
 two rows, ``|grad J| = 1/4``. With G = 2, REINFORCE's one-sample update is ``x = R s / 2`` with ``|s|^2 = 1``:
 ``E|x|^2 = 1/16``, per-sample variance ``1/16 - 1/64 = 3/64``; Dr. GRPO's ``U = grad J / 4``.
 
-**The two-LLM case** (:mod:`tokenmdp.experiments.exact_env`, ``tokenmdp exact --env two_llm``): the same
+**The two-LLM case** (:mod:`tokenmdp.experiments.exact.env`, ``tokenmdp exact --env two_llm``): the same
 updates on an MDP where a frozen stochastic base writes tokens between the policy's, masked out of every loss,
 through :func:`evaluate_table`; the identities above survive the stochastic transition.
 
@@ -42,11 +43,8 @@ taken from it (``update_norm``, ``step_size``, ``cosine`` with ``grad J`` there)
 
 **The length shift** ``len_incorrect_shift`` = E[length | incorrect] after the dynamics minus at the start;
 ``len_incorrect_slope`` = ``grad E[length | incorrect] . U / |U|`` at the start (first order). Dr. GRPO moves along
-``grad J``, so its sign is that of the task, not of the algorithm. On the default (seed 0) GRPO's is positive and
-Dr. GRPO's negative, but that literal sign pattern is not robust: over seeds 0-11 (first-order slopes, G = 4) it
-holds in 3 of 12 at L = 3 and in none at L = 4 (there ``grad J`` itself lengthens wrong answers by removing the
-short wrong ones). What is robust is the difference: GRPO's slope exceeds Dr. GRPO's in 12 of 12 seeds at both
-lengths (with other verifiers tried at L = 4: 12 of 12 for four of them, 9 of 12 for "no b anywhere"), and
+``grad J``, so its sign is that of the task, not of the algorithm: over start seeds the sign pattern is not
+robust, the difference is (GRPO's slope exceeds Dr. GRPO's; ``benchmarks/RESULTS.md``, "The exact tier"), and
 ``grpo_nokl_seqsum`` (std kept, ``1/|o|`` removed) moves exactly like Dr. GRPO: the difference is the ``1/|o|``.
 """
 
@@ -62,12 +60,10 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-# re-exported: every public name of exact_groups and exact_updates is importable from here
-from tokenmdp.experiments.exact_groups import (ANSWER, EOS, MAX_GROUPS, Groups, Point, count_groups,
-                                               enumerate_groups, exact_mdp, final_answer_verifier, make_point,
-                                               state_values)
-from tokenmdp.experiments.exact_updates import (GroupBatch, Normalisers, Variant, expected_update,
-                                                row_coefficients, theta_free, variants)
+from tokenmdp.experiments.exact.groups import (EOS, MAX_GROUPS, Groups, Point, count_groups, enumerate_groups,
+                                               exact_mdp, final_answer_verifier, make_point, state_values)
+from tokenmdp.experiments.exact.updates import (GroupBatch, Variant, expected_update, row_coefficients, theta_free,
+                                                variants)
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, exact_gradient, init_logits, probabilities
 
 Tensor = torch.Tensor
@@ -222,7 +218,7 @@ def _summary(v: Variant, update: Tensor, var: Tensor, run: list[dict], grad: Ten
     }
 
 
-def _mdp_info(table: SequenceTable, groups: Groups, init_scale: float, seed: int) -> dict[str, Any]:
+def mdp_info(table: SequenceTable, groups: Groups, init_scale: float, seed: int) -> dict[str, Any]:
     correct, lengths = table.rewards > 0.5, table.lengths
     v, length, g = table.vocab_size, table.mdp.max_len, groups.size
     return {
@@ -243,7 +239,7 @@ def _run(*, group_size: int, steps: int, lr: float, seed: int, max_len: int, voc
     table = enumerate_sequences(exact_mdp(vocab, max_len))
     doc, state = evaluate_table(table, group_size=group_size, steps=steps, lr=lr, seed=seed, presets=presets,
                                 normalize=normalize, init_scale=init_scale)
-    return {"mdp": _mdp_info(table, state["batch"].groups, init_scale, seed), **doc,
+    return {"mdp": mdp_info(table, state["batch"].groups, init_scale, seed), **doc,
             "seconds": time.perf_counter() - t0}
 
 
@@ -298,7 +294,5 @@ def save_exact(result: dict[str, Any], out_dir: str | Path, figures: dict[str, b
     return path
 
 
-__all__ = ["DEFAULTS", "IDENTITY_PRESETS", "MAX_GROUPS", "SKIPPED", "GroupBatch", "Groups", "Point", "Variant",
-           "count_groups", "dynamics", "enumerate_groups", "evaluate_table", "exact_mdp", "expected_update",
-           "final_answer_verifier", "make_point", "policy_stats", "row_coefficients", "run_exact", "run_threads",
-           "save_exact", "state_values", "theta_free", "variants"]
+__all__ = ["DEFAULTS", "IDENTITY_PRESETS", "SKIPPED", "dynamics", "evaluate_table", "mdp_info", "policy_stats",
+           "run_exact", "run_threads", "save_exact"]

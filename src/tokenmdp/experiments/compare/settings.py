@@ -1,6 +1,6 @@
 """What a comparison is a function of (:class:`CompareSettings`, written to ``compare.json``), its defaults and
 their checks. Shared by the comparison (:mod:`tokenmdp.experiments.compare`) and its jobs
-(:mod:`tokenmdp.experiments.compare_run`), which import this module and never each other the wrong way round.
+(:mod:`tokenmdp.experiments.compare.run`), which import this module and never each other the wrong way round.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
 # the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
 # (smaller) set of the same split with the same seed
 HELDOUT_SEED = 0
-TINY_LR = 1e-4  # every algorithm on the embedded tiny model: 1e-3 collapsed every algorithm to 0% in 5 steps, and 3e-4
-# lowered held-out greedy accuracy in 20 steps (grpo 29.5% -> 16.5%, isft+ -> 4%); 1e-4 kept it (12 steps)
+# every algorithm on the embedded tiny model: higher rates lower its held-out accuracy (benchmarks/RESULTS.md)
+TINY_LR = 1e-4
 
 
 @dataclass
