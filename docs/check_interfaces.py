@@ -337,7 +337,8 @@ def _difference(want: list[Param], have: list[Param]) -> str:
         return "the parameters are in another order"
     for (name, wkind, wdef), (_, hkind, hdef) in zip(want, have):
         if wkind != hkind:
-            return f"parameter {name!r} is {hkind.lower().replace('_', '-')} in the code, {wkind.lower().replace('_', '-')} in the entry"
+            code_kind, doc_kind = (k.lower().replace("_", "-") for k in (hkind, wkind))
+            return f"parameter {name!r} is {code_kind} in the code, {doc_kind} in the entry"
         if wdef != hdef:
             shown = "no default" if hdef[0] == "none" else f"default {_render_default(hdef)}"
             listed = "no default" if wdef[0] == "none" else f"default {_render_default(wdef)}"
@@ -363,7 +364,7 @@ def unnamed_modules(path: Path = INTERFACES) -> list[str]:
     return [m for m in public_modules() if m not in named]
 
 
-# --- refreshing --------------------------------------------------------------------------------------------------------
+# --- refreshing ----------------------------------------------------------------------------------------------------
 
 
 def wrap(text: str, comment: str, width: int = WIDTH) -> list[str]:
@@ -411,7 +412,8 @@ def main(argv: list[str]) -> int:
         missing = unnamed_modules()
         for m in missing:
             print(f"module {m} is named by no entry of docs/interfaces.md")
-        print(f"rewrote {INTERFACES.relative_to(ROOT)}; {len(left)} entries need a hand, {len(missing)} modules unnamed")
+        print(f"rewrote {INTERFACES.relative_to(ROOT)}; {len(left)} entries need a hand, "
+              f"{len(missing)} modules unnamed")
         return 1 if left or missing else 0
     findings = check_all()
     stale = [f for f in findings if f.problem]
