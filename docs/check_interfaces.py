@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib
 import inspect
 import pkgutil
@@ -175,7 +176,9 @@ def resolve(name: str, modules: set[str] | None = None) -> tuple[str, list[str],
     for attr in attrs:
         if not hasattr(obj, attr):
             where = module + "".join("." + a for a in attrs[: attrs.index(attr)])
-            raise Unresolved(f"{where} has no attribute {attr!r}")
+            near = difflib.get_close_matches(attr, [n for n in dir(obj) if not n.startswith("__")], n=3)
+            hint = f" (near: {', '.join(near)})" if near else ""
+            raise Unresolved(f"{where} has no attribute {attr!r}{hint}")
         owner, obj = obj, getattr(obj, attr)
     if attrs and inspect.ismodule(owner) and (inspect.isclass(obj) or inspect.isfunction(obj)):
         defined = getattr(obj, "__module__", module)
