@@ -51,7 +51,7 @@ def test_grpo_hand_values():
 
 
 def test_grpo_reduction_formula():
-    """Population std, fraction p correct: A+ = sqrt((1-p)/p), A- = -sqrt(p/(1-p)) (MATH.md section 4)."""
+    """Population std, fraction p correct: A+ = sqrt((1-p)/p), A- = -sqrt(p/(1-p)) (docs/math.md section 4.3)."""
     r = torch.tensor([1.0, 0, 0, 0, 0])  # p = 0.2
     a = grpo_advantages(r, group_size=5, std="population", eps=0.0)
     torch.testing.assert_close(a, torch.tensor([2.0, -0.5, -0.5, -0.5, -0.5]))

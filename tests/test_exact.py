@@ -1,5 +1,5 @@
-"""The exact tier: expected updates by enumerating every group, the identities of MATH.md sections 4 and 7, and
-the `tokenmdp exact` command."""
+"""The exact tier: expected updates by enumerating every group, the identities of docs/math.md sections 4.2
+and 7, and the `tokenmdp exact` command."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_isft_sequence_sum_is_grad_j_over_l(default):
     p = default["presets"]
     for name in ("reinforce", "rloo"):
         assert p[name]["cosine"] == pytest.approx(1.0, abs=1e-9) and p[name]["scale"] == pytest.approx(1 / length)
-    # REINFORCE with b = 0 is the ISFT+ estimator itself; negatives are the noisier half (MATH.md section 7)
+    # REINFORCE with b = 0 is the ISFT+ estimator itself; negatives are the noisier half (docs/math.md section 7)
     assert p["reinforce"]["variance"] == pytest.approx(p["isft+_seqsum_const"]["variance"], rel=1e-9)
     assert p["isft-_seqsum_const"]["relative_variance"] > 2 * p["isft+_seqsum_const"]["relative_variance"]
 

@@ -1,6 +1,6 @@
 """The house's arrows point down: every import of every module (inside functions and ``TYPE_CHECKING`` blocks
 too) goes to a lower layer or stays inside its own package, and no two files import each other, directly or
-round a longer loop. The layers are written once, in :data:`RANKS` (DESIGN.md, "Layout")."""
+round a longer loop. The layers are written once, in :data:`RANKS` (docs/design.md section 2)."""
 
 from __future__ import annotations
 

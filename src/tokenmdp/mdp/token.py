@@ -9,7 +9,7 @@ the next token id ``a_t`` in ``[0, vocab_size)``. The transition is deterministi
   counts as terminated, not truncated: the model ended on its own).
 
 The reward is 0 on every step before the end and ``reward_fn(prompt, response)`` on the step that ends the episode
-(terminated or truncated): a verifier scoring the full sequence. The discount is 1 (MATH.md section 2). How that
+(terminated or truncated): a verifier scoring the full sequence. The discount is 1 (docs/math.md section 2.1). How that
 single terminal reward is spread over the tokens is the job of :mod:`tokenmdp.mdp.credit`.
 
 Example (vocabulary ``{0: EOS, 1: a, 2: b}``, ``max_len = 2``, reward 1 iff the response is ``[1, 0]``)::

@@ -1,6 +1,6 @@
 """What every tabular solver returns, and the Bellman pieces they share.
 
-Notation (MATH.md section 1): ``R[s, a] = sum_s' P[s, a, s'] r[s, a, s']``; ``m[s'] = 0`` on terminal states and
+Notation (docs/math.md section 1): ``R[s, a] = sum_s' P[s, a, s'] r[s, a, s']``; ``m[s'] = 0`` on terminal states and
 1 elsewhere (the mask that stops value at the end of an episode). Shapes: ``V (S,)``, ``Q (S, A)``,
 ``policy (S, A)`` with rows summing to 1.
 """
