@@ -91,7 +91,7 @@ def test_zero_staleness_is_the_synchronous_loop(tmp_path, tiny_random_dir):
 def test_the_batch_of_step_t_is_sampled_with_the_weights_of_step_t_minus_2(tmp_path, tiny_random_dir, worker):
     from tokenmdp.policy.model import load_policy
     from tokenmdp.rollout.fast import FastEngine
-    from tokenmdp.train.batch import step_seed
+    from tokenmdp.train.trainer import step_seed
 
     rollouts, weights = {}, {}
 
@@ -200,7 +200,13 @@ def test_the_anchor_from_the_loss_forward_equals_a_pass_of_its_own(tmp_path, tin
     assert _unit(cfg).anchor_in_pass
     calls = []
     real = Learner.logprobs_all
-    monkeypatch.setattr(Learner, "logprobs_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted(self, model, rollout):  # passes of the trained policy itself (not the reference's)
+        if model is self.model:
+            calls.append(1)
+        return real(self, model, rollout)
+
+    monkeypatch.setattr(Learner, "logprobs_all", counted)
     fast = train(cfg, progress=False)
     assert calls == []  # no pass of its own
     monkeypatch.setattr(PolicyGradient, "anchor_in_pass", property(lambda self: False))

@@ -141,3 +141,22 @@ def test_cli_trains_and_resumes_a_run(tmp_path, tiny_random_dir, capsys):
     # resume from the run folder alone, extending it by one step
     assert main(["train", "--resume", "--out", str(out), "--steps", "2", "--no-progress", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
+def test_every_choice_field_lists_what_its_registry_has():
+    """A setting's ``Literal`` choices are the names its registry knows: the engines, credit assignments,
+    aggregations and KL estimators (one list in the types, checked against the code that serves them)."""
+    import typing
+
+    from tokenmdp.algos.core import AGGREGATIONS, KL_ESTIMATORS
+    from tokenmdp.algos.presets import CHOICES
+    from tokenmdp.mdp.credit import CREDIT
+    from tokenmdp.rollout import ENGINES
+    from tokenmdp.schema import literal_choices
+    from tokenmdp.train.config import RolloutConfig
+
+    assert literal_choices(typing.get_type_hints(RolloutConfig)["engine"]) == tuple(ENGINES)
+    assert CHOICES["credit"] == tuple(CREDIT)
+    assert CHOICES["aggregation"] == AGGREGATIONS == ("seq_mean_token_mean", "token_mean", "seq_sum_const",
+                                                      "seq_mean_token_sum")
+    assert CHOICES["kl_estimator"] == KL_ESTIMATORS == ("k1", "k2", "k3")

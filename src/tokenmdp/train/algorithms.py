@@ -152,6 +152,21 @@ class PolicyGradient:
         spec = self.spec
         return self.skip_zero_advantage and not spec.critic and spec.entropy_coef == 0 and spec.loss_kl_coef == 0
 
+    def anchor(self, learner: Learner, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """``pi_old`` (the ratio's anchor) and, for a stale batch, its truncated importance weights and their
+        metrics. On-policy: the sampler's own log-probs (or recomputed, ``rollout.recompute_logprobs``). Stale:
+        the learner's current policy, in a pass of its own or (:attr:`anchor_in_pass`) None, read off the loss's
+        forward."""
+        if self.stale and self.anchor_in_pass:
+            return None, None, {}
+        if not (self.recompute_logprobs or self.stale):
+            return ro.logprobs, None, {}
+        old = learner.logprobs_all(learner.model, ro)
+        if not self.stale:
+            return old, None, {}
+        is_weights, metrics = truncated_is(old, ro.logprobs, ro.response_mask, cap=self.spec.tis_cap)
+        return old, is_weights, metrics
+
     def token_rewards(self, batch: Batch) -> torch.Tensor | None:
         """Token rewards when they are not the spec's plain credit assignment: a multi-turn environment's per-turn
         rewards (each on the last token of its turn), process rewards, or KL in the reward."""
@@ -169,17 +184,7 @@ class PolicyGradient:
         """The update's :class:`TrainBatch` (behaviour and reference log-probs, critic values, advantages,
         returns) and its metrics."""
         spec, ro = self.spec, batch.rollout
-        metrics: dict = {}
-        is_weights = None
-        if self.stale and self.anchor_in_pass:
-            old = None  # the loss's own forward gives the anchor (:meth:`loss`): no extra pass
-        elif self.recompute_logprobs or self.stale:
-            old = learner.logprobs_all(learner.model, ro)
-        else:
-            old = ro.logprobs
-        if self.stale and old is not None:
-            is_weights, tis_m = truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap)
-            metrics.update(tis_m)
+        old, is_weights, metrics = self.anchor(learner, ro)
         ref = learner.reference_logprobs(ro)
         values = learner.values_all(ro) if learner.critic is not None else None
         token_rewards = self.token_rewards(batch)

@@ -3,7 +3,7 @@
 While the learner updates on the batch of step ``t``, a sampler (a spawned process, or a thread) samples the
 batch of a later step with older weights. Sampling is a pure function of (weights, prompts, seed) and the prompts
 and seeds of every step are known in advance (:func:`tokenmdp.train.data.prompt_stream`,
-:func:`tokenmdp.train.batch.step_seed`), so the schedule is fixed rather than "whatever weights are newest":
+:func:`tokenmdp.train.trainer.step_seed`), so the schedule is fixed rather than "whatever weights are newest":
 
 * **contract**: the batch of step ``t`` is sampled with the weights after step ``b(t) = max(0, t - 1 - k)``
   (0: the initial weights), its staleness is exactly ``t - 1 - b(t) = min(k, t - 1)`` updates;

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tokenmdp.rollout.types import Rollout
+from tokenmdp.train.learner import gather_parts
 
 
 @dataclass
@@ -39,56 +40,8 @@ class Batch:
         return len(self.rollout)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The sampling seed of training step ``step`` (1-based): a function of the run seed and the step only."""
-    return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
-
-
 def _mean(x: torch.Tensor) -> float | None:
     return float(x.float().mean()) if x.numel() else None
-
-
-def gather_parts(accelerator, part: dict[str, list]) -> list[dict[str, list]]:
-    """``part`` of every process, in process order (just ``[part]`` in a single process or without an
-    ``accelerator``)."""
-    acc = accelerator
-    if acc is None or acc.num_processes <= 1:
-        return [part]
-    from accelerate.utils import gather_object
-
-    return gather_object([part])
-
-
-def total_over_processes(accelerator, count: int) -> int:
-    """``count`` summed over the run's processes (``count`` itself in a single process)."""
-    return int(sum(p["n"] for p in gather_parts(accelerator, {"n": int(count)})))
-
-
-#: Update metrics that add up over processes (each process counts its own rows); ``*_min`` / ``*_max`` keep the
-#: extreme; every other metric is averaged over processes.
-SUMMED_OVER_PROCESSES = ("update/rows", "update/skipped_rows", "dpo/pairs")
-
-
-def reduce_over_processes(accelerator, metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` of this process's share of a step combined with those of the other processes (unchanged in a
-    single process): sums for :data:`SUMMED_OVER_PROCESSES`, min / max for ``*_min`` / ``*_max``, else means."""
-    parts = gather_parts(accelerator, metrics)
-    if len(parts) == 1:
-        return metrics
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(k for p in parts for k in p):
-        values = [p[key] for p in parts if isinstance(p.get(key), (int, float))]
-        if not values:
-            out[key] = None
-        elif key in SUMMED_OVER_PROCESSES:
-            out[key] = float(sum(values))
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
 
 
 def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:

@@ -100,7 +100,7 @@ class TaskConfig:
 class RolloutConfig:
     """Sampling: ``prompts_per_step`` prompts x ``group_size`` samples per training step."""
 
-    engine: str = "fast"
+    engine: Literal["hf", "fast", "vllm"] = "fast"  # tokenmdp.rollout.ENGINES (tests/test_config.py checks)
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int | None = None  # None = the model folder's tokenmdp.json value, else 256

@@ -28,8 +28,50 @@ from tokenmdp.policy.adapters import adapter_disabled, update_mode
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.types import Rollout
-from tokenmdp.train.batch import gather_parts, total_over_processes
 from tokenmdp.train.sharding import Sharding, grad_norm
+
+def gather_parts(accelerator, part: dict[str, list]) -> list[dict[str, list]]:
+    """``part`` of every process, in process order (just ``[part]`` in a single process or without an
+    ``accelerator``)."""
+    acc = accelerator
+    if acc is None or acc.num_processes <= 1:
+        return [part]
+    from accelerate.utils import gather_object
+
+    return gather_object([part])
+
+
+def total_over_processes(accelerator, count: int) -> int:
+    """``count`` summed over the run's processes (``count`` itself in a single process)."""
+    return int(sum(p["n"] for p in gather_parts(accelerator, {"n": int(count)})))
+
+
+#: Update metrics that add up over processes (each process counts its own rows); ``*_min`` / ``*_max`` keep the
+#: extreme; every other metric is averaged over processes.
+SUMMED_OVER_PROCESSES = ("update/rows", "update/skipped_rows", "dpo/pairs")
+
+
+def reduce_over_processes(accelerator, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` of this process's share of a step combined with those of the other processes (unchanged in a
+    single process): sums for :data:`SUMMED_OVER_PROCESSES`, min / max for ``*_min`` / ``*_max``, else means."""
+    parts = gather_parts(accelerator, metrics)
+    if len(parts) == 1:
+        return metrics
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for p in parts for k in p):
+        values = [p[key] for p in parts if isinstance(p.get(key), (int, float))]
+        if not values:
+            out[key] = None
+        elif key in SUMMED_OVER_PROCESSES:
+            out[key] = float(sum(values))
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max"):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
 
 SUMMED = ("policy/loss", "policy/pg_loss", "value/loss", "isft/loss", "dpo/loss", "update/loss")
 
@@ -352,5 +394,6 @@ class Learner:
             self.state.nonfinite_steps += 1
 
 
-__all__ = ["Learner", "MetricMeter", "TrainerState", "approx_kl", "micro_batches", "row_lengths", "rows_of",
+__all__ = ["Learner", "MetricMeter", "SUMMED_OVER_PROCESSES", "TrainerState", "approx_kl", "gather_parts",
+           "micro_batches", "reduce_over_processes", "row_lengths", "rows_of", "total_over_processes",
            "zero_missing_grads"]

@@ -28,19 +28,24 @@ from tokenmdp.locks import exclusive
 from tokenmdp.policy.model import chat_prompt
 from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
-from tokenmdp.train.batch import Batch, batch_metrics, reduce_over_processes, sample_rows, step_seed
+from tokenmdp.train.batch import Batch, batch_metrics, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
 from tokenmdp.train.environment import RunEnvironment, collect_episodes
 from tokenmdp.train.evaluation import eval_problems, held_out
-from tokenmdp.train.learner import Learner
+from tokenmdp.train.learner import Learner, reduce_over_processes
 from tokenmdp.train.log import MetricsLogger, SampleLogger
 from tokenmdp.train.run_dir import finish_run, open_run, save_step
 from tokenmdp.train.setup import build_run
 from tokenmdp.train.sharding import full_weights
 
-__all__ = ["Rollouts", "build_step", "make_rollouts", "prompt_stream", "run_step", "train"]
+__all__ = ["Rollouts", "build_step", "make_rollouts", "prompt_stream", "run_step", "step_seed", "train"]
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The sampling seed of training step ``step`` (1-based): a function of the run seed and the step only."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919) % (2**31 - 1)
 
 
 @dataclass

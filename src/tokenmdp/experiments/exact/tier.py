@@ -9,7 +9,7 @@ exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings give the 
 :func:`save_exact` and the public constants. Every public name of the three is importable from
 :mod:`tokenmdp.experiments.exact`.
 
-**Identities** (MATH.md sections 4 and 7; ``tests/test_exact.py``), with ``s = grad log p(y)``, ``E[s] = 0``,
+**Identities** (docs/math.md sections 4.2 and 7; ``tests/test_exact.py``), with ``s = grad log p(y)``, ``E[s] = 0``,
 ``grad J = E[R s]``, ``E[s | R=1] = grad J / J`` and ``E[s | R=0] = -grad J / (1 - J)``:
 
 * ``isft+-adv`` equals ``grpo_nokl`` group by group, up to ``isft_weights`` casting the advantages to torch's
@@ -21,7 +21,7 @@ exact expected update ``U = sum_g P(g) u_g`` of each (their docstrings give the 
   ``grad J``: ``grpo_nokl_seqsum`` (std scaling), ``*_seqsum_kept`` (kept-count divisors, scale
   ``P(n_kept > 0) / (J L)`` for ISFT+) and ``dpo`` at the reference (scale ``(beta / 2) P(mixed) / (J (1 - J))``)
   all have cosine 1. Only length-dependent weights (``1/|o|``, token means) bend the direction; the prompt
-  reweighting of MATH.md section 7 needs several prompts, which this tier does not model.
+  reweighting of docs/math.md section 7 needs several prompts, which this tier does not model.
 
 **Hand-computed example** (the tests): V = 2, L = 2, ``theta = 0`` (``init_scale=0``): responses ``[0]``,
 ``[1, 0]`` (correct), ``[1, 1]`` (truncated), probabilities 1/2, 1/4, 1/4; ``J = 1/4``; ``grad J`` is +-1/8 on the
