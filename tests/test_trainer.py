@@ -282,6 +282,30 @@ def test_periodic_eval_and_equivalence_metrics(tmp_path, tiny_random_dir):
     assert records[0]["equiv/cosine_on_policy"] > 0.9999 and records[0]["equiv/cosine"] > 0.9999
     assert "eval/accuracy" not in records[0]
     assert 0.0 <= records[1]["eval/accuracy"] <= 1.0 and 0.0 <= records[1]["eval/sampled_accuracy"] <= 1.0
+    # the values themselves: the final model (step 2) on the same held-out problems, rescored by the verifier
+    greedy, sampled, pass_k = _heldout_by_hand(run / "final", n=4, k=2)
+    assert records[1]["eval/accuracy"] == records[1]["eval/greedy_accuracy"] == pytest.approx(greedy)
+    assert records[1]["eval/sampled_accuracy"] == pytest.approx(sampled)
+    assert records[1]["eval/pass@k"] == pytest.approx(pass_k)
+
+
+def _heldout_by_hand(folder, *, n, k, seed=0):
+    """Greedy accuracy, sampled accuracy and pass@k of the model in ``folder`` on the first ``n`` held-out parity
+    problems (split test, seed 0), ``k`` samples each with the evaluation's seed (``run.seed * 1000 + 17``), every
+    completion scored again here by the task's verifier."""
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.train.heldout import evaluate
+
+    task, policy = ParityTask(), load_policy(str(folder))
+    problems = task.problems("test", n=n, seed=0)
+    records = evaluate(policy.model, policy.tokenizer, task, problems, k=k, max_new_tokens=6, greedy=True,
+                       seed=seed * 1000 + 17, temperature=1.0)["records"]
+    assert [r["id"] for r in records] == [p.id for p in problems]
+    greedy = [task.score(p, r["greedy"]["completion"]).correct for p, r in zip(problems, records)]
+    sampled = [[task.score(p, s["completion"]).correct for s in r["samples"]] for p, r in zip(problems, records)]
+    assert all(len(s) == k for s in sampled)
+    return (sum(greedy) / n, sum(sum(s) / k for s in sampled) / n,
+            sum(any(s) for s in sampled) / n)  # pass@k with n = k samples: some sample correct
 
 
 def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, tiny_random_dir):
@@ -293,5 +317,8 @@ def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, ti
                    progress=False)
     rows = [json.loads(x) for x in (before / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    greedy, sampled, _ = _heldout_by_hand(tiny_random_dir, n=4, k=2)  # step 0: the start model's own figures
+    assert rows[0]["eval/accuracy"] == pytest.approx(greedy)
+    assert rows[0]["eval/sampled_accuracy"] == pytest.approx(sampled)
     a, b = _params(plain / "final"), _params(before / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
