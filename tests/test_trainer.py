@@ -95,14 +95,15 @@ def _components(tmp_path, model_dir, algo, *extra):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "bnpo", "dr_grpo", "ppo", "isft+", "isft+-adv", "dpo"])
-def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo):
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo, grad_passes):
     """One step with micro-batches of 2 rows moves the parameters as the whole batch in one pass does (plain SGD,
-    so the parameter change is the accumulated gradient itself)."""
+    so the parameter change is the accumulated gradient itself); and the setting did cut: the step with 2 rows a
+    pass runs, for each pass of the whole batch, ceil(its rows / 2) passes of at most 2 rows."""
     from tokenmdp.train.batch import collect
     from tokenmdp.train.trainer import run_step
 
     problems = ParityTask().problems("train", n=3, seed=5)
-    results = []
+    results, passes = [], {}
     for micro in (64, 2):
         # one inner epoch: with mu = 2 the second epoch starts from parameters moved by SGD at lr 1, which
         # amplifies float round-off of the first past any tolerance
@@ -115,9 +116,13 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, a
         batch = collect(c, problems, step=1)
         assert 0 < float(batch.correct.float().mean()) < 1
         start = {k: v.detach().clone() for k, v in c.model.state_dict().items()}
+        grad_passes.clear()
         run_step(c, problems, 1)
+        passes[micro] = [len(p) for p in grad_passes]
         results.append({k: v.detach() - start[k] for k, v in c.model.state_dict().items()})
     assert max(float(d.abs().max()) for d in results[0].values()) > 1e-4  # the step did move the model
+    assert passes[64] and max(passes[64]) > 2, passes  # a pass of the whole batch (at most 12 rows: 64 holds it)
+    assert len(passes[2]) == sum(-(-n // 2) for n in passes[64]) and max(passes[2]) <= 2, passes
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-7, msg=key)
 
