@@ -105,6 +105,10 @@ def test_the_batch_of_step_t_is_sampled_with_the_weights_of_step_t_minus_2(tmp_p
     records = _records(run)
     assert [r["async/staleness"] for r in records] == [0, 1, 1, 1]
     assert all(r["time/wait"] >= 0 and r["async/is_ratio_max"] >= r["async/is_ratio_mean"] > 0 for r in records)
+    # the wait is a part of the step, beside the update; at step 1 nothing was sampled ahead, so the learner
+    # waits for the sampler (started with the run) to finish the batch: a measured, positive time
+    assert all(0 <= r["time/wait"] and r["time/wait"] + r["time/update"] <= r["time/step"] for r in records)
+    assert records[0]["time/wait"] > 0
     assert records[0]["async/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # step 1: sampled with its own weights
     policy = load_policy(str(tiny_random_dir))
     engine = FastEngine(policy.model, policy.tokenizer)

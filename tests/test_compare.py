@@ -267,12 +267,25 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     from tokenmdp.cli import main
 
     out = tmp_path / "arms"
+    from test_trainer import ParityTask  # tests/ is on the path: conftest.py
+
+    from tokenmdp.tasks.base import Problem
+    from tokenmdp.tasks.registry import register_task
+
+    class ParityForCompare(ParityTask):  # parity with an answer field: compare writes its held-out problems
+        def problems(self, split="train", n=None, seed=0):
+            return [Problem(p.id, p.question, "even", p.metadata) for p in super().problems(split, n, seed)]
+
+    register_task("parity_compare", ParityForCompare)
+
+    # parity, which a random model passes about half of the time: groups are mixed, so the calculator arm's steps
+    # have a gradient and its logged cosine says something (on Countdown a random model scores 0: no gradient)
     arms = ('{calc: {algo: grpo_nokl, set: ["task.env.kind=calculator", "task.env.max_turns=3", '
             '"task.env.turn_tokens=6", "run.equivalence=true"]}, short: {algo: isft+, steps: 2}}')
     args = ["compare", "--algos", "grpo_nokl,calc,short", "--arms", arms, "--seeds", "1", "--steps", "3", "--model",
-            str(tiny_random_dir), "--task", "countdown", "-o", "num_count=3", "-o", "high=20", "--template",
-            "compact", "--max-new-tokens", "12", "--eval-n", "4", "--k", "2", "--prompts-per-step", "2",
-            "--group-size", "2", "--eval-every", "3", "--threads", "1", "--workers", "1", "--out", str(out)]
+            str(tiny_random_dir), "--task", "parity_compare", "--template", "plain", "--max-new-tokens", "12", "--eval-n",
+            "4", "--k", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "3", "--threads", "1",
+            "--workers", "1", "--out", str(out)]
     assert main(args) == 0
     capsys.readouterr()
     calc = out / "runs" / "calc" / "seed-0"
@@ -292,6 +305,12 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     assert beyond["arms"]["calc"]["kind"]["env"] == "calculator"
     cos = beyond["arms"]["calc"].get("cosine")  # only steps with a gradient count (a random model may have none)
     assert cos is None or cos["min"] > 0.999  # on-policy GRPO = weighted SFT through the calculator
+    # parity gives the calculator arm mixed groups: its steps have a gradient, so the cosine is there, over the
+    # steps the run logged with a non-zero gradient, and it is the one logged
+    calc_steps = [json.loads(line) for line in (calc / "metrics.jsonl").read_text().splitlines()]
+    live = [r["equiv/cosine_on_policy"] for r in calc_steps if r.get("equiv/grad_norm_grpo", 0) > 0]
+    assert cos is not None and cos["steps"] == len(live) >= 1, beyond["arms"]["calc"]
+    assert cos["min"] == pytest.approx(min(live)) and cos["min"] > 0.999 and cos["holds"] is True
     md = (out / "summary.md").read_text()
     assert md.index("## Beyond the degenerate MDP") < md.index("## The paper's claims")
     assert "Beyond the degenerate MDP" in (out / "report.html").read_text()

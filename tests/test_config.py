@@ -86,9 +86,52 @@ def test_file_errors_name_the_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_preset_file_loads(path):
+def test_every_preset_file_loads(path, tmp_path):
+    """Each file loads to the values written in it (every leaf, the algo overrides included), its algorithm
+    resolves to the preset it names with those overrides applied, and the config round-trips through to_dict /
+    from_dict and through config.yaml unchanged."""
+    import dataclasses
+
+    import yaml
+
+    from tokenmdp.algos.registry import PRESETS
+
+    raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)
-    resolve_algo(cfg)
+    spec = resolve_algo(cfg)
+    assert raw["algo"]["name"] in PRESETS and cfg.algo.name == raw["algo"]["name"]
+    overrides = {k: v for k, v in raw["algo"].items() if k != "name"}
+    assert cfg.algo.overrides == overrides
+    preset = PRESETS[cfg.algo.name]
+    for f in dataclasses.fields(spec):  # the preset's fields, but for the file's overrides
+        want = overrides.get(f.name, getattr(preset, f.name))
+        assert getattr(spec, f.name) == pytest.approx(want) if isinstance(want, float) else \
+            getattr(spec, f.name) == want, f.name
+    loaded = cfg.to_dict()
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    def at(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    written = dict(leaves(raw))
+    assert written, path
+    for key, value in written.items():
+        got = at(loaded, key)
+        if isinstance(value, float):
+            assert got == pytest.approx(value), key
+        else:
+            assert got == value, key
+    assert TrainConfig.from_dict(loaded) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_there_is_one_config_per_preset_and_a_gpu_example():

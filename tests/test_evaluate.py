@@ -143,6 +143,14 @@ def test_real_tiny_model_is_reproducible(tiny_random, tmp_path):
     assert len(a["records"]) == 4 and all(len(r["samples"]) == 2 for r in a["records"])
     m = a["metrics"]
     assert 0 <= m["greedy/pass@1"] <= 1 and 1 <= m["sampled/length"] <= 12
+    # the values themselves, from the records, every completion scored again by the verifier
+    greedy = [task.score(p, r["greedy"]["completion"]) for p, r in zip(problems, a["records"])]
+    sampled = [[task.score(p, s["completion"]) for s in r["samples"]] for p, r in zip(problems, a["records"])]
+    assert m["greedy/pass@1"] == pytest.approx(sum(g.correct for g in greedy) / 4)
+    assert m["sampled/pass@1"] == pytest.approx(sum(sum(s.correct for s in row) / 2 for row in sampled) / 4)
+    assert m["sampled/format_rate"] == pytest.approx(sum(s.formatted for row in sampled for s in row) / 8)
+    lengths = [s["length"] for r in a["records"] for s in r["samples"]]
+    assert m["sampled/length"] == pytest.approx(sum(lengths) / 8)
     assert a["settings"]["engine"] == "hf" and a["settings"]["k"] == 2
     path = save_eval(a, tmp_path / "eval.json", records=tmp_path / "rec.jsonl", algo="grpo", seed=1)
     doc = json.loads(path.read_text())

@@ -105,6 +105,10 @@ def test_kl_reference_is_the_base(tmp_path, tiny_random_dir):
     kl_keys = [k for k in records[0] if "kl" in k and "ref" in k] or [k for k in records[0] if k.startswith("kl/")]
     assert kl_keys, sorted(records[0])
     assert all(abs(records[0][k]) < 1e-6 for k in kl_keys), {k: records[0][k] for k in kl_keys}
+    # step 2 samples from the adapter moved by step 1: a reference that is the base, not the live policy, is now
+    # apart from it (a trainer that took the adapted policy as its own reference would log 0 here)
+    assert records[1]["update/rows"] > 0
+    assert all(records[1][k] > 1e-6 for k in kl_keys), {k: records[1][k] for k in kl_keys}
 
 
 def test_fast_engine_samples_with_the_adapter(tiny_random_dir):

@@ -35,15 +35,27 @@ def test_the_cut_by_tokens_by_hand():
 
 
 @pytest.mark.parametrize("algo", ["grpo", "isft+-", "ppo"])
-def test_a_token_budget_changes_nothing_but_memory(tmp_path, tiny_random_dir, algo):
+def test_a_token_budget_changes_nothing_but_memory(tmp_path, tiny_random_dir, algo, grad_passes):
+    """... and it does cut: the run with the budget runs the passes counted by hand from the rows' lengths."""
+    from conftest import cut_count
+
     def run(name, *extra):
         cfg = load_config(None, [f"model.path={tiny_random_dir}", f"algo.name={algo}", f"run.out={tmp_path / name}",
                                  *SMALL, "optim.eps=1e-3", *extra])
         return load_file(str(train(cfg, progress=False) / "final" / "model.safetensors"))
 
     a = run("rows")
+    rows_passes = list(grad_passes)
+    grad_passes.clear()
     b = run("tokens", "optim.micro_batch_tokens=12")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    # micro_batch_size 16 >= the 8 rows of a step: each pass of the plain run is a whole batch (2 steps x inner
+    # epochs x policy / critic), and each of those is cut by the budget into the micro-batches counted by hand
+    assert rows_passes and all(len(p) == 8 for p in rows_passes), [len(p) for p in rows_passes]
+    expected = sum(cut_count(p, 16, 12) for p in rows_passes)
+    assert expected > len(rows_passes)  # the budget cuts (rows of 7 tokens and more go alone or in pairs)
+    assert len(grad_passes) == expected, (len(grad_passes), expected)
+    assert all(len(p) == 1 or len(p) * max(p) <= 12 for p in grad_passes), grad_passes
 
 
 def test_a_bad_token_budget_names_the_field():

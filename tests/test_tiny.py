@@ -179,11 +179,38 @@ def test_measure_base(small_base):
     assert figs["n_problems"] == 4 and figs["k"] == 3
     for key in ("sampled_accuracy", "greedy_accuracy", "mixed_fraction", "format_rate", "truncated_rate"):
         assert 0.0 <= figs[key] <= 1.0
+    # the values themselves: the same completions (the held-out evaluation, same problems and seed) scored again
+    # here by the task's verifier, and the rates counted by hand
+    from tokenmdp.train.heldout import evaluate
+
+    meta = read_meta(small_base)
+    task = tiny_model_task(meta)
+    problems = task.problems("test", n=4, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(str(small_base), dtype=torch.float32).eval()
+    records = evaluate(model, load_char_tokenizer(small_base), task, problems, k=3, max_new_tokens=24, seed=0,
+                       template=meta.get("template", "compact"), batch_size=64 * 3)["records"]
+    scores = [[task.score(p, s["completion"]) for s in r["samples"]] for p, r in zip(problems, records)]
+    counts = [sum(sc.correct for sc in row) for row in scores]
+    samples = [s for r in records for s in r["samples"]]
+    assert figs["sampled_accuracy"] == pytest.approx(sum(counts) / 12, abs=1e-4)
+    assert figs["mixed_fraction"] == pytest.approx(sum(0 < c < 3 for c in counts) / 4, abs=1e-4)
+    assert figs["all_correct_fraction"] == pytest.approx(sum(c == 3 for c in counts) / 4, abs=1e-4)
+    assert figs["format_rate"] == pytest.approx(sum(sc.formatted for row in scores for sc in row) / 12, abs=1e-4)
+    assert figs["truncated_rate"] == pytest.approx(sum(s["truncated"] for s in samples) / 12, abs=1e-4)
+    assert all(s["truncated"] == (s["length"] == 24) for s in samples)  # cut only at the token limit
+    greedy = [task.score(p, r["greedy"]["completion"]).correct for p, r in zip(problems, records)]
+    assert figs["greedy_accuracy"] == pytest.approx(sum(greedy) / 4, abs=1e-4)
     total = figs["mixed_fraction"] + figs["all_correct_fraction"] + figs["all_wrong_fraction"]
     assert total == pytest.approx(1.0)
     assert 0 < figs["mean_length"] <= 24
     with pytest.raises(TokenMDPError, match="tokenmdp.json"):
         measure_base(small_base.parent, n_problems=2)
+
+
+def tiny_model_task(meta):
+    from tokenmdp.tasks import get_task
+
+    return get_task(meta["task"], **meta.get("task_kwargs", {}))
 
 
 def test_cli_pretrain(tmp_path, small_base, capsys):

@@ -96,13 +96,14 @@ def _components(tmp_path, model_dir, algo, *extra):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "bnpo", "dr_grpo", "ppo", "isft+", "isft+-adv", "dpo"])
-def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo):
+def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, algo, grad_passes):
     """One step with micro-batches of 2 rows moves the parameters as the whole batch in one pass does (plain SGD,
-    so the parameter change is the accumulated gradient itself)."""
+    so the parameter change is the accumulated gradient itself); and the setting did cut: the step with 2 rows a
+    pass runs, for each pass of the whole batch, ceil(its rows / 2) passes of at most 2 rows."""
     from tokenmdp.train.trainer import run_step
 
     problems = ParityTask().problems("train", n=3, seed=5)
-    results = []
+    results, passes = [], {}
     for micro in (64, 2):
         # one inner epoch: with epochs = 2 the second epoch starts from parameters moved by SGD at lr 1, which
         # amplifies float round-off of the first past any tolerance
@@ -115,9 +116,13 @@ def test_micro_batches_accumulate_to_the_full_batch(tmp_path, tiny_random_dir, a
         batch = rollouts.collect(problems, step=1)
         assert 0 < float(batch.correct.float().mean()) < 1
         start = {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+        grad_passes.clear()
         run_step(learner, algorithm, rollouts, problems, 1)
+        passes[micro] = [len(p) for p in grad_passes]
         results.append({k: v.detach() - start[k] for k, v in learner.model.state_dict().items()})
     assert max(float(d.abs().max()) for d in results[0].values()) > 1e-4  # the step did move the model
+    assert passes[64] and max(passes[64]) > 2, passes  # a pass of the whole batch (at most 12 rows: 64 holds it)
+    assert len(passes[2]) == sum(-(-n // 2) for n in passes[64]) and max(passes[2]) <= 2, passes
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-4, atol=1e-7, msg=key)
 
@@ -280,6 +285,30 @@ def test_periodic_eval_and_equivalence_metrics(tmp_path, tiny_random_dir):
     assert records[0]["equiv/cosine_on_policy"] > 0.9999 and records[0]["equiv/cosine"] > 0.9999
     assert "eval/accuracy" not in records[0]
     assert 0.0 <= records[1]["eval/accuracy"] <= 1.0 and 0.0 <= records[1]["eval/sampled_accuracy"] <= 1.0
+    # the values themselves: the final model (step 2) on the same held-out problems, rescored by the verifier
+    greedy, sampled, pass_k = _heldout_by_hand(run / "final", n=4, k=2)
+    assert records[1]["eval/accuracy"] == records[1]["eval/greedy_accuracy"] == pytest.approx(greedy)
+    assert records[1]["eval/sampled_accuracy"] == pytest.approx(sampled)
+    assert records[1]["eval/pass@k"] == pytest.approx(pass_k)
+
+
+def _heldout_by_hand(folder, *, n, k, seed=0):
+    """Greedy accuracy, sampled accuracy and pass@k of the model in ``folder`` on the first ``n`` held-out parity
+    problems (split test, seed 0), ``k`` samples each with the evaluation's seed (``run.seed * 1000 + 17``), every
+    completion scored again here by the task's verifier."""
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.train.heldout import evaluate
+
+    task, policy = ParityTask(), load_policy(str(folder))
+    problems = task.problems("test", n=n, seed=0)
+    records = evaluate(policy.model, policy.tokenizer, task, problems, k=k, max_new_tokens=6, greedy=True,
+                       seed=seed * 1000 + 17, temperature=1.0)["records"]
+    assert [r["id"] for r in records] == [p.id for p in problems]
+    greedy = [task.score(p, r["greedy"]["completion"]).correct for p, r in zip(problems, records)]
+    sampled = [[task.score(p, s["completion"]).correct for s in r["samples"]] for p, r in zip(problems, records)]
+    assert all(len(s) == k for s in sampled)
+    return (sum(greedy) / n, sum(sum(s) / k for s in sampled) / n,
+            sum(any(s) for s in sampled) / n)  # pass@k with n = k samples: some sample correct
 
 
 def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, tiny_random_dir):
@@ -291,5 +320,8 @@ def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, ti
                    progress=False)
     rows = [json.loads(x) for x in (before / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and 0.0 <= rows[0]["eval/accuracy"] <= 1.0
+    greedy, sampled, _ = _heldout_by_hand(tiny_random_dir, n=4, k=2)  # step 0: the start model's own figures
+    assert rows[0]["eval/accuracy"] == pytest.approx(greedy)
+    assert rows[0]["eval/sampled_accuracy"] == pytest.approx(sampled)
     a, b = _params(plain / "final"), _params(before / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -97,11 +97,15 @@ def test_a_base_with_another_tokenizer_is_retokenised_through_text(tiny_random):
                       ["n=1:", "n=2:"], group_size=2, limits=EpisodeLimits(2, 3, 40), seed=0)
     ro = ep.rollout
     assert ro.observation_mask is not None
+    checked = 0
     for b in range(len(ro)):
         obs_ids = ro.response_ids[b][ro.observation_mask[b].bool()].tolist()
         base_text = ep.infos[b].get("base_text")
         if base_text is not None:
-            assert policy_tok.decode(obs_ids, clean_up_tokenization_spaces=False) == base_text
+            assert obs_ids and policy_tok.decode(obs_ids, clean_up_tokenization_spaces=False) == base_text
+            checked += 1
+    # every episode (2 problems x 2) had the base's turns (seed 0: none ended on the policy's turn), each checked
+    assert checked == len(ro) == 4
 
 
 def test_a_base_whose_text_the_policy_cannot_write_is_refused(tiny_random):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import sys
 import time
 from fractions import Fraction
 
@@ -185,7 +186,38 @@ def test_a_megabyte_answer_is_answered_in_bounded_time(task):
         timed("step scorer megabyte", CD.score_steps, problem, f"<think>{big}</think><answer>1</answer>")
 
 
-def test_report_the_slowest_calls():
-    """Prints the slowest call of each kind (run with -s); every one is under BOUND_S (asserted per call)."""
+def test_report_the_slowest_calls(monkeypatch):
+    """Every verifier entry point on every adversarial piece (and a megabyte of it) answers under BOUND_S: the
+    kinds this test times are all recorded, each under the bound, and the slowest of each kind is printed (-s).
+    The harness itself can fail: a call over the bound, and a verifier that runs text as code, are caught."""
+    problem_cd = Problem(id="fuzz", question="", answer=24, metadata={"nums": [3, 5, 7]})
+    problem_gsm = Problem(id="fuzz", question="", answer="7")
+    mine = set()
+    for piece in ADVERSARIAL + ["".join(ADVERSARIAL) * 300]:
+        for completion in (piece, f"<answer>{piece}</answer>", f"#### {piece}"):
+            for name, fn, problem in (("countdown score", CD.score, problem_cd),
+                                      ("countdown answer_key", CD.answer_key, problem_cd),
+                                      ("step scorer", CD.score_steps, problem_cd),
+                                      ("gsm8k score", GSM.score, problem_gsm),
+                                      ("gsm8k answer_key", GSM.answer_key, problem_gsm)):
+                timed(name, fn, problem, completion)
+                mine.add(name)
     print({k: f"{v * 1e3:.1f} ms" for k, v in sorted(SLOWEST.items())})
+    assert len(mine) == 5 and mine <= set(SLOWEST) and all(SLOWEST[k] > 0 for k in mine)
     assert all(v < BOUND_S for v in SLOWEST.values())
+    # the harness: a call over the bound fails, and so does running the text as code
+    monkeypatch.setattr(sys.modules[__name__], "BOUND_S", 0.02)
+    with pytest.raises(AssertionError, match="took"):
+        timed("harness slow", _spin, 0.05)
+    with pytest.raises(AssertionError, match="ran text as code"):
+        timed("harness eval", lambda text: eval(text), "1+1")  # looked up at the call: the trap
+    with pytest.raises(AssertionError, match="compiled text to code"):
+        timed("harness compile", lambda text: compile(text, "<x>", "eval"), "1")
+    SLOWEST.pop("harness slow", None), SLOWEST.pop("harness eval", None), SLOWEST.pop("harness compile", None)
+
+
+def _spin(seconds):
+    """Burn ``seconds`` of this process's CPU time."""
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass

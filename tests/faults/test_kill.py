@@ -44,18 +44,32 @@ def _steps_logged(run):
     return metrics, samples.groupby("step").size().to_dict()
 
 
-def kill_until_done(model_dir, out, rng, *, kills, pause=0.3):
+def _writing(out):
+    """Whether a checkpoint is being written: a hidden temporary folder in checkpoints/."""
+    ck = out / "checkpoints"
+    try:
+        return ck.is_dir() and any(p.name.startswith(".") for p in ck.iterdir())
+    except FileNotFoundError:  # a folder renamed while listed
+        return False
+
+
+def kill_until_done(model_dir, out, rng, *, kills, pause=0.3, aim_at_write=0):
     """Kill the run ``kills`` times at seeded random moments, resuming after each, then let it finish. A kill is
     aimed either at start-up (0.3-3 s after launch) or inside training: once the run has logged a seeded number of
     steps, after a further 0-0.6 s (a step here takes about 0.3 s and a checkpoint write is held open ``pause``
     seconds). Returns how many kills landed, how many of them inside a checkpoint write (a hidden temporary folder
-    present at the kill), and the steps each resume had to redo (logged but not checkpointed)."""
+    present at the kill), and the steps each resume had to redo (logged but not checkpointed). The first
+    ``aim_at_write`` kills wait for a checkpoint write to be under way instead (each must land inside one)."""
     landed, in_write, lost, resume = 0, 0, [], False
-    for _ in range(kills):
+    for i in range(kills):
         before = _last_checkpoint(out)
         proc = subprocess.Popen(_cmd(model_dir, out, resume), env=_env(pause), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        if rng.random() < 0.25:
+        if i < aim_at_write:
+            deadline = time.time() + 120
+            while not _writing(out) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+        elif rng.random() < 0.25:
             time.sleep(rng.uniform(0.3, 3.0))
         else:
             target, deadline = rng.randint(_logged_steps(out), STEPS - 1), time.time() + 120
@@ -63,8 +77,7 @@ def kill_until_done(model_dir, out, rng, *, kills, pause=0.3):
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
-            writing = (out / "checkpoints").is_dir() and any(p.name.startswith(".")
-                                                             for p in (out / "checkpoints").iterdir())
+            writing = _writing(out)
             os.kill(proc.pid, signal.SIGKILL)
             landed += 1
             in_write += writing
@@ -109,19 +122,24 @@ def _check(straight, out):
 
 
 def test_two_kills_then_resume_equal_a_straight_run(tmp_path, tiny_random_dir, straight):
-    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(1), kills=2)
+    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(1), kills=2,
+                                             aim_at_write=1)
     _check(straight, tmp_path / "run")
     assert landed >= 1 and max(lost) <= 1  # at most the steps since the last checkpoint (save_every=1)
+    assert 1 <= in_write <= landed  # the aimed kill landed inside a checkpoint write, and the resume got past it
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_many_kills_at_random_moments(tmp_path, tiny_random_dir, straight, seed):
-    """Four seeded runs of six kills each (24 in all; several inside a checkpoint write, held open 0.3 s)."""
-    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(100 + seed), kills=6)
+    """Four seeded runs of six kills each (24 in all; two of each aimed inside a checkpoint write, held open 0.3 s,
+    the others at random moments)."""
+    landed, in_write, lost = kill_until_done(tiny_random_dir, tmp_path / "run", random.Random(100 + seed), kills=6,
+                                             aim_at_write=2)
     _check(straight, tmp_path / "run")
     print(f"seed {seed}: {landed} kills landed ({in_write} inside a checkpoint write), steps redone per kill {lost}")
     assert landed >= 2 and max(lost) <= 1
+    assert 2 <= in_write <= landed  # at least the two aimed kills landed inside a checkpoint write
 
 
 @pytest.mark.slow
