@@ -269,7 +269,7 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     out = tmp_path / "arms"
     from test_trainer import ParityTask  # tests/ is on the path: conftest.py
 
-    from tokenmdp.tasks.base import Problem
+    from tokenmdp.tasks.task import Problem
     from tokenmdp.tasks.registry import register_task
 
     class ParityForCompare(ParityTask):  # parity with an answer field: compare writes its held-out problems

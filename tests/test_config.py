@@ -94,7 +94,7 @@ def test_every_preset_file_loads(path, tmp_path):
 
     import yaml
 
-    from tokenmdp.algos.registry import PRESETS
+    from tokenmdp.algos.presets import PRESETS
 
     raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)

@@ -73,7 +73,8 @@ def _searched_files():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
             rel = f.relative_to(ROOT).as_posix()
-            if "__pycache__" in rel or f.suffix not in TEXT_SUFFIXES or f.stat().st_size > 2_000_000:
+            if "__pycache__" in rel or ".egg-info" in rel or f.suffix not in TEXT_SUFFIXES \
+                    or f.stat().st_size > 2_000_000:  # build output (egg-info) is not the project's text
                 continue
             yield rel, f
 

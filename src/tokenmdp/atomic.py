@@ -55,16 +55,37 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
             os.rename(tmp, out)
     except OSError as exc:  # the disk is full, a quota, a read-only file system ...: one clear error
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = "the previous one is intact" if out.exists() else "nothing was left behind"
-        name = errno.errorcode.get(exc.errno, "OSError")
-        where = f" ({exc.filename})" if exc.filename else ""
-        hint = "free space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that and run again"
-        raise WriteError(f"cannot write {out}{where}: {exc.strerror or exc} ({name}); {kept}; {hint} (--resume "
-                         "continues a run)") from exc
+        raise _write_error(out, exc.errno, exc.strerror or str(exc), exc.filename) from exc
+    except Exception as exc:
+        # a writer that wraps the OS error in its own (torch.save's RuntimeError, safetensors' SafetensorError): a
+        # file system left without space is the cause, measured before the partial folder is freed
+        full = _out_of_space(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _write_error(out, errno.ENOSPC, os.strerror(errno.ENOSPC), None) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_error(out: Path, code: int | None, reason: str, filename) -> WriteError:
+    """The one clear error of a failed write: what, why, what is left, what to do."""
+    kept = "the previous one is intact" if out.exists() else "nothing was left behind"
+    name = errno.errorcode.get(code, "OSError")
+    where = f" ({filename})" if filename else ""
+    hint = "free space and run again" if code in (errno.ENOSPC, errno.EDQUOT) else "fix that and run again"
+    return WriteError(f"cannot write {out}{where}: {reason} ({name}); {kept}; {hint} (--resume continues a run)")
+
+
+def _out_of_space(path: Path, *, below: int = 1 << 20) -> bool:
+    """Whether the file system of ``path`` has less than ``below`` bytes left for an unprivileged writer."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < below
 
 
 def _umask() -> int:

@@ -1,5 +1,6 @@
-"""Disk full during a checkpoint or the final save: one clear error naming the folder, the previous checkpoint
-intact, no temporary folder left, and ``--resume`` finishes the run, bitwise as a straight run, once there is room.
+"""Disk full during a checkpoint, the final save, the metrics log or the samples table: one clear error naming the
+folder or file, the previous checkpoint intact, no temporary file or half line left, and ``--resume`` finishes the
+run, bitwise as a straight run, once there is room.
 
 Where this process may mount (root), the run folder is a real small file system (a tmpfs sized from the straight
 run's own files so that the write in question runs out of room half-way through); elsewhere, and always as well, an
@@ -8,6 +9,7 @@ run's own files so that the write in question runs out of room half-way through)
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -117,9 +119,6 @@ def test_a_real_full_disk_loses_nothing_and_resume_finishes(tmp_path, tiny_rando
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason="a real ENOSPC reaches tokenmdp.atomic.write_folder as torch.save's "
-                   "RuntimeError or safetensors' SafetensorError, not OSError, so it is not turned into the one clear "
-                   "WriteError (the injected OSError is)")
 @pytest.mark.parametrize("where", ["checkpoint", "final save"])
 def test_a_real_full_disk_is_one_clear_error(tmp_path, tiny_random_dir, small_disk, where):
     _, _, _, exc = _full_disk_run(tmp_path, tiny_random_dir, small_disk, where)
@@ -155,3 +154,39 @@ def test_disk_full_loses_nothing_and_resume_finishes(tmp_path, tiny_random_dir, 
     train(_cfg(tiny_random_dir, run), resume=True, progress=False)
     a, b = (load_file(str(p / "final" / "model.safetensors")) for p in (straight, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nearly_full(small_disk, free_pages: int):
+    """A tmpfs with ``free_pages`` pages left (a filler file takes the rest), or a skip where mounting is not
+    allowed."""
+    disk = small_disk(64 * PAGE)
+    if disk is None:
+        pytest.skip("mounting a tmpfs is not allowed here (not root)")
+    (disk / "filler").write_bytes(b"\0" * (64 - free_pages) * PAGE)
+    return disk
+
+
+def test_a_real_full_disk_while_logging_metrics_is_one_clear_error(tmp_path, tiny_random_dir, small_disk):
+    """metrics.jsonl on a disk with room for the small files and a page of metrics: the step whose line does not fit
+    stops the run with one error naming the file; no half line is left, every line before it is whole."""
+    disk = _nearly_full(small_disk, 3)
+    cfg = load_config(None, [f"model.path={tiny_random_dir}", "algo.name=grpo_nokl", f"run.out={disk / 'run'}",
+                             *SMALL, "run.steps=40", "run.save_every=0", "run.log_samples=false"])
+    with pytest.raises(TokenMDPError, match=r"cannot write step (\d+)'s metrics to .*metrics\.jsonl: No space left on "
+                                            r"device \(ENOSPC\); the checkpoints already written are intact") as err:
+        train(cfg, progress=False)
+    failed = int(re.search(r"step (\d+)'s", str(err.value)).group(1))
+    lines = (disk / "run" / "metrics.jsonl").read_text().splitlines()
+    assert 1 < failed <= 40 and [json.loads(line)["step"] for line in lines] == list(range(1, failed))
+
+
+def test_a_real_full_disk_while_saving_samples_is_one_clear_error(tmp_path, tiny_random_dir, small_disk):
+    """samples.parquet on a disk with room for the small files but not for the samples table: one error naming
+    it, no temporary file left behind."""
+    disk = _nearly_full(small_disk, 3)
+    cfg = load_config(None, [f"model.path={tiny_random_dir}", "algo.name=grpo_nokl", f"run.out={disk / 'run'}",
+                             *SMALL, "run.steps=2", "run.save_every=1"])
+    with pytest.raises(TokenMDPError, match=r"cannot write the sampled responses to .*samples\.parquet: .*No space "
+                                            r"left on device \(ENOSPC\); the checkpoints already written are"):
+        train(cfg, progress=False)
+    assert not list((disk / "run").glob("*.tmp"))

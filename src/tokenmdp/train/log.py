@@ -6,6 +6,8 @@ so a resumed run's files read as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -14,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tokenmdp.errors import WriteError
 
 SAMPLE_COLUMNS = ["prompt", "completion", "reward", "correct", "length", "step", "group", "algo", "seed"]
 SAMPLE_SCHEMA = pa.schema(
@@ -40,6 +44,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _write_error(path: Path, exc: OSError, what: str) -> WriteError:
+    code = getattr(exc, "errno", None)
+    name = errno.errorcode.get(code, "OSError") if code else "OSError"
+    return WriteError(f"cannot write {what} to {path}: {getattr(exc, 'strerror', None) or exc} ({name}); the "
+                      "checkpoints already written are intact; free space and run again (--resume continues the "
+                      "run from the last checkpoint)")
+
+
 class MetricsLogger:
     """Appends one JSON line per step to ``metrics.jsonl`` (flushed, so a crash keeps finished steps)."""
 
@@ -57,9 +69,15 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> dict:
         """Write ``{"step": step, **metrics}`` as one line; returns the cleaned record."""
         record = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except OSError as exc:  # a full disk: no half line is left behind, the checkpoints are intact
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise _write_error(self.path, exc, f"step {step}'s metrics") from exc
         if self.trackers is not None:
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.trackers.log(numeric, step=step)
@@ -126,5 +144,9 @@ class SampleLogger:
             return
         table = pa.Table.from_pydict(self.columns, schema=SAMPLE_SCHEMA)
         tmp = self.path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a full disk: the previous samples.parquet is intact
+            tmp.unlink(missing_ok=True)
+            raise _write_error(self.path, exc, "the sampled responses") from exc
