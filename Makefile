@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench bitequal clean
 
 $(STAMP): pyproject.toml requirements-setup.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/tokenmdp demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts docs
 	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 test-slow: $(STAMP)
@@ -31,6 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py
 	$(BIN)/python benchmarks/bench_rollout.py
 	$(BIN)/python benchmarks/bench_update.py
+
+# the house's before/after check: 17 short runs compared bit for bit with scripts/bitequal-reference.json
+bitequal: $(STAMP)
+	$(BIN)/python scripts/bitequal.py check scripts/bitequal-reference.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -3,7 +3,8 @@
 GRPO gives advantage 0 to every row of a group whose rewards are all equal (all right or all wrong); with no KL
 term in the loss, no entropy bonus and no critic such rows add exactly nothing to the gradient, and
 ``optim.skip_zero_advantage`` (off by default) leaves them out of the forward and backward passes (module
-:class:`tokenmdp.train.algorithms.PolicyGradient`). This script rolls out one GRPO batch (``--prompts`` x ``--group`` Countdown samples) on
+:class:`tokenmdp.train.algorithms.PolicyGradient`). This script rolls out one GRPO batch (``--prompts`` x
+``--group`` Countdown samples) on
 the embedded tiny base model (built into the cache first when absent: a few minutes), sets the rewards of a
 fraction ``--uniform`` of the groups to all-equal, and times the same update with the skip off and on, alternating,
 best of ``--repeats``, from the same parameters and optimizer state each time. It prints both times, their ratio,

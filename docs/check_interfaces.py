@@ -32,7 +32,6 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-import pkgutil
 import re
 import sys
 from dataclasses import dataclass

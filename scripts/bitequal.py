@@ -2,9 +2,10 @@
 
 A set of short, fixed training runs on the embedded tiny base model (every update kind, LoRA, a critic, overlapped
 rollouts, micro- and minibatches, checkpoints and resume, held-out evaluation, an environment). ``record`` runs
-them and writes a fingerprint of each: the SHA-256 of every final parameter tensor, of every checkpoint file that
-holds numbers (but ``rng.pt``: the global generators are not seeded, so it differs from run to run), and the ``metrics.jsonl`` records without their wall-clock keys (``time/*``), plus the samples'
-table. ``check`` runs them again and compares bit for bit, naming the first record or tensor that differs.
+them and writes a fingerprint of each: the SHA-256 of every final parameter tensor and of every checkpoint file
+that holds numbers (but ``rng.pt``: the global generators are never seeded, so it differs from run to run), the
+``metrics.jsonl`` records without their wall-clock keys (``time/*``), and the samples' table. ``check`` runs them
+again and compares bit for bit, naming the first record or tensor that differs.
 
     .venv/bin/python scripts/bitequal.py record scripts/bitequal-reference.json
     .venv/bin/python scripts/bitequal.py check scripts/bitequal-reference.json

@@ -231,7 +231,7 @@ def test_grpo_length_normalisation_biases_toward_longer_wrong_answers():
         th = theta.clone().requires_grad_(True)
         (grad_len,) = torch.autograd.grad(wrong_length(th), th)
 
-        def length_per_return(u):
+        def length_per_return(u, grad_len=grad_len, grad_j=grad_j):
             return float((grad_len * u).sum() / (grad_j * u).sum())
 
         u_grpo = expected_update(theta, table, g, grpo, "seq_mean_token_mean")

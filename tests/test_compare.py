@@ -283,7 +283,8 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     arms = ('{calc: {algo: grpo_nokl, set: ["task.env.kind=calculator", "task.env.max_turns=3", '
             '"task.env.turn_tokens=6", "run.equivalence=true"]}, short: {algo: isft+, steps: 2}}')
     args = ["compare", "--algos", "grpo_nokl,calc,short", "--arms", arms, "--seeds", "1", "--steps", "3", "--model",
-            str(tiny_random_dir), "--task", "parity_compare", "--template", "plain", "--max-new-tokens", "12", "--eval-n",
+            str(tiny_random_dir), "--task", "parity_compare", "--template", "plain", "--max-new-tokens", "12",
+            "--eval-n",
             "4", "--k", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "3", "--threads", "1",
             "--workers", "1", "--out", str(out)]
     assert main(args) == 0

@@ -72,7 +72,7 @@ def test_solver_prefers_integer_steps():
     # 2 = 6 / 3 via integers; the solver must not go through a fraction like 6 * (1/3)
     tree = solve_tree([6, 3], 2)
     assert to_steps(tree) == [(6, "/", 3, 2)]
-    for a, op, b, c in to_steps(solve_tree([25, 97, 91, 84], 66)):
+    for _a, _op, _b, c in to_steps(solve_tree([25, 97, 91, 84], 66)):
         assert isinstance(c, int) and c >= 0
 
 

@@ -29,14 +29,14 @@ def count_reward(prompt, response):
 
 @pytest.fixture(params=[(2, 2), (3, 3), (4, 4)], ids=["V2L2", "V3L3", "V4L4"])
 def table(request):
-    v, l = request.param
-    return enumerate_sequences(TokenMDP(count_reward, eos_id=0, max_len=l, vocab_size=v), prompt=(1, 2))
+    v, length = request.param
+    return enumerate_sequences(TokenMDP(count_reward, eos_id=0, max_len=length, vocab_size=v), prompt=(1, 2))
 
 
 def test_counts_and_probabilities_sum_to_one(table):
-    v, l = table.vocab_size, table.mdp.max_len
-    assert table.num_sequences == sum((v - 1) ** k for k in range(l)) + (v - 1) ** l
-    assert table.num_prefixes == sum((v - 1) ** k for k in range(l))
+    v, length = table.vocab_size, table.mdp.max_len
+    assert table.num_sequences == sum((v - 1) ** k for k in range(length)) + (v - 1) ** length
+    assert table.num_prefixes == sum((v - 1) ** k for k in range(length))
     theta = init_logits(table, seed=3, scale=2.0)
     p = probabilities(theta, table).detach()
     assert abs(float(p.sum()) - 1.0) < 1e-12 and torch.all(p > 0)

@@ -88,7 +88,8 @@ def test_gae_and_returns_skip_observation_holes():
 
 def test_check_observation_names_the_bad_token():
     assert check_observation([1, 2], 5, turn=1, row=0) == (1, 2)
-    with pytest.raises(TokenMDPError, match=r"episode 3, turn 2: token 1 is 9, outside the policy's vocabulary \[0, 5\)"):
+    with pytest.raises(TokenMDPError,
+                       match=r"episode 3, turn 2: token 1 is 9, outside the policy's vocabulary \[0, 5\)"):
         check_observation([1, 9], 5, turn=2, row=3)
     with pytest.raises(TokenMDPError, match="not a token id"):
         check_observation([1, "a"], 5, turn=1, row=0)

@@ -135,7 +135,7 @@ def test_default_findings(default):
         j, g = doc["start"]["J"], doc["group_size"]
         assert p["isft+_seqsum_kept"]["scale"] == pytest.approx((1 - (1 - j) ** g) / (2 * j), rel=1e-9)
         assert p["grpo_nokl"]["cosine"] < 1 - 1e-4  # 1/|o|: the one-token episode EOS weighs double
-    for name, doc in default["variants"].items():
+    for doc in default["variants"].values():
         ids = doc["identities"]
         assert ids["isft+-adv_vs_grpo_nokl_group_rel_diff"] < 1e-7
         assert ids["env_rows_max_abs_update"] == 0 and ids["env_rows_max_abs_grad_J"] == 0

@@ -223,7 +223,7 @@ def test_inject_lora_freezes_all_but_the_adapter(tiny_random):
 def test_checkpointing_recomputes_in_the_loss_forward_only(tiny_random_dir):
     """With model.gradient_checkpointing, a decoder layer runs twice for a loss (forward, then again in the
     backward) inside update_mode, once without gradients, and the gradients equal those without checkpointing."""
-    from tokenmdp.policy.adapters import update_mode
+    from tokenmdp.train.learner import update_mode
     from tokenmdp.train.setup import enable_checkpointing
 
     ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
@@ -272,4 +272,5 @@ def test_lora_dropout_with_checkpointing_is_refused_and_the_adapter_records_a_na
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", "model.gguf_file=smol.gguf")
     settings = Settings("/m/smol", {}, None, 8, None)
     assert _base_record(cfg, settings) == "/m/smol/smol.gguf"
-    assert _base_record(_cfg(tmp_path, tiny_random_dir, "grpo"), Settings("/m/x.gguf", {}, None, 8, None)) == "/m/x.gguf"
+    settings = Settings("/m/x.gguf", {}, None, 8, None)
+    assert _base_record(_cfg(tmp_path, tiny_random_dir, "grpo"), settings) == "/m/x.gguf"

@@ -43,16 +43,16 @@ def test_asymmetric_clip_higher():
 
 
 def test_aggregate_hand_values():
-    l = torch.tensor([[1.0, 2, 0], [3, 0, 0]])
+    per_token = torch.tensor([[1.0, 2, 0], [3, 0, 0]])
     m = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    assert float(aggregate(l, m, aggregation="seq_mean_token_mean")) == pytest.approx(2.25)
-    assert float(aggregate(l, m, aggregation="token_mean")) == pytest.approx(2.0)
-    assert float(aggregate(l, m, aggregation="seq_sum_const", max_len=4)) == pytest.approx(0.75)
-    assert float(aggregate(l, m, aggregation="seq_mean_token_sum")) == pytest.approx(3.0)
+    assert float(aggregate(per_token, m, aggregation="seq_mean_token_mean")) == pytest.approx(2.25)
+    assert float(aggregate(per_token, m, aggregation="token_mean")) == pytest.approx(2.0)
+    assert float(aggregate(per_token, m, aggregation="seq_sum_const", max_len=4)) == pytest.approx(0.75)
+    assert float(aggregate(per_token, m, aggregation="seq_mean_token_sum")) == pytest.approx(3.0)
     with pytest.raises(TokenMDPError, match="seq_sum_const' needs a positive max_len"):
-        aggregate(l, m, aggregation="seq_sum_const")
+        aggregate(per_token, m, aggregation="seq_sum_const")
     with pytest.raises(TokenMDPError, match="unknown aggregation 'sum'"):
-        aggregate(l, m, aggregation="sum")
+        aggregate(per_token, m, aggregation="sum")
 
 
 def test_kl_estimators_hand_values():
@@ -162,7 +162,9 @@ def test_micro_batches_with_accumulation_equal_the_full_batch(aggregation):
     for rows in ([0], [1, 2, 3], [4, 5]):
         r = torch.tensor(rows)
         width = int(mask[r].sum(-1).max())
-        sl = lambda x: x[r, :width]  # noqa: E731
+        def sl(x, r=r, width=width):
+            return x[r, :width]
+
         loss, g = loss_and_grad(sl(params), sl(old), sl(ref), adv[r], sl(ent), sl(mask), aggregation=aggregation,
                                 num_tokens=n_tok, num_seqs=n_seq, **KW)
         total += loss

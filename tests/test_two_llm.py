@@ -174,7 +174,7 @@ def test_process_final_residual_keeps_the_return_and_add_adds_the_steps(tmp_path
         assert spec.process_final == final
         step_reward = cfg.task.step_reward
         unit = make_algorithm(spec, cfg, max_new_tokens=8,
-                              process_rewards=lambda b: torch.tensor([[0.0, step_reward, 0.0, 0.0]]))
+                              process_rewards=lambda b, w=step_reward: torch.tensor([[0.0, w, 0.0, 0.0]]))
         ro = SimpleNamespace(response_mask=torch.tensor([[1, 1, 1, 1]]))
         batch = SimpleNamespace(rollout=ro, rewards=torch.tensor([1.0]), token_rewards=None)
         got = unit.token_rewards(batch)

@@ -17,7 +17,7 @@ import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from tokenmdp.errors import TokenMDPError
 

@@ -9,7 +9,7 @@ layer may print through them.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from rich.console import Console
 

@@ -55,7 +55,8 @@ def test_a_wrong_type_names_the_field(name, kind):
 RANGED = ["rollout.prompts_per_step", "rollout.group_size", "optim.micro_batch_size", "run.steps", "run.keep_last",
           "run.eval_k", "rollout.temperature", "optim.lr", "optim.warmup_steps", "run.save_every", "run.eval_every",
           "run.eval_n", "optim.max_nonfinite_steps", "rollout.max_new_tokens", "run.threads",
-          "optim.minibatch_size", "optim.micro_batch_tokens", "rollout.max_staleness", "model.lora.rank", "model.lora.alpha", "model.lora.dropout"]
+          "optim.minibatch_size", "optim.micro_batch_tokens", "rollout.max_staleness", "model.lora.rank",
+          "model.lora.alpha", "model.lora.dropout"]
 
 
 @pytest.mark.parametrize("name", RANGED)

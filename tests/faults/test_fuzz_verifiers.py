@@ -1,8 +1,9 @@
 """The verifiers under fuzzing (hypothesis): the Countdown and GSM8K verifiers and the Countdown step scorer, each
-on 10,000 generated completions (`make test-slow`; 300 in `make test`) built from the answer grammar plus adversarial pieces (huge numbers, exponents,
-deep nesting, non-ASCII digits, control characters, code, megabyte answers). Each must never raise, never run the
-text as code (``eval``, ``exec`` and ``compile`` are booby-trapped during the run), answer every call within
-:data:`BOUND_S`, and agree with an independent reference verdict on well-formed answers."""
+on 10,000 generated completions (`make test-slow`; 300 in `make test`) built from the answer grammar plus
+adversarial pieces (huge numbers, exponents, deep nesting, non-ASCII digits, control characters, code, megabyte
+answers). Each must never raise, never run the text as code (``eval``, ``exec`` and ``compile`` are booby-trapped
+during the run), answer every call within :data:`BOUND_S`, and agree with an independent reference verdict on
+well-formed answers."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def fuzz(n, *strategies):
     return wrap
 
 ADVERSARIAL = [
-    "9" * 5000, "2**99999", "10**10**10", "(" * 400 + "1" + ")" * 400, "-" * 300 + "1", "\u0663+\u0664",  # Arabic digits
+    "9" * 5000, "2**99999", "10**10**10", "(" * 400 + "1" + ")" * 400, "-" * 300 + "1",
+    "\u0663+\u0664",  # Arabic digits
     "１２", "\x00", "\x1b[31m", "\r\n", "__import__('os').system('echo pwned')", "exec('1')", "lambda: 1",
     "[1]*10**9", "1/0", "0/0", "3 = 3 = 3", "= 5", "1e309", "nan", "inf", "\U0001F600", "𝟙𝟚", "#### ",
     "<answer>", "</answer>", "<think>", "</think>", "\\boxed{", "}", "$", ",", ".", "1,000,000.5", "½",

@@ -378,7 +378,8 @@ def policy_loss(
 
     aggregated by ``aggregation`` (module docstring). ``is_weights`` (B, T), optional: per-token weights of a stale
     batch (truncated importance sampling, :func:`tokenmdp.algos.core.truncated_is`) multiplying the policy
-    term, ``-w_t min(...)`` (detached; with ``w = 2``, ``rho = 1``, ``A = +1``: ``l = -2``). ``clip_high=None`` means ``clip_low`` (symmetric PPO/GRPO);
+    term, ``-w_t min(...)`` (detached; with ``w = 2``, ``rho = 1``, ``A = +1``: ``l = -2``). ``clip_high=None``
+    means ``clip_low`` (symmetric PPO/GRPO);
     DAPO uses 0.2 / 0.28. ``kl_t`` is :func:`kl_penalty` of ``logprobs`` against ``ref_logprobs``.
 
     Hand example (the tests): ``rho = 1.5``, ``A = +1``, clip 0.2: ``l = -min(1.5, 1.2) = -1.2`` and the gradient

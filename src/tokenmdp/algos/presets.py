@@ -3,7 +3,8 @@
 An :class:`AlgoSpec` names one choice on each axis of the family (``docs/design.md``): the kind of update (``pg``,
 ``isft``, ``dpo``), the advantage estimator and its scaling, the credit assignment, the loss aggregation, the
 ratio clip, the KL (estimator, weight, in the loss or in the reward), the entropy bonus, the number of inner
-``epochs`` over each batch, and whether a critic is trained. :data:`PRESETS` holds the named algorithms; ``describe()`` prints
+``epochs`` over each batch, and whether a critic is trained. :data:`PRESETS` holds the named algorithms;
+``describe()`` prints
 their choices side by side; ``get_algo(name, **overrides)`` builds a custom mix (``--set algo.aggregation=...``).
 :func:`tokenmdp.algos.core.compute_advantages` turns rewards into the advantages a spec asks for. The field
 types are ``Literal`` choices checked by the project's one coercer (:mod:`tokenmdp.schema`).

@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenmdp.tasks.countdown_solve import format_step, solve_tree, to_expression, to_steps
 from tokenmdp.tasks.countdown_verify import DEAD_END, apply_op

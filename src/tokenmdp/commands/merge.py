@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def merge_cmd(
         adapter: Path = typer.Argument(..., help="An adapter folder: a LoRA run's final/ or checkpoints/step-N/model."),
         out: Path = typer.Option(..., "--out", help="Folder for the merged full model (must not exist)."),
-        base: Optional[str] = typer.Option(None, "--base", help="The base model (default: the one the adapter "
+        base: str | None = typer.Option(None, "--base", help="The base model (default: the one the adapter "
                                            "records, its base_model_name_or_path)."),
         dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -52,24 +51,24 @@ def register(app: typer.Typer) -> None:
     @app.command("pretrain")
     def pretrain_cmd(
         task: str = typer.Option("countdown", "--task", help="Task whose derivational traces to train on."),
-        out: Optional[Path] = typer.Option(
+        out: Path | None = typer.Option(
             None, "--out", help="Output folder (default: the embedded base model in the cache, "
             "$TOKENMDP_CACHE or ~/.cache/tokenmdp, with the default settings)."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default 1500)."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step."),
-        lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine)."),
-        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model width."),
-        num_layers: Optional[int] = typer.Option(None, "--layers", help="Transformer layers."),
-        num_heads: Optional[int] = typer.Option(None, "--heads", help="Attention heads."),
-        max_failures: Optional[int] = typer.Option(None, "--max-failures", help="Most dead ends a trace shows "
+        steps: int | None = typer.Option(None, "--steps", help="Optimiser steps (default 1500)."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per step."),
+        lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (warmup, then cosine)."),
+        hidden_size: int | None = typer.Option(None, "--hidden-size", help="Model width."),
+        num_layers: int | None = typer.Option(None, "--layers", help="Transformer layers."),
+        num_heads: int | None = typer.Option(None, "--heads", help="Attention heads."),
+        max_failures: int | None = typer.Option(None, "--max-failures", help="Most dead ends a trace shows "
                                                    "(default 2)."),
-        give_up: Optional[float] = typer.Option(None, "--give-up", help="Chance that a trace's writer stops after "
+        give_up: float | None = typer.Option(None, "--give-up", help="Chance that a trace's writer stops after "
                                                 "each dead end (default 0: never; the trace skips ahead to a "
                                                 "first move that reaches the target)."),
-        bluff: Optional[bool] = typer.Option(None, "--bluff/--no-bluff", help="With --give-up: a writer who "
+        bluff: bool | None = typer.Option(None, "--bluff/--no-bluff", help="With --give-up: a writer who "
                                              "stops presents its last attempt as a success, or (default) marks it "
                                              "as a dead end and answers its closest near miss."),
-        direct: Optional[float] = typer.Option(None, "--direct", help="Share of traces whose writer answers "
+        direct: float | None = typer.Option(None, "--direct", help="Share of traces whose writer answers "
                                                "directly, without search lines (default 0)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the problems, the traces and the initialisation."),
         task_arg: list[str] = typer.Option([], "--task-arg", help="Task setting KEY=VALUE (repeatable), "
@@ -82,7 +81,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default 1: the "
+        threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default 1: the "
                                               "fastest for a model this small)."),
     ) -> None:
         """Pretrain the tiny base model on derivational search traces (char tokenizer, small Qwen2)."""

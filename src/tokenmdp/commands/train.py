@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -42,8 +41,8 @@ def presets_table(as_json: bool) -> None:
         console.print(f"[bold]{name}[/bold]: {spec.description}", highlight=False)
 
 
-def _config(config: Optional[Path], algo: Optional[str], sets: list[str], out: Optional[Path], resume: bool,
-            overwrite: bool, steps: Optional[int], seed: Optional[int]):
+def _config(config: Path | None, algo: str | None, sets: list[str], out: Path | None, resume: bool,
+            overwrite: bool, steps: int | None, seed: int | None):
     from tokenmdp.train.config import load_config
     from tokenmdp.train.run_dir import nothing_done
 
@@ -98,13 +97,13 @@ def _summary(run_dir: Path, as_json: bool) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_cmd(
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections model, task, "
+        config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (sections model, task, "
                                               "rollout, algo, optim, run); defaults: tiny base model on Countdown."),
-        algo: Optional[str] = typer.Option(None, "--algo", help="Algorithm preset (see --list-algos)."),
+        algo: str | None = typer.Option(None, "--algo", help="Algorithm preset (see --list-algos)."),
         sets: list[str] = typer.Option([], "--set", help="Override a field: --set optim.lr=3e-4 (repeatable)."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<algo>-seed<seed>)."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (run.steps)."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the prompt stream and sampling (run.seed)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default runs/<algo>-seed<seed>)."),
+        steps: int | None = typer.Option(None, "--steps", help="Training steps (run.steps)."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed of the prompt stream and sampling (run.seed)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
         list_algos: bool = typer.Option(False, "--list-algos", help="Print the algorithm presets and exit."),

@@ -19,7 +19,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -137,27 +137,6 @@ def adapter_disabled(peft_model) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def update_mode(model: nn.Module) -> Iterator[None]:
-    """Inside the block, the switches of a loss's forward pass that the trainer's eval mode keeps off: the LoRA
-    adapter's dropout, and gradient checkpointing of the decoder layers (transformers checkpoints a layer only
-    in training mode). Only those modules are switched, never the model's own dropout, so sampling, the behaviour
-    log-probs and the loss see the same base network. A no-op without gradients (nothing to recompute)."""
-    if not torch.is_grad_enabled():
-        yield
-        return
-    switched = [m for name, m in model.named_modules()
-                if (isinstance(m, nn.Dropout) and "lora_dropout" in name and m.p > 0)
-                or getattr(m, "gradient_checkpointing", False) is True]
-    for m in switched:
-        m.training = True  # this module only, not its children
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.training = False
-
-
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict entries of ``module``'s trainable parameters only (an adapter-only critic checkpoint)."""
     names = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -189,5 +168,4 @@ def merge_adapter(folder: str | os.PathLike, out: str | os.PathLike, *, base: st
 
 
 __all__ = ["ADAPTER_CONFIG", "adapter_base", "adapter_disabled", "add_lora", "inject_lora", "is_adapter_folder",
-           "linear_module_names", "load_adapter", "merge_adapter", "trainable_state",
-           "update_mode"]
+           "linear_module_names", "load_adapter", "merge_adapter", "trainable_state"]

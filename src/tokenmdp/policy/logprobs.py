@@ -19,7 +19,7 @@ backward pass recomputes the chunk's logits instead of keeping all of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

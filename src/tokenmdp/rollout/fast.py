@@ -13,7 +13,7 @@ Log-probs are those of the sampled tokens under ``logits / temperature`` without
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

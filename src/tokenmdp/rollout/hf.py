@@ -11,7 +11,7 @@ sampling follows only the arguments of :meth:`HFEngine.generate`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList

@@ -3,7 +3,7 @@ the mask of a sampled response's tokens up to its first EOS (what follows is pad
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

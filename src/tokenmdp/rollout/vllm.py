@@ -15,7 +15,8 @@ vLLM >= 0.10.2 for ``logprobs_mode``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 

@@ -90,7 +90,7 @@ def iterative_evaluation(
     V = np.zeros(mdp.n_states)
     deltas: list[float] = []
     live = np.flatnonzero(mdp.nonterminal)
-    for k in range(1, max_iter + 1):
+    for k in range(1, max_iter + 1):  # noqa: B007 - k, the iteration count, is read after the loop
         if in_place:
             old = V.copy()
             for s in live:
@@ -114,7 +114,7 @@ def value_iteration(mdp: TabularMDP, *, tol: float = 1e-10, max_iter: int = 100_
     """
     V = np.zeros(mdp.n_states)
     deltas: list[float] = []
-    for k in range(1, max_iter + 1):
+    for k in range(1, max_iter + 1):  # noqa: B007 - k, the iteration count, is read after the loop
         Q = q_from_v(mdp, V)
         V_new = Q.max(axis=1)
         delta = float(np.abs(V_new - V).max())

@@ -107,7 +107,7 @@ def td_control(
         s = env.reset()
         a = _choose(rng, Q[s], epsilon)
         total, t = 0.0, 0
-        for t in range(1, max_steps + 1):
+        for t in range(1, max_steps + 1):  # noqa: B007 - t, the episode length, is read after the loop
             s2, r = env.step(s, a)
             total += r
             a2 = None if term[s2] or rule != "sarsa" else _choose(rng, Q[s2], epsilon)

@@ -41,7 +41,7 @@ import itertools
 import math
 import random
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.tasks.task import Problem, Score, StepScore, Task, check_split

@@ -21,11 +21,11 @@ from __future__ import annotations
 from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
-from typing import Sequence, Union
+from collections.abc import Sequence
 
-from tokenmdp.tasks.countdown_verify import Number, divide
+from tokenmdp.tasks.countdown_verify import Number
 
-Tree = Union[int, tuple]
+Tree = int | tuple
 # (badness, tree): badness counts the intermediate results that are negative or not integers.
 Entry = tuple[int, Tree]
 

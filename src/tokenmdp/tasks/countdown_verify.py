@@ -27,11 +27,11 @@ import ast
 import re
 from collections import Counter
 from fractions import Fraction
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from tokenmdp.tasks.task import StepScore
 
-Number = Union[int, Fraction]
+Number = int | Fraction
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_CLOSE = "</think>"

@@ -34,7 +34,7 @@ import random
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.tasks.task import Problem, Score, Task, check_split, read_records, require

@@ -9,7 +9,8 @@ A checkpoint holds everything a resumed run needs to continue bit for bit on a C
 * ``trainer_state.json``: the step and any running statistics of the trainer;
 * ``async_batches.pt`` (``rollout.max_staleness > 0``): the batches already sampled for the next steps.
 
-It is written into a hidden temporary folder and renamed to ``step-N`` only when complete (:func:`tokenmdp.atomic.write_folder`), so a crash never
+It is written into a hidden temporary folder and renamed to ``step-N`` only when complete
+(:func:`tokenmdp.atomic.write_folder`), so a crash never
 leaves a folder that looks like a checkpoint but is not one. Only the newest ``keep_last`` are kept.
 """
 

@@ -213,7 +213,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, *, source: str | None = None) -> "TrainConfig":
+    def from_dict(cls, data: dict, *, source: str | None = None) -> TrainConfig:
         """Validate ``data`` (the YAML layout) into a config; errors name the field and ``source``."""
         return _build_config(data, source)
 
@@ -255,7 +255,8 @@ def _set(data: dict, key: str, value: Any) -> None:
     if not all(parts):
         raise TokenMDPError(f"--set {key!r}: empty part in the dotted field name")
     if parts[0] not in SECTIONS:
-        raise TokenMDPError(f"--set {key!r}: unknown config section {parts[0]!r}; expected one of {', '.join(SECTIONS)}")
+        raise TokenMDPError(f"--set {key!r}: unknown config section {parts[0]!r}; expected one of "
+                            f"{', '.join(SECTIONS)}")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -349,7 +350,8 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     _validate_fsdp(config, source)
     _validate_env(config, source)
     if not 0.0 < config.rollout.top_p <= 1.0:
-        raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got {config.rollout.top_p}")
+        raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got "
+                            f"{config.rollout.top_p}")
     if config.rollout.max_staleness > 0 and config.rollout.engine not in ("fast", "hf"):
         raise TokenMDPError(f"config field {_where('rollout.max_staleness', source)} is "
                             f"{config.rollout.max_staleness}: overlapped rollouts run a copy of the policy in the "

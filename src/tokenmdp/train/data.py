@@ -25,7 +25,8 @@ def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: 
     sees the prompts of a run that was that long from the start. Nothing here depends on the algorithm or the model.
     """
     if steps < 0 or prompts_per_step < 1:
-        raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, {prompts_per_step}")
+        raise TokenMDPError(f"prompt_stream needs steps >= 0 and prompts_per_step >= 1, got {steps}, "
+                            f"{prompts_per_step}")
     need = steps * prompts_per_step
     if need == 0:
         return []
@@ -81,6 +82,7 @@ def load_pairs(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def pair_stream(pairs: list[PreferencePair], *, seed: int, steps: int, pairs_per_step: int) -> list[list[PreferencePair]]:
+def pair_stream(pairs: list[PreferencePair], *, seed: int, steps: int,
+                pairs_per_step: int) -> list[list[PreferencePair]]:
     """The offline pairs of every step: epochs of seeded permutations (``default_rng([seed, e])``), cut in steps."""
     return _cut(_epochs(pairs, steps * pairs_per_step, seed=seed), pairs_per_step, steps)

@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
 from tokenmdp.algos.core import kl_penalty
-from tokenmdp.policy.adapters import adapter_disabled, update_mode
+from tokenmdp.policy.adapters import adapter_disabled
 from tokenmdp.policy.logprobs import sequence_logprobs
 from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.types import Rollout
@@ -136,6 +138,27 @@ class TrainerState:
     def from_dict(cls, data: dict | None) -> TrainerState:
         data = data or {}
         return cls(int(data.get("nonfinite_steps", 0)), int(data.get("nonfinite_in_row", 0)), data.get("baseline"))
+
+
+@contextmanager
+def update_mode(model: nn.Module) -> Iterator[None]:
+    """Inside the block, the switches of a loss's forward pass that the trainer's eval mode keeps off: the LoRA
+    adapter's dropout, and gradient checkpointing of the decoder layers (transformers checkpoints a layer only
+    in training mode). Only those modules are switched, never the model's own dropout, so sampling, the behaviour
+    log-probs and the loss see the same base network. A no-op without gradients (nothing to recompute)."""
+    if not torch.is_grad_enabled():
+        yield
+        return
+    switched = [m for name, m in model.named_modules()
+                if (isinstance(m, nn.Dropout) and "lora_dropout" in name and m.p > 0)
+                or getattr(m, "gradient_checkpointing", False) is True]
+    for m in switched:
+        m.training = True  # this module only, not its children
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.training = False
 
 
 def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None,
@@ -396,4 +419,4 @@ class Learner:
 
 __all__ = ["Learner", "MetricMeter", "SUMMED_OVER_PROCESSES", "TrainerState", "approx_kl", "gather_parts",
            "micro_batches", "reduce_over_processes", "row_lengths", "rows_of", "total_over_processes",
-           "zero_missing_grads"]
+           "update_mode", "zero_missing_grads"]

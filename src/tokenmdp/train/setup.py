@@ -149,7 +149,7 @@ def _load(path: str, config: TrainConfig, device, *, trainable: bool):
 
 def enable_checkpointing(model) -> None:
     """Activation (gradient) checkpointing of every decoder layer, non-reentrant; it acts in the loss's forward
-    passes only (:func:`tokenmdp.policy.adapters.update_mode`): the model stays in eval mode."""
+    passes only (:func:`tokenmdp.train.learner.update_mode`): the model stays in eval mode."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -189,7 +189,7 @@ def _policy(config: TrainConfig, settings: Settings, device, resume_from: Path |
         policy.model = adapter.get_base_model()  # the HF model with the LoRA layers in place
         policy.model.eval()
     if config.model.gradient_checkpointing:
-        # active in the loss's forward passes only (tokenmdp.policy.adapters.update_mode)
+        # active in the loss's forward passes only (tokenmdp.train.learner.update_mode)
         enable_checkpointing(policy.model)
     return policy, adapter
 

@@ -72,7 +72,7 @@ def claim_c4(col: Collection, exact: dict | None) -> dict:
                 "runs": {a: {f"seed-{s}": t for s, t in trends[a].items()} for a in algos}, "tests": tests,
                 "exact_len_incorrect_shift": exact_out}
     means = {a: [t["slope"] for t in trends[a].values() if math.isfinite(t["slope"])] for a in algos}
-    texts = [f"length/incorrect slope (tokens/step): " + ", ".join(
+    texts = ["length/incorrect slope (tokens/step): " + ", ".join(
         f"{a} {sum(v) / len(v):+.2f}" for a, v in means.items() if v)] if any(means.values()) else []
     texts += [f"{name} = {t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}] ({t['verdict']})"
               if math.isfinite(t["low"]) else f"{name} = {t['mean']:+.2f} (1 seed)" for name, t in tests.items()]

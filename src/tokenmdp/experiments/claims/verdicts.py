@@ -44,13 +44,7 @@ from tokenmdp.experiments.claims.common import (
     C1_FLIP_SAMPLES,
     C1_PARAM_RTOL,
     C3_COLLAPSE_FRACTION,
-    C4_SLOPE_MARGIN,
-    C5_COSINE_CONTRADICT,
-    C5_COSINE_TOL,
-    C5_IDENTITIES,
-    CLAIM_IDS,
     EQUIV_MARGIN,
-    NOT_MEASURED,
     PRIMARY_METRIC,
     SECONDARY_METRIC,
     base_metric,
@@ -59,13 +53,12 @@ from tokenmdp.experiments.claims.common import (
     fmt_g,
     fmt_interval,
     fmt_points,
-    fmt_seeds,
     nested_get,
     paired_runs,
     reference_algo,
     run_metric,
 )
-from tokenmdp.experiments.claims.length import claim_c4, claim_c5, length_trend
+from tokenmdp.experiments.claims.length import claim_c4, claim_c5
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import (
     CONTRADICTED,

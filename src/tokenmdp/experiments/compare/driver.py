@@ -35,7 +35,7 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare.jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare.run import FairnessError, Job, check_same_stream, eval_units, step_weight
-from tokenmdp.experiments.compare.settings import (COMPARE_PRESETS, HELDOUT_SEED, TINY_LR, Arm,
+from tokenmdp.experiments.compare.settings import (TINY_LR, Arm,
                                                    CompareSettings, arm_of, config_stem, curve_every, preset_settings,
                                                    validate_settings)
 

@@ -101,7 +101,6 @@ def config_stem(name: str) -> str:
 def _validate_arms(s: CompareSettings) -> None:
     from tokenmdp.algos.presets import PRESETS
 
-    taken: dict[str, str] = {}
     for name, spec in s.arms.items():
         where = f"--arms: arm {name!r}"
         if not isinstance(name, str):

@@ -60,10 +60,9 @@ from typing import Any
 import torch
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.exact.groups import (EOS, MAX_GROUPS, Groups, Point, count_groups, enumerate_groups,
-                                               exact_mdp, final_answer_verifier, make_point, state_values)
-from tokenmdp.experiments.exact.updates import (GroupBatch, Variant, expected_update, row_coefficients, theta_free,
-                                                variants)
+from tokenmdp.experiments.exact.groups import (MAX_GROUPS, Groups, count_groups, enumerate_groups,
+                                               exact_mdp, make_point)
+from tokenmdp.experiments.exact.updates import (GroupBatch, Variant, expected_update, variants)
 from tokenmdp.mdp.enumerate import SequenceTable, enumerate_sequences, exact_gradient, init_logits, probabilities
 
 Tensor = torch.Tensor

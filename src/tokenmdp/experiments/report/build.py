@@ -263,7 +263,7 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
           "(accuracies in %, lengths in tokens).", ""]
     if col.unfinished:
-        md += [f"Left out (not finished: no DONE, no held-out evaluation): "
+        md += ["Left out (not finished: no DONE, no held-out evaluation): "
                + ", ".join(r.label for r in col.unfinished) + ".", ""]
     md += [markdown_table(col, rows), "", "## Length effect", ""]
     md += [f"- {line}" for line in reading]
