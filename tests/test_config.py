@@ -203,3 +203,24 @@ def test_every_choice_field_lists_what_its_registry_has():
     assert CHOICES["aggregation"] == AGGREGATIONS == ("seq_mean_token_mean", "token_mean", "seq_sum_const",
                                                       "seq_mean_token_sum")
     assert CHOICES["kl_estimator"] == KL_ESTIMATORS == ("k1", "k2", "k3")
+
+
+def test_a_lora_setting_turns_lora_on_and_a_contradiction_is_an_error(tmp_path):
+    """``model.lora.rank`` without ``model.lora.enabled`` trains an adapter (as verl's LoRA rank does); with
+    ``enabled: false`` beside a non-default value the setting would be ignored, so it is one clear error; the
+    defaults written back by ``config.yaml`` round-trip."""
+    cfg = load_config(None, ["model.lora.rank=8"])
+    assert cfg.model.lora.enabled and cfg.model.lora.rank == 8 and cfg.model.lora.alpha == 32.0
+    assert load_config(None, ["model.lora.alpha=4", "model.lora.target_modules=[q_proj]"]).model.lora.enabled
+    assert not load_config(None, []).model.lora.enabled
+    assert not load_config(None, ["model.lora.enabled=false", "model.lora.rank=16"]).model.lora.enabled
+    with pytest.raises(TokenMDPError, match=r"config field 'model\.lora\.rank' in --set is 8 but "
+                                            r"model\.lora\.enabled is false: set model\.lora\.enabled=true"):
+        load_config(None, ["model.lora.enabled=false", "model.lora.rank=8"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  lora:\n    enabled: false\n    dropout: 0.1\n")
+    with pytest.raises(TokenMDPError, match=r"'model\.lora\.dropout' in .*c\.yaml is 0\.1 but"):
+        load_config(path)
+    for config in (load_config(None, []), cfg):
+        save_config(config, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml") == config

@@ -34,7 +34,8 @@ class LoraConfig:
     """A LoRA adapter through ``peft`` (:mod:`tokenmdp.policy.adapters`): only the adapter trains, the reference
     policy of a KL term is the base with the adapter disabled, and checkpoints hold the adapter alone (``tokenmdp
     merge`` writes the full model). ``target_modules``: ``"all-linear"`` (every linear layer but the output head) or
-    a list of layer names (``[q_proj, v_proj]``); ``dropout`` acts in the loss's forward passes only."""
+    a list of layer names (``[q_proj, v_proj]``); ``dropout`` acts in the loss's forward passes only. Setting any of
+these without ``enabled`` turns LoRA on; ``enabled: false`` beside a value other than its default is an error."""
 
     enabled: bool = False
     rank: int = 16
@@ -246,7 +247,31 @@ def _build_config(data: Any, source: str | None) -> TrainConfig:
             raise TokenMDPError(f"{where('algo.name')} must be a preset name (a string)")
         overrides = check_fields(AlgoSpec, algo, where, prefix="algo.", renamed=RENAMED)
         data = {**data, "algo": {"name": name, "overrides": overrides}}
+    data = _lora_switch(data, where)
     return build(TrainConfig, data, where)
+
+
+def _lora_switch(data: Any, where: Where) -> Any:
+    """A ``model.lora`` section that sets the adapter (``rank``, ``alpha``, ...) without saying ``enabled`` turns
+    LoRA on, as a LoRA rank does in verl and a peft config in TRL; one that says ``enabled: false`` beside values
+    other than the defaults is a contradiction, and an error (such values would be silently ignored)."""
+    lora = data.get("model", {}).get("lora") if isinstance(data, dict) and isinstance(data.get("model"), dict) \
+        else None
+    if not isinstance(lora, dict):
+        return data
+    defaults = dataclasses.asdict(LoraConfig())
+    settings = {k: v for k, v in lora.items() if k != "enabled"}
+    if "enabled" not in lora:
+        if settings:
+            data = {**data, "model": {**data["model"], "lora": {**lora, "enabled": True}}}
+        return data
+    if lora["enabled"] is False:
+        changed = sorted(k for k, v in settings.items() if k in defaults and v != defaults[k])
+        if changed:
+            raise TokenMDPError(f"{where('model.lora.' + changed[0])} is {lora[changed[0]]!r} but "
+                                f"model.lora.enabled is false: set model.lora.enabled=true to train an adapter, or "
+                                f"drop model.lora.{changed[0]}")
+    return data
 
 
 def _set(data: dict, key: str, value: Any) -> None:
