@@ -377,10 +377,9 @@ def policy_loss(
         l_t = -min(rho A_t, clip(rho, 1 - clip_low, 1 + clip_high) A_t) + kl_coef * kl_t - entropy_coef * H_t
 
     aggregated by ``aggregation`` (module docstring). ``is_weights`` (B, T), optional: per-token weights of a stale
-    batch (truncated importance sampling, :func:`tokenmdp.algos.core.truncated_is`) multiplying the policy
-    term, ``-w_t min(...)`` (detached; with ``w = 2``, ``rho = 1``, ``A = +1``: ``l = -2``). ``clip_high=None``
-    means ``clip_low`` (symmetric PPO/GRPO);
-    DAPO uses 0.2 / 0.28. ``kl_t`` is :func:`kl_penalty` of ``logprobs`` against ``ref_logprobs``.
+    batch (truncated importance sampling, :func:`truncated_is`) multiplying the policy term, ``-w_t min(...)``
+    (detached; with ``w = 2``, ``rho = 1``, ``A = +1``: ``l = -2``). ``clip_high=None`` means ``clip_low``
+    (symmetric PPO/GRPO); DAPO uses 0.2 / 0.28. ``kl_t`` is :func:`kl_penalty` of ``logprobs`` against the reference.
 
     Hand example (the tests): ``rho = 1.5``, ``A = +1``, clip 0.2: ``l = -min(1.5, 1.2) = -1.2`` and the gradient
     with respect to ``logprobs`` is 0 (the clipped branch is constant). With ``A = -1``: ``l = 1.5``, gradient 1.5.
