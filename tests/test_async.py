@@ -6,6 +6,7 @@ weights of step t - 2 and that step's seed, two runs are bitwise equal, and a ru
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -234,3 +235,43 @@ def _unit(config):
 def test_lora_dropout_keeps_the_anchor_in_a_pass_of_its_own(tmp_path, tiny_random_dir):
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *ASYNC, "model.lora.enabled=true", "model.lora.dropout=0.1")
     assert not _unit(cfg).anchor_in_pass
+
+
+def test_importance_weights_by_token_or_sequence_truncated_or_masked():
+    """The hand example of truncated_is: token ratios [3, 0.5 | 3], cap 2; sequence ratios [1.5 | 3]."""
+    old = torch.log(torch.tensor([[0.6, 0.3], [0.9, 0.5]]))
+    mu = torch.log(torch.tensor([[0.2, 0.6], [0.3, 0.5]]))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w, m = truncated_is(old, mu, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[2.0, 0.5], [2.0, 0.0]]))
+    assert m == pytest.approx({"async/is_ratio_mean": 6.5 / 3, "async/is_ratio_max": 3.0, "async/tis_clip_frac": 2 / 3})
+    w, _ = truncated_is(old, mu, mask, cap=2.0, mode="mask")
+    assert torch.allclose(w, torch.tensor([[0.0, 0.5], [0.0, 0.0]]))
+    w, m = truncated_is(old, mu, mask, cap=2.0, level="sequence", prefix="mismatch")
+    assert torch.allclose(w, torch.tensor([[1.5, 1.5], [2.0, 0.0]]))
+    assert m == pytest.approx({"mismatch/is_ratio_mean": 2.25, "mismatch/is_ratio_max": 3.0,
+                               "mismatch/tis_clip_frac": 0.5})
+    w, _ = truncated_is(old, mu, mask, cap=2.0, level="sequence", mode="mask")
+    assert torch.allclose(w, torch.tensor([[1.5, 1.5], [0.0, 0.0]]))
+    long = torch.full((1, 400), 0.5)  # a response whose ratio would overflow float32: capped in log space
+    w, m = truncated_is(long, torch.zeros(1, 400), torch.ones(1, 400), cap=2.0, level="sequence")
+    assert torch.all(w == 2.0) and math.isfinite(m["async/is_ratio_max"])
+
+
+def test_recomputed_logprobs_are_weighted_against_the_sampler(tmp_path, tiny_random_dir):
+    """rollout.recompute_logprobs: pi_old is the learner's, and the sampler's log-probs (the same model here, so
+    ratios within float rounding of 1) give the weights and the mismatch/* metrics."""
+    run = train(_cfg(tmp_path, tiny_random_dir, "grpo", "run.steps=2", "rollout.recompute_logprobs=true",
+                     "algo.tis_level=sequence", name="mismatch"), progress=False)
+    records = _records(run)
+    for r in records:
+        assert r["mismatch/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert 0.0 <= r["mismatch/logprob_diff_mean"] <= r["mismatch/logprob_diff_max"] < 1e-3
+        assert r["mismatch/tis_clip_frac"] == 0.0
+
+
+def test_importance_settings_without_a_sampler_apart_are_an_error(tmp_path, tiny_random_dir):
+    with pytest.raises(TokenMDPError, match=r"'algo\.tis_mode' in --set is set, but every batch is sampled by "
+                                            r"pi_old itself.*rollout\.recompute_logprobs=true"):
+        _cfg(tmp_path, tiny_random_dir, "grpo", "algo.tis_mode=mask")
+    _cfg(tmp_path, tiny_random_dir, "grpo", "algo.tis_mode=mask", "rollout.recompute_logprobs=true")

@@ -19,10 +19,12 @@ return them); ``token_rewards``, ``values``, ``response_mask``, ``logprobs``, ``
 micro-batch call and sum the micro-batch losses; every aggregation is then a sum of per-micro-batch terms, so the
 accumulated gradient equals the full-batch one (``tests/test_losses.py``).
 
-**Truncated importance sampling** of a stale batch (``rollout.max_staleness = k``): the batch was sampled by the
-behaviour policy ``mu`` (the weights of ``k`` updates ago); the trust region stays around the learner's ``pi_old``
-and each token's loss is weighted by ``w_t = min(pi_old / mu, C)`` (detached), so ``E_mu[w rho A grad log pi] =
-E_pi_old[rho A grad log pi]`` where no weight is truncated. Hand example (the test): ``log pi_old = log [[0.6,
+**Truncated importance sampling** of a batch whose sampler is not the learner's ``pi_old``: a stale batch
+(``rollout.max_staleness = k``, sampled by the weights of ``k`` updates ago), or the sampler's own numerics (an
+inference engine such as vLLM, with ``rollout.recompute_logprobs``). The trust region stays around ``pi_old`` and
+each token's loss is weighted by ``w_t = min(pi_old / mu, C)`` (detached; per token or per response, truncated or
+masked: :func:`truncated_is`), so ``E_mu[w rho A grad log pi] = E_pi_old[rho A grad log pi]`` where no weight is
+cut. Hand example (the test): ``log pi_old = log [[0.6,
 0.3], [0.9, -]]``, ``log mu = log [[0.2, 0.6], [0.3, -]]``, ``C = 2``: weights ``[[2, 0.5], [2, 0]]``.
 """
 
@@ -490,13 +492,23 @@ def value_loss(
 
 # -- a stale batch ------------------------------------------------------------------------------------------------
 
-def truncated_is(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *, cap: float = 2.0
-                 ) -> tuple[Tensor, dict[str, float]]:
-    """Per-token truncated importance weights ``min(exp(old - behaviour), cap)``, (B, T), 0 on padding, and the
-    metrics ``async/is_ratio_mean``, ``async/is_ratio_max`` (of the untruncated ratio) and ``async/tis_clip_frac``
-    (the fraction of tokens whose weight was truncated), over the tokens of ``response_mask``."""
+def truncated_is(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *, cap: float = 2.0,
+                 level: str = "token", mode: str = "truncate",
+                 prefix: str = "async") -> tuple[Tensor, dict[str, float]]:
+    """Importance weights of ``pi_old`` against the behaviour policy, (B, T), 0 on padding, and their metrics.
+
+    ``level="token"``: the ratio ``r_t = exp(old_t - behaviour_t)`` of each token; ``"sequence"``: the ratio of the
+    whole response, ``r_i = exp(sum_t (old_t - behaviour_t))``, on each of its tokens. ``mode="truncate"``: the
+    weight ``min(r, cap)``; ``"mask"``: ``r`` where ``r <= cap``, else 0 (the token or response is left out). The
+    metrics, over the tokens (or responses) of ``response_mask``: ``{prefix}/is_ratio_mean``,
+    ``{prefix}/is_ratio_max`` (of the ratio before the cap) and ``{prefix}/tis_clip_frac`` (the fraction over the
+    cap). Hand example: token ratios ``[3, 0.5 | 3]``, cap 2: truncated ``[2, 0.5 | 2]``, masked ``[0, 0.5 | 0]``;
+    sequence ratios ``[1.5 | 3]``: truncated ``[1.5, 1.5 | 2]``, masked ``[1.5, 1.5 | 0]``."""
     if not cap > 0:
         raise TokenMDPError(f"the TIS cap must be > 0, got {cap}")
+    if level not in ("token", "sequence") or mode not in ("truncate", "mask"):
+        raise TokenMDPError(f"importance weights: level must be 'token' or 'sequence' and mode 'truncate' or 'mask', "
+                            f"got {level!r}, {mode!r}")
     if old_logprobs.shape != behaviour_logprobs.shape or old_logprobs.shape != response_mask.shape:
         raise TokenMDPError(f"old_logprobs {tuple(old_logprobs.shape)}, behaviour_logprobs "
                             f"{tuple(behaviour_logprobs.shape)} and response_mask {tuple(response_mask.shape)} must "
@@ -505,14 +517,20 @@ def truncated_is(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask
     zero = torch.zeros((), dtype=torch.float32, device=old_logprobs.device)
     # padding sanitised before exp(): garbage there must not overflow
     log_ratio = torch.where(mask, old_logprobs.detach().float() - behaviour_logprobs.detach().float(), zero)
-    ratio = torch.exp(log_ratio)
-    weights = torch.where(mask, torch.clamp(ratio, max=float(cap)), zero)
-    valid = ratio[mask]
-    n = max(int(mask.sum()), 1)
+    if level == "sequence":  # capped in log space: a long response's ratio must not overflow
+        per_row = log_ratio.sum(dim=-1).clamp(max=80.0)
+        ratio = torch.exp(per_row).unsqueeze(-1).expand_as(log_ratio)
+        valid = torch.exp(per_row)[mask.any(dim=-1)]
+    else:
+        ratio = torch.exp(log_ratio)
+        valid = ratio[mask]
+    kept = torch.clamp(ratio, max=float(cap)) if mode == "truncate" else torch.where(ratio <= cap, ratio, zero)
+    weights = torch.where(mask, kept, zero)
+    n = max(valid.numel(), 1)
     metrics = {
-        "async/is_ratio_mean": float(valid.sum() / n) if valid.numel() else 1.0,
-        "async/is_ratio_max": float(valid.max()) if valid.numel() else 1.0,
-        "async/tis_clip_frac": float((valid > cap).sum() / n) if valid.numel() else 0.0,
+        f"{prefix}/is_ratio_mean": float(valid.sum() / n) if valid.numel() else 1.0,
+        f"{prefix}/is_ratio_max": float(valid.max()) if valid.numel() else 1.0,
+        f"{prefix}/tis_clip_frac": float((valid > cap).sum() / n) if valid.numel() else 0.0,
     }
     return weights, metrics
 

@@ -72,9 +72,12 @@ class AlgoSpec:
     kl_in: Literal["loss", "reward"] = "loss"
     entropy_coef: float = 0.0
     epochs: int = 1  # passes over each batch of rollouts (PPO's inner epochs; TRL's num_iterations)
-    # a stale batch (rollout.max_staleness > 0): truncated importance weight min(pi_old / behaviour, tis_cap) per
-    # token (tokenmdp.algos.core.truncated_is; verl's token TIS default 2)
+    # a batch whose sampler is not pi_old (rollout.max_staleness > 0, or rollout.recompute_logprobs: an inference
+    # engine's numerics): importance weight pi_old / behaviour per token or per response, truncated at tis_cap or
+    # masked above it (tokenmdp.algos.core.truncated_is; verl's token TIS default 2; TRL's vllm_importance_sampling)
     tis_cap: float = 2.0
+    tis_level: Literal["token", "sequence"] = "token"
+    tis_mode: Literal["truncate", "mask"] = "truncate"
     # PPO critic
     critic: bool = False
     gamma: float = 1.0

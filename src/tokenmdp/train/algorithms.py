@@ -153,19 +153,29 @@ class PolicyGradient:
         return self.skip_zero_advantage and not spec.critic and spec.entropy_coef == 0 and spec.loss_kl_coef == 0
 
     def anchor(self, learner: Learner, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
-        """``pi_old`` (the ratio's anchor) and, for a stale batch, its truncated importance weights and their
-        metrics. On-policy: the sampler's own log-probs (or recomputed, ``rollout.recompute_logprobs``). Stale:
-        the learner's current policy, in a pass of its own or (:attr:`anchor_in_pass`) None, read off the loss's
-        forward."""
+        """``pi_old`` (the ratio's anchor) and, when the sampler is not ``pi_old``, its importance weights and their
+        metrics. On-policy: the sampler's own log-probs. With ``rollout.recompute_logprobs`` (an inference engine's
+        numerics differ from the learner's): the learner's, weighted against the sampler's. Stale: the learner's
+        current policy, in a pass of its own or (:attr:`anchor_in_pass`) None, read off the loss's forward."""
         if self.stale and self.anchor_in_pass:
             return None, None, {}
         if not (self.recompute_logprobs or self.stale):
             return ro.logprobs, None, {}
         old = learner.logprobs_all(learner.model, ro)
-        if not self.stale:
-            return old, None, {}
-        is_weights, metrics = truncated_is(old, ro.logprobs, ro.response_mask, cap=self.spec.tis_cap)
+        is_weights, metrics = self.weights(old, ro)
+        if not self.stale:  # how far the sampler's numerics are from the learner's
+            diff = (old - ro.logprobs).abs()[ro.response_mask.bool()]
+            metrics["mismatch/logprob_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
+            metrics["mismatch/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
         return old, is_weights, metrics
+
+    def weights(self, old: torch.Tensor, ro: Rollout) -> tuple[torch.Tensor, dict]:
+        """The importance weights of ``pi_old`` against the sampler's log-probs (:func:`tokenmdp.algos.core.
+        truncated_is` as the spec's ``tis_*`` fields say), logged as ``async/*`` for a stale batch, else as
+        ``mismatch/*``."""
+        spec = self.spec
+        return truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap, level=spec.tis_level,
+                            mode=spec.tis_mode, prefix="async" if self.stale else "mismatch")
 
     def token_rewards(self, batch: Batch) -> torch.Tensor | None:
         """Token rewards when they are not the spec's plain credit assignment: a multi-turn environment's per-turn
@@ -223,7 +233,7 @@ class PolicyGradient:
         old, is_weights, tis_m = t.old_logprobs, t.is_weights, {}
         if old is None:  # a stale batch's anchor from this very forward (anchor_in_pass)
             old = lp.detach().float()
-            is_weights, tis_m = truncated_is(old, sub.logprobs, sub.response_mask, cap=spec.tis_cap)
+            is_weights, tis_m = self.weights(old, sub)
         loss, m = policy_loss(
             lp.float(), old, t.advantages, sub.response_mask, clip_low=spec.clip_low,
             clip_high=spec.clip_high, aggregation=spec.aggregation, ref_logprobs=t.ref_logprobs,

@@ -108,7 +108,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    recompute_logprobs: bool = False  # recompute behaviour log-probs with the trained model (vllm, bf16)
+    # pi_old recomputed by the trained model, and the loss weighted against the sampler's own log-probs (algo.tis_*):
+    # for an inference engine whose numerics differ from the trainer's (vllm, bf16)
+    recompute_logprobs: bool = False
     engine_options: dict = field(default_factory=dict)
     # rollouts overlapped with updates (tokenmdp.train.async_rollout): the batch of step t is sampled, while the
     # learner updates, with the weights of step t - 1 - max_staleness (exactly; staleness min(k, t - 1)) and
@@ -382,7 +384,16 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             f"{config.rollout.max_staleness}: overlapped rollouts run a copy of the policy in the "
                             f"sampler, which needs an in-process engine ('fast' or 'hf'), not "
                             f"{config.rollout.engine!r}; set rollout.max_staleness=0")
-    resolve_algo(config, source=source)
+    spec = resolve_algo(config, source=source)
+    if config.rollout.max_staleness == 0 and not config.rollout.recompute_logprobs:
+        from tokenmdp.algos.presets import AlgoSpec
+
+        unused = [f for f in ("tis_cap", "tis_level", "tis_mode") if getattr(spec, f) != getattr(AlgoSpec(), f)]
+        if unused:
+            raise TokenMDPError(f"config field {_where('algo.' + unused[0], source)} is set, but every batch is "
+                                "sampled by pi_old itself, so no importance weight is taken: it needs "
+                                "rollout.recompute_logprobs=true (an inference engine's numerics) or "
+                                "rollout.max_staleness > 0")
 
 
 def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
