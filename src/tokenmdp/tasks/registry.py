@@ -13,6 +13,7 @@ from tokenmdp.tasks.task import Task
 _FACTORIES: dict[str, str] = {
     "countdown": "tokenmdp.tasks.countdown:Countdown",
     "gsm8k": "tokenmdp.tasks.gsm8k:GSM8K",
+    "arithmetic": "tokenmdp.tasks.arithmetic:Arithmetic",
 }
 _REGISTERED: dict[str, Callable[..., Task]] = {}
 
