@@ -231,3 +231,30 @@ def test_two_training_steps_through_vllm(tmp_path, tiny32, engine, lora):
     run, seen = _train(tmp_path, path, *extra)
     assert [s for s, _ in seen] == [1, 2]
     assert (run / "metrics.jsonl").exists()
+
+
+@needs_vllm
+def test_bfloat16_engine_within_its_tolerance_and_a_stale_sync_is_caught(tiny32, engine, monkeypatch):
+    """vLLM in bfloat16 beside a float32 trainer: the probe differs by rounding only (under
+    PROBE_TOLERANCE[bfloat16]); a sync whose weights never arrive hides inside that tolerance but is still caught,
+    since vLLM's log-probs stay bitwise unchanged while the trainer's moved."""
+    from tokenmdp.rollout.vllm import PROBE_TOLERANCE, VLLMEngine
+
+    _, model, tokenizer = tiny32
+    policy = copy.deepcopy(model)
+    eng = VLLMEngine(policy, tokenizer, dtype="bfloat16", **LLM_KW)
+    assert eng.dtype == torch.bfloat16 and eng.probe_tolerance == PROBE_TOLERANCE[torch.bfloat16]
+    diffs = [eng.last_probe["max_abs_diff"]]
+    for seed in range(2):
+        _perturb(policy, seed=seed)
+        eng.sync_weights(policy)
+        diffs.append(eng.last_probe["max_abs_diff"])
+    print(f"\nbfloat16 vLLM vs float32 trainer: probe max |diff| {', '.join(f'{d:.3f}' for d in diffs)}")
+    assert max(diffs) < 0.2
+    r = eng.generate(["ab"], n=2, max_new_tokens=6, seed=1)
+    assert r.response_ids.shape[0] == 2
+    _perturb(policy, scale=0.01, seed=9)
+    monkeypatch.setattr(eng.llm, "collective_rpc", lambda *a, **k: [None])
+    with pytest.raises(TokenMDPError, match="bitwise unchanged"):
+        eng.sync_weights(policy)
+    assert eng.last_probe["max_abs_diff"] < eng.probe_tolerance  # the tolerance alone would have let it pass
