@@ -225,12 +225,23 @@ def _train(tmp_path, model_dir, *extra):
 
 @needs_vllm
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_training_steps_through_vllm(tmp_path, tiny32, engine, lora):
+def test_two_training_steps_through_vllm(tmp_path, tiny32, engine, lora, monkeypatch):
+    from tokenmdp.rollout.vllm import VLLMEngine
+
     path, _, _ = tiny32
     extra = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8"] if lora else []
+    probes = []
+    real = VLLMEngine.check_probe
+
+    def check_probe(self):
+        probes.append(real(self))
+        return probes[-1]
+
+    monkeypatch.setattr(VLLMEngine, "check_probe", check_probe)
     run, seen = _train(tmp_path, path, *extra)
     assert [s for s, _ in seen] == [1, 2]
     assert (run / "metrics.jsonl").exists()
+    assert len(probes) == 3 and max(probes) < 1e-4  # the first sync, then one after each update
 
 
 @needs_vllm

@@ -138,7 +138,7 @@ class VLLMEngine(Engine):
     logprobs : "recompute" (default; teacher-forced on ``model``) or "vllm".
     dtype : vLLM's dtype; "auto" = the in-process model's (float32 or bfloat16 on a CPU).
     probe_tolerance : the largest allowed log-prob difference of the probe after a sync (default by dtype,
-        :data:`PROBE_TOLERANCE`); ``probe_text`` : the probe's text.
+        :data:`PROBE_TOLERANCE`); ``probe_text`` : the probe's text (default :data:`PROBE_TEXT`).
     gpu_memory_utilization, llm_kwargs : passed to ``vllm.LLM`` (e.g. ``max_model_len``, ``max_num_seqs``,
         ``kv_cache_memory_bytes``, ``enforce_eager``).
     """
@@ -148,7 +148,7 @@ class VLLMEngine(Engine):
     def __init__(self, model: Any, tokenizer, *, logprobs: str = "recompute", gpu_memory_utilization: float = 0.4,
                  dtype: str = "auto", eos_token_id: int | Sequence[int] | None = None,
                  add_special_tokens: bool | None = None, probe_tolerance: float | None = None,
-                 probe_text: str = PROBE_TEXT, **llm_kwargs: Any):
+                 probe_text: str | None = None, **llm_kwargs: Any):
         if logprobs not in ("recompute", "vllm"):
             raise TokenMDPError(f"logprobs must be 'recompute' or 'vllm', got {logprobs!r}")
         # in-process engine core: apply_model (the weight sync) then needs no pickled closures
@@ -188,9 +188,9 @@ class VLLMEngine(Engine):
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.probe_tolerance = float(probe_tolerance) if probe_tolerance is not None else \
             PROBE_TOLERANCE.get(self.dtype, 1.0)
-        ids = tokenizer(probe_text, add_special_tokens=False)["input_ids"] if probe_text else []
+        ids = tokenizer(probe_text or PROBE_TEXT, add_special_tokens=False)["input_ids"]
         self.probe_ids = [int(i) for i in ids] if len(ids) >= 2 else [int(self.eos_ids[0])] * 2
-        self.last_probe: dict[str, float] = {}
+        self.last_probe: dict[str, Any] = {}
         if is_module:
             self.sync_weights(model)
 
