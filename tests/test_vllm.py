@@ -253,7 +253,10 @@ def test_bfloat16_engine_within_its_tolerance_and_a_stale_sync_is_caught(tiny32,
 
     _, model, tokenizer = tiny32
     policy = copy.deepcopy(model)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
     eng = VLLMEngine(policy, tokenizer, dtype="bfloat16", **LLM_KW)
+    assert torch.equal(torch.get_rng_state(), state), "starting vLLM reseeded the caller's random stream"
     assert eng.dtype == torch.bfloat16 and eng.probe_tolerance == PROBE_TOLERANCE[torch.bfloat16]
     diffs = [eng.last_probe["max_abs_diff"]]
     for seed in range(2):
@@ -264,6 +267,7 @@ def test_bfloat16_engine_within_its_tolerance_and_a_stale_sync_is_caught(tiny32,
     assert max(diffs) < 0.2
     r = eng.generate(["ab"], n=2, max_new_tokens=6, seed=1)
     assert r.response_ids.shape[0] == 2
+    assert torch.equal(torch.get_rng_state(), state), "sampling drew from the caller's random stream"
     _perturb(policy, scale=0.01, seed=9)
     monkeypatch.setattr(eng.llm, "collective_rpc", lambda *a, **k: [None])
     with pytest.raises(TokenMDPError, match="bitwise unchanged"):

