@@ -229,7 +229,7 @@ def _train(tmp_path, model_dir, *extra):
 
 @needs_vllm
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_training_steps_through_vllm(tmp_path, tiny32, engine, lora, monkeypatch):
+def test_two_training_steps_through_vllm(tmp_path, tiny32, lora, monkeypatch):
     from tokenmdp.rollout.vllm import VLLMEngine
 
     path, _, _ = tiny32
