@@ -168,7 +168,7 @@ class VLLMEngine(Engine):
                  probe_text: str | None = None, **llm_kwargs: Any):
         if logprobs not in ("recompute", "vllm"):
             raise TokenMDPError(f"logprobs must be 'recompute' or 'vllm', got {logprobs!r}")
-        # in-process engine core: apply_model (the weight sync) then needs no pickled closures
+        # in-process engine core: the weight sync hands vLLM the tensors themselves (nothing pickled or copied twice)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.vllm = _import_vllm()
         is_module = isinstance(model, torch.nn.Module)
