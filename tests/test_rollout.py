@@ -209,7 +209,7 @@ def test_vllm_missing_message(tiny):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(TokenMDPError, match="pip install 'tokenmdp\\[vllm\\]'"):
+        with pytest.raises(TokenMDPError, match="`make vllm`.*pip install 'tokenmdp\\[vllm\\]'"):
             get_engine("vllm", *tiny)
     else:  # pragma: no cover - only where vllm is installed
         pytest.skip("vllm is installed")
