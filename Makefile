@@ -57,7 +57,7 @@ $(VSTAMP): pyproject.toml requirements-setup.txt
 vllm: $(VSTAMP)
 
 test-vllm: $(VSTAMP)
-	$(VBIN)/python -m pytest -q -m vllm -p no:cacheprovider
+	$(VBIN)/python -m pytest -q -m vllm -p no:cacheprovider tests/test_vllm.py
 
 clean:
 	rm -rf $(VENV) $(VVENV) build *.egg-info src/*.egg-info
