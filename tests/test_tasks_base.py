@@ -86,7 +86,7 @@ def test_read_records_jsonl_parquet_and_errors(tmp_path):
 def test_registry_names_and_errors():
     assert {"countdown", "gsm8k"} <= set(known_tasks())
     assert isinstance(get_task("countdown"), Countdown)
-    with pytest.raises(TokenMDPError, match="unknown task 'cuontdown'; known tasks: countdown, gsm8k"):
+    with pytest.raises(TokenMDPError, match="unknown task 'cuontdown'; known tasks: arithmetic, countdown, gsm8k"):
         get_task("cuontdown")
     with pytest.raises(TokenMDPError, match="has no option 'num_cont'.*num_count"):
         get_task("countdown", num_cont=3)
