@@ -55,6 +55,19 @@ def on_step(step, record, c):
         save_file(state, str(out / f"rank{rank}.safetensors"))
 
 
+if os.environ.get("TOKENMDP_TEST_LATE_RANK") == os.environ.get("RANK"):  # this process looks for the last checkpoint
+    import time  # 3 s after the others: after the main process has written it, as a slow machine may
+
+    import tokenmdp.train.run_dir as run_dir
+
+    _latest = run_dir.latest_checkpoint
+
+    def late_latest_checkpoint(*args, **kwargs):
+        time.sleep(3)
+        return _latest(*args, **kwargs)
+
+    run_dir.latest_checkpoint = late_latest_checkpoint
+
 # a run here takes about 15 s: past 120 s, print every thread's stack (where it waits) and exit
 faulthandler.dump_traceback_later(120, exit=True)
 torch.set_num_threads(1)

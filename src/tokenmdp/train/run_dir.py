@@ -218,6 +218,9 @@ def finish_run(learner: Learner, path: Path, samples, *, started: float, tokeniz
     ``extra_objects``: a function of the step giving the checkpoint's extra files (see :func:`save_step`)."""
     steps = config.run.steps
     ckpt = latest_checkpoint(path / "checkpoints", verify=False)  # written by this process: no need to re-hash
+    # every process has looked before the main one writes the last checkpoint: a slower process that looked after
+    # it would skip save_step's barrier, finish one barrier early and leave the main process waiting alone
+    learner.accelerator.wait_for_everyone()
     model_state, optim_state = gathered(learner)
     if ckpt is None or ckpt.step != steps:
         save_step(learner, path, steps, samples, tokenizer=tokenizer, config=config, meta_file=meta_file,
