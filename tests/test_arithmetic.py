@@ -26,6 +26,7 @@ def test_splits_are_disjoint_prefix_stable_and_exact():
     for p in train[:50]:
         a = [int(x) for x in p.question.split()[::2]]
         assert all(10 <= x <= 99 for x in a) and int(p.answer) == _value(a, p.question.split()[1::2])
+    assert get_task("arithmetic", ops="+x").ops == "+*"
     assert task.render(train[0]) == f"Calculate {train[0].question}. End your reply with 'The answer is N.' " \
                                     "where N is the result."
 

@@ -2,7 +2,8 @@
 
 A generated task whose difficulty is set by three options, so that a small instruct model's pass@1 can be placed
 where training has signal (neither near 0 nor near 1): ``digits`` (operand size), ``terms`` (operands per
-expression) and ``ops`` (a string of ``+``, ``-``, ``*``). The expression is evaluated exactly (integers, the usual
+expression) and ``ops`` (a string of ``+``, ``-``, ``*``; ``x`` also means ``*``, since a value starting with ``*``
+is not plain YAML on a command line: ``-o ops=x``). The expression is evaluated exactly (integers, the usual
 precedence, no ``eval``). Train and test are disjoint by expression (a fifth of the expressions, by a stable hash,
 are test), and each split's stream is a function of its seed only and prefix-stable.
 
@@ -55,6 +56,8 @@ class Arithmetic(Task):
             raise TokenMDPError(f"task option 'digits' must be an integer in 1..6, got {digits!r}")
         if not isinstance(terms, int) or not 2 <= terms <= 8:
             raise TokenMDPError(f"task option 'terms' must be an integer in 2..8, got {terms!r}")
+        if isinstance(ops, str):
+            ops = ops.replace("x", "*")
         if not isinstance(ops, str) or not ops or set(ops) - set(OPS):
             raise TokenMDPError(f"task option 'ops' must be a non-empty string of {OPS!r}, got {ops!r}")
         if extraction not in EXTRACTIONS:
