@@ -277,3 +277,26 @@ def test_bfloat16_engine_within_its_tolerance_and_a_stale_sync_is_caught(tiny32,
     with pytest.raises(TokenMDPError, match="bitwise unchanged"):
         eng.sync_weights(policy)
     assert eng.last_probe["max_abs_diff"] < eng.probe_tolerance  # the tolerance alone would have let it pass
+
+
+@needs_vllm
+def test_eval_through_vllm_prints_clean_json_with_the_fast_engines_greedy_figures():
+    """``tokenmdp eval --engine vllm --json`` on the embedded base model (head size 32): stdout is one JSON document
+    (vLLM's log goes to stderr), and the greedy figures equal the ``fast`` engine's (float32 on both sides, 8
+    problems: every greedy completion the same length and verdict)."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenmdp.base.store import SHIPPED
+
+    out = {}
+    for engine in ("vllm", "fast"):
+        done = subprocess.run([sys.executable, "-m", "tokenmdp.cli", "eval", "--model", str(SHIPPED), "--task",
+                               "countdown", "--n", "8", "--k", "1", "--engine", engine, "--threads", "1", "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[engine] = json.loads(done.stdout)["metrics"]
+    greedy = [k for k in out["fast"] if k.startswith("greedy/")]
+    assert out["vllm"]["n_problems"] == 8 and len(greedy) >= 5
+    assert {k: out["vllm"][k] for k in greedy} == {k: out["fast"][k] for k in greedy}

@@ -81,6 +81,9 @@ def _own_rng():
 
 
 def _import_vllm():
+    # vLLM logs to stdout by default, which would corrupt a command's output (``tokenmdp eval --json``): its log
+    # goes to stderr unless the user chose a stream (read when vllm is first imported)
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as exc:
