@@ -55,14 +55,14 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
             os.rename(tmp, out)
     except OSError as exc:  # the disk is full, a quota, a read-only file system ...: one clear error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(out, exc.errno, exc.strerror or str(exc), exc.filename) from exc
+        raise _folder_error(out, exc.errno, exc.strerror or str(exc), exc.filename) from exc
     except Exception as exc:
         # a writer that wraps the OS error in its own (torch.save's RuntimeError, safetensors' SafetensorError): a
         # file system left without space is the cause, measured before the partial folder is freed
         full = _out_of_space(out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise _write_error(out, errno.ENOSPC, os.strerror(errno.ENOSPC), None) from exc
+            raise _folder_error(out, errno.ENOSPC, os.strerror(errno.ENOSPC), None) from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,13 +70,18 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, replace: boo
     return out
 
 
-def _write_error(out: Path, code: int | None, reason: str, filename) -> WriteError:
-    """The one clear error of a failed write: what, why, what is left, what to do."""
+def write_error(target: str, code: int | None, reason: str, kept: str, hint: str) -> WriteError:
+    """The one clear error of a failed write: what (``target``), why (``reason`` and the errno's name), what is
+    left (``kept``), what to do (``hint``)."""
+    name = errno.errorcode.get(code, "OSError") if code else "OSError"
+    return WriteError(f"cannot write {target}: {reason} ({name}); {kept}; {hint}")
+
+
+def _folder_error(out: Path, code: int | None, reason: str, filename) -> WriteError:
     kept = "the previous one is intact" if out.exists() else "nothing was left behind"
-    name = errno.errorcode.get(code, "OSError")
     where = f" ({filename})" if filename else ""
     hint = "free space and run again" if code in (errno.ENOSPC, errno.EDQUOT) else "fix that and run again"
-    return WriteError(f"cannot write {out}{where}: {reason} ({name}); {kept}; {hint} (--resume continues a run)")
+    return write_error(f"{out}{where}", code, reason, kept, f"{hint} (--resume continues a run)")
 
 
 def _out_of_space(path: Path, *, below: int = 1 << 20) -> bool:

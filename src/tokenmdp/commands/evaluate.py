@@ -9,6 +9,7 @@ import typer
 
 from tokenmdp.commands._common import console, emit_json
 from tokenmdp.progress import progress_bar
+from tokenmdp.commands.tasks import TASKS
 from tokenmdp.errors import TokenMDPError
 
 PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",
@@ -18,7 +19,7 @@ PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k
 def eval_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or hub id "
                                      "(default: the embedded tiny base model, built on first use)."),
-    task: str | None = typer.Option(None, "--task", "-t", help="countdown, gsm8k or pkg.module:Class "
+    task: str | None = typer.Option(None, "--task", "-t", help=f"{TASKS} or pkg.module:Class "
                                     "(default: the model folder's tokenmdp.json, else countdown)."),
     data: Path | None = typer.Option(None, "--data", help="A local JSONL/Parquet file of problems (else the split)."),
     split: str = typer.Option("test", "--split", help="The task split when --data is not given."),

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from tokenmdp.commands._common import console, emit_json, err_console
-from tokenmdp.commands.tasks import OPTION_HELP, parse_options
+from tokenmdp.commands.tasks import OPTION_HELP, TASKS, parse_options
 from tokenmdp.errors import TokenMDPError
 
 PROGRESS_MIN_LINES = 2000
@@ -112,7 +112,7 @@ def _count_lines(path: Path) -> int:
 
 
 def score_cmd(
-    task_name: str = typer.Option(..., "--task", help="countdown, gsm8k, or 'package.module:Class'."),
+    task_name: str = typer.Option(..., "--task", help=f"{TASKS}, or 'package.module:Class'."),
     input_path: Path = typer.Option(..., "--input", help="JSONL (or Parquet) file: problem fields + 'completion'."),
     output: Path = typer.Option(None, "--output", help="Write the scored lines here (.jsonl or .parquet)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Count and skip malformed lines instead of stopping."),

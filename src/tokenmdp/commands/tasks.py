@@ -7,15 +7,17 @@ from typing import Any
 import typer
 
 from tokenmdp.commands._common import console, emit_json
+from tokenmdp.tasks.registry import known_tasks
 from tokenmdp.values import parse_assignments
 
 tasks_app = typer.Typer(help="Verifiable tasks: list them, show sample problems with prompts and a solution.",
                         no_args_is_help=True)
 
+TASKS = ", ".join(known_tasks())  # the registry's names, for help texts that cannot go stale
 JSON_HELP = "Print one JSON document on stdout instead of tables."
 OPTION_HELP = (
     "A task constructor option KEY=VALUE (VALUE read as YAML), repeatable: e.g. -o num_count=3, "
-    "-o data_dir=../shared/data/gsm8k, -o extraction=flexible, -o 'rewards=[1, 0.1, 0]'."
+    "-o data_dir=~/data/gsm8k, -o extraction=flexible, -o 'rewards=[1, 0.1, 0]'."
 )
 
 

@@ -7,7 +7,6 @@ so a resumed run's files read as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenmdp.atomic import write_error
 from tokenmdp.errors import WriteError
 
 SAMPLE_COLUMNS = ["prompt", "completion", "reward", "correct", "length", "step", "group", "algo", "seed"]
@@ -45,11 +45,9 @@ def _clean(value: Any) -> Any:
 
 
 def _write_error(path: Path, exc: OSError, what: str) -> WriteError:
-    code = getattr(exc, "errno", None)
-    name = errno.errorcode.get(code, "OSError") if code else "OSError"
-    return WriteError(f"cannot write {what} to {path}: {getattr(exc, 'strerror', None) or exc} ({name}); the "
-                      "checkpoints already written are intact; free space and run again (--resume continues the "
-                      "run from the last checkpoint)")
+    return write_error(f"{what} to {path}", getattr(exc, "errno", None), getattr(exc, "strerror", None) or str(exc),
+                       "the checkpoints already written are intact",
+                       "free space and run again (--resume continues the run from the last checkpoint)")
 
 
 class MetricsLogger:
