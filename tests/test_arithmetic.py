@@ -61,3 +61,16 @@ def test_grpo_runs_on_it(tmp_path, tiny_random_dir):
                                    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
                                    "run.save_every=0", "run.threads=1"]), progress=False)
     assert (run / "DONE").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_test_split_counts_each_expression_once():
+    """One-digit products: 100 expressions, 25 of them test; the held-out set holds each once, and asking for 26
+    is an error that names the count (a held-out score over repeats would overstate its power)."""
+    task = get_task("arithmetic", ops="x")
+    test = task.problems("test", n=25, seed=0)
+    assert len({p.question for p in test}) == 25
+    assert all(int(p.answer) == int(p.question.split()[0]) * int(p.question.split()[2]) for p in test)
+    with pytest.raises(TokenMDPError, match="found only 25 test problems of 26"):
+        task.problems("test", n=26, seed=0)
+    train = task.problems("train", n=200, seed=0)
+    assert len({p.question for p in train}) <= 75 and not {p.question for p in train} & {p.question for p in test}

@@ -165,8 +165,9 @@ def test_filtered_sft_trains_on_the_older_batch_without_a_ratio(tmp_path, tiny_r
 def test_bad_input_names_the_field(tmp_path, tiny_random_dir):
     with pytest.raises(TokenMDPError, match=r"config field 'rollout.max_staleness'.* must be non-negative"):
         load_config(None, ["rollout.max_staleness=-1"])
-    with pytest.raises(TokenMDPError, match=r"'rollout.max_staleness'.* is 1: .*in-process engine"):
-        load_config(None, ["rollout.max_staleness=1", "rollout.engine=vllm"])
+    with pytest.raises(TokenMDPError, match=r"'rollout.async_worker'.* is 'thread', but overlapped rollouts with the "
+                                            r"vllm engine need the sampler in its own process"):
+        load_config(None, ["rollout.max_staleness=1", "rollout.engine=vllm", "rollout.async_worker=thread"])
     with pytest.raises(TokenMDPError, match=r"algo field 'tis_cap' must be > 0"):
         load_config(None, ["algo.tis_cap=0"])
     data = tmp_path / "pairs.jsonl"

@@ -119,6 +119,41 @@ def test_c1_separated_trajectories_contradicted(tmp_path):
     assert seed1["curves_equal"] is False
 
 
+def _separating_pair(root, cosine: list | None) -> None:
+    """grpo_nokl and isft+-adv, seed 0: the same samples at steps 1-2, 3 of 8 samples different at step 3 (the
+    reward moves by 0.125); ``cosine``: GRPO's logged per-step equiv/cosine_on_policy (None: not logged)."""
+    import pandas as pd
+
+    make_run(root, "grpo_nokl", 0, reward=[0.25, 0.25, 0.5, 0.5, 0.5])
+    make_run(root, "isft+-adv", 0, reward=[0.25, 0.25, 0.625, 0.5, 0.5], params=_params(0, bump=0.01))
+    for algo in ("grpo_nokl", "isft+-adv"):
+        d = root / "runs" / algo / "seed-0"
+        rows = [{"step": st, "prompt": "p", "completion": f"c{st}-{i}" + ("x" if algo == "isft+-adv" and st >= 3 and
+                                                                           i < 3 else "")}
+                for st in range(1, 6) for i in range(8)]
+        pd.DataFrame(rows).to_parquet(d / "samples.parquet")
+        if algo == "grpo_nokl" and cosine is not None:
+            lines = [json.loads(x) | {"equiv/cosine_on_policy": c}
+                     for x, c in zip((d / "metrics.jsonl").read_text().splitlines(), cosine)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+@pytest.mark.parametrize("cosine,verdict", [([1 - 1e-13] * 5, SUPPORTED), ([1.0, 1.0, 1.0, 0.99, 1.0], CONTRADICTED),
+                                            (None, CONTRADICTED)], ids=["equal-steps", "bent-step", "no-cosine"])
+def test_c1_separation_by_rounding_needs_equal_gradients_at_every_step(tmp_path, cosine, verdict):
+    """Bit-equal steps, then several samples differ (a real LLM under Adam: rounding noise moves a coordinate by
+    about lr): the same rule only when every step's GRPO / weighted-SFT gradient cosine is 1 within tolerance."""
+    root = make_compare(tmp_path / "cmp", ["grpo_nokl", "isft+-adv"])
+    _separating_pair(root, cosine)
+    c1 = evaluate_claims(collect([root]))["C1"]
+    seed0 = c1["measured"]["per_seed"]["seed-0"]
+    assert seed0["first_divergence_step"] == 3 and seed0["samples_changed_at_divergence"] == 3
+    assert seed0["one_sample_flip"] is False and seed0["rounding_separation"] is (verdict == SUPPORTED)
+    assert c1["verdict"] == verdict
+    if verdict == SUPPORTED:
+        assert "bit-equal steps 1-2, then 3 samples differ (float rounding" in c1["summary"]
+
+
 def test_c1_inconclusive_and_exact_tier(tmp_path):
     # parameters apart beyond tolerance but the same samples at every step: not clear either way
     root = make_compare(tmp_path / "cmp", ["grpo_nokl", "isft+-adv"])

@@ -211,7 +211,7 @@ def test_presets_fill_settings_and_options_override_them():
     assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2, 3]
     assert make_settings(None).algos == list(make_settings(None, algos=None).algos)
     with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small, "
-                                            "env-calculator, env-two-llm, process-credit"):
+                                            "real-small, env-calculator, env-two-llm, process-credit"):
         make_settings("paper-big")
 
 
@@ -317,3 +317,59 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     assert "Beyond the degenerate MDP" in (out / "report.html").read_text()
     assert main(args[:4] + ["{calc: [1, 2]}"] + args[5:]) == 2
     assert "--arms" in capsys.readouterr().err
+
+
+def test_every_preset_is_in_the_help_text():
+    """`compare --help` reads the preset table: every preset has its line, and no line names a preset that is gone."""
+    from tokenmdp.experiments.compare.settings import COMPARE_PRESETS, PRESET_HELP, presets_help
+
+    assert set(PRESET_HELP) == set(COMPARE_PRESETS)
+    text = presets_help()
+    assert all(f"{name} ({PRESET_HELP[name]})" in text for name in COMPARE_PRESETS)
+
+
+def test_compare_with_chat_and_lora_evaluates_the_merged_adapter(tiny_random_dir, tmp_path):
+    """--chat: the runs train on chat-rendered prompts (the fairness check renders them alike), the held-out
+    evaluation renders them too (its key says so), and a LoRA run's final/ (an adapter) is evaluated merged onto
+    its base; its score equals the merged model's own evaluation."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tokenmdp.experiments.compare import compare
+    from tokenmdp.policy.adapters import merge_adapter
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.train.heldout import evaluate
+
+    model_dir = tmp_path / "chat_model"
+    shutil.copytree(tiny_random_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{% for m in messages %}U:{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}A:" \
+                        "{% endif %}"
+    tok.save_pretrained(model_dir)
+    out = compare(["grpo_nokl"], 1, model=str(model_dir), task="countdown", out=tmp_path / "cmp", eval_n=3, k=2,
+                  steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6, eval_every=0, threads=1, workers=1,
+                  chat=True, template="compact", overrides=["model.lora.rank=4", "model.lora.alpha=8"])
+    run = out / "runs" / "grpo_nokl" / "seed-0"
+    import pyarrow.parquet as pq
+
+    prompts = pq.read_table(run / "samples.parquet", columns=["prompt"]).to_pydict()["prompt"]
+    assert prompts and all(p.startswith("U:") and p.endswith("|A:") for p in prompts)
+    assert (run / "final" / "adapter_config.json").is_file() and not (run / "final" / "config.json").exists()
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["key"]["chat"] is True
+    base = json.loads((out / "base_eval.json").read_text())
+    assert base["key"]["chat"] is True
+    merged = merge_adapter(run / "final", tmp_path / "merged")
+    from tokenmdp.tasks import get_task
+
+    task = get_task("countdown")
+    problems = task.load_problems(out / "heldout.jsonl")
+    again = evaluate(load_policy(merged), None, task, problems, k=2, temperature=1.0, max_new_tokens=6, seed=0,
+                     template="compact", chat=True, batch_size=512)
+    saved = [json.loads(x) for x in (run / "eval_records.jsonl").read_text().splitlines()]
+    def texts(records):
+        return [(r["greedy"]["completion"], [x["completion"] for x in r["samples"]]) for r in records]
+
+    assert texts(again["records"]) == texts(saved) and len(saved) == 3
+    assert again["metrics"]["sampled/length"] == ev["metrics"]["sampled/length"]

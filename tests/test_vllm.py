@@ -249,6 +249,39 @@ def test_two_training_steps_through_vllm(tmp_path, tiny32, lora, monkeypatch):
 
 
 @needs_vllm
+def test_overlapped_rollouts_through_vllm(tmp_path, tiny32, monkeypatch):
+    """rollout.max_staleness=1 with the vllm engine: the sampler (a spawned process with its own vLLM) syncs each
+    published set of weights into its vLLM and checks the probe there; the batches arrive one update stale, the
+    update corrects them by importance sampling, and a second run is bitwise the same. (A sampler thread would be a
+    second vLLM in one process, which shares the first one's state: a config error.)"""
+    import json
+
+    from tokenmdp.rollout.vllm import VLLMEngine
+
+    path, _, _ = tiny32
+    probes = []
+    real = VLLMEngine.check_probe
+
+    def check_probe(self):
+        probes.append(real(self))
+        return probes[-1]
+
+    monkeypatch.setattr(VLLMEngine, "check_probe", check_probe)
+    extra = ["rollout.max_staleness=1", "rollout.async_worker=process", "run.steps=3", "model.lora.rank=4",
+             "model.lora.alpha=8"]
+    run, seen = _train(tmp_path, path, *extra)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["async/staleness"] for r in records] == [0, 1, 1]
+    assert all(r["async/is_ratio_max"] > 0 for r in records[1:])  # the stale batches were reweighted
+    # the learner's own engine (it evaluates): its first sync and one after each update; the sampler's probes run
+    # in its process, and a failed one would have stopped the run with the probe's error
+    assert len(probes) == 4 and max(probes) < 1e-4
+    again, _ = _train(tmp_path / "again", path, *extra)
+    assert (again / "final" / "adapter_model.safetensors").read_bytes() == \
+        (run / "final" / "adapter_model.safetensors").read_bytes()
+
+
+@needs_vllm
 def test_bfloat16_engine_within_its_tolerance_and_a_stale_sync_is_caught(tiny32, engine, monkeypatch):
     """vLLM in bfloat16 beside a float32 trainer: the probe differs by rounding only (under
     PROBE_TOLERANCE[bfloat16]); a sync whose weights never arrive hides inside that tolerance but is still caught,

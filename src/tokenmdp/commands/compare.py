@@ -9,6 +9,7 @@ import typer
 from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.compare.settings import presets_help
 
 
 def parse_arms(text: str | None) -> dict | None:
@@ -36,14 +37,15 @@ def parse_arms(text: str | None) -> dict | None:
 def compare_cmd(
     algos: list[str] | None = typer.Option(None, "--algos", help="Comma-separated presets "
                                            "(default: grpo,dr_grpo,ppo,rloo,isft+,isft+-)."),
-    preset: str | None = typer.Option(None, "--preset", help="Named settings: demo (the main job, ~15 min) or "
-                                      "paper-small (5 seeds x 60 steps, ~3 h); other options override them."),
+    preset: str | None = typer.Option(None, "--preset", help=presets_help()),
     seeds: int | None = typer.Option(None, "--seeds", min=1, help="Number of seeds (0..n-1; default 3)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Training steps per run (default: sized for CPU)."),
     model: str | None = typer.Option(None, "--model", help="Base model folder (default: the embedded tiny model)."),
     task: str | None = typer.Option(None, "--task", help="countdown (default), gsm8k or pkg.module:Class."),
     option: list[str] | None = typer.Option(None, "--task-option", "-o", help="Task option KEY=VALUE, repeatable."),
     template: str | None = typer.Option(None, "--template", help="Prompt template (default: from tokenmdp.json)."),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Each prompt as the user turn of the model's "
+                                     "chat template, in training and evaluation (default: off)."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Output folder."),
     eval_n: int | None = typer.Option(None, "--eval-n", min=1, help="Held-out problems (test split, never trained "
                                       "on; default 500)."),
@@ -74,7 +76,8 @@ def compare_cmd(
     from tokenmdp.commands.tasks import parse_options
     from tokenmdp.experiments.compare import compare
 
-    opts = {"task_kwargs": parse_options(option) or None, "template": template, "max_new_tokens": max_new_tokens,
+    opts = {"task_kwargs": parse_options(option) or None, "template": template, "chat": chat,
+            "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
             "overrides": list(set_) if set_ else None, "cache_dir": cache_dir, "threads": threads,
             "workers": workers, "arms": parse_arms(arms)}

@@ -130,6 +130,19 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, trainable: bool
         raise TokenMDPError(f"cannot load the adapter in {folder} onto {type(model).__name__}: {first}") from None
 
 
+def load_merged_policy(path: str | os.PathLike, *, dtype: str = "float32"):
+    """The policy in ``path``: a full model folder (:func:`load_policy`), or a LoRA adapter folder loaded onto its
+    recorded base and merged in memory, so a LoRA run's ``final/`` evaluates like a full model."""
+    if not is_adapter_folder(path):
+        return load_policy(path, dtype=dtype)
+    import dataclasses
+
+    base = load_policy(adapter_base(path), dtype=dtype)
+    merged = load_adapter(base.model, path, trainable=False).merge_and_unload()
+    merged.eval()
+    return dataclasses.replace(base, model=merged, name=Path(path).name)
+
+
 @contextmanager
 def adapter_disabled(peft_model) -> Iterator[None]:
     """The base model's computation (the adapter bypassed) inside the block: the frozen reference policy."""
@@ -168,4 +181,4 @@ def merge_adapter(folder: str | os.PathLike, out: str | os.PathLike, *, base: st
 
 
 __all__ = ["ADAPTER_CONFIG", "adapter_base", "adapter_disabled", "add_lora", "inject_lora", "is_adapter_folder",
-           "linear_module_names", "load_adapter", "merge_adapter", "trainable_state"]
+           "linear_module_names", "load_adapter", "load_merged_policy", "merge_adapter", "trainable_state"]

@@ -207,6 +207,17 @@ def _load_tokenizer(source: str, gguf: str | None, local: bool, trust_remote_cod
     return tok
 
 
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, ``.gguf`` file, package path or hub id, as :func:`load_policy` sets it up
+    (left padding, a pad token), without loading the weights."""
+    source, gguf, local = resolve_source(name_or_path, None)
+    try:
+        return _load_tokenizer(source, gguf, local, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenMDPError(f"cannot load the tokenizer of {os.fspath(name_or_path)}: {first}") from exc
+
+
 def _forget_gguf_quantization(model) -> None:
     """transformers dequantises a GGUF file's tensors into ordinary float weights on load but keeps its GGUF
     quantizer attached, so ``save_pretrained`` refused ("quantized with gguf and is not serializable") and a run
@@ -286,4 +297,4 @@ def load_policy(
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "DTYPES", "META_FILE", "ModelDefaults", "Policy", "chat_prompt",
            "find_package_gguf", "find_smollm2_gguf", "resolve_package_path", "resolve_source",
-           "load_policy", "model_defaults", "read_meta", "write_meta"]
+           "load_policy", "load_tokenizer", "model_defaults", "read_meta", "write_meta"]

@@ -5,7 +5,10 @@ where training has signal (neither near 0 nor near 1): ``digits`` (operand size)
 expression) and ``ops`` (a string of ``+``, ``-``, ``*``; ``x`` also means ``*``, since a value starting with ``*``
 is not plain YAML on a command line: ``-o ops=x``). The expression is evaluated exactly (integers, the usual
 precedence, no ``eval``). Train and test are disjoint by expression (a fifth of the expressions, by a stable hash,
-are test), and each split's stream is a function of its seed only and prefix-stable.
+are test), and each split's stream is a function of its seed only and prefix-stable. The train split is a
+stream (expressions may repeat, as epochs over a data set do); the test split holds each expression at most once,
+so a held-out score counts distinct problems (one-digit products have 25 test expressions; asking for more is an
+error that says so).
 
 Scoring is GSM8K's (:func:`tokenmdp.tasks.gsm8k.extract`): by default the last number of the reply
 (``extraction="flexible"``); rewards ``(correct, formatted but wrong, no number)``, default ``(1, 0, 0)``.
@@ -75,14 +78,16 @@ class Arithmetic(Task):
         rng = random.Random(f"arithmetic-{split}-{seed}-{self.digits}-{self.terms}-{self.ops}")
         low, high = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
         out: list[Problem] = []
+        seen: set[str] = set()
         for _ in range(1000 * (n + 1)):
             if len(out) == n:
                 break
             operands = [rng.randint(low, high) for _ in range(self.terms)]
             ops = [rng.choice(self.ops) for _ in range(self.terms - 1)]
             text = " ".join(f"{a} {o}" for a, o in zip(operands, ops)) + f" {operands[-1]}"
-            if _is_test(text) != (split == "test"):
+            if _is_test(text) != (split == "test") or (split == "test" and text in seen):
                 continue
+            seen.add(text)
             out.append(Problem(id=f"{split}-{len(out)}", question=text, answer=str(_value(operands, ops)),
                                metadata={"operands": operands, "ops": ops}))
         if len(out) < n:

@@ -86,6 +86,7 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
                 _, unexpected = model.load_state_dict(weights, strict=False)
                 if unexpected:
                     raise RuntimeError(f"weights the sampler's model does not have: {unexpected[:3]}")
+                sampler.sync_weights(model)  # vllm: into its own model, checked by its probe; in-process: a no-op
             t0 = time.perf_counter()
             rollout = sampler.generate(prompts, **sampling)
             results.put((step, _pack(rollout), time.perf_counter() - t0))

@@ -379,11 +379,11 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got "
                             f"{config.rollout.top_p}")
-    if config.rollout.max_staleness > 0 and config.rollout.engine not in ("fast", "hf"):
-        raise TokenMDPError(f"config field {_where('rollout.max_staleness', source)} is "
-                            f"{config.rollout.max_staleness}: overlapped rollouts run a copy of the policy in the "
-                            f"sampler, which needs an in-process engine ('fast' or 'hf'), not "
-                            f"{config.rollout.engine!r}; set rollout.max_staleness=0")
+    if config.rollout.max_staleness > 0 and config.rollout.engine == "vllm" and config.rollout.async_worker == "thread":
+        raise TokenMDPError(f"config field {_where('rollout.async_worker', source)} is 'thread', but overlapped "
+                            "rollouts with the vllm engine need the sampler in its own process: a second in-process "
+                            "vLLM engine shares the first one's global state (its weight sync failed the probe); "
+                            "set rollout.async_worker=process")
     spec = resolve_algo(config, source=source)
     if config.rollout.max_staleness == 0 and not config.rollout.recompute_logprobs:
         from tokenmdp.algos.presets import AlgoSpec

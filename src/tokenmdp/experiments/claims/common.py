@@ -30,6 +30,12 @@ C1_CURVE_ATOL = 1e-6
 # mean reward by at most one sample's worth (1/B), after at least one bit-equal step, is that float effect, not two
 # different updates: two different updates separate at step 1 (the first update already differs).
 C1_FLIP_SAMPLES = 1
+# On a real LLM trained with Adam the same rounding separates the runs by more than one sample: where a coordinate's
+# gradient is rounding noise, Adam's first steps move it by about +-lr whatever the noise's size (m / sqrt(v) is its
+# sign), so after two bit-equal steps of SmolLM2 + LoRA the parameters differed by 1.6 lr and 20 of 64 samples
+# changed at step 3. A separation after at least one bit-equal step, while GRPO's logged per-step cosine with the
+# weighted-SFT gradient stays 1 within C1_COSINE_TOL at every step, is read as the same rule taking the same steps
+# (``rounding_separation``): the cosine, not the sample count, is then the evidence that the updates are equal.
 # C1: GRPO's logged per-step cosine with the weighted-SFT gradient on its own batch (equiv/cosine_on_policy) must be
 # 1 up to float rounding at every step for the steps to be the same.
 C1_COSINE_TOL = 1e-6

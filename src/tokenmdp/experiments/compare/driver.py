@@ -22,6 +22,7 @@ Layout of ``out``::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,8 @@ def _base_config(s: CompareSettings, arm: Arm, model_path: str, max_new_tokens: 
                 "report_to": s.report_to, "log_samples": True,
                 "equivalence": algo in ("grpo", "grpo_nokl"), "overwrite": True},
     }
+    if s.chat:
+        cfg["task"]["chat_template"] = True
     if s.lr is not None:
         cfg["optim"]["lr"] = s.lr
     if s.threads is not None:
@@ -185,11 +188,17 @@ def _fairness(s: CompareSettings, out: Path, plan: _Plan) -> dict:
     different lengths are checked in groups of equal length, each against the stream's first steps)."""
     result = {}
     lengths = sorted({arm_of(s, a).steps for a in s.algos})
+    render = functools.partial(plan.task.render, template=s.template)
+    if s.chat:  # the trainer logs the prompt as the chat template wrote it
+        from tokenmdp.policy.model import chat_prompt, load_tokenizer
+
+        tokenizer = load_tokenizer(plan.info["settings"]["model"])
+        render = lambda p: chat_prompt(tokenizer, plan.task.render(p, template=s.template))  # noqa: E731
     for seed in s.seeds:
         for steps in lengths:
             names = [a for a in s.algos if arm_of(s, a).steps == steps]
             run_dirs = {algo: out / "runs" / algo / f"seed-{seed}" for algo in names}
-            expected = [[plan.task.render(p, template=s.template) for p in step]
+            expected = [[render(p) for p in step]
                         for step in plan.streams[seed][:steps]]
             key = f"seed-{seed}" if len(lengths) == 1 else f"seed-{seed}/{steps}-steps"
             result[key] = check_same_stream(run_dirs, expected)

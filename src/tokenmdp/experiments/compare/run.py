@@ -121,6 +121,8 @@ def eval_key(s, problems, max_new_tokens: int, env: dict | None = None) -> dict:
     it evaluates through one."""
     ids = hashlib.sha1("\n".join(p.id for p in problems).encode()).hexdigest()
     extra = {} if env is None else {"env": env}
+    if getattr(s, "chat", False):  # only when on: the keys of earlier comparisons stay valid
+        extra["chat"] = True
     return json.loads(json.dumps(extra | {
         "task": s.task, "task_kwargs": s.task_kwargs, "template": s.template, "problems": ids, "k": s.k,
         "temperature": s.eval_temperature, "max_new_tokens": max_new_tokens, "seed": s.heldout_seed,
@@ -131,7 +133,7 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
     """Evaluate ``job.model_dir`` on the held-out ``problems``; writes ``job.out_json`` and the records beside it.
     A saved evaluation with the same :func:`eval_key` is reused when ``reuse``."""
     from tokenmdp.train.heldout import evaluate, save_eval
-    from tokenmdp.policy.model import load_policy
+    from tokenmdp.policy.adapters import load_merged_policy
 
     out_json = Path(job.out_json)
     config = run_config(job, s) if job.algo is not None else None
@@ -142,9 +144,9 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
         if old.get("key") == key:
             report("skip", job.label, eval_units(s))
             return float(old.get("time_s", 0.0))
-    if not Path(job.model_dir).exists():
+    if job.algo is not None and not Path(job.model_dir).exists():  # the base may be a package path or a hub id
         raise TokenMDPError(f"no final model to evaluate: {job.model_dir} (did the run finish?)")
-    policy = load_policy(job.model_dir)
+    policy = load_merged_policy(job.model_dir)
     env = None
     if with_env:  # the final policy with its environment (the two-LLM formulation: with the frozen base)
         from tokenmdp.train.environment import build_environment
@@ -154,7 +156,7 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
     report("start", job.label, "eval", len(problems) * (s.k + 1))
     result = evaluate(policy, None, task, problems, k=s.k, engine=s.engine, temperature=s.eval_temperature,
                       max_new_tokens=job.max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
-                      template=s.template, progress=lambda m: report("advance", job.label, m, 1), env=env)
+                      template=s.template, chat=s.chat, progress=lambda m: report("advance", job.label, m, 1), env=env)
     records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")  # runs.EVAL_RECORDS_FILE
     save_eval(result, out_json, records=records, model=str(job.model_dir), key=key, **extra)
     return result["time_s"]

