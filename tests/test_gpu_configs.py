@@ -1,4 +1,5 @@
-"""The GPU path rehearsed on the CPU: every `configs/gpu-*.yaml` trains for 2 steps through `tokenmdp train
+"""The GPU path rehearsed on the CPU: every `configs/gpu-*.yaml` trains for 2 steps, and the paper's GPU compare
+presets (`paper-qwen*`) run as comparisons of 2 steps, through `tokenmdp train
 --config ... --set ...` on a locally built stand-in of the same architecture (a tiny Qwen2 with a byte-level BPE
 tokenizer trained here, so the BPE path of a real vocabulary runs too) on the local GSM8K, so that a config error
 or a missing field fails here and not on a rented GPU.
@@ -65,3 +66,53 @@ def test_gpu_config_runs_two_steps_on_a_cpu_standin(config, standin, gsm8k_dir, 
     assert (out / "final" / "model.safetensors").is_file() and (out / "DONE").is_file()
     if original.algo.name == "grpo" and original.algo.overrides.get("kl_coef", 0.04) > 0:
         assert "policy/kl_ref" in rows[-1] or "policy/kl" in rows[-1] or any(k.startswith("kl/") for k in rows[-1])
+
+
+PAPER = ["paper-qwen0.5b-gsm8k", "paper-qwen0.5b-countdown", "paper-qwen1.5b-gsm8k", "paper-qwen1.5b-countdown"]
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_paper_presets_hold_the_papers_settings(preset):
+    """64 prompts x 5 samples, temperature 0.6 (sampling and evaluation), lr 1e-6, 1024 new tokens, vLLM in bf16
+    with TIS, GRPO with KL 0.001 (k3) and without, the three ISFT arms; Countdown adds the binary reward's arms."""
+    from tokenmdp.experiments.compare import make_settings
+
+    s = make_settings(preset)
+    assert (s.prompts_per_step, s.group_size, s.lr, s.max_new_tokens, s.eval_temperature) == (64, 5, 1e-6, 1024, 0.6)
+    assert s.engine == "vllm" and "rollout.temperature=0.6" in s.overrides and "run.device=cuda" in s.overrides
+    assert {"grpo-kl", "grpo_nokl", "isft+", "isft+-", "isft-"} <= set(s.algos)
+    assert s.arms["grpo-kl"] == {"algo": "grpo", "set": ["algo.kl_coef=0.001", "algo.kl_estimator=k3"]}
+    assert s.model == ("Qwen/Qwen2.5-0.5B" if "0.5b" in preset else "Qwen/Qwen2.5-1.5B")
+    if "countdown" in preset:
+        assert s.arms["binary-grpo_nokl"]["set"] == ["task.options.rewards=[1.0, 0.0, 0.0]"]
+
+
+@pytest.mark.parametrize("preset", PAPER[:2])
+def test_paper_preset_rehearsed_on_the_cpu_standin(preset, standin, gsm8k_dir, tmp_path):
+    """The 0.5B presets as comparisons of 2 steps on the stand-in: every arm trains with the preset's own algorithm,
+    KL, temperature, TIS and schedule; only the device, the engine (hf, or vllm where it imports), the sizes and
+    the data folder are changed. The binary arm's runs are rewarded 0 where TinyZero's give 0.1."""
+    import yaml
+
+    from tokenmdp.experiments.compare import compare
+
+    engine = "vllm" if importlib.util.find_spec("vllm") else "hf"
+    cpu = ["run.device=cpu", "run.mixed_precision=no", "rollout.engine_options={}", "run.save_every=0"]
+    kw = {"task_kwargs": {"data_dir": str(gsm8k_dir)}} if "gsm8k" in preset else {}
+    out = compare(None, 1, preset=preset, model=str(standin), out=tmp_path / "cmp", steps=2, prompts_per_step=2,
+                  group_size=2, max_new_tokens=16, eval_n=2, k=2, eval_every=0, engine=engine, threads=1, workers=1,
+                  overrides=cpu, **kw)
+    for arm in (["grpo-kl", "grpo_nokl", "isft+", "isft+-", "isft-"] +
+                (["binary-grpo_nokl", "binary-isft+-"] if "countdown" in preset else [])):
+        run = out / "runs" / arm / "seed-0"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["rollout"]["temperature"] == 0.6 and cfg["optim"]["lr"] == 1e-6, arm
+        assert cfg["rollout"]["recompute_logprobs"] is True and (run / "eval.json").is_file(), arm
+        if arm == "grpo-kl":
+            assert cfg["algo"]["kl_coef"] == 0.001 and cfg["algo"]["kl_estimator"] == "k3"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2], arm
+        if arm.startswith("binary-"):
+            assert cfg["task"]["options"]["rewards"] == [1.0, 0.0, 0.0]
+            assert all(r["reward/mean"] in (0.0, 0.25, 0.5, 0.75, 1.0) for r in rows)
+    assert (out / "claims.json").is_file()

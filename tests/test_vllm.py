@@ -333,3 +333,28 @@ def test_eval_through_vllm_prints_clean_json_with_the_fast_engines_greedy_figure
     greedy = [k for k in out["fast"] if k.startswith("greedy/")]
     assert out["vllm"]["n_problems"] == 8 and len(greedy) >= 5
     assert {k: out["vllm"][k] for k in greedy} == {k: out["fast"][k] for k in greedy}
+
+
+@needs_vllm
+def test_paper_preset_rehearsed_through_vllm(tmp_path, tiny32):
+    """The paper's Countdown preset as a 2-step comparison through the real vLLM engine in bfloat16 with its own
+    log-probs (the preset's engine options, sized down), recomputed by the trainer and corrected by TIS: the
+    mismatch is logged every step and stays within bfloat16's rounding."""
+    import json
+
+    from tokenmdp.experiments.compare import compare
+
+    path, _, _ = tiny32
+    opts = ("rollout.engine_options={logprobs: vllm, dtype: bfloat16, max_model_len: 256, max_num_seqs: 16, "
+            "max_num_batched_tokens: 256, kv_cache_memory_bytes: 16777216}")
+    out = compare(["grpo-kl", "binary-grpo_nokl"], 1, preset="paper-qwen0.5b-countdown", model=str(path),
+                  out=tmp_path / "cmp", steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_n=2, k=2,
+                  template="compact",
+                  eval_every=0, threads=1, workers=1,
+                  overrides=["run.device=cpu", "run.mixed_precision=no", opts, "run.save_every=0"])
+    for arm in ("grpo-kl", "binary-grpo_nokl"):
+        rows = [json.loads(x) for x in (out / "runs" / arm / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert all(0.0 <= r["mismatch/tis_clip_frac"] <= 1.0 and r["mismatch/is_ratio_max"] < 2.0 and
+                   0.0 < r["mismatch/logprob_diff_max"] < 1.0 for r in rows)  # bf16 sampler, fp32 learner
+    assert (out / "runs" / "grpo-kl" / "seed-0" / "eval.json").is_file()
