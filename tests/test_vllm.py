@@ -84,6 +84,40 @@ def test_lora_merge_equals_peft_merge_and_unload():
 # -- the engine ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("targets,extra,match", [
+    (["lm_head", "q_proj"], {}, r"lm_head: the output head, tied to the embeddings"),
+    (["embed_tokens"], {}, r"embed_tokens: an embedding"),
+    (["q_proj"], {"use_dora": True}, r"adapter 'default': DoRA"),
+    (["q_proj"], {"modules_to_save": ["lm_head"]}, r"modules_to_save \['lm_head'\]"),
+], ids=["tied-head", "embedding", "dora", "modules-to-save"])
+def test_lora_targets_vllm_cannot_serve_are_one_error_before_it_starts(targets, extra, match):
+    """Runs without vLLM: the check runs before vLLM is imported or started."""
+    from peft import LoraConfig, get_peft_model
+
+    from tokenmdp.rollout.vllm import check_servable_lora
+
+    model, _ = build_tiny_random(seed=0, **SIZE)
+    assert model.config.tie_word_embeddings
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
+    with pytest.raises(TokenMDPError, match=match) as info:
+        check_servable_lora(peft_model)
+    assert "model.lora.target_modules" in str(info.value) and str(info.value).count("\n") == 0
+    check_servable_lora(add_lora(build_tiny_random(seed=0, **SIZE)[0], rank=4, alpha=8.0))  # all-linear: servable
+
+
+@needs_vllm
+def test_a_model_vllm_cannot_load_is_one_error(tmp_path):
+    """The tests' default tiny model has head size 16, which vLLM's CPU attention lacks."""
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.rollout import get_engine
+
+    model, tokenizer = build_tiny_random(seed=0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(TokenMDPError, match=r"vLLM cannot load the model .*head size of 32.*rollout.engine=fast"):
+        get_engine("vllm", load_policy(str(tmp_path)).model, tokenizer, **LLM_KW)
+
+
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory):
     """A tiny Qwen2 with head size 32, saved as a folder, loaded back as the in-process float32 policy."""

@@ -105,6 +105,35 @@ def lora_scalings(model: torch.nn.Module, adapter: str = "default") -> dict[str,
     return out
 
 
+def check_servable_lora(model: torch.nn.Module) -> None:
+    """Raise one :class:`TokenMDPError` naming the LoRA targets of a peft ``model`` that vLLM cannot be sent merged:
+    DoRA, embedding LoRA, ``modules_to_save``, Conv1D (``fan_in_fan_out``) layers, and the output head of a model
+    that ties it to the embeddings (vLLM ties them on load, so the head's merged update would be dropped)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return
+    bad: list[str] = []
+    for adapter, cfg in peft_config.items():
+        if getattr(cfg, "use_dora", False):
+            bad.append(f"adapter {adapter!r}: DoRA (use_dora=True)")
+        if getattr(cfg, "modules_to_save", None):
+            bad.append(f"adapter {adapter!r}: modules_to_save {list(cfg.modules_to_save)}")
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    for name, module in model.named_modules():
+        if not hasattr(module, "base_layer") or not isinstance(getattr(module, "scaling", None), dict):
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            bad.append(f"{name}: a Conv1D layer (fan_in_fan_out)")
+        elif isinstance(module.base_layer, torch.nn.Embedding):
+            bad.append(f"{name}: an embedding")
+        elif tied and name.split(".")[-1] == "lm_head":
+            bad.append(f"{name}: the output head, tied to the embeddings (vLLM would drop its update)")
+    if bad:
+        raise TokenMDPError("the vllm engine sends LoRA merged into the base weights, which it cannot do for these "
+                            f"targets: {'; '.join(bad)}. Set model.lora.target_modules to linear layers of the "
+                            "transformer blocks (the default all-linear), or train with rollout.engine=fast or hf")
+
+
 def merged_state_dict(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float], *,
                       adapter: str = "default", prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
     """A peft LoRA model's ``state_dict`` as the plain model's: ``W + scaling * B A`` under the base names.
@@ -148,6 +177,20 @@ def policy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged_state_dict(state, lora_scalings(model, adapter), adapter=adapter)
 
 
+# what vLLM raises for a model it cannot load or run (TokenMDPError, a ValueError, is re-raised before these)
+UNLOADABLE = (RuntimeError, ValueError, NotImplementedError, KeyError, OSError)
+
+
+def _cannot_load(exc: BaseException, path: str) -> TokenMDPError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    from vllm.platforms import current_platform
+
+    hint = (" (vLLM's CPU attention needs a head size of 32, 64, 80, 96, 112, 128 or more)"
+            if "attention" in first.lower() and current_platform.is_cpu() else "")
+    return TokenMDPError(f"vLLM cannot load the model {path}: {type(exc).__name__}: {first}{hint}; train with "
+                         "rollout.engine=fast or hf, or choose a model vLLM supports")
+
+
 class VLLMEngine(Engine):
     """Rollouts through ``vllm.LLM``.
 
@@ -181,6 +224,8 @@ class VLLMEngine(Engine):
             raise TokenMDPError("the vllm engine needs a model saved to a folder (model.config._name_or_path is empty)")
         if logprobs == "recompute" and not is_module:
             raise TokenMDPError("logprobs='recompute' needs the in-process model, not a path; pass the model")
+        if is_module:
+            check_servable_lora(model)  # before vLLM starts: an adapter it could not serve fails here, not at a sync
         self.model = model if is_module else None
         self.tokenizer = tokenizer
         self.logprobs_mode = logprobs
@@ -208,6 +253,8 @@ class VLLMEngine(Engine):
         try:
             self.llm = self.vllm.LLM(model=path, tokenizer=path, dtype=dtype,
                                      gpu_memory_utilization=gpu_memory_utilization, **llm_kwargs)
+        except UNLOADABLE as exc:
+            raise _cannot_load(exc, path) from exc
         finally:
             torch.set_num_threads = set_threads
             random.setstate(rng[0])
@@ -221,7 +268,12 @@ class VLLMEngine(Engine):
         self.probe_ids = [int(i) for i in ids] if len(ids) >= 2 else [int(self.eos_ids[0])] * 2
         self.last_probe: dict[str, Any] = {}
         if is_module:
-            self.sync_weights(model)
+            try:  # the first sync's probe is vLLM's first forward pass: where an unsupported model fails on a CPU
+                self.sync_weights(model)
+            except TokenMDPError:  # a ValueError too: the probe's own errors pass unchanged
+                raise
+            except UNLOADABLE as exc:
+                raise _cannot_load(exc, path) from exc
 
     # -- weights ---------------------------------------------------------------------------------------------------
 
