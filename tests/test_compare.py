@@ -373,3 +373,41 @@ def test_compare_with_chat_and_lora_evaluates_the_merged_adapter(tiny_random_dir
 
     assert texts(again["records"]) == texts(saved) and len(saved) == 3
     assert again["metrics"]["sampled/length"] == ev["metrics"]["sampled/length"]
+
+
+def test_a_worker_ends_when_its_comparison_is_killed(tmp_path):
+    """A comparison killed by a signal must not leave its workers training on (they wrote into the run folders of
+    the comparison restarted in their place): the worker's watchdog ends it once its parent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, sys, time\n"
+        "from tokenmdp.experiments.compare.jobs import exit_with_parent\n"
+        "def child():\n"
+        "    exit_with_parent(poll_s=0.2)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=child)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)  # the child is up, its watchdog started
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the worker outlived its comparison by 10 s")

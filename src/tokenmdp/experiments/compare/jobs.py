@@ -8,6 +8,8 @@ results do not depend on the number of workers.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -98,8 +100,25 @@ def _minutes(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker process when the process that started it is gone. A comparison stopped by a signal would
+    otherwise leave its workers training on, writing into run folders that a restarted comparison (or a removed
+    and recreated --out) now owns: two writers in one folder, and half the CPU lost."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tokenmdp-exit-with-parent").start()
+
+
 def _init_worker(threads: int | None) -> None:
     from transformers.utils import logging as hf_logging
+
+    exit_with_parent()
 
     if threads is not None:
         import torch
