@@ -263,7 +263,7 @@ def test_the_beyond_presets_name_their_arms():
 def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     """An arm with the calculator environment and an arm of fewer steps beside a plain algorithm: each run gets its
     arm's config, the calculator arm is evaluated through its environment (and from step 0), fairness is checked
-    per run length, and the report opens with the section beyond the degenerate MDP."""
+    per run length, and the report shows the section beyond the degenerate MDP after the verdicts."""
     from tokenmdp.cli import main
 
     out = tmp_path / "arms"
@@ -313,8 +313,10 @@ def test_compare_with_arms_end_to_end(tiny_random_dir, tmp_path, capsys):
     assert cos is not None and cos["steps"] == len(live) >= 1, beyond["arms"]["calc"]
     assert cos["min"] == pytest.approx(min(live)) and cos["min"] > 0.999 and cos["holds"] is True
     md = (out / "summary.md").read_text()
-    assert md.index("## Beyond the degenerate MDP") < md.index("## The paper's claims")
-    assert "Beyond the degenerate MDP" in (out / "report.html").read_text()
+    assert md.index("## The paper's claims") < md.index("## Beyond the degenerate MDP")
+    page = (out / "report.html").read_text()  # the verdict table right under its heading, the section after it
+    assert page.index("<h2>The paper's claims</h2>") < page.index("<table") < \
+        page.index("<h2>Beyond the degenerate MDP</h2>")
     assert main(args[:4] + ["{calc: [1, 2]}"] + args[5:]) == 2
     assert "--arms" in capsys.readouterr().err
 

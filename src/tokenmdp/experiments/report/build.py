@@ -256,10 +256,10 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
           + ", ".join(str(s) for s in col.sources) + ".", ""]
     exact_env = exact_two_llm_markdown(exact)
+    md += ["## The paper's claims", "", claims_markdown(claims), ""]  # the verdicts first, as on the page
     if beyond or exact_env:
         md += ["## Beyond the degenerate MDP", ""] + [t + "\n" for t in (beyond_markdown(beyond), exact_env) if t]
-    md += ["## The paper's claims", "",
-          claims_markdown(claims), "", "## Held-out results", "",
+    md += ["## Held-out results", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
           "(accuracies in %, lengths in tokens).", ""]
     if col.unfinished:
@@ -280,6 +280,6 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     header = ["algorithm", "runs"] + column_labels(col)
     beyond_text = "\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)
     page = render_html(col, header, table_cells(rows), rows, figures, reading,
-                       claims=beyond_html(beyond_text) + claims_html(claims), exact_figures=exact_figures)
+                       claims=claims_html(claims), beyond=beyond_html(beyond_text), exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out

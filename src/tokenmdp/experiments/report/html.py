@@ -116,9 +116,10 @@ def _figures(figures: dict[str, bytes]) -> str:
 
 
 def render_html(col: Collection, header: list[str], cells: list[list[str]], rows: list[dict],
-                figures: dict[str, bytes], reading: list[str], *, claims: str = "",
+                figures: dict[str, bytes], reading: list[str], *, claims: str = "", beyond: str = "",
                 exact_figures: dict[str, bytes] | None = None) -> str:
-    """The whole page: the claims' verdicts (``claims``, an HTML table: the first screen), the summary table
+    """The whole page: the claims' verdicts (``claims``, an HTML table: the first screen, right under its heading),
+    the section beyond the degenerate MDP (``beyond``, HTML with its own heading), the summary table
     (``header`` and ``cells`` of ``rows``), length reading, figures (inline; the exact tier's first), settings,
     timings, run list."""
     table = _table(header, cells, ["base" if r["algo"] == "base" else "" for r in rows])
@@ -138,6 +139,7 @@ def render_html(col: Collection, header: list[str], cells: list[list[str]], rows
 <p class="note">Generated {_e(time.strftime('%Y-%m-%d %H:%M'))} on {_e(platform.node() or platform.machine())} from
 {_e(', '.join(str(s) for s in col.sources))}: {len(col.runs)} runs of {len(col.algos)} algorithms{_left_out(col)}.</p>
 {claims_html}
+{beyond}
 <h2>Held-out results</h2>
 <p class="note">Final models on the fixed held-out set: mean ± half width of the 95% Student-t interval over seeds
 (accuracies in %, lengths in tokens; one seed gives no interval). The base row is the model before training.</p>
