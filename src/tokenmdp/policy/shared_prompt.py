@@ -61,7 +61,7 @@ def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[
     return first, inverse
 
 
-def _cache_kwarg(backbone: nn.Module) -> str | None:
+def cache_kwarg(backbone: nn.Module) -> str | None:
     """The name under which ``backbone.forward`` takes a KV cache (``cache`` in transformers >= 5.x,
     ``past_key_values`` before), or None when it takes no cache or no position ids."""
     try:
@@ -76,7 +76,7 @@ def _cache_kwarg(backbone: nn.Module) -> str | None:
 def backbone_support(backbone: nn.Module) -> tuple[str | None, str]:
     """``(cache kwarg, "")`` when ``backbone`` can run the prompts once and the responses on their cache, else
     ``(None, why not)``."""
-    kwarg = _cache_kwarg(backbone)
+    kwarg = cache_kwarg(backbone)
     if kwarg is None:
         return None, f"the backbone {type(backbone).__name__} takes no KV cache and position ids"
     cfg = getattr(backbone, "config", None)

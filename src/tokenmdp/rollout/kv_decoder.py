@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmdp.policy.shared_prompt import cache_kwarg
+
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
 
 
@@ -261,6 +263,12 @@ class KVDecoder:
         self.vg = [v.index_select(0, keep) for v in self.vg]
 
 
+def _cache_of(out) -> Any:
+    """The KV cache a transformers forward returned (``cache`` in 5.x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class HFDecoder:
     """The generic path: the model's own transformers forward and cache, one token per step (no ``select``)."""
 
@@ -270,6 +278,8 @@ class HFDecoder:
         self.model = model
         self.past: Any = None
         self.attn: torch.Tensor | None = None
+        # transformers 5.x names the cache `cache` (in and out); `past_key_values` is deprecated, removed in 5.40
+        self.kwarg = cache_kwarg(model) or "past_key_values"
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
         from transformers import DynamicCache
@@ -277,15 +287,15 @@ class HFDecoder:
         ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         self.attn = mask.long()
         out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        self.past = out.past_key_values
+                         use_cache=True, logits_to_keep=1, **{self.kwarg: DynamicCache(config=self.model.config)})
+        self.past = _cache_of(out)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
         self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
         out = self.model(input_ids=tokens.unsqueeze(1), attention_mask=self.attn, position_ids=pos.unsqueeze(1),
-                         past_key_values=self.past, use_cache=True, logits_to_keep=1)
-        self.past = out.past_key_values
+                         use_cache=True, logits_to_keep=1, **{self.kwarg: self.past})
+        self.past = _cache_of(out)
         return out.logits[:, -1]
 
     def select(self, keep: torch.Tensor) -> None:  # pragma: no cover - guarded by can_select
