@@ -98,6 +98,17 @@ def test_isft_adv_equals_grpo_without_kl(default):
                                                                         rel=1e-6)
 
 
+def test_ratio_losses_take_their_aggregations_step_on_policy(default):
+    """GSPO, CISPO and SAPO differ from the clipped surrogate only off-policy: in the exact tier's one on-policy
+    step gspo's expected update is grpo_nokl's and cispo's and sapo's are dapo's (token mean, no KL, its overlong
+    penalty off), with the same variance."""
+    rows = default["presets"]
+    for name, twin in (("gspo", "grpo_nokl"), ("cispo", "dapo"), ("sapo", "dapo")):
+        for key in ("cosine", "norm_ratio", "update_norm", "variance"):
+            assert rows[name][key] == pytest.approx(rows[twin][key], rel=1e-9, abs=1e-12), (name, key)
+    assert rows["gspo"]["cosine"] < rows["cispo"]["cosine"]  # the 1/|o| factor bends grpo_nokl's, not the token mean
+
+
 def test_isft_sequence_sum_is_grad_j_over_l(default):
     ids, length = default["identities"], default["mdp"]["max_len"]
     for sign in "+-":

@@ -214,3 +214,75 @@ def test_value_loss_padding_and_accumulation():
     b, gb = run(v[2:], vo[2:], ret[2:], mask[2:], num_tokens=int(mask.sum()))
     torch.testing.assert_close(a + b, full)
     torch.testing.assert_close(torch.cat([ga, gb]), g)
+
+
+# --- GSPO, CISPO, SAPO: how the ratio enters the loss --------------------------------------------------------------
+
+
+def _grad(ratio_loss: str, logp: list, old: list, adv: list, mask: list, **kw):
+    lp = torch.tensor([logp], dtype=torch.float64, requires_grad=True)
+    loss, m = policy_loss(lp, torch.tensor([old], dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
+                          torch.tensor([mask]), ratio_loss=ratio_loss, **kw)
+    loss.backward()
+    return float(loss.detach()), lp.grad[0].tolist(), m
+
+
+def test_gspo_one_ratio_per_response_by_hand():
+    """Log-ratios 0.2 and -0.1: s = e^0.05 = 1.051271; A = +1, clip 0.2 (unclipped): loss -s, gradient -s / 2 on
+    each token (token mean); GSPO's own clip 3e-4 / 4e-4 clips s: the loss is -1.0004 and the gradient 0."""
+    logp, old = [math.log(0.6), math.log(0.3), 0.0], [math.log(0.6) - 0.2, math.log(0.3) + 0.1, 0.0]
+    s = math.exp(0.05)
+    loss, grad, m = _grad("gspo", logp, old, [1.0], [1, 1, 0], clip_low=0.2)
+    assert loss == pytest.approx(-s) and grad == pytest.approx([-s / 2, -s / 2, 0.0])
+    assert m["policy/ratio_min"] == pytest.approx(s) and m["policy/ratio_max"] == pytest.approx(s)
+    loss, grad, m = _grad("gspo", logp, old, [1.0], [1, 1, 0], clip_low=3e-4, clip_high=4e-4)
+    assert loss == pytest.approx(-1.0004) and grad == pytest.approx([0.0, 0.0, 0.0])
+    assert m["policy/clip_frac"] == 1.0
+
+
+def test_cispo_clips_the_weight_not_the_gradient_by_hand():
+    """rho = 1.5, A = +1, clip_high 0.28: weight 1.28, gradient -1.28 (the clipped surrogate's is 0); rho = 0.5,
+    A = -1, clip_low 1 (no lower bound): weight 0.5, gradient +0.5; loss -w A log pi."""
+    lp0 = math.log(0.6)
+    loss, grad, m = _grad("cispo", [lp0], [lp0 - math.log(1.5)], [1.0], [1], clip_low=1.0, clip_high=0.28)
+    assert grad == pytest.approx([-1.28]) and loss == pytest.approx(-1.28 * lp0) and m["policy/clip_frac"] == 1.0
+    _, clip_grad, _ = _grad("clip", [lp0], [lp0 - math.log(1.5)], [1.0], [1], clip_low=0.2, clip_high=0.28)
+    assert clip_grad == pytest.approx([0.0])
+    loss, grad, m = _grad("cispo", [lp0], [lp0 - math.log(0.5)], [-1.0], [1], clip_low=1.0, clip_high=0.28)
+    assert grad == pytest.approx([0.5]) and loss == pytest.approx(0.5 * lp0) and m["policy/clip_frac"] == 0.0
+
+
+def test_sapo_soft_gate_by_hand():
+    """l = -sigmoid(tau (rho - 1)) (4 / tau) A: gradient -4 sigma'(tau (rho - 1)) rho A. rho = 1.5, A = +1,
+    tau 1: -6 sigma'(0.5) = -1.410022; A = -1, tau_neg 1.05: +6 sigma'(0.525) = 1.401209; rho = 1: -A."""
+    def dsig(x):
+        return 1 / (1 + math.exp(-x)) * (1 - 1 / (1 + math.exp(-x)))
+
+    assert 6 * dsig(0.5) == pytest.approx(1.410022, abs=1e-6) and 6 * dsig(0.525) == pytest.approx(1.401209, abs=1e-6)
+    lp0 = math.log(0.6)
+    loss, grad, _ = _grad("sapo", [lp0], [lp0 - math.log(1.5)], [1.0], [1])
+    assert grad == pytest.approx([-1.410022], abs=1e-6) and loss == pytest.approx(-4 / (1 + math.exp(-0.5)))
+    _, grad, _ = _grad("sapo", [lp0], [lp0 - math.log(1.5)], [-1.0], [1])
+    assert grad == pytest.approx([1.401209], abs=1e-6)
+    _, grad, _ = _grad("sapo", [lp0], [lp0], [0.7], [1])
+    assert grad == pytest.approx([-0.7])
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean", "seq_sum_const"])
+def test_every_ratio_loss_is_the_reinforce_step_on_policy(aggregation):
+    """At rho = 1 (one on-policy step) the four ratio losses give the same gradient for any aggregation: they differ
+    only off-policy (minibatches, epochs, a stale batch)."""
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(4, 5, generator=g, dtype=torch.float64) - 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    adv = torch.tensor([0.5, -1.0, 1.5, -0.25], dtype=torch.float64)
+    grads = []
+    for rl in ("clip", "gspo", "cispo", "sapo"):
+        x = lp.clone().requires_grad_(True)
+        loss, _ = policy_loss(x, lp, adv, mask, aggregation=aggregation, max_len=5, ratio_loss=rl)
+        loss.backward()
+        grads.append(x.grad)
+    for gr in grads[1:]:
+        torch.testing.assert_close(gr, grads[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TokenMDPError, match="ratio_loss must be"):
+        policy_loss(lp, lp, adv, mask, ratio_loss="gpso")

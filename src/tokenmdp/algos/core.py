@@ -41,6 +41,9 @@ Tensor = torch.Tensor
 
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_sum_const", "seq_mean_token_sum"]
 KLEstimator = Literal["k1", "k2", "k3"]
+# how the importance ratio enters the policy loss (policy_loss's docstring): PPO's clipped surrogate, GSPO's
+# sequence ratio, CISPO's clipped and detached weight on log pi, SAPO's soft gate
+RatioLoss = Literal["clip", "gspo", "cispo", "sapo"]
 AGGREGATIONS: tuple[str, ...] = Aggregation.__args__
 KL_ESTIMATORS: tuple[str, ...] = KLEstimator.__args__
 
@@ -371,6 +374,9 @@ def policy_loss(
     num_tokens: int | float | Tensor | None = None,
     num_seqs: int | float | None = None,
     is_weights: Tensor | None = None,
+    ratio_loss: str = "clip",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped importance-ratio loss with optional KL-in-loss and entropy bonus; returns ``(loss, metrics)``.
 
@@ -386,6 +392,20 @@ def policy_loss(
     Hand example (the tests): ``rho = 1.5``, ``A = +1``, clip 0.2: ``l = -min(1.5, 1.2) = -1.2`` and the gradient
     with respect to ``logprobs`` is 0 (the clipped branch is constant). With ``A = -1``: ``l = 1.5``, gradient 1.5.
     At ``rho = 1`` (on-policy) the gradient is ``-A_t grad log pi``: the REINFORCE gradient.
+
+    ``ratio_loss`` replaces the clipped surrogate (each is the REINFORCE gradient at ``rho = 1``; they differ off
+    policy, with several optimizer steps per batch or a stale batch):
+
+    * ``"gspo"`` (Zheng et al. 2025): one ratio per response, ``s_i = exp(mean_t log rho_it)``, clipped as above
+      (GSPO uses 3e-4 / 4e-4), its gradient spread over the response's tokens (the GSPO-token form:
+      ``s_it = sg(s_i) pi_t / sg(pi_t)``). Hand example: log-ratios 0.2 and -0.1, ``A = +1``, clip 0.2:
+      ``s = e^0.05 = 1.0513``, loss -1.0513, gradient -1.0513 / 2 on each token's log-prob (token mean).
+    * ``"cispo"`` (MiniMax-M1, 2025): ``l_t = -sg(clip(rho, 1 - clip_low, 1 + clip_high)) A_t log pi_t``: the weight
+      is clipped, never the token's gradient. Hand example: ``rho = 1.5``, ``A = +1``, clip_high 0.28: gradient
+      -1.28 (the clipped surrogate's is 0); ``rho = 0.5``, ``A = -1``, clip_low 1 (no lower bound): +0.5.
+    * ``"sapo"`` (Gao et al. 2025): a soft gate for the hard clip, ``l_t = -sigmoid(tau (rho - 1)) (4 / tau) A_t``,
+      ``tau = sapo_tau_pos`` where ``A > 0``, else ``sapo_tau_neg``. Its gradient is ``-4 sigma'(tau (rho - 1))
+      rho A_t``: ``-A_t`` at ``rho = 1``; at ``rho = 1.5``, ``A = +1``, ``tau = 1``: ``-6 sigma'(0.5) = -1.4100``.
 
     Metrics (token means over the batch): ``policy/pg_loss``, ``policy/clip_frac`` (tokens where the clipped branch
     is taken and differs), ``policy/clip_frac_low`` / ``policy/clip_frac_high`` (rho below 1 - clip_low with A < 0 /
@@ -405,11 +425,27 @@ def policy_loss(
     old = torch.where(mask, old_logprobs.detach(), zero)
     adv = torch.where(mask, _broadcast_advantages(advantages, mask.shape).detach().to(logp.dtype), zero)
 
+    if ratio_loss not in ("clip", "gspo", "cispo", "sapo"):
+        raise TokenMDPError(f"ratio_loss must be 'clip', 'gspo', 'cispo' or 'sapo', got {ratio_loss!r}")
     log_ratio = logp - old
+    if ratio_loss == "gspo":  # the response's mean log-ratio as each token's value, each token's own gradient
+        seq = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        log_ratio = torch.where(mask, seq.detach().unsqueeze(-1) + logp - logp.detach(), zero)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg_unclipped, pg_clipped = -ratio * adv, -clipped * adv
-    pg_tok = torch.maximum(pg_unclipped, pg_clipped)
+    if ratio_loss == "cispo":
+        pg_tok = -clipped.detach() * adv * logp
+        is_clipped = clipped.detach() != ratio.detach()
+    elif ratio_loss == "sapo":
+        if not (sapo_tau_pos > 0 and sapo_tau_neg > 0):
+            raise TokenMDPError(f"sapo_tau_pos and sapo_tau_neg must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
+        tau = torch.where(adv > 0, torch.full_like(ratio, sapo_tau_pos), torch.full_like(ratio, sapo_tau_neg))
+        pg_tok = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+        is_clipped = torch.zeros_like(mask)
+    else:
+        pg_tok = torch.maximum(pg_unclipped, pg_clipped)
+        is_clipped = pg_clipped > pg_unclipped
     if is_weights is not None:
         pg_tok = pg_tok * torch.where(mask, is_weights.detach().to(logp.dtype), zero)
     loss_tok = pg_tok
@@ -436,7 +472,7 @@ def policy_loss(
     with torch.no_grad():
         metrics["policy/loss"] = float(loss.detach())
         metrics["policy/pg_loss"] = float(aggregate(pg_tok.detach(), mask, **agg))
-        metrics.update(_ratio_metrics(ratio, log_ratio, adv, mask, pg_clipped > pg_unclipped, clip_low, clip_high))
+        metrics.update(_ratio_metrics(ratio.detach(), log_ratio.detach(), adv, mask, is_clipped, clip_low, clip_high))
     return loss, metrics
 
 

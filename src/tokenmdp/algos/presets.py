@@ -22,6 +22,10 @@ The presets (each states how it differs from its neighbours):
 * ``dr_grpo``: no std division, token sum divided by a constant ``max_len``, no KL (Liu et al. 2025).
 * ``dapo``: group std, token mean, asymmetric clip 0.2 / 0.28, no KL, dynamic sampling (drop groups whose rewards
   are all equal) and the soft overlong penalty (Yu et al. 2025).
+* ``gspo``, ``cispo``, ``sapo``: how the importance ratio enters the loss, the peers' 2025 variants (GSPO's one
+  ratio per response, CISPO's clipped weight on ``log pi``, SAPO's soft gate; :func:`tokenmdp.algos.core.
+  policy_loss`). On-policy, with one optimizer step per batch, each takes its aggregation's REINFORCE step; they
+  differ with minibatches, epochs or a stale batch.
 * ``ppo``: a critic, GAE (gamma 1, lambda 0.95) on terminal credit, whitened advantages, clip 0.2, clipped value
   loss, KL in the reward (k1, weight 0.05), two inner epochs.
 * ``dpo``: pairwise sigmoid loss, beta 0.1, on-policy pairs (best vs worst response of a group).
@@ -37,7 +41,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tokenmdp.algos.core import Aggregation, KLEstimator
+from tokenmdp.algos.core import Aggregation, KLEstimator, RatioLoss
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.schema import Where, check_fields, hints, literal_choices
 
@@ -67,6 +71,11 @@ class AlgoSpec:
     max_len: int | None = None  # seq_sum_const constant; None = the rollout's max_new_tokens
     clip_low: float = 0.2
     clip_high: float | None = None  # None = clip_low
+    # how the importance ratio enters the loss: PPO's clip, GSPO's sequence ratio, CISPO's clipped weight, SAPO's
+    # soft gate (tokenmdp.algos.core.policy_loss); all equal the REINFORCE gradient on-policy
+    ratio_loss: RatioLoss = "clip"
+    sapo_tau_pos: float = 1.0  # SAPO's gate temperature where A > 0
+    sapo_tau_neg: float = 1.05  # and where A < 0 (steeper: negative updates decay faster off-policy)
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
@@ -118,6 +127,9 @@ class AlgoSpec:
             raise TokenMDPError(f"algo field 'max_len' must be >= 1 or None, got {self.max_len}")
         if not self.tis_cap > 0:
             raise TokenMDPError(f"algo field 'tis_cap' must be > 0, got {self.tis_cap}")
+        if not (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0):
+            raise TokenMDPError(f"algo fields 'sapo_tau_pos' and 'sapo_tau_neg' must be > 0, got "
+                                f"{self.sapo_tau_pos} and {self.sapo_tau_neg}")
         if self.dpo_beta <= 0:
             raise TokenMDPError(f"algo field 'dpo_beta' must be > 0, got {self.dpo_beta}")
         if self.advantage == "gae" and not self.critic:
@@ -171,7 +183,10 @@ class AlgoSpec:
             keys += {"grpo": ["std_scale"] + (["std"] if self.std_scale != "none" else []),
                      "rloo": [], "reinforce": ["baseline"], "gae": ["critic", "gamma", "lam"]}[self.advantage]
             keys += ["credit"] + (["process_final"] if self.credit == "process" else [])
-            keys += ["returns", "whiten_advantages", "aggregation", "clip_low", "clip_high", "kl_coef"]
+            keys += ["returns", "whiten_advantages", "aggregation"]
+            keys += ["ratio_loss"] if self.ratio_loss != "clip" else []
+            keys += ["sapo_tau_pos", "sapo_tau_neg"] if self.ratio_loss == "sapo" else ["clip_low", "clip_high"]
+            keys += ["kl_coef"]
             keys += ["kl_estimator", "kl_in"] if self.kl_coef > 0 else []
             keys += ["entropy_coef", "epochs"]
             keys += ["filter_groups"] if self.filter_groups else []
@@ -220,6 +235,16 @@ PRESETS: dict[str, AlgoSpec] = {
         _preset("dapo", "group mean/std; token mean; clip 0.2/0.28; no KL; dynamic sampling; overlong penalty",
                 advantage="grpo", std_scale="group", std="unbiased", aggregation="token_mean", clip_high=0.28,
                 filter_groups=True, overlong_buffer=16, **_PG_ONE_EPOCH),
+        _preset("gspo", "grpo_nokl with one clipped ratio per response (the mean log-ratio), clip 3e-4/4e-4",
+                advantage="grpo", std_scale="group", std="unbiased", aggregation="seq_mean_token_mean",
+                ratio_loss="gspo", **(_PG_ONE_EPOCH | dict(clip_low=3e-4, clip_high=4e-4))),
+        _preset("cispo", "group mean/std; token mean; the ratio clipped (<= 1.28, no lower bound) as a detached "
+                "weight on log pi: no token loses its gradient",
+                advantage="grpo", std_scale="group", std="unbiased", aggregation="token_mean", ratio_loss="cispo",
+                **(_PG_ONE_EPOCH | dict(clip_low=1.0, clip_high=0.28))),
+        _preset("sapo", "group mean/std; token mean; a soft sigmoid gate of the ratio (tau 1.0 / 1.05) for the clip",
+                advantage="grpo", std_scale="group", std="unbiased", aggregation="token_mean", ratio_loss="sapo",
+                **_PG_ONE_EPOCH),
         _preset("ppo", "critic + GAE(1, 0.95), whitened; token mean; clip 0.2; k1 KL 0.05 in the reward; 2 epochs",
                 kind="pg", advantage="gae", critic=True, gamma=1.0, lam=0.95, whiten_advantages=True,
                 credit="terminal", aggregation="token_mean", clip_low=0.2, kl_coef=0.05, kl_estimator="k1",

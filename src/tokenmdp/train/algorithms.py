@@ -239,7 +239,8 @@ class PolicyGradient:
             clip_high=spec.clip_high, aggregation=spec.aggregation, ref_logprobs=t.ref_logprobs,
             kl_coef=spec.loss_kl_coef, kl_estimator=spec.kl_estimator,
             entropy=ent.float(), entropy_coef=spec.entropy_coef, max_len=spec.divisor(self.max_new_tokens),
-            num_tokens=n_tok, num_seqs=n_seq, is_weights=is_weights,
+            num_tokens=n_tok, num_seqs=n_seq, is_weights=is_weights, ratio_loss=spec.ratio_loss,
+            sapo_tau_pos=spec.sapo_tau_pos, sapo_tau_neg=spec.sapo_tau_neg,
         )
         m.update(tis_m)
         if learner.critic is not None:

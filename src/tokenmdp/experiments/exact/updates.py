@@ -77,6 +77,11 @@ def variants() -> dict[str, Variant]:
         Variant("dr_grpo", get_algo("dr_grpo"), _desc("dr_grpo")),
         Variant("dapo", get_algo("dapo", overlong_buffer=0), "group mean/std; token mean; no KL; overlong "
                 "penalty off (its buffer exceeds max_len); dynamic sampling has no effect on one group"),
+        # on-policy (rho = 1) each takes its aggregation's REINFORCE step: gspo is grpo_nokl's, cispo and sapo
+        # bnpo's without the KL; listed so that the table says so beside the others
+        Variant("gspo", get_algo("gspo"), _desc("gspo")),
+        Variant("cispo", get_algo("cispo"), _desc("cispo")),
+        Variant("sapo", get_algo("sapo"), _desc("sapo")),
         Variant("ppo_oracle", get_algo("ppo", whiten_advantages=False, epochs=1),
                 "ppo with the exact V^pi as critic, GAE(1, 0.95), no whitening, first epoch, k1 KL 0.05 in the "
                 "reward (reference: the start policy)", oracle_critic=True),
@@ -172,7 +177,8 @@ class GroupBatch:
                                   clip_high=s.clip_high, aggregation=s.aggregation,
                                   ref_logprobs=self.ref[idx] if kl_loss else None, kl_coef=kl_loss,
                                   kl_estimator=s.kl_estimator, max_len=s.max_len or self.max_len,
-                                  num_tokens=n_tok, num_seqs=n_seq)
+                                  num_tokens=n_tok, num_seqs=n_seq, ratio_loss=s.ratio_loss,
+                                  sapo_tau_pos=s.sapo_tau_pos, sapo_tau_neg=s.sapo_tau_neg)
             total = total + loss
         return total
 
