@@ -5,7 +5,9 @@ rollouts, micro- and minibatches, checkpoints and resume, held-out evaluation, a
 them and writes a fingerprint of each: the SHA-256 of every final parameter tensor and of every checkpoint file
 that holds numbers (but ``rng.pt``: the global generators are never seeded, so it differs from run to run), the
 ``metrics.jsonl`` records without their wall-clock keys (``time/*``), and the samples' table. ``check`` runs them
-again and compares bit for bit, naming the first record or tensor that differs.
+again and compares bit for bit, naming the first record or tensor that differs. A metric key that the reference's
+record lacks is an addition, not a change: it is named and left out of the comparison (every key the reference
+has must still be there with the same value).
 
     .venv/bin/python scripts/bitequal.py record scripts/bitequal-reference.json
     .venv/bin/python scripts/bitequal.py check scripts/bitequal-reference.json
@@ -168,6 +170,17 @@ def first_difference(a, b, path: str = "") -> str | None:
     return None if a == b else f"{path}: {a!r} before, {b!r} after"
 
 
+def without_new_metrics(before: dict, after: dict) -> tuple[dict, list[str]]:
+    """``after`` with the metric keys that ``before``'s record of the same line lacks removed, and their names."""
+    new: set[str] = set()
+    records = []
+    for i, rec in enumerate(after.get("metrics", [])):
+        ref = before.get("metrics", [])[i] if i < len(before.get("metrics", [])) else rec
+        new |= set(rec) - set(ref)
+        records.append({k: v for k, v in rec.items() if k in ref})
+    return {**after, "metrics": records}, sorted(new)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["record", "check"])
@@ -192,8 +205,10 @@ def main() -> int:
             print(f"{n}: not in {args.file}")
             bad += 1
             continue
-        diff = first_difference(reference[n], result[n])
-        print(f"{n}: {'bit-equal' if diff is None else 'DIFFERS at ' + diff}")
+        after, added = without_new_metrics(reference[n], result[n])
+        diff = first_difference(reference[n], after)
+        extra = f" (new metric keys, not compared: {', '.join(added)})" if added else ""
+        print(f"{n}: {'bit-equal' if diff is None else 'DIFFERS at ' + diff}{extra}")
         bad += diff is not None
     print(f"{len(names) - bad} bit-equal, {bad} differ")
     return 1 if bad else 0

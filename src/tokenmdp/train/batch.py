@@ -49,22 +49,32 @@ def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:
     processes, of the whole step (every process's share of the prompts gathered first).
 
     ``reward/groups_mixed`` is the fraction of groups with both correct and incorrect responses (the groups that
-    give group-relative methods a signal); ``length/*`` count response tokens, EOS included.
+    give group-relative methods a signal); ``reward/frac_zero_std`` the fraction whose rewards all agree (TRL's
+    ``frac_reward_zero_std``: no group-relative gradient); ``length/*`` count response tokens, EOS included.
+    ``logp/positive`` and ``logp/negative`` are the mean per-token log-likelihood of the correct and the incorrect
+    responses under the policy that sampled them (the sampler's log-probs): which of the two an update pushes.
     """
+    mask = batch.rollout.response_mask.float()
+    row_logp = (batch.rollout.logprobs.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     part = {"rewards": batch.rewards.tolist(), "correct": batch.correct.tolist(),
             "formatted": batch.formatted.tolist(), "lengths": batch.rollout.lengths.tolist(),
-            "truncated": batch.rollout.truncated.tolist()}
+            "truncated": batch.rollout.truncated.tolist(), "logp": row_logp.tolist()}
     cols = {k: [x for p in gather_parts(accelerator, part) for x in p[k]] for k in part}
     rewards = torch.tensor(cols["rewards"], dtype=torch.float32)
     lengths = torch.tensor(cols["lengths"], dtype=torch.float32)
     correct = torch.tensor(cols["correct"], dtype=torch.bool)
     by_group = correct.view(-1, batch.group_size).float().mean(dim=1)
+    grouped = rewards.view(-1, batch.group_size)
+    logp = torch.tensor(cols["logp"], dtype=torch.float32)
     return {**(batch.metrics or {}),
         "reward/mean": _mean(rewards),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/accuracy": _mean(correct),
         "reward/format": _mean(torch.tensor(cols["formatted"], dtype=torch.bool)),
         "reward/groups_mixed": _mean((by_group > 0) & (by_group < 1)),
+        "reward/frac_zero_std": _mean((grouped == grouped[:, :1]).all(dim=1)),
+        "logp/positive": _mean(logp[correct]),
+        "logp/negative": _mean(logp[~correct]),
         "length/mean": _mean(lengths),
         "length/correct": _mean(lengths[correct]),
         "length/incorrect": _mean(lengths[~correct]),
