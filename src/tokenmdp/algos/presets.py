@@ -26,6 +26,11 @@ The presets (each states how it differs from its neighbours):
   ratio per response, CISPO's clipped weight on ``log pi``, SAPO's soft gate; :func:`tokenmdp.algos.core.
   policy_loss`). On-policy, with one optimizer step per batch, each takes its aggregation's REINFORCE step; they
   differ with minibatches, epochs or a stale batch.
+* ``raft++``, ``reinforce_rej``, ``w_reinforce``: the controls the literature compares GRPO with. RAFT++ trains
+  on the correct responses only, with the importance ratio and its clip (Xiong et al. 2025). Reinforce-Rej is
+  REINFORCE with the group mean as baseline, dropping groups whose rewards all agree; Xiong et al. credit most
+  of GRPO's edge over RAFT to that drop. W-REINFORCE (Zhu et al. 2025, the NSR paper) rewards +0.1 for a
+  correct response and -1 for a wrong one: negatives carry most of the weight.
 * ``ppo``: a critic, GAE (gamma 1, lambda 0.95) on terminal credit, whitened advantages, clip 0.2, clipped value
   loss, KL in the reward (k1, weight 0.05), two inner epochs.
 * ``dpo``: pairwise sigmoid loss, beta 0.1, on-policy pairs (best vs worst response of a group).
@@ -95,6 +100,9 @@ class AlgoSpec:
     value_coef: float = 0.5
     # DAPO extras
     filter_groups: bool = False  # dynamic sampling: drop groups whose rewards are all equal
+    # the rows a policy-gradient update trains on: all, or the correct ones only (RAFT++: positives with the
+    # ratio's clip; normalisers count the kept rows)
+    keep: Literal["all", "correct"] = "all"
     overlong_buffer: int = 0  # soft overlong penalty over the last `overlong_buffer` tokens (0 = off)
     overlong_penalty: float = 1.0
     # filtered iterative SFT
@@ -190,6 +198,7 @@ class AlgoSpec:
             keys += ["kl_estimator", "kl_in"] if self.kl_coef > 0 else []
             keys += ["entropy_coef", "epochs"]
             keys += ["filter_groups"] if self.filter_groups else []
+            keys += ["keep"] if self.keep != "all" else []
             keys += ["overlong_buffer", "overlong_penalty"] if self.overlong_buffer > 0 else []
         elif self.kind == "isft":
             keys += ["isft_mode", "isft_weighting"]
@@ -245,6 +254,16 @@ PRESETS: dict[str, AlgoSpec] = {
         _preset("sapo", "group mean/std; token mean; a soft sigmoid gate of the ratio (tau 1.0 / 1.05) for the clip",
                 advantage="grpo", std_scale="group", std="unbiased", aggregation="token_mean", ratio_loss="sapo",
                 **_PG_ONE_EPOCH),
+        # the controls of the literature (Xiong et al. 2025, arXiv 2504.11343; Zhu et al. 2025, arXiv 2506.01347)
+        _preset("raft++", "positives only, advantage = reward (1), with the ratio's clip 0.2; token mean over the "
+                "kept responses",
+                advantage="reinforce", baseline="none", keep="correct", aggregation="token_mean", **_PG_ONE_EPOCH),
+        _preset("reinforce_rej", "group mean, no std; groups all right or all wrong dropped; token mean; no KL",
+                advantage="grpo", std_scale="none", filter_groups=True, aggregation="token_mean", **_PG_ONE_EPOCH),
+        _preset("w_reinforce", "REINFORCE with reward +0.1 for a correct response and -1 for a wrong one: "
+                "isft+- with positives down-weighted to 0.1; token mean",
+                kind="isft", isft_mode="+-", isft_weighting="constant", isft_pos_weight=0.1, isft_neg_weight=1.0,
+                aggregation="token_mean"),
         _preset("ppo", "critic + GAE(1, 0.95), whitened; token mean; clip 0.2; k1 KL 0.05 in the reward; 2 epochs",
                 kind="pg", advantage="gae", critic=True, gamma=1.0, lam=0.95, whiten_advantages=True,
                 credit="terminal", aggregation="token_mean", clip_low=0.2, kl_coef=0.05, kl_estimator="k1",

@@ -218,13 +218,18 @@ class PolicyGradient:
         return tb, metrics
 
     def train_rows(self, batch: Batch) -> torch.Tensor:
-        """Rows that take part in the update: all, or (``filter_groups``) those of groups with unequal rewards."""
+        """Rows that take part in the update: all, or (``filter_groups``) those of groups with unequal rewards, and
+        (``keep="correct"``) the correct ones only."""
         rows = torch.arange(len(batch), device=batch.rewards.device)
-        if not self.spec.filter_groups:
+        if not self.spec.filter_groups and self.spec.keep == "all":
             return rows
-        groups = batch.rewards.view(-1, batch.group_size)
-        mixed = (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(batch.group_size)
-        return rows[mixed]
+        kept = torch.ones(len(batch), dtype=torch.bool, device=batch.rewards.device)
+        if self.spec.filter_groups:
+            groups = batch.rewards.view(-1, batch.group_size)
+            kept &= (groups.max(dim=1).values > groups.min(dim=1).values).repeat_interleave(batch.group_size)
+        if self.spec.keep == "correct":
+            kept &= batch.correct.to(kept.device)
+        return rows[kept]
 
     def loss(self, learner: Learner, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
         """The loss of one micro-batch ``t`` with the minibatch's normalisers (exact accumulation)."""

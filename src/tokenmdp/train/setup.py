@@ -109,7 +109,7 @@ def check_processes(config: TrainConfig, spec: AlgoSpec, num_processes: int) -> 
     if config.rollout.prompts_per_step % num_processes:
         raise TokenMDPError(f"config field 'rollout.prompts_per_step' ({config.rollout.prompts_per_step}) must be a "
                             f"multiple of the number of processes ({num_processes})")
-    uneven = spec.kind in ("isft", "dpo") or spec.filter_groups
+    uneven = spec.kind in ("isft", "dpo") or spec.filter_groups or spec.keep != "all"
     if uneven and config.optim.minibatch_size is not None:
         raise TokenMDPError(f"config field 'optim.minibatch_size' must be null (one minibatch a step) for "
                             f"{spec.name!r} in {num_processes} processes: their shares keep unequal numbers of rows")
