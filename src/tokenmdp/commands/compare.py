@@ -10,6 +10,7 @@ from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.compare.settings import presets_help
+from tokenmdp.train.config import config_choices
 
 
 def parse_arms(text: str | None) -> dict | None:
@@ -55,11 +56,12 @@ def compare_cmd(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json."),
     lr: float | None = typer.Option(None, "--lr", help="Learning rate of every algorithm (default: 1e-4 "
                                       "for the embedded tiny model, else the trainer's)."),
-    engine: str | None = typer.Option(None, "--engine", help="Rollout engine: fast (default), hf or vllm."),
+    engine: str | None = typer.Option(None, "--engine", help="Rollout engine: " + ", ".join(
+        config_choices("rollout", "engine")) + " (default: fast)."),
     eval_every: int | None = typer.Option(None, "--eval-every", min=0, help="Steps between the trainer's held-out "
                                           "accuracy points (default: steps // 4; 0: off)."),
-    report_to: str | None = typer.Option(None, "--report-to", help="none (default) or tensorboard (accelerate "
-                                         "trackers)."),
+    report_to: str | None = typer.Option(None, "--report-to", help="Tracker: " + ", ".join(
+        config_choices("run", "report_to")) + " (default: none; accelerate's trackers)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Training config override key=value, repeatable."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "

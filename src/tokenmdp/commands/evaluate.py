@@ -11,6 +11,7 @@ from tokenmdp.commands._common import console, emit_json
 from tokenmdp.progress import progress_bar
 from tokenmdp.commands.tasks import TASKS
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.train.config import config_choices
 
 PERCENT = ("greedy/pass@1", "sampled/pass@1", "pass@k", "majority@k", "best_of_k", "greedy/format_rate",
            "sampled/format_rate", "sampled/truncated_rate")
@@ -31,7 +32,8 @@ def eval_cmd(
     chat: bool = typer.Option(False, "--chat", help="Each prompt as the user turn of the model's chat template."),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Sampling temperature."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default: tokenmdp.json, else 128."),
-    engine: str = typer.Option("fast", "--engine", help="Rollout engine: fast, hf or vllm."),
+    engine: str = typer.Option("fast", "--engine", help="Rollout engine: " + ", ".join(
+        config_choices("rollout", "engine")) + "."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Sequences per generate call."),
     no_greedy: bool = typer.Option(False, "--no-greedy", help="Skip the greedy completion."),
     seed: int = typer.Option(0, "--seed", help="Seed of the problem draw and of sampling."),

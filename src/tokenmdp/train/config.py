@@ -479,3 +479,14 @@ def resolve_algo(config: TrainConfig, *, source: str | None = None):
 def save_config(config: TrainConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (the run folder's ``config.yaml``)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_choices(section: str, field: str) -> tuple:
+    """The allowed values of a ``Literal`` config field (``config_choices("rollout", "engine")``), for help texts
+    that must not go stale."""
+    from tokenmdp.schema import hints, literal_choices
+
+    cls = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[section]
+    cls = cls if isinstance(cls, type) else hints(TrainConfig)[section]
+    return tuple(literal_choices(hints(cls)[field]))
+
