@@ -132,14 +132,16 @@ def _separating_pair(root, cosine: list | None) -> None:
                                                                            i < 3 else "")}
                 for st in range(1, 6) for i in range(8)]
         pd.DataFrame(rows).to_parquet(d / "samples.parquet")
-        if algo == "grpo_nokl" and cosine is not None:
-            lines = [json.loads(x) | {"equiv/cosine_on_policy": c}
+        if algo == "grpo_nokl" and cosine is not None:  # a cosine of 0 with both gradients 0: no angle
+            lines = [json.loads(x) | {"equiv/cosine_on_policy": c, "equiv/grad_norm_grpo": float(c != 0),
+                                      "equiv/grad_norm_isft": float(c != 0)}
                      for x, c in zip((d / "metrics.jsonl").read_text().splitlines(), cosine)]
             (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
 @pytest.mark.parametrize("cosine,verdict", [([1 - 1e-13] * 5, SUPPORTED), ([1.0, 1.0, 1.0, 0.99, 1.0], CONTRADICTED),
-                                            (None, CONTRADICTED)], ids=["equal-steps", "bent-step", "no-cosine"])
+                                            (None, CONTRADICTED), ([1.0, 1.0, 0.0, 1.0, 1.0], SUPPORTED)],
+                         ids=["equal-steps", "bent-step", "no-cosine", "a-step-without-gradient"])
 def test_c1_separation_by_rounding_needs_equal_gradients_at_every_step(tmp_path, cosine, verdict):
     """Bit-equal steps, then several samples differ (a real LLM under Adam: rounding noise moves a coordinate by
     about lr): the same rule only when every step's GRPO / weighted-SFT gradient cosine is 1 within tolerance."""

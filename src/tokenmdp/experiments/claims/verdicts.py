@@ -190,7 +190,11 @@ def _c1_seed(a: RunData, b: RunData) -> dict:
         flip = step is not None and step > 1 and changed <= C1_FLIP_SAMPLES
     cos = None
     if "equiv/cosine_on_policy" in a.metrics.columns:
-        vals = a.metrics["equiv/cosine_on_policy"].dropna()
+        vals = a.metrics["equiv/cosine_on_policy"]
+        norms = [c for c in ("equiv/grad_norm_grpo", "equiv/grad_norm_isft") if c in a.metrics.columns]
+        if len(norms) == 2:  # a step whose measured rows all sit in groups that agree has two zero gradients:
+            vals = vals[(a.metrics[norms[0]] != 0) | (a.metrics[norms[1]] != 0)]  # no angle (logged as 0)
+        vals = vals.dropna()
         cos = float(vals.min()) if len(vals) else None
     cos_ok = cos is None or cos >= 1 - C1_COSINE_TOL
     rel = params["rel"] if params else None
