@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.train.config import config_choices
 
 DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
 # the held-out draw, one fixed set for every seed and algorithm: the trainer's own periodic evaluation draws its
@@ -253,7 +254,7 @@ def _check_types(s: CompareSettings) -> None:
         base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list \
             else hint
         origin = typing.get_origin(base) or base
-        ok = {int: isinstance(value, int) and not isinstance(value, bool),
+        ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
               float: isinstance(value, (int, float)) and not isinstance(value, bool),
               str: isinstance(value, str), dict: isinstance(value, dict),
               list: isinstance(value, list)}.get(origin, True)
@@ -267,7 +268,7 @@ def _check_types(s: CompareSettings) -> None:
 
 POSITIVE = ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_n", "curve_k",
             "threads", "workers", "max_new_tokens")
-ENGINES, TRACKERS = ("fast", "hf", "vllm"), ("none", "tensorboard")
+ENGINES, TRACKERS = config_choices("rollout", "engine"), config_choices("run", "report_to")  # the config's own
 
 
 def validate_settings(s: CompareSettings) -> None:
