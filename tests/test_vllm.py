@@ -242,6 +242,22 @@ def test_probe_refuses_a_corrupted_or_stale_sync(engine, tiny32, monkeypatch):
     engine.sync_weights(policy)
 
 
+@pytest.fixture
+def probes(monkeypatch):
+    """The probe's largest difference after every weight sync of this process, in order."""
+    from tokenmdp.rollout.vllm import VLLMEngine
+
+    seen = []
+    real = VLLMEngine.check_probe
+
+    def check_probe(self):
+        seen.append(real(self))
+        return seen[-1]
+
+    monkeypatch.setattr(VLLMEngine, "check_probe", check_probe)
+    return seen
+
+
 def _train(tmp_path, model_dir, *extra):
     from tokenmdp.train.config import load_config
     from tokenmdp.train.trainer import train
@@ -263,19 +279,9 @@ def _train(tmp_path, model_dir, *extra):
 
 @needs_vllm
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_training_steps_through_vllm(tmp_path, tiny32, lora, monkeypatch):
-    from tokenmdp.rollout.vllm import VLLMEngine
-
+def test_two_training_steps_through_vllm(tmp_path, tiny32, lora, probes):
     path, _, _ = tiny32
     extra = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8"] if lora else []
-    probes = []
-    real = VLLMEngine.check_probe
-
-    def check_probe(self):
-        probes.append(real(self))
-        return probes[-1]
-
-    monkeypatch.setattr(VLLMEngine, "check_probe", check_probe)
     run, seen = _train(tmp_path, path, *extra)
     assert [s for s, _ in seen] == [1, 2]
     assert (run / "metrics.jsonl").exists()
@@ -283,24 +289,14 @@ def test_two_training_steps_through_vllm(tmp_path, tiny32, lora, monkeypatch):
 
 
 @needs_vllm
-def test_overlapped_rollouts_through_vllm(tmp_path, tiny32, monkeypatch):
+def test_overlapped_rollouts_through_vllm(tmp_path, tiny32, probes):
     """rollout.max_staleness=1 with the vllm engine: the sampler (a spawned process with its own vLLM) syncs each
     published set of weights into its vLLM and checks the probe there; the batches arrive one update stale, the
     update corrects them by importance sampling, and a second run is bitwise the same. (A sampler thread would be a
     second vLLM in one process, which shares the first one's state: a config error.)"""
     import json
 
-    from tokenmdp.rollout.vllm import VLLMEngine
-
     path, _, _ = tiny32
-    probes = []
-    real = VLLMEngine.check_probe
-
-    def check_probe(self):
-        probes.append(real(self))
-        return probes[-1]
-
-    monkeypatch.setattr(VLLMEngine, "check_probe", check_probe)
     extra = ["rollout.max_staleness=1", "rollout.async_worker=process", "run.steps=3", "model.lora.rank=4",
              "model.lora.alpha=8"]
     run, seen = _train(tmp_path, path, *extra)
