@@ -390,11 +390,12 @@ def test_a_worker_ends_when_its_comparison_is_killed(tmp_path):
     script.write_text(
         "import multiprocessing, sys, time\n"
         "from tokenmdp.experiments.compare.jobs import exit_with_parent\n"
-        "def child():\n"
-        "    exit_with_parent(poll_s=0.2)\n"
+        "def child(parent):\n"
+        "    exit_with_parent(parent, poll_s=0.2)\n"
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
-        "    p = multiprocessing.get_context('spawn').Process(target=child)\n"
+        "    import os\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=child, args=(os.getpid(),))\n"
         "    p.start()\n"
         "    print(p.pid, flush=True)\n"
         "    time.sleep(60)\n")

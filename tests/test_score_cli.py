@@ -82,7 +82,7 @@ def test_score_human_output_and_errors(tmp_path, capsys):
     assert main(["score", "--task", "countdown", "--input", str(inp)]) == 0
     assert "accuracy 0.5000 (2)" in capsys.readouterr().out
     assert main(["score", "--task", "nope", "--input", str(inp)]) == 2
-    assert "unknown task 'nope'; known tasks: arithmetic, countdown, gsm8k" in capsys.readouterr().err
+    assert "unknown task 'nope'; known tasks: arithmetic, countdown, dataset, gsm8k" in capsys.readouterr().err
     assert main(["score", "--task", "countdown", "--input", str(tmp_path / "missing.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["score", "--task", "countdown", "-o", "bad option", "--input", str(inp)]) == 2

@@ -60,7 +60,7 @@ def test_dataclasses():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.id = "b"
     s = Score(1.0, True, True, "correct")
-    assert dataclasses.astuple(s) == (1.0, True, True, "correct")
+    assert dataclasses.astuple(s) == (1.0, True, True, "correct", None)  # parts: none (one reward)
     st = StepScore("3+5=8", True, "ok", 0, 5)
     assert "3+5=8\n"[st.start : st.end] == st.text
 
@@ -86,7 +86,8 @@ def test_read_records_jsonl_parquet_and_errors(tmp_path):
 def test_registry_names_and_errors():
     assert {"countdown", "gsm8k"} <= set(known_tasks())
     assert isinstance(get_task("countdown"), Countdown)
-    with pytest.raises(TokenMDPError, match="unknown task 'cuontdown'; known tasks: arithmetic, countdown, gsm8k"):
+    with pytest.raises(TokenMDPError,
+                       match="unknown task 'cuontdown'; known tasks: arithmetic, countdown, dataset, gsm8k"):
         get_task("cuontdown")
     with pytest.raises(TokenMDPError, match="has no option 'num_cont'.*num_count"):
         get_task("countdown", num_cont=3)

@@ -14,6 +14,7 @@ _FACTORIES: dict[str, str] = {
     "countdown": "tokenmdp.tasks.countdown:Countdown",
     "gsm8k": "tokenmdp.tasks.gsm8k:GSM8K",
     "arithmetic": "tokenmdp.tasks.arithmetic:Arithmetic",
+    "dataset": "tokenmdp.tasks.dataset:DatasetTask",
 }
 _REGISTERED: dict[str, Callable[..., Task]] = {}
 

@@ -48,6 +48,7 @@ class Score:
     correct: bool
     formatted: bool
     reason: str
+    parts: dict | None = None  # the reward's named parts (several reward functions), logged as reward/<name>
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,14 +51,18 @@ def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:
     ``reward/groups_mixed`` is the fraction of groups with both correct and incorrect responses (the groups that
     give group-relative methods a signal); ``reward/frac_zero_std`` the fraction whose rewards all agree (TRL's
     ``frac_reward_zero_std``: no group-relative gradient); ``length/*`` count response tokens, EOS included.
+    ``reward/<name>`` is the mean of each named part of the reward (the dataset task's reward functions).
     ``logp/positive`` and ``logp/negative`` are the mean per-token log-likelihood of the correct and the incorrect
     responses under the policy that sampled them (the sampler's log-probs): which of the two an update pushes.
     """
+    first = batch.scores[0] if batch.scores else None
+    names = list(getattr(first, "parts", None) or {})  # several reward functions (the dataset task)
     mask = batch.rollout.response_mask.float()
     row_logp = (batch.rollout.logprobs.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     part = {"rewards": batch.rewards.tolist(), "correct": batch.correct.tolist(),
             "formatted": batch.formatted.tolist(), "lengths": batch.rollout.lengths.tolist(),
-            "truncated": batch.rollout.truncated.tolist(), "logp": row_logp.tolist()}
+            "truncated": batch.rollout.truncated.tolist(), "logp": row_logp.tolist(),
+            **{f"reward/{n}": [float(sc.parts[n]) for sc in batch.scores] for n in names}}
     cols = {k: [x for p in gather_parts(accelerator, part) for x in p[k]] for k in part}
     rewards = torch.tensor(cols["rewards"], dtype=torch.float32)
     lengths = torch.tensor(cols["lengths"], dtype=torch.float32)
@@ -66,7 +70,8 @@ def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:
     by_group = correct.view(-1, batch.group_size).float().mean(dim=1)
     grouped = rewards.view(-1, batch.group_size)
     logp = torch.tensor(cols["logp"], dtype=torch.float32)
-    return {**(batch.metrics or {}),
+    named = {f"reward/{n}": _mean(torch.tensor(cols[f"reward/{n}"])) for n in names}  # each one's mean
+    return {**(batch.metrics or {}), **named,
         "reward/mean": _mean(rewards),
         "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
         "reward/accuracy": _mean(correct),

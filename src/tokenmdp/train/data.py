@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy.model import chat_prompt
 
 
 def prompt_stream(task, *, seed: int, steps: int, prompts_per_step: int, split: str = "train") -> list[list]:
@@ -86,3 +87,22 @@ def pair_stream(pairs: list[PreferencePair], *, seed: int, steps: int,
                 pairs_per_step: int) -> list[list[PreferencePair]]:
     """The offline pairs of every step: epochs of seeded permutations (``default_rng([seed, e])``), cut in steps."""
     return _cut(_epochs(pairs, steps * pairs_per_step, seed=seed), pairs_per_step, steps)
+
+
+def render_prompts(task, problems: list, *, template: str | None, tokenizer, chat: bool) -> list[str]:
+    """The prompt text of each problem: the task's template, wrapped in the tokenizer's chat template when
+    ``chat``; a problem whose task gives chat messages (``task.chat_messages``) goes through the chat template
+    whole, which ``chat`` must allow."""
+    out = []
+    for p in problems:
+        messages = task.chat_messages(p) if hasattr(task, "chat_messages") else None
+        if messages:
+            if not chat:
+                raise TokenMDPError(f"problem {p.id}: its prompt is a list of chat messages, which the model's chat "
+                                    "template renders: set task.chat_template=true (--chat)")
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        else:
+            text = task.render(p, template=template)
+            out.append(chat_prompt(tokenizer, text) if chat else text)
+    return out
+

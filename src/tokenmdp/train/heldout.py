@@ -20,8 +20,9 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.stats import best_of_n, majority_vote, pass_at_k
-from tokenmdp.policy.model import chat_prompt, model_defaults
+from tokenmdp.policy.model import model_defaults
 from tokenmdp.rollout import get_engine
+from tokenmdp.train.data import render_prompts
 
 ProgressFn = Callable[[int], None]  # called with the number of completions just generated
 
@@ -190,9 +191,7 @@ def evaluate(model, tokenizer, task, problems: Sequence, *, k: int = 8, n_sample
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()
-    prompts = [task.render(p, template=template) for p in problems]
-    if chat:
-        prompts = [chat_prompt(tokenizer, text) for text in prompts]
+    prompts = render_prompts(task, list(problems), template=template, tokenizer=tokenizer, chat=chat)
     opts = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     if env is not None:
         gen = lambda **kw: _episodes(eng, tokenizer, env, list(problems), prompts, **kw)  # noqa: E731

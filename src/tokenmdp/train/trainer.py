@@ -25,13 +25,13 @@ import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
-from tokenmdp.policy.model import chat_prompt
+
 from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
 from tokenmdp.train.batch import Batch, batch_metrics, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
-from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream
+from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream, render_prompts
 from tokenmdp.train.environment import RunEnvironment, collect_episodes
 from tokenmdp.train.evaluation import eval_problems, held_out
 from tokenmdp.train.learner import Learner, reduce_over_processes
@@ -69,10 +69,8 @@ class Rollouts:
 
     def render(self, problems: list) -> list[str]:
         """The prompt text of each problem (the task's template, wrapped in the chat template when asked)."""
-        prompts = [self.task.render(p, template=self.template) for p in problems]
-        if self.chat_template:
-            prompts = [chat_prompt(self.tokenizer, text) for text in prompts]
-        return prompts
+        return render_prompts(self.task, problems, template=self.template, tokenizer=self.tokenizer,
+                              chat=self.chat_template)
 
     def sampling(self, step: int) -> dict:
         """The keyword arguments of ``engine.generate`` for training step ``step`` (its seed included)."""

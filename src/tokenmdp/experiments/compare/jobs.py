@@ -100,25 +100,25 @@ def _minutes(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def exit_with_parent(poll_s: float = 1.0) -> None:
+def exit_with_parent(parent: int | None = None, poll_s: float = 1.0) -> None:
     """End this worker process when the process that started it is gone. A comparison stopped by a signal would
     otherwise leave its workers training on, writing into run folders that a restarted comparison (or a removed
     and recreated --out) now owns: two writers in one folder, and half the CPU lost."""
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent  # given: a parent killed before this call still counts
 
     def watch() -> None:
         while True:
-            time.sleep(poll_s)
             if os.getppid() != parent:
                 os._exit(1)
+            time.sleep(poll_s)
 
     threading.Thread(target=watch, daemon=True, name="tokenmdp-exit-with-parent").start()
 
 
-def _init_worker(threads: int | None) -> None:
+def _init_worker(threads: int | None, parent: int) -> None:
     from transformers.utils import logging as hf_logging
 
-    exit_with_parent()
+    exit_with_parent(parent)
 
     if threads is not None:
         import torch
@@ -152,7 +152,7 @@ def run_jobs(jobs: list[Job], tracker: Tracker, *, workers: int = 1, threads: in
     with ctx.Manager() as manager:
         queue = manager.Queue()
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(threads,))
+                                   initargs=(threads, os.getpid()))
         try:
             pending = {pool.submit(_in_worker, job, queue): job for job in jobs}
             while pending:
