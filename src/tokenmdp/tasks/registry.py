@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from functools import partial
 from typing import Any
 from collections.abc import Callable
 
@@ -43,8 +44,17 @@ def _import(spec: str) -> Callable[..., Task]:
         raise TokenMDPError(f"task spec {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
+def _reasoning_gym(spec: str) -> Callable[..., Task]:
+    """``reasoning_gym:<dataset>`` -> a factory of that data set's task (the name is not a module path)."""
+    from tokenmdp.tasks.reasoning_gym import ReasoningGymTask
+
+    return partial(ReasoningGymTask, spec.split(":", 1)[1])
+
+
 def task_class(spec: str) -> Callable[..., Task]:
     """The factory behind ``spec`` without calling it (for help texts and ``tokenmdp tasks list``)."""
+    if spec.startswith("reasoning_gym:"):
+        return _reasoning_gym(spec)
     if spec in _REGISTERED:
         return _REGISTERED[spec]
     if spec in _FACTORIES:
