@@ -25,7 +25,8 @@ def test_splits_and_the_data_sets_own_scorer():
     assert (right.reward, right.correct, right.formatted) == (1.0, True, True)
     wrong = task.score(p, f"<answer>{int(p.answer) + 1}</answer>")
     assert wrong.reward < 1.0 and not wrong.correct and wrong.formatted
-    assert task.score(p, "").formatted is False
+    assert task.score(p, "").formatted is False and task.score(p, f"{p.answer}").formatted is False
+    assert task.score(p, f"{p.answer}").correct  # the last line is still read and scored
     with pytest.raises(TokenMDPError, match="test split holds 10 entries, not 11"):
         task.problems("test", n=11)
 

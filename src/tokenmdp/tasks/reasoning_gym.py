@@ -10,7 +10,8 @@ answer the completion gives:
 Either way the answer is the last ``<answer>`` tag, else the completion's last non-empty line.
 
 The reward is the scorer's value (0 to 1; some data sets give partial credit). A sample is correct when it
-scores 1, and formatted when an answer was found.
+scores 1. It is formatted when it answers in an ``<answer>`` tag (under ``answer_tag``), or when it answers at
+all (when the task was built with ``template="plain"``).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class ReasoningGymTask(Task):
             return Score(0.0, False, False, "no answer found")
         entry = self.data[problem.metadata["index"]]
         value = float(self.data.score_answer(answer=answer, entry=entry))
-        return Score(value, value >= 1.0, True, f"{self.dataset} scorer: {value:g}")
+        tagged = bool(ANSWER_TAG.search(completion)) or self.template == "plain"  # the format the prompt asked for
+        return Score(value, value >= 1.0, tagged, f"{self.dataset} scorer: {value:g}")
 
 
 __all__ = ["PREFIX", "ReasoningGymTask"]
