@@ -113,6 +113,7 @@ class DatasetTask(Task):
         if not specs:
             raise TokenMDPError("the dataset task needs task option 'rewards': one or more 'pkg.module:function'")
         self.functions = [load_function(s) for s in specs]
+        self.verl = [_is_verl(f) for f in self.functions]  # the signature, read once (scoring calls per sample)
         self.reward_names = [s.rpartition(":")[2] for s in specs]
         if len(set(self.reward_names)) != len(self.reward_names):
             raise TokenMDPError(f"task option 'rewards': two functions share a name: {self.reward_names}")
@@ -164,15 +165,12 @@ class DatasetTask(Task):
             order = list(rows)
             random.Random(f"dataset-test-{seed}").shuffle(order)
             return [self._problems[i] for i in order[:n]]
-        out: list[Problem] = []
-        rng = random.Random(f"dataset-train-{seed}")
-        while n is None and not out or n is not None and len(out) < n:  # passes in a new order each time
-            order = list(rows)
-            rng.shuffle(order)
-            out += [self._problems[i] for i in order]
-            if n is None:
-                break
-        return out[:n]
+        rng, order = random.Random(f"dataset-train-{seed}"), []
+        for _ in range(1 if n is None else -(-n // len(rows))):  # passes over the rows, each in a new order
+            one_pass = list(rows)
+            rng.shuffle(one_pass)
+            order += one_pass
+        return [self._problems[i] for i in order[:n]]
 
     def num_problems(self, split: str = "train") -> int | None:
         return len(self._rows[check_split(split)])
@@ -190,7 +188,7 @@ class DatasetTask(Task):
         cols = problem.metadata["columns"]
         where = f"reward function {name!r} on row {problem.metadata['row']} of {self.path}"
         try:
-            if _is_verl(fn):
+            if self.verl[k]:
                 truth = (cols.get("reward_model") or {}).get("ground_truth", cols.get("ground_truth"))
                 got = fn(data_source=cols.get("data_source"), solution_str=completion, ground_truth=truth,
                          extra_info=cols.get("extra_info"))

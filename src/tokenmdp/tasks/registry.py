@@ -9,6 +9,7 @@ from typing import Any
 from collections.abc import Callable
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.tasks.reasoning_gym import ReasoningGymTask  # cheap: reasoning_gym itself is imported on use
 from tokenmdp.tasks.task import Task
 
 _FACTORIES: dict[str, str] = {
@@ -46,8 +47,6 @@ def _import(spec: str) -> Callable[..., Task]:
 
 def _reasoning_gym(spec: str) -> Callable[..., Task]:
     """``reasoning_gym:<dataset>`` -> a factory of that data set's task (the name is not a module path)."""
-    from tokenmdp.tasks.reasoning_gym import ReasoningGymTask
-
     return partial(ReasoningGymTask, spec.split(":", 1)[1])
 
 

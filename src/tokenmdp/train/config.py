@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.schema import Where, build, check_fields
+from tokenmdp.schema import Where, build, check_fields, hints, literal_choices
 from tokenmdp.values import parse_assignment
 
 
@@ -484,9 +484,5 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 def config_choices(section: str, field: str) -> tuple:
     """The allowed values of a ``Literal`` config field (``config_choices("rollout", "engine")``), for help texts
     that must not go stale."""
-    from tokenmdp.schema import hints, literal_choices
-
-    cls = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[section]
-    cls = cls if isinstance(cls, type) else hints(TrainConfig)[section]
-    return tuple(literal_choices(hints(cls)[field]))
+    return tuple(literal_choices(hints(hints(TrainConfig)[section])[field]))
 
