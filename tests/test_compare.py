@@ -199,6 +199,25 @@ def test_tracker_writes_plain_lines_where_bars_do_not_show():
     assert _minutes(75) == "1m15s" and _minutes(3600) == "60m00s"
 
 
+def test_tracker_counts_a_retried_job_once():
+    """A job started again (its Ray worker died) takes back the units it had advanced: the overall share counts
+    each job once. A job's second phase (eval after train) is not a retry."""
+    from tokenmdp.experiments.compare.jobs import Tracker
+
+    with Tracker(total=20, enabled=False, log=lambda line: None) as tracker:
+        tracker("start", "grpo/seed-0", "train", 4)
+        tracker("advance", "grpo/seed-0", 3, 2.0)
+        tracker("start", "isft+/seed-0", "train", 4)
+        tracker("advance", "isft+/seed-0", 1, 2.0)
+        assert tracker.completed == 8.0
+        tracker("start", "grpo/seed-0", "train", 4)  # the retry
+        assert tracker.completed == 2.0
+        tracker("advance", "grpo/seed-0", 4, 2.0)
+        tracker("start", "grpo/seed-0", "eval", 2)  # the next phase of the same attempt
+        tracker("advance", "grpo/seed-0", 2, 1.0)
+        assert tracker.completed == 12.0
+
+
 def test_presets_fill_settings_and_options_override_them():
     from tokenmdp.experiments.compare import make_settings
     from tokenmdp.experiments.compare.settings import COMPARE_PRESETS

@@ -58,7 +58,8 @@ def coerce(value: Any, hint: Any, name: str, where: Where) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where, prefix=name + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if isinstance(value, str) and hint is not str and str not in args and origin is not Literal:
+    if isinstance(value, str) and hint is not str and str not in args and origin is not Literal \
+            and value not in literal_choices(hint):  # a choice of a Literal in a union is kept as written
         value = None if value.strip().lower() in ("none", "null") else parse_value(value, where=where(name))
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -67,9 +68,14 @@ def coerce(value: Any, hint: Any, name: str, where: Where) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, name, where)
-            except TokenMDPError as exc:
-                errors.append(str(exc))
+            except TokenMDPError as exc:  # a list's error first when a list was given (it names the item)
+                errors.insert(0 if isinstance(value, list) and typing.get_origin(arg) is list else len(errors),
+                              str(exc))
         raise TokenMDPError(errors[0])
+    if origin is list and args:  # list[X]: every item checked against X, named by its index
+        if not isinstance(value, list):
+            raise TokenMDPError(f"{where(name)} must be a list, got {value!r}")
+        return [coerce(item, args[0], f"{name}[{i}]", where) for i, item in enumerate(value)]
     if origin is Literal:
         if isinstance(value, bool) and all(isinstance(a, str) for a in args):  # YAML 1.1 reads `no` / `off` as
             value = next((w for w in _YAML_BOOL[value] if w in args), value)  # false: the word was meant

@@ -9,7 +9,7 @@ import typer
 from tokenmdp.commands._common import split_list
 from tokenmdp.commands.report import print_summary
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.compare.settings import presets_help
+from tokenmdp.experiments.compare.settings import EXECUTORS, presets_help
 from tokenmdp.train.config import config_choices
 
 
@@ -60,8 +60,14 @@ def compare_cmd(
         config_choices("rollout", "engine")) + " (default: fast)."),
     eval_every: int | None = typer.Option(None, "--eval-every", min=0, help="Steps between the trainer's held-out "
                                           "accuracy points (default: steps // 4; 0: off)."),
-    report_to: str | None = typer.Option(None, "--report-to", help="Tracker: " + ", ".join(
-        config_choices("run", "report_to")) + " (default: none; accelerate's trackers)."),
+    report_to: str | None = typer.Option(None, "--report-to", help="Trackers, comma-separated: " + ", ".join(
+        config_choices("run", "report_to")) + " (default: none; accelerate's trackers, writing in each run folder)."),
+    executor: str | None = typer.Option(None, "--executor", help="Where the runs go: " + "; ".join(
+        f"{k}: {v}" for k, v in EXECUTORS.items()) + " (default: local)."),
+    address: str | None = typer.Option(None, "--address", help="--executor ray: the Ray cluster's address (default: "
+                                       "start a local Ray with --workers x --threads CPUs)."),
+    gpus_per_run: float | None = typer.Option(None, "--gpus-per-run", min=0, help="--executor ray: GPUs each run "
+                                              "asks of the cluster (default 0)."),
     set_: list[str] | None = typer.Option(None, "--set", help="Training config override key=value, repeatable."),
     cache_dir: str | None = typer.Option(None, "--cache-dir", help="Where the embedded base model is cached."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: 1 for the "
@@ -82,7 +88,8 @@ def compare_cmd(
             "max_new_tokens": max_new_tokens,
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
             "overrides": list(set_) if set_ else None, "cache_dir": cache_dir, "threads": threads,
-            "workers": workers, "arms": parse_arms(arms)}
+            "workers": workers, "arms": parse_arms(arms), "executor": executor, "address": address,
+            "gpus_per_run": gpus_per_run}
     for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
         if value is not None:
             opts[name] = value

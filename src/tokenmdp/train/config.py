@@ -26,6 +26,7 @@ import yaml
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.schema import Where, build, check_fields, hints, literal_choices
+from tokenmdp.train.trackers import check_installed, requested
 from tokenmdp.values import parse_assignment
 
 
@@ -187,7 +188,9 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for the tiny model
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     equivalence: bool = False  # log the GRPO / weighted-SFT gradient cosine each step (equiv/*)
-    report_to: Literal["none", "tensorboard"] = "none"
+    report_to: (Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+                | list[Literal["tensorboard", "trackio", "wandb", "mlflow"]]) = "none"  # one tracker or a
+    # list (tokenmdp.train.trackers); each writes inside the run folder (wandb offline unless WANDB_MODE says)
     overwrite: bool = False
     fsdp: bool = False  # shard the policy's parameters, gradients and optimizer state over the processes (FSDP2;
     # tokenmdp.train.sharding): for a model that outgrows one device; needs 2+ processes
@@ -376,6 +379,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "dropout masks")
     _validate_fsdp(config, source)
     _validate_env(config, source)
+    check_installed(requested(config.run.report_to))
     if not 0.0 < config.rollout.top_p <= 1.0:
         raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got "
                             f"{config.rollout.top_p}")

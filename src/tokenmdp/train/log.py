@@ -55,7 +55,7 @@ class MetricsLogger:
 
     def __init__(self, path: Path, *, resume_step: int | None = None, trackers=None):
         self.path = Path(path)
-        self.trackers = trackers  # an accelerate.Accelerator with trackers, or None
+        self.trackers = trackers  # the run's tokenmdp.train.trackers.Trackers, or None
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -76,7 +76,7 @@ class MetricsLogger:
             with contextlib.suppress(OSError):
                 os.truncate(self.path, size)
             raise _write_error(self.path, exc, f"step {step}'s metrics") from exc
-        if self.trackers is not None:
+        if self.trackers is not None:  # a tokenmdp.train.trackers.Trackers
             numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
             self.trackers.log(numeric, step=step)
         return record
@@ -135,6 +135,14 @@ class SampleLogger:
 
     def __len__(self) -> int:
         return len(self.columns["step"])
+
+    def rows_of_step(self, step: int) -> dict[str, list]:
+        """The columns of the rows logged at ``step`` (the last ones added)."""
+        steps = self.columns["step"]
+        first = len(steps)
+        while first > 0 and steps[first - 1] == step:
+            first -= 1
+        return {name: values[first:] for name, values in self.columns.items()}
 
     def flush(self) -> None:
         """Write every collected row to ``samples.parquet`` (temp file, then rename)."""

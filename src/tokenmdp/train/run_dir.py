@@ -33,6 +33,7 @@ from tokenmdp.policy.model import META_FILE, read_meta
 from tokenmdp.train.config import TrainConfig, save_config
 from tokenmdp.train.learner import Learner, TrainerState
 from tokenmdp.train.sharding import full_state_dict, load_optimizer_state, optimizer_state
+from tokenmdp.train.trackers import PROJECT, init_kwargs, requested, run_name
 
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
 RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
@@ -124,8 +125,10 @@ class RunHandle:
             elif stale.exists():
                 stale.unlink()
         save_config(self.config, self.path / "config.yaml")
-        if self.config.run.report_to != "none":  # after the folder is (re)created, so its event files survive
-            accelerator.init_trackers(self.path.name, config=_scalar_leaves(self.config.to_dict()))
+        names = requested(self.config.run.report_to)
+        if names:  # after the folder is (re)created, so the trackers' files survive
+            accelerator.init_trackers(PROJECT, config=_scalar_leaves(self.config.to_dict()),
+                                      init_kwargs=init_kwargs(names, self.path, run_name(self.path)))
 
 
 def nothing_done(path: Path) -> bool:
@@ -235,6 +238,6 @@ def finish_run(learner: Learner, path: Path, samples, *, started: float, tokeniz
         done = {"steps": steps, "algo": config.algo.name, "seed": config.run.seed,
                 "seconds": round(time.perf_counter() - started, 2)}
         (path / "DONE").write_text(json.dumps(done) + "\n")
-    if config.run.report_to != "none":
+    if requested(config.run.report_to):
         acc.end_training()
     acc.wait_for_everyone()

@@ -22,6 +22,7 @@ from tokenmdp.train.batch import step_rewards
 from tokenmdp.train.config import TrainConfig, resolve_algo
 from tokenmdp.train.environment import RunEnvironment, build_environment
 from tokenmdp.train.learner import Learner
+from tokenmdp.train.trackers import accelerator_kwargs, requested
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -124,8 +125,7 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Accelerator:
     if device == "cuda" and not torch.cuda.is_available():
         raise TokenMDPError("config field 'run.device' is 'cuda' but no CUDA device is available")
     kwargs: dict[str, Any] = {"mixed_precision": config.run.mixed_precision, "cpu": cpu}
-    if config.run.report_to != "none":
-        kwargs.update(log_with=config.run.report_to, project_dir=str(run_dir))
+    kwargs.update(accelerator_kwargs(requested(config.run.report_to), run_dir))
     try:
         accelerator = Accelerator(**kwargs)
     except ValueError as exc:

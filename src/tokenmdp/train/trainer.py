@@ -39,6 +39,7 @@ from tokenmdp.train.log import MetricsLogger, SampleLogger
 from tokenmdp.train.run_dir import finish_run, open_run, save_step
 from tokenmdp.train.setup import build_run
 from tokenmdp.train.sharding import full_weights
+from tokenmdp.train.trackers import Trackers, requested
 
 __all__ = ["Rollouts", "build_step", "make_rollouts", "prompt_stream", "run_step", "step_seed", "train"]
 
@@ -288,8 +289,10 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
     held = eval_problems(rollouts.task, config) if config.run.eval_every > 0 else None
     run.begin(learner.accelerator)
     main = learner.accelerator.is_main_process
+    names = requested(config.run.report_to)
+    trackers = Trackers(learner.accelerator, names, config.run.steps) if names and main else None
     metrics = MetricsLogger(run.path / "metrics.jsonl", resume_step=start if run.resumed else None,
-                            trackers=learner.accelerator if config.run.report_to != "none" else None) if main else None
+                            trackers=trackers) if main else None
     samples = SampleLogger(run.path / "samples.parquet", resume_step=start if run.resumed else None,
                            enabled=config.run.log_samples and main)
     before, after = _callbacks(callbacks)
@@ -313,6 +316,8 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
                     record.update(evaluate(step))
                 if metrics is not None:
                     record = metrics.log(step, record)
+                if trackers is not None and config.run.log_samples and trackers.table_due(step):
+                    trackers.log_completions(samples.rows_of_step(step), step)
                 for hook in after:
                     hook(step, record, learner)
                 _check_nonfinite(learner, config.optim.max_nonfinite_steps, run.path, step)

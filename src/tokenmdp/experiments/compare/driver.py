@@ -38,7 +38,7 @@ from tokenmdp.experiments.compare.jobs import Tracker, run_jobs
 from tokenmdp.experiments.compare.run import FairnessError, Job, check_same_stream, eval_units, step_weight
 from tokenmdp.experiments.compare.settings import (TINY_LR, Arm,
                                                    CompareSettings, arm_of, config_stem, curve_every, preset_settings,
-                                                   validate_settings)
+                                                   trackers_of, validate_settings)
 
 
 def _base_config(s: CompareSettings, arm: Arm, model_path: str, max_new_tokens: int) -> dict:
@@ -54,7 +54,7 @@ def _base_config(s: CompareSettings, arm: Arm, model_path: str, max_new_tokens: 
         "optim": {},
         "run": {"steps": arm.steps, "save_every": 0, "keep_last": 1, "eval_every": curve_every(s),
                 "eval_n": min(s.eval_n, s.curve_n), "eval_k": s.curve_k, "eval_greedy": True,
-                "report_to": s.report_to, "log_samples": True,
+                "report_to": trackers_of(s) or "none", "log_samples": True,
                 "equivalence": algo in ("grpo", "grpo_nokl"), "overwrite": True},
     }
     if s.chat:
@@ -243,8 +243,16 @@ def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite:
     steps = sum(arm_of(s, a).steps for a in s.algos) * len(s.seeds)
     with Tracker(eval_units(s) * (runs + 1) + steps * step_weight(s), enabled=progress) as tracker:
         plan = _prepare(s, out, model_path, timings)
-        results = run_jobs(_jobs(s, out, model_path, plan, overwrite), tracker, workers=s.workers,
-                           threads=s.threads)
+        jobs = _jobs(s, out, model_path, plan, overwrite)
+        if "trackio" in trackers_of(s):  # trackio fixes its store when first imported, once a process: one store for
+            os.environ.setdefault("TRACKIO_DIR", str(out.resolve() / "trackio"))  # the comparison's runs
+        if s.executor == "ray":
+            from tokenmdp.experiments.compare.ray_executor import run_on_ray
+
+            results = run_on_ray(jobs, tracker, workers=s.workers, threads=s.threads, address=s.address,
+                                 gpus=s.gpus_per_run)
+        else:
+            results = run_jobs(jobs, tracker, workers=s.workers, threads=s.threads)
         timings["base_eval_s"] = results[0]["eval_s"]
         for r in results[1:]:
             timings[r["label"]] = {k: r[k] for k in ("train_s", "eval_s", "train_cpu_s", "eval_cpu_s")}

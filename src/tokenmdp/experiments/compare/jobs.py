@@ -28,6 +28,8 @@ class Tracker:
     def __init__(self, total: int, *, enabled: bool = True, log=None):
         self.total, self.enabled = total, enabled
         self.jobs: dict[str, int] = {}
+        self.phases: dict[str, set] = {}  # the phases ("train", "eval") each job has started
+        self.units: dict[str, float] = {}  # the overall units each job has advanced
         self.completed = 0.0  # units done, as the overall bar counts them
         self.skipped = 0.0  # units reused rather than computed: they take no time
         self.next_tenth = 0.1  # plain lines also mark every tenth of the whole
@@ -68,6 +70,11 @@ class Tracker:
     def __call__(self, event: str, label: str, *args) -> None:
         if event == "start":
             name, total = args
+            if name in self.phases.setdefault(label, set()):  # a job started again (its Ray worker died): its
+                self.completed -= self.units.pop(label, 0.0)  # units so far are counted again from zero
+                self.progress.update(self.overall, completed=self.completed)
+                self.phases[label] = set()
+            self.phases[label].add(name)
             if label in self.jobs:
                 self.progress.remove_task(self.jobs[label])
             self.jobs[label] = self.progress.add_task(f"{name} {label}", total=total, info="")
@@ -78,6 +85,7 @@ class Tracker:
                 self.progress.update(self.jobs[label], advance=n)
             self.progress.update(self.overall, advance=n * weight)
             self.completed += n * weight
+            self.units[label] = self.units.get(label, 0.0) + n * weight
             if self.total and self.completed >= self.next_tenth * self.total:
                 while self.next_tenth * self.total <= self.completed:
                     self.next_tenth += 0.1

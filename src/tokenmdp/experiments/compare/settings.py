@@ -44,7 +44,7 @@ class CompareSettings:
     eval_every: int | None = None  # the trainer's held-out curve: None = every steps // 4 steps, 0 = off
     curve_n: int = 64  # problems of that curve (the first of the held-out set), greedy + curve_k samples each
     curve_k: int = 1
-    report_to: str = "none"
+    report_to: str = "none"  # a tracker of run.report_to, or several comma-separated ("wandb,mlflow")
     overrides: list[str] = field(default_factory=list)
     heldout_seed: int = HELDOUT_SEED
     cache_dir: str | None = None
@@ -53,6 +53,9 @@ class CompareSettings:
     # named arms: runs that differ by more than the algorithm (an environment, a credit assignment, a step count);
     # ``algos`` may list an arm's name: {name: {"algo": preset, "set": [config overrides], "steps": n}}
     arms: dict = field(default_factory=dict)
+    executor: str = "local"  # where the runs go: "local" (worker processes) or "ray" (a task each; see EXECUTORS)
+    address: str | None = None  # executor "ray": the cluster's address (None: start a local Ray)
+    gpus_per_run: float = 0.0  # executor "ray": GPUs each run asks of the cluster
 
 
 #: Named comparisons (``tokenmdp compare --preset NAME``): settings chosen to answer the paper's questions
@@ -269,6 +272,14 @@ def _check_types(s: CompareSettings) -> None:
 POSITIVE = ("steps", "eval_n", "k", "prompts_per_step", "group_size", "eval_batch_size", "curve_n", "curve_k",
             "threads", "workers", "max_new_tokens")
 ENGINES, TRACKERS = config_choices("rollout", "engine"), config_choices("run", "report_to")  # the config's own
+#: where the runs go: worker processes here, or one Ray task each (tokenmdp.experiments.compare.ray_executor)
+EXECUTORS = {"local": "worker processes on this machine (--workers)",
+             "ray": "a Ray task per run, on a local Ray or the cluster at --address"}
+
+
+def trackers_of(s: CompareSettings) -> list[str]:
+    """The trackers of ``--report-to`` (comma-separated; ``none``: no tracker)."""
+    return [t.strip() for t in s.report_to.split(",") if t.strip() and t.strip() != "none"]
 
 
 def validate_settings(s: CompareSettings) -> None:
@@ -303,8 +314,16 @@ def validate_settings(s: CompareSettings) -> None:
         raise TokenMDPError(f"--lr must be positive, got {s.lr}")
     if s.engine not in ENGINES:
         raise TokenMDPError(f"--engine: unknown engine {s.engine!r}; choose from {', '.join(ENGINES)}")
-    if s.report_to not in TRACKERS:
-        raise TokenMDPError(f"--report-to: {s.report_to!r}; choose from {', '.join(TRACKERS)}")
+    for tracker in trackers_of(s):
+        if tracker not in TRACKERS:
+            raise TokenMDPError(f"--report-to: unknown tracker {tracker!r}; choose from {', '.join(TRACKERS)}")
+    if s.executor not in EXECUTORS:
+        raise TokenMDPError(f"--executor: unknown executor {s.executor!r}; choose from {', '.join(EXECUTORS)}")
+    if s.executor != "ray" and (s.address is not None or s.gpus_per_run):
+        given = "--address" if s.address is not None else "--gpus-per-run"
+        raise TokenMDPError(f"{given} applies to --executor ray only (the executor is {s.executor!r})")
+    if s.gpus_per_run < 0:
+        raise TokenMDPError(f"--gpus-per-run must be non-negative, got {s.gpus_per_run}")
 
 
 def curve_every(s: CompareSettings) -> int:
