@@ -9,6 +9,7 @@ from typing import Any
 from collections.abc import Callable
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.tasks.env_module import PREFIX as ENV_PREFIX, EnvModuleTask
 from tokenmdp.tasks.reasoning_gym import ReasoningGymTask  # cheap: reasoning_gym itself is imported on use
 from tokenmdp.tasks.task import Task
 
@@ -54,6 +55,8 @@ def task_class(spec: str) -> Callable[..., Task]:
     """The factory behind ``spec`` without calling it (for help texts and ``tokenmdp tasks list``)."""
     if spec.startswith("reasoning_gym:"):
         return _reasoning_gym(spec)
+    if spec.startswith(ENV_PREFIX):  # env:<module>: an environment module (its name may hold a ':'-free path)
+        return partial(EnvModuleTask, spec[len(ENV_PREFIX):])
     if spec in _REGISTERED:
         return _REGISTERED[spec]
     if spec in _FACTORIES:

@@ -72,15 +72,19 @@ class EnvConfig:
     turns. ``base_path``: the frozen base model (None: the policy's start model, ``model.path``, so the policy
     starts as a copy of the base). ``turn_tokens``: tokens per policy turn; ``base_tokens``: per base turn (None:
     ``rollout.max_new_tokens``); ``max_tokens``: response tokens of an episode in all, policy and base (None:
-    ``max_turns x (turn_tokens + base_tokens)``)."""
+    ``max_turns x (turn_tokens + base_tokens)``); ``module``: the task's environment module
+    (``task.name=env:<module>``, :mod:`tokenmdp.tasks.env_module`) answers each turn, for ``max_turns`` turns
+    (``max_tokens`` None: ``max_turns x turn_tokens`` plus room for its answers)."""
 
-    kind: Literal["none", "single_turn", "calculator", "two_llm_hint", "two_llm_alternate"] = "none"
+    kind: Literal["none", "single_turn", "calculator", "two_llm_hint", "two_llm_alternate", "module"] = "none"
     base_path: str | None = None
     max_turns: int = 3
     turn_tokens: int = 16
     base_tokens: int | None = None
     max_tokens: int | None = None
     base_temperature: float = 1.0
+    turn_stop: str | None = None  # kind "module": text of one token that ends a policy turn (e.g. "\n"); None: a
+    # turn ends at EOS (which ends the episode) or at turn_tokens
 
 
 @dataclass
@@ -358,7 +362,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
         positive["rollout.max_new_tokens"] = config.rollout.max_new_tokens
     for name, value in positive.items():
         if value < 1:
-            raise TokenMDPError(f"config field {_where(name, source)} must be at least 1, got {value}")
+            raise TokenMDPError(f"{_where(name, source)} must be at least 1, got {value}")
     non_negative = {
         "rollout.temperature": config.rollout.temperature,
         "rollout.max_staleness": config.rollout.max_staleness,
@@ -371,20 +375,20 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     }
     for name, value in non_negative.items():
         if value < 0:
-            raise TokenMDPError(f"config field {_where(name, source)} must be non-negative, got {value}")
+            raise TokenMDPError(f"{_where(name, source)} must be non-negative, got {value}")
     _validate_lora(config.model.lora, source)
     if config.model.gradient_checkpointing and config.model.lora.enabled and config.model.lora.dropout > 0:
-        raise TokenMDPError(f"config field {_where('model.lora.dropout', source)} must be 0 with "
+        raise TokenMDPError(f"{_where('model.lora.dropout', source)} must be 0 with "
                             "model.gradient_checkpointing: the backward recomputes each layer without the forward's "
                             "dropout masks")
     _validate_fsdp(config, source)
     _validate_env(config, source)
     check_installed(requested(config.run.report_to))
     if not 0.0 < config.rollout.top_p <= 1.0:
-        raise TokenMDPError(f"config field {_where('rollout.top_p', source)} must be in (0, 1], got "
+        raise TokenMDPError(f"{_where('rollout.top_p', source)} must be in (0, 1], got "
                             f"{config.rollout.top_p}")
     if config.rollout.max_staleness > 0 and config.rollout.engine == "vllm" and config.rollout.async_worker == "thread":
-        raise TokenMDPError(f"config field {_where('rollout.async_worker', source)} is 'thread', but overlapped "
+        raise TokenMDPError(f"{_where('rollout.async_worker', source)} is 'thread', but overlapped "
                             "rollouts with the vllm engine need the sampler in its own process: a second in-process "
                             "vLLM engine shares the first one's global state (its weight sync failed the probe); "
                             "set rollout.async_worker=process")
@@ -394,7 +398,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
 
         unused = [f for f in ("tis_cap", "tis_level", "tis_mode") if getattr(spec, f) != getattr(AlgoSpec(), f)]
         if unused:
-            raise TokenMDPError(f"config field {_where('algo.' + unused[0], source)} is set, but every batch is "
+            raise TokenMDPError(f"{_where('algo.' + unused[0], source)} is set, but every batch is "
                                 "sampled by pi_old itself, so no importance weight is taken: it needs "
                                 "rollout.recompute_logprobs=true (an inference engine's numerics) or "
                                 "rollout.max_staleness > 0")
@@ -416,7 +420,7 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
     elif resolve_algo(config, source=source).critic:
         clash = f"algo {config.algo.name!r} (its critic is not sharded)"
     if clash:
-        raise TokenMDPError(f"config field {_where('run.fsdp', source)} is true: it cannot be combined with {clash}")
+        raise TokenMDPError(f"{_where('run.fsdp', source)} is true: it cannot be combined with {clash}")
 
 
 def _validate_env(config: TrainConfig, source: str | None) -> None:
@@ -427,10 +431,20 @@ def _validate_env(config: TrainConfig, source: str | None) -> None:
     for name in ("max_turns", "turn_tokens", "base_tokens", "max_tokens"):
         value = getattr(env, name)
         if value is not None and value < 1:
-            raise TokenMDPError(f"config field {_where('task.env.' + name, source)} must be at least 1, got {value}")
+            raise TokenMDPError(f"{_where('task.env.' + name, source)} must be at least 1, got {value}")
     if env.base_temperature < 0:
-        raise TokenMDPError(f"config field {_where('task.env.base_temperature', source)} must be non-negative, got "
+        raise TokenMDPError(f"{_where('task.env.base_temperature', source)} must be non-negative, got "
                             f"{env.base_temperature}")
+    if env.turn_stop is not None and env.kind != "module":
+        raise TokenMDPError(f"{_where('task.env.turn_stop', source)} is set, but only task.env.kind "
+                            f"'module' reads it (the kind is {env.kind!r})")
+    if env.kind == "module" and not config.task.name.startswith("env:"):
+        raise TokenMDPError(f"{_where('task.env.kind', source)} is 'module': the task must be an "
+                            f"environment module, task.name=env:<module>, not {config.task.name!r}")
+    if env.kind == "module" and config.task.chat_template:
+        raise TokenMDPError(f"{_where('task.chat_template', source)} is true: environment modules "
+                            "run their turns as plain text lines for now (a chat turn ends at the end-of-turn token, "
+                            "which the episode driver reads as the end of the episode)")
     if env.kind == "none":
         return
     clash = None
@@ -445,24 +459,24 @@ def _validate_env(config: TrainConfig, source: str | None) -> None:
         clash = ("algo credit 'process' (an episode's step rewards are its environment's per-turn rewards: the "
                  "task's step verifier would score observations as the policy's steps)")
     if clash:
-        raise TokenMDPError(f"config field {_where('task.env.kind', source)} is {env.kind!r}: it cannot be combined "
+        raise TokenMDPError(f"{_where('task.env.kind', source)} is {env.kind!r}: it cannot be combined "
                             f"with {clash}")
 
 
 def _validate_lora(lora: LoraConfig, source: str | None) -> None:
     """Ranges of ``model.lora`` (checked whether or not it is enabled: a bad value in a file is a bad file)."""
     if lora.rank < 1:
-        raise TokenMDPError(f"config field {_where('model.lora.rank', source)} must be at least 1, got {lora.rank}")
+        raise TokenMDPError(f"{_where('model.lora.rank', source)} must be at least 1, got {lora.rank}")
     if lora.alpha <= 0:
-        raise TokenMDPError(f"config field {_where('model.lora.alpha', source)} must be positive, got {lora.alpha}")
+        raise TokenMDPError(f"{_where('model.lora.alpha', source)} must be positive, got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:
-        raise TokenMDPError(f"config field {_where('model.lora.dropout', source)} must be in [0, 1), got "
+        raise TokenMDPError(f"{_where('model.lora.dropout', source)} must be in [0, 1), got "
                             f"{lora.dropout}")
     targets = lora.target_modules
     ok = (isinstance(targets, str) and bool(targets)) or (
         isinstance(targets, list) and bool(targets) and all(isinstance(t, str) and t for t in targets))
     if not ok:
-        raise TokenMDPError(f"config field {_where('model.lora.target_modules', source)} must be 'all-linear' or a "
+        raise TokenMDPError(f"{_where('model.lora.target_modules', source)} must be 'all-linear' or a "
                             f"non-empty list of layer names, got {targets!r}")
 
 

@@ -6,6 +6,8 @@ rolls out a step's episodes through :func:`tokenmdp.rollout.multiturn.run_episod
 * ``calculator``: :class:`tokenmdp.rollout.calculator.CalculatorEnvironment`, a tool that writes the value of each
   ``a op b =`` step the policy asks for (limits: ``max_turns`` turns of ``turn_tokens``, ``max_tokens`` in all,
   default ``rollout.max_new_tokens``);
+* ``module``: :class:`tokenmdp.tasks.env_module.ModuleEnv`, the turns of the task's environment module (limits:
+  ``max_turns`` turns of ``turn_tokens``, ``max_tokens`` in all, default four times the policy's share);
 * ``two_llm_hint`` / ``two_llm_alternate``: :class:`tokenmdp.rollout.two_llm.BaseModelEnvironment` over the frozen
   base model ``task.env.base_path`` (default: the policy's start model), loaded here with its own tokenizer and a
   ``fast`` sampler.
@@ -51,6 +53,18 @@ def build_environment(config, settings, task, tokenizer, device) -> RunEnvironme
 
         return RunEnvironment("single_turn", lambda: SingleTurnEnv(score), EpisodeLimits(1, max_new, max_new),
                               lambda seed: None)
+    if env.kind == "module":
+        from tokenmdp.tasks.env_module import ModuleEnv
+
+        stop = ()
+        if env.turn_stop is not None:
+            ids = tokenizer(env.turn_stop, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise TokenMDPError(f"config field 'task.env.turn_stop' {env.turn_stop!r} is {len(ids)} tokens of the "
+                                    "policy's tokenizer; a turn must end at one stop token")
+            stop = (int(ids[0]),)
+        limits = EpisodeLimits(env.max_turns, env.turn_tokens, env.max_tokens or 4 * env.max_turns * env.turn_tokens)
+        return RunEnvironment("module", lambda: ModuleEnv(task, tokenizer, stop), limits, lambda seed: None)
     if env.kind == "calculator":
         from tokenmdp.rollout.calculator import CalculatorEnvironment
 
