@@ -199,3 +199,99 @@ def test_an_openenv_environment_trains_for_a_few_steps(tiny_random_dir, tmp_path
                  "--set", "run.threads=1"]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["env/turns"] >= 1 for r in rows)
+
+
+VERIFIERS_COUNT = '''
+import re
+
+import verifiers.v1 as vf
+
+
+class CountData(vf.TaskData):
+    start: int
+    turns: int = 3
+
+
+class CountTask(vf.Task[CountData]):
+    """Count on from `start`: the reward is the share of the policy's turns that say the next number."""
+
+    @vf.reward(weight=1.0)
+    async def counted(self, trace: vf.Trace) -> float:
+        said = [m.content for m in trace.assistant_messages]
+        right = [str(self.data.start + i + 1) in (s or "") for i, s in enumerate(said)]
+        return sum(right) / self.data.turns
+
+    @vf.reward(weight=0.5)
+    async def digits(self, trace: vf.Trace) -> float:
+        said = [m.content for m in trace.assistant_messages]
+        return sum(bool(re.search(r"\\d", s or "")) for s in said) / self.data.turns
+
+
+class CountConfig(vf.TasksetConfig):
+    rows: int = 6
+
+
+class CountTaskset(vf.Taskset[CountTask, CountConfig]):
+    def load(self):
+        for i in range(self.config.rows):
+            yield CountTask(CountData(name=f"count-{i}", start=10 * i, prompt=f"Count on from {10 * i}."),
+                            self.config.task)
+
+
+class CountEnvConfig(vf.EnvConfig):
+    player: vf.AgentConfig = vf.AgentConfig(harness={"id": "null"})
+
+
+class CountEnv(vf.Env[CountEnvConfig]):
+    async def run(self, task, agents):
+        async with agents.player.interaction(task) as chat:
+            segment = await chat.turn()
+            for n in range(1, task.data.turns):
+                if segment.terminated:
+                    break
+                segment = await chat.turn(f"After {task.data.start + n}?")
+
+
+__all__ = ["CountTaskset", "CountEnv"]
+
+
+def load_environment(**options):
+    return vf.load_environment(vf.resolve_env_config({"taskset": {"id": __name__, **options}}))
+'''
+
+
+@pytest.mark.integrations
+def test_a_verifiers_environment_is_scored_by_its_rubric_and_trains(tiny_random_dir, tmp_path):
+    """A verifiers (0.4) multi-turn environment: its turns answered by the policy, its weighted rewards as the
+    return and as reward/<name>; a few GRPO steps through `tokenmdp train`."""
+    pytest.importorskip("verifiers.v1")
+    from tokenmdp.cli import main
+
+    path = tmp_path / "count_env.py"
+    path.write_text(VERIFIERS_COUNT)
+    task = get_task(f"env:{path}", test_size=2)
+    assert (task.size, task.num_problems("test")) == (4, 2)  # 6 rows: the last 2 are the test split
+    env = task.make()
+    assert env.reset(seed=5) == {"text": "Count on from 50.", "reward": None, "done": False}
+    assert env.step("51")["text"] == "After 51?"
+    assert env.step("52, I think")["text"] == "After 52?"
+    last = env.step("no")
+    assert last["done"] and last["reward"] == pytest.approx(2 / 3 + 0.5 * 2 / 3)
+    assert last["parts"] == pytest.approx({"counted": 2 / 3, "digits": 0.5 * 2 / 3})
+    env.reset(seed=0)
+    env.step("1")
+    early = env.finish()  # the policy ended the episode (EOS): the turns so far are scored
+    assert early["done"] and early["reward"] == pytest.approx(1 / 3 + 0.5 * 1 / 3)
+    one = task.score(task.problems("test", n=1)[0], "41")  # one turn of three: scored when the run is cut
+    assert one.reward == 0.0
+    out = tmp_path / "run"
+    assert main(["train", "--algo", "grpo", "--steps", "2", "--out", str(out), "--no-progress", "--set",
+                 f"model.path={tiny_random_dir}", "--set", f"task.name=env:{path}", "--set",
+                 "task.options={test_size: 2}", "--set", "task.env.kind=module", "--set", "task.env.max_turns=3",
+                 "--set", "task.env.turn_tokens=3", "--set", "rollout.prompts_per_step=2", "--set",
+                 "rollout.group_size=2", "--set", "run.threads=1"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["reward/mean"] == pytest.approx(r.get("reward/counted", 0.0) + r.get("reward/digits", 0.0))
+        assert r["env/turns"] > 1 and r["env/observation_tokens"] > 0

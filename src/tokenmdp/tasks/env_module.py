@@ -13,11 +13,15 @@ the policy's text, wrapped in the environment's action class where it declares o
 ``Environment[ActionClass, ...]`` with one text field).
 
 Problems are episodes: each is a seed (train seeds ``0 .. size-1``, test seeds ``size .. size+test_size-1``, so
-the splits never meet), and its prompt is the first observation. Single turn (``task.env.kind`` none), a completion
-is one ``step``: its reward is the score. Multi-turn (``task.env.kind=module``, :class:`ModuleEnv`), the policy and
-the environment alternate; the environment's text goes into the context as an observation, which the policy
-never trains on. The episode's return is the sum of its step rewards. **Correct** means the return reaches
-``correct_threshold`` (default 1.0); **formatted** means it is above 0.
+the splits never meet), and its prompt is the first observation. An environment of finitely many rows
+(``num_episodes``: a verifiers taskset, :mod:`tokenmdp.tasks.verifiers_env`) keeps its last ``test_size`` rows
+for the test split.
+
+Single turn (``task.env.kind`` none), a completion is one ``step``: its reward is the score. Multi-turn
+(``task.env.kind=module``, :class:`ModuleEnv`), the policy and the environment alternate; the environment's text
+goes into the context as an observation, which the policy never trains on. The episode's return is the sum of its
+step rewards; an observation's ``parts`` (named reward parts) are logged as ``reward/<name>``. **Correct** means
+the return reaches ``correct_threshold`` (default 1.0); **formatted** means it is above 0.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EnvStep, TokenEnv
 from tokenmdp.tasks.task import Problem, Score, Task, check_split
+from tokenmdp.tasks.verifiers_env import VerifiersEpisodes, is_verifiers_env
 
 PREFIX = "env:"
 TEXT_FIELDS = ("text", "message", "content", "prompt", "observation")
@@ -78,6 +83,8 @@ def environment_factory(spec: str, options: dict):
             env = load(**options)
         except TypeError as exc:
             raise TokenMDPError(f"{spec}.load_environment rejects the task options {options}: {exc}") from None
+        if is_verifiers_env(env):  # a vf.Env: driven turn by turn (tokenmdp.tasks.verifiers_env)
+            env = VerifiersEpisodes(env, spec)
         for method in ("reset", "step"):
             if not callable(getattr(env, method, None)):
                 raise TokenMDPError(f"{spec}.load_environment returned a {type(env).__name__}, which has no "
@@ -98,6 +105,13 @@ def observation_text(obs: Any, where: str) -> str:
     have = sorted(obs) if isinstance(obs, dict) else sorted(n for n in dir(obs) if not n.startswith("_"))[:12]
     raise TokenMDPError(f"{where}: the observation ({type(obs).__name__}) has no text field; expected one of "
                         f"{', '.join(TEXT_FIELDS)}, it has {', '.join(have)}")
+
+
+def _close(env: Any) -> None:
+    """End an episode that will get no more turns (OpenEnv's and verifiers' environments hold resources)."""
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
 
 
 def _field(obs: Any, name: str, default: Any) -> Any:
@@ -134,6 +148,12 @@ class EnvModuleTask(Task):
         self.make = environment_factory(module, self.options)
         self.name = f"{PREFIX}{module}"
         self.template = self.resolve_template(template)
+        rows = getattr(self.make(), "num_episodes", None)  # an environment of finitely many rows: split them
+        if rows is not None:
+            if not test_size < rows:
+                raise TokenMDPError(f"task option 'test_size' {test_size} leaves no train rows of the {rows} of "
+                                    f"{module}")
+            size = rows - test_size
         self.size, self.test_size = size, test_size
         self.correct_threshold = float(correct_threshold)
         self._prompts: dict[int, str] = {}
@@ -147,7 +167,9 @@ class EnvModuleTask(Task):
 
     def prompt(self, seed: int) -> str:
         if seed not in self._prompts:
-            self._prompts[seed] = self.start(self.make(), seed)
+            env = self.make()
+            self._prompts[seed] = self.start(env, seed)
+            _close(env)
         return self._prompts[seed]
 
     def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
@@ -171,16 +193,17 @@ class EnvModuleTask(Task):
         self.resolve_template(template)
         return problem.question
 
-    def verdict(self, total: float, reason: str) -> Score:
-        return Score(float(total), total >= self.correct_threshold, total > 0, reason)
+    def verdict(self, total: float, reason: str, parts: dict | None = None) -> Score:
+        return Score(float(total), total >= self.correct_threshold, total > 0, reason, parts or None)
 
     def score(self, problem: Problem, completion: str) -> Score:
         """One turn: a fresh episode of the problem's seed, ``completion`` as its one action."""
         env = self.make()
         self.start(env, problem.metadata["seed"])
         obs = env.step(action_maker(env)(completion))
+        _close(env)
         reward = float(_field(obs, "reward", 0.0) or 0.0)
-        return self.verdict(reward, f"{self.module}: reward {reward:g}")
+        return self.verdict(reward, f"{self.module}: reward {reward:g}", _field(obs, "parts", None))
 
 
 class ModuleEnv(TokenEnv):
@@ -203,12 +226,16 @@ class ModuleEnv(TokenEnv):
     def _turn(self, action: Sequence[int], *, eos: bool) -> EnvStep:
         text = self.tokenizer.decode(list(action), skip_special_tokens=True, clean_up_tokenization_spaces=False)
         obs = self.env.step(self.act(text))
+        if eos and not _field(obs, "done", False) and callable(getattr(self.env, "finish", None)):
+            obs = self.env.finish()  # an environment that scores at its end (verifiers) scores the turns so far
         self.turns += 1
         reward = float(_field(obs, "reward", 0.0) or 0.0)
         self.total += reward
         done = bool(_field(obs, "done", False)) or eos
-        score = self.task.verdict(self.total, f"{self.task.module}: return {self.total:g} in {self.turns} turns")
+        score = self.task.verdict(self.total, f"{self.task.module}: return {self.total:g} in {self.turns} turns",
+                                  _field(obs, "parts", None))
         if done:
+            _close(self.env)
             return EnvStep((), reward, True, False, {"score": score})
         said = observation_text(obs, f"{self.task.module} step {self.turns}")
         ids = self.tokenizer("\n" + said + "\n", add_special_tokens=False)["input_ids"]

@@ -55,14 +55,14 @@ def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:
     ``logp/positive`` and ``logp/negative`` are the mean per-token log-likelihood of the correct and the incorrect
     responses under the policy that sampled them (the sampler's log-probs): which of the two an update pushes.
     """
-    first = batch.scores[0] if batch.scores else None
-    names = list(getattr(first, "parts", None) or {})  # several reward functions (the dataset task)
+    names = list(dict.fromkeys(n for sc in batch.scores for n in (getattr(sc, "parts", None) or {})))  # several
+    # reward functions (the dataset task, an environment's rubric); a score without a part counts 0 for it
     mask = batch.rollout.response_mask.float()
     row_logp = (batch.rollout.logprobs.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
     part = {"rewards": batch.rewards.tolist(), "correct": batch.correct.tolist(),
             "formatted": batch.formatted.tolist(), "lengths": batch.rollout.lengths.tolist(),
             "truncated": batch.rollout.truncated.tolist(), "logp": row_logp.tolist(),
-            **{f"reward/{n}": [float(sc.parts[n]) for sc in batch.scores] for n in names}}
+            **{f"reward/{n}": [float((sc.parts or {}).get(n) or 0.0) for sc in batch.scores] for n in names}}
     cols = {k: [x for p in gather_parts(accelerator, part) for x in p[k]] for k in part}
     rewards = torch.tensor(cols["rewards"], dtype=torch.float32)
     lengths = torch.tensor(cols["lengths"], dtype=torch.float32)
