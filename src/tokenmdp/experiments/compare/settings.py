@@ -69,7 +69,7 @@ COMPARE_PRESETS: dict[str, dict] = {
              "steps": 12, "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 300, "k": 4,
              "eval_every": 4, "overrides": ["optim.warmup_steps=2"]},
     # the paper-scale comparison on this machine: GRPO (no KL, as the slow learning test, where it gains 6-10
-    # points), filtered SFT +-, + and -, 5 seeds of 60 steps of 32 prompts x 8 samples (about 3 hours on 2 cores;
+    # points), filtered SFT +-, + and -, 5 seeds of 60 steps of 32 prompts x 8 samples (78 minutes on 2 cores;
     # a stopped run continues where it stopped: finished runs are reused)
     "paper-small": {"algos": ["grpo_nokl", "isft+-", "isft+", "isft-"], "seeds": [0, 1, 2, 3, 4], "steps": 60,
                     "prompts_per_step": 32, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4,
@@ -215,7 +215,7 @@ PRESET_HELP = {
     "env-calculator": "GRPO and ISFT through a calculator tool environment",
     "env-two-llm": "a hint-writing policy beside a frozen answering base",
     "process-credit": "Countdown's step verifier as process credit, against uniform credit",
-    "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~3 h",
+    "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~2 h",
     # estimated, not measured (no GPU lent yet): docs/paper-presets.md gives the arithmetic
     "paper-qwen0.5b-gsm8k": "the paper's settings on one 80 GB GPU, 5 arms x 3 seeds x 200 steps, est. ~21 h",
     "paper-qwen0.5b-countdown": "the same on Countdown, TinyZero's and the binary reward, 7 arms, est. ~35 h",
