@@ -295,3 +295,22 @@ def test_a_verifiers_environment_is_scored_by_its_rubric_and_trains(tiny_random_
     for r in rows:
         assert r["reward/mean"] == pytest.approx(r.get("reward/counted", 0.0) + r.get("reward/digits", 0.0))
         assert r["env/turns"] > 1 and r["env/observation_tokens"] > 0
+
+
+def test_compare_runs_a_multi_turn_environment_module(counting, tiny_random_dir, tmp_path):
+    """The same module through `tokenmdp compare`: every run's episodes and the held-out evaluation go through
+    the environment, and the report has its verdicts."""
+    from tokenmdp.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--algos", "grpo_nokl,isft+-adv", "--seeds", "1", "--steps", "2", "--model",
+                 str(tiny_random_dir), "--task", f"env:{counting}", "-o", "size=8", "-o", "test_size=3",
+                 "-o", "correct_threshold=0.06", "--set", "task.env.kind=module", "--set", "task.env.max_turns=2",
+                 "--set", "task.env.turn_tokens=4", "--eval-n", "3", "--k", "2", "--prompts-per-step", "2",
+                 "--group-size", "2", "--eval-every", "0", "--threads", "1", "--workers", "1", "--out", str(out)]) == 0
+    claims = json.loads((out / "claims.json").read_text())
+    claims = claims.get("claims", claims)
+    assert claims["C1"]["verdict"] in ("supported", "contradicted")
+    records = [json.loads(x) for x in (out / "runs" / "grpo_nokl" / "seed-0" / "eval_records.jsonl")
+               .read_text().splitlines()]
+    assert len(records) == 3

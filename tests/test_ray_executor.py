@@ -72,7 +72,7 @@ def test_a_killed_ray_worker_is_retried_and_nothing_is_lost_or_counted_twice(tin
     stdout, stderr = proc.communicate(timeout=600)
     assert killed is not None, "no Ray worker was seen running a job"
     assert proc.returncode == 0, stderr[-3000:]
-    starts = re.findall(r"done: ((?:train|eval) \S+)$", stderr, flags=re.M)  # one plain line per job start
+    starts = re.findall(r"(?:done|left): ((?:train|eval) \S+)$", stderr, flags=re.M)  # a plain line per job start
     assert max(starts.count(s) for s in starts) == 2, starts  # the killed job started again, once
     assert (out / "summary.csv").read_bytes() == local_summary  # nothing lost, nothing counted twice
     for algo in ("grpo", "isft+"):

@@ -183,7 +183,7 @@ class EnvModuleTask(Task):
             order = list(seeds)
             rng.shuffle(order)
             out += order
-        return [Problem(id=f"{self.module}-{s}", question=self.prompt(s), answer=None, metadata={"seed": s})
+        return [Problem(id=f"{self.module}-{s}", question=self.prompt(s), answer=s, metadata={"seed": s})  # the answer: the seed
                 for s in out[:n]]
 
     def num_problems(self, split: str = "train") -> int | None:
