@@ -183,8 +183,8 @@ class EnvModuleTask(Task):
             order = list(seeds)
             rng.shuffle(order)
             out += order
-        return [Problem(id=f"{self.module}-{s}", question=self.prompt(s), answer=s, metadata={"seed": s})  # the answer: the seed
-                for s in out[:n]]
+        return [Problem(id=f"{self.module}-{s}", question=self.prompt(s), answer=s, metadata={"seed": s})
+                for s in out[:n]]  # an episode's "answer" is its seed: the environment holds the rest
 
     def num_problems(self, split: str = "train") -> int | None:
         return len(self._seeds(check_split(split)))
