@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import random
 import sys
 import typing
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from typing import Any
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EnvStep, TokenEnv
-from tokenmdp.tasks.task import Problem, Score, Task, check_split
+from tokenmdp.tasks.task import Problem, Score, Task, check_split, shuffled_passes
 from tokenmdp.tasks.verifiers_env import VerifiersEpisodes, is_verifiers_env
 
 PREFIX = "env:"
@@ -177,14 +176,9 @@ class EnvModuleTask(Task):
         if split == "test" and n is not None and n > len(seeds):
             raise TokenMDPError(f"the {self.name} test split holds {len(seeds)} episodes, not {n} (raise "
                                 "'test_size')")
-        rng = random.Random(f"env-module-{split}-{seed}")
-        out: list[int] = []
-        while not out or (n is not None and len(out) < n and split == "train"):  # train: passes in new orders
-            order = list(seeds)
-            rng.shuffle(order)
-            out += order
         return [Problem(id=f"{self.module}-{s}", question=self.prompt(s), answer=s, metadata={"seed": s})
-                for s in out[:n]]  # an episode's "answer" is its seed: the environment holds the rest
+                for s in shuffled_passes(seeds, split, n, f"env-module-{split}-{seed}")]  # an episode's "answer"
+        # is its seed: the environment holds the rest
 
     def num_problems(self, split: str = "train") -> int | None:
         return len(self._seeds(check_split(split)))

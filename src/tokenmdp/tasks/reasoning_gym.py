@@ -21,7 +21,7 @@ import random
 import re
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.tasks.task import Problem, Score, Task, check_split
+from tokenmdp.tasks.task import Problem, Score, Task, check_split, shuffled_passes
 
 PREFIX = "reasoning_gym:"
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -79,13 +79,7 @@ class ReasoningGymTask(Task):
         rows = self._rows[check_split(split)]
         if split == "test" and n is not None and n > len(rows):
             raise TokenMDPError(f"the {self.name} test split holds {len(rows)} entries, not {n} (raise 'size')")
-        rng = random.Random(f"reasoning-gym-{split}-{seed}")
-        out: list[int] = []
-        while not out or (n is not None and len(out) < n and split == "train"):  # train: passes in new orders
-            order = list(rows)
-            rng.shuffle(order)
-            out += order
-        return [self._problem(i) for i in out[:n]]
+        return [self._problem(i) for i in shuffled_passes(rows, split, n, f"reasoning-gym-{split}-{seed}")]
 
     def num_problems(self, split: str = "train") -> int | None:
         return len(self._rows[check_split(split)])

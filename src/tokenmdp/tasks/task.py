@@ -12,6 +12,7 @@ A new task subclasses :class:`Task`, sets ``name`` and ``templates``, and implem
 from __future__ import annotations
 
 import json
+import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,19 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise TokenMDPError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
     return split
+
+
+def shuffled_passes(items: list, split: str, n: int | None, key: str) -> list:
+    """The first ``n`` of ``items`` (all when None) in orders drawn from ``random.Random(key)``: the train split
+    passes over them again, each time in a new order, until it has ``n``; the test split is one pass. A function of
+    its arguments only, and prefix-stable in ``n`` (what :meth:`Task.problems` promises)."""
+    rng = random.Random(key)
+    out: list = []
+    while not out or (n is not None and len(out) < n and split == "train"):
+        order = list(items)
+        rng.shuffle(order)
+        out += order
+    return out[:n]
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
