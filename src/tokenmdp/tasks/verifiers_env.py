@@ -21,9 +21,25 @@ import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from tokenmdp.errors import TokenMDPError
+
+
+def _v1():
+    """verifiers' v1 stack and the parts of it the driver uses, imported on first use: only a verifiers environment
+    needs them, and they take seconds to import."""
+    import verifiers.v1 as vf
+    from verifiers.v1.configs.agent import agent_config_fields
+    from verifiers.v1.dialects.chat import parse_message
+    from verifiers.v1.graph import prepare_turn
+    from verifiers.v1.session import RolloutLimits, call_hook, hook_boundary
+    from verifiers.v1.state import state_cls
+
+    return SimpleNamespace(vf=vf, agent_config_fields=agent_config_fields, parse_message=parse_message,
+                           prepare_turn=prepare_turn, RolloutLimits=RolloutLimits, call_hook=call_hook,
+                           hook_boundary=hook_boundary, state_cls=state_cls)
 
 
 def is_verifiers_env(obj: Any) -> bool:
@@ -40,38 +56,32 @@ class _Chat:
     """One agent's exchange in an episode: ``turn`` waits for the policy's answer (see the module docstring)."""
 
     def __init__(self, episodes: VerifiersEpisodes, task, config, name: str):
-        import verifiers.v1 as vf
-        from verifiers.v1.session import RolloutLimits, hook_boundary
-        from verifiers.v1.state import state_cls
-
+        v = _v1()
+        vf = v.vf
         self.episodes, self.task = episodes, task
         self.trace = vf.Trace(task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key,
                                                 hash=task.hash),
                               agent=vf.AgentInfo(config=config, name=name, trainable=True),
-                              state=state_cls(type(task))())
-        self.limits = RolloutLimits(max_turns=config.max_turns)
-        self.stops = [fn for fn in task.hooks("stop") if hook_boundary(fn, allow_trace=True) is vf.Trace]
+                              state=v.state_cls(type(task))())
+        self.limits = v.RolloutLimits(max_turns=config.max_turns)
+        self.stops = [fn for fn in task.hooks("stop") if v.hook_boundary(fn, allow_trace=True) is vf.Trace]
         self.conversation: list = []
         self.over = self.closed = False
 
     async def _refused(self) -> str | None:
         """Why no further turn is allowed (the agent's turn limit, a task's ``@vf.stop``), or None."""
-        import verifiers.v1 as vf
-        from verifiers.v1.session import call_hook
-
+        v = _v1()
         limit = self.limits.reached(self.trace)
         if limit is not None:
             return limit
         for stop in self.stops:
-            if await call_hook(stop, {vf.Trace: self.trace}):
+            if await v.call_hook(stop, {v.vf.Trace: self.trace}):
                 return stop.__name__
         return None
 
     async def turn(self, message=None):
-        import verifiers.v1 as vf
-        from verifiers.v1.dialects.chat import parse_message
-        from verifiers.v1.graph import prepare_turn
-
+        v = _v1()
+        vf = v.vf
         if self.over:
             raise TokenMDPError(f"verifiers environment {self.episodes.name}: a turn after the exchange ended")
         if message is None:  # the task's prompt opens the exchange
@@ -81,17 +91,17 @@ class _Chat:
             conversation = new
         else:
             new = [vf.UserMessage(content=message)] if isinstance(message, str) else [
-                parse_message(m) if isinstance(m, dict) else m for m in message]
+                v.parse_message(m) if isinstance(m, dict) else m for m in message]
             conversation = [*self.conversation, *new]
         stopped = await self._refused()
         if stopped is not None:
-            prepare_turn(self.trace, conversation).commit_prompt()
+            v.prepare_turn(self.trace, conversation).commit_prompt()
             self.trace.stop(stopped)
             self.over = True
             return vf.Segment(messages=[], terminated=True)
         answer = await self.episodes.ask(_text(new))
         reply = vf.AssistantMessage(content=answer)
-        prepare_turn(self.trace, conversation).commit(vf.Response(
+        v.prepare_turn(self.trace, conversation).commit(vf.Response(
             id=uuid.uuid4().hex, created=int(time.time()), model="tokenmdp-policy", message=reply,
             finish_reason="stop"))
         self.conversation = [*conversation, reply]
@@ -129,9 +139,7 @@ class _Agent:
 
 class _Agents:
     def __init__(self, episodes: VerifiersEpisodes, env):
-        from verifiers.v1.configs.agent import agent_config_fields
-
-        self._agents = {n: _Agent(episodes, n, c) for n, c in agent_config_fields(env.config).items()}
+        self._agents = {n: _Agent(episodes, n, c) for n, c in _v1().agent_config_fields(env.config).items()}
 
     def __getattr__(self, name):
         try:

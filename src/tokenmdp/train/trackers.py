@@ -46,6 +46,7 @@ TRL_NAMES = {
 }
 PROJECT = "tokenmdp"  # every run's project in the trackers; the run's own name tells them apart (run_name)
 TABLE_COLUMNS = ("step", "prompt", "completion", "reward", "correct")
+_OWN_REWARD_KEYS = {"mean", "std", "accuracy", "format", "groups_mixed", "frac_zero_std"}  # reward/* of tokenmdp's own
 
 
 def requested(report_to: Any) -> list[str]:
@@ -78,8 +79,6 @@ def with_trl_names(values: dict[str, float]) -> dict[str, float]:
             out[trl] = value
     return out
 
-
-_OWN_REWARD_KEYS = {"mean", "std", "accuracy", "format", "groups_mixed", "frac_zero_std"}
 
 
 def accelerator_kwargs(names: list[str], run_dir: Path) -> dict:
