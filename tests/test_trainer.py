@@ -325,3 +325,19 @@ def test_eval_before_logs_the_start_policy_and_changes_nothing_else(tmp_path, ti
     assert rows[0]["eval/sampled_accuracy"] == pytest.approx(sampled)
     a, b = _params(plain / "final"), _params(before / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_later_optimizer_steps_on_a_batch_leave_the_sft_direction(tmp_path, tiny_random_dir):
+    """C1's boundary: before the batch's first optimizer step GRPO's gradient is weighted SFT's (cosine 1 up to
+    rounding); before each later step on the same batch the policy has moved off the sampler, the ratio leaves 1,
+    and the cosine falls (``equiv/cosine_later_*``, over the batch's 4 steps)."""
+    rows = 2 * 4  # SMALL's prompts x samples
+    cfg = _cfg(tmp_path, tiny_random_dir, "grpo_nokl", "run.equivalence=true", f"optim.minibatch_size={rows // 4}",
+               "optim.lr=0.05")
+    run = train(cfg, progress=False)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["equiv/cosine"] > 1 - 1e-9 and r["equiv/optimizer_steps"] == 4.0
+        assert r["equiv/cosine_later_min"] <= r["equiv/cosine_later_mean"] < 1 - 1e-6
+    one = train(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", "run.equivalence=true", name="one"), progress=False)
+    assert "equiv/cosine_later_mean" not in json.loads((one / "metrics.jsonl").read_text().splitlines()[0])

@@ -272,9 +272,11 @@ class PolicyGradient:
         order = learner.batch_order(batch.rollout)
         generator = step_generator(self.seed, step)
         live = signal_rows(tb.advantages, mask).cpu() if self.skips_zero_advantage else None
-        skipped = 0
+        skipped, later, steps = 0, [], 0
         for _ in range(epochs):
             for mb in minibatches(rows.cpu(), self.minibatch_size, generator=generator):
+                if self.equivalence and steps:  # the policy has moved off the batch's sampler
+                    later.append(self.equivalence_metrics(learner, tb, mb).get("equiv/cosine", 1.0))
                 n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
                 work = mb if live is None else mb[live[mb]]
                 skipped += len(mb) - len(work)
@@ -284,17 +286,23 @@ class PolicyGradient:
                 if len(work) < len(mb):
                     zero_missing_grads(learner.model)
                 learner.step(meter)
+                steps += 1
         metrics["update/skipped_rows"] = skipped / epochs
+        if later:  # where C1 stops holding: GRPO's later optimizer steps on a batch against weighted SFT's
+            metrics.update({"equiv/cosine_later_min": min(later), "equiv/cosine_later_mean": sum(later) / len(later),
+                            "equiv/optimizer_steps": float(len(later) + 1)})
         return {**metrics, **meter.result()}
 
-    def equivalence_metrics(self, learner: Learner, tb: TrainBatch) -> dict:
-        """``equiv/*`` (:func:`tokenmdp.train.equivalence.gradient_cosines`) on the first ``optim.micro_batch_size``
-        rows, before the update, for group or baseline policy gradients (with ``algo.returns="to_go"`` against
-        their per-token advantages; not for a critic's GAE)."""
+    def equivalence_metrics(self, learner: Learner, tb: TrainBatch, rows: torch.Tensor | None = None) -> dict:
+        """``equiv/*`` (:func:`tokenmdp.train.equivalence.gradient_cosines`) on the first ``equivalence_rows`` rows
+        (of ``rows``, a minibatch, when given: before a later optimizer step on the batch, where the ratio to the
+        sampler is no longer 1), for group or baseline policy gradients (with ``algo.returns="to_go"`` against their
+        per-token advantages; not for a critic's GAE)."""
         spec = self.spec
         if spec.advantage == "gae":
             return {}
-        t = tb.select(torch.arange(min(len(tb), self.equivalence_rows)))
+        pick = torch.arange(len(tb)) if rows is None else rows
+        t = tb.select(pick[:self.equivalence_rows])
         sub = t.rollout
         data = {"prompt_ids": sub.prompt_ids, "prompt_mask": sub.prompt_mask, "response_ids": sub.response_ids,
                 "response_mask": sub.response_mask, "old_logprobs": t.old_logprobs, "ref_logprobs": t.ref_logprobs,
