@@ -35,6 +35,7 @@ import yaml
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.locks import exclusive
 from tokenmdp.experiments.compare.jobs import Tracker, run_jobs
+from tokenmdp.experiments.compare.ray_executor import run_on_ray  # imports ray itself only when called
 from tokenmdp.experiments.compare.run import FairnessError, Job, check_same_stream, eval_units, step_weight
 from tokenmdp.experiments.compare.settings import (TINY_LR, Arm,
                                                    CompareSettings, arm_of, config_stem, curve_every, preset_settings,
@@ -247,8 +248,6 @@ def _run_comparison(s: CompareSettings, out: Path, *, progress: bool, overwrite:
         if "trackio" in trackers_of(s):  # trackio fixes its store when first imported, once a process: one store for
             os.environ.setdefault("TRACKIO_DIR", str(out.resolve() / "trackio"))  # the comparison's runs
         if s.executor == "ray":
-            from tokenmdp.experiments.compare.ray_executor import run_on_ray
-
             results = run_on_ray(jobs, tracker, workers=s.workers, threads=s.threads, address=s.address,
                                  gpus=s.gpus_per_run)
         else:
