@@ -14,7 +14,7 @@ from tokenmdp.train.trackers import TRL_NAMES, requested, with_trl_names
 
 
 def test_report_to_takes_one_tracker_or_a_list(monkeypatch):
-    monkeypatch.setattr("tokenmdp.train.config.check_installed", lambda names: None)  # the types alone
+    monkeypatch.setattr("tokenmdp.train.checks.check_installed", lambda names: None)  # the types alone
     assert requested(load_config(None, []).run.report_to) == []
     assert requested(load_config(None, ["run.report_to=wandb"]).run.report_to) == ["wandb"]
     cfg = load_config(None, ["run.report_to=[tensorboard, mlflow, tensorboard]"])
