@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenmdp.algos.presets import PRESETS, AlgoSpec, get_algo
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.schema import Where
 from tokenmdp.train.trackers import check_installed, requested
@@ -74,8 +75,6 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "set rollout.async_worker=process")
     spec = resolve_algo(config, source=source)
     if config.rollout.max_staleness == 0 and not config.rollout.recompute_logprobs:
-        from tokenmdp.algos.presets import AlgoSpec
-
         unused = [f for f in ("tis_cap", "tis_level", "tis_mode") if getattr(spec, f) != getattr(AlgoSpec(), f)]
         if unused:
             raise TokenMDPError(f"{where('algo.' + unused[0], source)} is set, but every batch is "
@@ -105,8 +104,6 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
 
 def _validate_env(config: TrainConfig, source: str | None) -> None:
     """Ranges of ``task.env`` and what a multi-turn environment cannot be combined with (yet)."""
-    from tokenmdp.algos.presets import PRESETS
-
     env = config.task.env
     for name in ("max_turns", "turn_tokens", "base_tokens", "max_tokens"):
         value = getattr(env, name)
@@ -163,8 +160,6 @@ def _validate_lora(lora: LoraConfig, source: str | None) -> None:
 def resolve_algo(config: TrainConfig, *, source: str | None = None):
     """The :class:`~tokenmdp.algos.presets.AlgoSpec` of ``config.algo`` (preset + overrides); errors name
     ``algo.<field>``."""
-    from tokenmdp.algos.presets import PRESETS, get_algo
-
     algo = config.algo
     if algo.name not in PRESETS:
         raise TokenMDPError(f"{where('algo.name', source)} is {algo.name!r}; choose one of {', '.join(PRESETS)}")

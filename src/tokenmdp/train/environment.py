@@ -25,6 +25,7 @@ import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.mdp.env import EpisodeLimits, SingleTurnEnv, TokenEnv
+from tokenmdp.tasks.env_module import ModuleEnv
 from tokenmdp.train.batch import Batch
 
 
@@ -54,8 +55,6 @@ def build_environment(config, settings, task, tokenizer, device) -> RunEnvironme
         return RunEnvironment("single_turn", lambda: SingleTurnEnv(score), EpisodeLimits(1, max_new, max_new),
                               lambda seed: None)
     if env.kind == "module":
-        from tokenmdp.tasks.env_module import ModuleEnv
-
         stop = ()
         if env.turn_stop is not None:
             ids = tokenizer(env.turn_stop, add_special_tokens=False)["input_ids"]
