@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "evaluate",
     "compare",
     "exact",
+    "simulate",
     "report",
 ]
 

@@ -1,0 +1,115 @@
+"""Figures of the simulated tier (matplotlib, Agg backend) from the ``sim.json`` document of
+:func:`tokenmdp.experiments.simulated.run_sweep`; each returns PNG bytes.
+
+* ``sim_paths_G<g>``: per preset (rows) and learning rate (columns), ``P(correct)`` over the steps: the seeds'
+  median with the 10-90% band, and the exact infinite-batch path dashed;
+* ``sim_collapse``: the collapse rate over seeds against the learning rate, per preset, with Clopper-Pearson bars;
+* ``sim_length``: the drift of ``E[length | incorrect]`` against the learning rate, per preset (mean with its 95%
+  interval; the exact path's drift hollow).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def paths_figure(doc: dict[str, Any], group_size: int, key: str = "p_correct") -> bytes:
+    s = doc["settings"]
+    presets, lrs = s["presets"], s["lrs"]
+    runs = {(r["preset"], r["lr"]): r for r in doc["runs"] if r["group_size"] == group_size}
+    fig, axes = plt.subplots(len(presets), len(lrs), figsize=(2.6 * len(lrs), 1.9 * len(presets)), sharex=True,
+                             sharey=True, squeeze=False)
+    for i, name in enumerate(presets):
+        for j, lr in enumerate(lrs):
+            ax, r = axes[i, j], runs.get((name, lr))
+            if r is None:
+                continue
+            x, c = r["curve_steps"], r["curves"][key]
+            ax.fill_between(x, c["q10"], c["q90"], color="C0", alpha=0.25, lw=0)
+            ax.plot(x, c["q50"], color="C0", lw=1.2)
+            if r.get("exact"):
+                ax.plot(x, r["exact"]["curves"][key], color="k", ls="--", lw=1)
+            if key == "p_correct":
+                ax.axhline(0.5 * r["start"]["p_correct"], color="C3", lw=0.7, ls=":")
+            if i == 0:
+                ax.set_title(f"lr {lr:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=9)
+            ax.set_xscale("symlog", linthresh=10)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{key} over the steps, G = {group_size}: seeds' median and 10-90% band; exact path dashed; "
+                 "collapse line dotted", fontsize=10)
+    return _png(fig)
+
+
+def _by_preset(doc: dict[str, Any], group_size: int):
+    for name in doc["settings"]["presets"]:
+        rows = sorted((r for r in doc["runs"] if r["preset"] == name and r["group_size"] == group_size),
+                      key=lambda r: r["lr"])
+        yield name, rows
+
+
+def collapse_figure(doc: dict[str, Any]) -> bytes:
+    gs = doc["settings"]["group_sizes"]
+    fig, axes = plt.subplots(1, len(gs), figsize=(4.6 * len(gs), 3.4), sharey=True, squeeze=False)
+    for ax, g in zip(axes[0], gs):
+        for k, (name, rows) in enumerate(_by_preset(doc, g)):
+            lr = np.array([r["lr"] for r in rows]) * (1 + 0.04 * (k - 2))
+            rate = np.array([r["collapse_rate"] for r in rows])
+            ci = np.array([r["collapse_ci"] for r in rows])
+            ax.errorbar(lr, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], marker="o", ms=4, capsize=2, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (Adam)")
+        ax.set_title(f"G = {g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("share of seeds that collapse")
+    axes[0, -1].legend(fontsize=8)
+    return _png(fig)
+
+
+def length_figure(doc: dict[str, Any]) -> bytes:
+    gs = doc["settings"]["group_sizes"]
+    fig, axes = plt.subplots(1, len(gs), figsize=(4.6 * len(gs), 3.4), sharey=True, squeeze=False)
+    for ax, g in zip(axes[0], gs):
+        for k, (name, rows) in enumerate(_by_preset(doc, g)):
+            lr = np.array([r["lr"] for r in rows]) * (1 + 0.04 * (k - 2))
+            d = [r["len_incorrect_drift"] for r in rows]
+            mean = np.array([x["mean"] for x in d])
+            low = np.array([x["low"] if x["low"] is not None else x["mean"] for x in d])
+            high = np.array([x["high"] if x["high"] is not None else x["mean"] for x in d])
+            line = ax.errorbar(lr, mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=2, label=name)
+            exact = [r["exact"]["len_incorrect_drift"] if r.get("exact") else np.nan for r in rows]
+            ax.plot(lr, exact, marker="o", ms=5, mfc="none", ls="none", color=line[0].get_color())
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (Adam)")
+        ax.set_title(f"G = {g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("drift of E[length | incorrect] (tokens)")
+    axes[0, -1].legend(fontsize=8)
+    return _png(fig)
+
+
+def sim_figures(doc: dict[str, Any]) -> dict[str, bytes]:
+    """Every figure of the module docstring, by file name (without ``.png``)."""
+    out = {f"sim_paths_G{g}": paths_figure(doc, g) for g in doc["settings"]["group_sizes"]}
+    out["sim_collapse"] = collapse_figure(doc)
+    out["sim_length"] = length_figure(doc)
+    return out
+
+
+__all__ = ["collapse_figure", "length_figure", "paths_figure", "sim_figures"]
