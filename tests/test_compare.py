@@ -230,7 +230,8 @@ def test_presets_fill_settings_and_options_override_them():
     assert {"grpo_nokl", "isft+-adv", "isft-"} <= set(demo.algos) and demo.seeds == [0, 1, 2, 3]
     assert make_settings(None).algos == list(make_settings(None, algos=None).algos)
     with pytest.raises(TokenMDPError, match="unknown preset 'paper-big'; choose from demo, paper-small, "
-                                            "real-small, env-calculator, env-two-llm, process-credit"):
+                                            "c3c4-long, c3-lr-sweep, real-small, env-calculator, env-two-llm, "
+                                            "process-credit"):
         make_settings("paper-big")
 
 
@@ -433,3 +434,19 @@ def test_a_worker_ends_when_its_comparison_is_killed(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the worker outlived its comparison by 10 s")
+
+
+def test_lr_sweep_arms_set_their_own_rate():
+    """c3-lr-sweep: each ISFT- arm's optim.lr comes after the comparison's 2e-4 and wins; it logs the KL to the
+    base."""
+    from tokenmdp.experiments.compare import arm_of, arm_overrides, make_settings
+    from tokenmdp.train.config import load_config
+
+    s = make_settings("c3-lr-sweep")
+    rates = []
+    for name in s.algos:
+        arm = arm_of(s, name)
+        cfg = load_config(None, [f"algo.name={arm.algo}", "optim.lr=2e-4", *arm_overrides(s, arm)])
+        assert cfg.algo.name == "isft-" and cfg.run.kl_to_base
+        rates.append(cfg.optim.lr)
+    assert rates == [1e-4, 5e-4, 1e-3]

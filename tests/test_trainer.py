@@ -341,3 +341,20 @@ def test_later_optimizer_steps_on_a_batch_leave_the_sft_direction(tmp_path, tiny
         assert r["equiv/cosine_later_min"] <= r["equiv/cosine_later_mean"] < 1 - 1e-6
     one = train(_cfg(tmp_path, tiny_random_dir, "grpo_nokl", "run.equivalence=true", name="one"), progress=False)
     assert "equiv/cosine_later_mean" not in json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("algo", ["isft-", "grpo"])
+def test_kl_to_base_logs_the_drift_and_changes_nothing_else(tmp_path, tiny_random_dir, algo):
+    """run.kl_to_base: at step 1 the sampler is the base (KL 0 up to float rounding); after an update it is not
+    (the k3 estimate, never negative, is above 0); the parameters are a run's without it, whether the algorithm
+    has a reference of its own (grpo, KL 0.04) or not (isft-)."""
+    extra = ["run.steps=3", "optim.lr=0.05"]
+    plain = train(_cfg(tmp_path, tiny_random_dir, algo, *extra, name="plain"), progress=False)
+    kl = train(_cfg(tmp_path, tiny_random_dir, algo, *extra, "run.kl_to_base=true", name="kl"), progress=False)
+    rows = [json.loads(x) for x in (kl / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["policy/kl_base"]) < 1e-5 and 0 <= rows[0]["policy/kl_base_k3"] < 1e-6
+    assert rows[2]["policy/kl_base_k3"] > 1e-4 and rows[2]["policy/kl_base"] > 1e-4
+    plain_rows = [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert "policy/kl_base" not in plain_rows[0]
+    a, b = _params(plain / "final"), _params(kl / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -195,7 +195,7 @@ class PolicyGradient:
         returns) and its metrics."""
         spec, ro = self.spec, batch.rollout
         old, is_weights, metrics = self.anchor(learner, ro)
-        ref = learner.reference_logprobs(ro)
+        ref = learner.reference_logprobs(ro) if spec.needs_reference else None  # (run.kl_to_base loads it too)
         values = learner.values_all(ro) if learner.critic is not None else None
         token_rewards = self.token_rewards(batch)
         if spec.kl_in_reward:

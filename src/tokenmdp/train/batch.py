@@ -87,6 +87,20 @@ def batch_metrics(batch: Batch, accelerator=None) -> dict[str, Any]:
     }
 
 
+def base_kl_metrics(learner, batch: Batch, step: int) -> dict[str, float]:
+    """``run.kl_to_base``: ``policy/kl_base``, the mean over the step's response tokens of ``log pi_old - log
+    pi_base`` (the sampler's log-probs against the start model's: an unbiased per-token estimate of KL(pi_old ||
+    base), on the samples of ``pi_old``), and ``policy/kl_base_k3`` (the non-negative k3 estimator of the same KL).
+    A hook before the update (``on_batch``), whatever the algorithm; this process's rows."""
+    ro = batch.rollout
+    ref = learner.reference_logprobs(ro)
+    mask = ro.response_mask.bool()
+    if ref is None or not mask.any():
+        return {}
+    diff = (ro.logprobs.float() - ref.float())[mask]
+    return {"policy/kl_base": float(diff.mean()), "policy/kl_base_k3": float((torch.expm1(-diff) + diff).mean())}
+
+
 def sample_rows(batch: Batch, *, step: int, algo: str, seed: int, accelerator=None) -> dict[str, list]:
     """The batch as columns of ``samples.parquet`` (``group`` = index of the prompt within the step); with the
     ``accelerator`` of a run in several processes, the rows of every process (process ``r`` holds the prompts

@@ -192,6 +192,8 @@ class RunConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest for the tiny model
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     equivalence: bool = False  # log the GRPO / weighted-SFT gradient cosine each step (equiv/*)
+    kl_to_base: bool = False  # log policy/kl_base each step: the KL from the sampler to the start model on the
+    # step's responses (one forward pass of the base a step; loaded beside the policy unless LoRA or a KL has it)
     report_to: (Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
                 | list[Literal["tensorboard", "trackio", "wandb", "mlflow"]]) = "none"  # one tracker or a
     # list (tokenmdp.train.trackers); each writes inside the run folder (wandb offline unless WANDB_MODE says)

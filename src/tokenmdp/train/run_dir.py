@@ -38,7 +38,7 @@ from tokenmdp.train.trackers import PROJECT, init_kwargs, requested, run_name
 #: config fields that may change when a run is resumed (everything else must match config.yaml)
 RESUMABLE_CHANGES = {"run.steps", "run.save_every", "run.keep_last", "run.eval_every", "run.eval_n", "run.eval_greedy",
                      "run.eval_k", "run.eval_temperature", "run.log_samples", "run.overwrite", "run.out",
-                     "run.report_to", "run.equivalence", "run.eval_before", "model.cache_dir",
+                     "run.report_to", "run.equivalence", "run.kl_to_base", "run.eval_before", "model.cache_dir",
                      "rollout.async_worker"}
 
 

@@ -254,7 +254,8 @@ def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = 
     check_processes(config, spec, accelerator.num_processes)
     policy, adapter = _policy(config, settings, accelerator.device, resume_from)
     ref_model = None
-    if spec.needs_reference and adapter is None:  # under LoRA the reference is the base: the adapter disabled
+    needs_reference = spec.needs_reference or config.run.kl_to_base
+    if needs_reference and adapter is None:  # under LoRA the reference is the base: the adapter disabled
         ref_model = _load(settings.model_path, config, accelerator.device, trainable=False).model
     sharding = None
     if config.run.fsdp:  # before the optimizer: it must hold the sharded parameters
@@ -283,7 +284,7 @@ def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = 
         model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
         temperature=config.rollout.temperature or 1.0, micro_batch_size=config.optim.micro_batch_size,
         micro_batch_tokens=config.optim.micro_batch_tokens, shared_prompt=config.optim.shared_prompt,
-        max_grad_norm=config.optim.max_grad_norm, needs_reference=spec.needs_reference, ref_model=ref_model,
+        max_grad_norm=config.optim.max_grad_norm, needs_reference=needs_reference, ref_model=ref_model,
         adapter=adapter, critic=critic, critic_optimizer=critic_optimizer, fsdp=sharding,
     )
     process_rewards = None

@@ -28,7 +28,7 @@ from tokenmdp.locks import exclusive
 
 from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
-from tokenmdp.train.batch import Batch, batch_metrics, sample_rows
+from tokenmdp.train.batch import Batch, base_kl_metrics, batch_metrics, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream, render_prompts
@@ -296,6 +296,8 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
     samples = SampleLogger(run.path / "samples.parquet", resume_step=start if run.resumed else None,
                            enabled=config.run.log_samples and main)
     before, after = _callbacks(callbacks)
+    if config.run.kl_to_base:
+        before.append(base_kl_metrics)
     label = f"train {config.algo.name} seed {config.run.seed}"
     evaluate = (lambda step: held_out(learner, rollouts, config.run, held, step=step)) if held is not None else None
     if evaluate is not None and config.run.eval_before and start == 0 and not run.resumed:  # the start policy

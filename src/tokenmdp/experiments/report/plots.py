@@ -25,14 +25,21 @@ CURVES: list[tuple[str, str, str, list[tuple[tuple[str, ...], str]]]] = [
      [(("eval/accuracy", "eval/greedy_accuracy", "eval/pass@1"), "")]),
     ("length", "Response length of the training samples (tokens)", "tokens",
      [(("length/correct",), "correct"), (("length/incorrect",), "incorrect")]),
-    ("kl", "KL to the reference policy", "KL",
-     [(("policy/kl", "policy/kl_ref", "policy/approx_kl"), "")]),
+    ("kl", "KL to the base (or the reference) policy", "KL",
+     [(("policy/kl_base", "policy/kl", "policy/kl_ref", "policy/approx_kl"), "")]),
     ("entropy", "Policy entropy (per token)", "nats", [(("policy/entropy",), "")]),
+    ("logp", "Log-likelihood per token of the step's responses", "nats",
+     [(("logp/positive",), "correct"), (("logp/negative",), "incorrect")]),
+    ("frac_zero_std", "Groups whose rewards all agree (no group-relative signal)", "share of groups",
+     [(("reward/frac_zero_std",), "")]),
+    ("clip", "Clipped share of the tokens", "share", [(("policy/clip_frac",), "")]),
+    ("ratio", "Importance ratio's range over the step's tokens", "ratio",
+     [(("policy/ratio_max",), "max"), (("policy/ratio_min",), "min")]),
     ("equivalence", "Cosine(GRPO gradient, advantage/length weighted SFT gradient)", "cosine",
      [(("equiv/cosine",), "")]),
 ]
 
-_STYLES = {"": "-", "correct": "-", "incorrect": "--"}
+_STYLES = {"": "-", "correct": "-", "incorrect": "--", "max": "-", "min": "--"}
 
 
 def _png(fig) -> bytes:
