@@ -13,12 +13,12 @@ from tokenmdp.experiments.compare.settings import EXECUTORS, presets_help
 from tokenmdp.train.config import config_choices
 
 
-def parse_arms(text: str | None) -> dict | None:
-    """``--arms``: a YAML file's path, or YAML/JSON text, holding a mapping of arm names; one error otherwise."""
+def parse_mapping(text: str | None, option: str, shape: str) -> dict | None:
+    """``--arms`` / ``--extra-evals``: a YAML file's path, or YAML/JSON text, holding a mapping; one error naming
+    ``option`` otherwise (``shape`` says what the mapping holds)."""
     if text is None:
         return None
     import yaml
-
 
     path = Path(text).expanduser()
     try:
@@ -27,12 +27,17 @@ def parse_arms(text: str | None) -> dict | None:
         is_file = False
     source = path.read_text() if is_file else text
     try:
-        arms = yaml.safe_load(source)
+        value = yaml.safe_load(source)
     except yaml.YAMLError as exc:
-        raise TokenMDPError(f"--arms: not valid YAML or JSON ({exc})") from None
-    if not isinstance(arms, dict):
-        raise TokenMDPError(f"--arms: expected a mapping of arm names to {{algo, set, steps}}, got {arms!r}")
-    return arms
+        raise TokenMDPError(f"{option}: not valid YAML or JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise TokenMDPError(f"{option}: expected a mapping of {shape}, got {value!r}")
+    return value
+
+
+def parse_arms(text: str | None) -> dict | None:
+    """``--arms``: a mapping of arm names (:func:`parse_mapping`)."""
+    return parse_mapping(text, "--arms", "arm names to {algo, set, steps}")
 
 
 def compare_cmd(
@@ -76,6 +81,9 @@ def compare_cmd(
                                        "(default: 2 for the embedded tiny model on a machine with 2+ CPUs, else 1)."),
     arms: str | None = typer.Option(None, "--arms", help="Named arms, as YAML/JSON or a YAML file: {name: {algo: "
                                     "PRESET, set: [config overrides], steps: N}}; list the names in --algos."),
+    extra_evals: str | None = typer.Option(None, "--extra-evals", help="More held-out evaluations of every final "
+                                           "model and the base, as YAML/JSON or a YAML file: {name: {temperature, k, "
+                                           "n, greedy}} (n: the first n problems; a missing key: the main one's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs already finished in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON document."),
 ) -> None:
@@ -89,7 +97,8 @@ def compare_cmd(
             "lr": lr, "engine": engine, "eval_every": eval_every, "report_to": report_to,
             "overrides": list(set_) if set_ else None, "cache_dir": cache_dir, "threads": threads,
             "workers": workers, "arms": parse_arms(arms), "executor": executor, "address": address,
-            "gpus_per_run": gpus_per_run}
+            "gpus_per_run": gpus_per_run,
+            "extra_evals": parse_mapping(extra_evals, "--extra-evals", "names to {temperature, k, n, greedy}")}
     for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size)):
         if value is not None:
             opts[name] = value

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class RunData:
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
     eval: dict | None = None
     done: bool = False
+    extra_evals: dict[str, dict] = field(default_factory=dict)  # name -> eval-<name>.json (compare --extra-evals)
 
     @property
     def label(self) -> str:
@@ -57,6 +58,13 @@ class Collection:
     base_evals: list[dict] = field(default_factory=list)
     compares: list[dict] = field(default_factory=list)
     sources: list[Path] = field(default_factory=list)
+    base_extra_evals: dict[str, list[dict]] = field(default_factory=dict)  # name -> base_eval-<name>.json
+
+    def with_evals(self, name: str) -> Collection:
+        """The collection as extra evaluation ``name`` sees it: each run's and the base's ``eval-<name>.json`` in
+        place of the main evaluation (a run without one is left unfinished), for the claims under it."""
+        runs = [replace(r, eval=r.extra_evals.get(name), done=False) for r in self.runs]
+        return replace(self, runs=runs, base_evals=list(self.base_extra_evals.get(name, [])))
 
     @property
     def algos(self) -> list[str]:
@@ -153,7 +161,14 @@ def load_run(path: str | Path) -> RunData:
         metrics=read_metrics(path / "metrics.jsonl"),
         eval=ev,
         done=(path / "DONE").exists(),
+        extra_evals=_extra_evals(path, EVAL_FILE),
     )
+
+
+def _extra_evals(folder: Path, main: str) -> dict[str, dict]:
+    """``{name: document}`` of the ``<main stem>-<name>.json`` files in ``folder``."""
+    stem = Path(main).stem
+    return {p.stem[len(stem) + 1:]: read_json(p) for p in sorted(folder.glob(f"{stem}-*.json"))}
 
 
 def _is_run(path: Path) -> bool:
@@ -237,6 +252,8 @@ def collect(paths: list[str | Path]) -> Collection:
             step0 = base_curve_point(p, info)
         if (p / BASE_EVAL_FILE).is_file():
             col.base_evals.append(read_json(p / BASE_EVAL_FILE))
+            for name, doc in _extra_evals(p, BASE_EVAL_FILE).items():
+                col.base_extra_evals.setdefault(name, []).append(doc)
         if _is_run(p):
             add_run(p)
         else:

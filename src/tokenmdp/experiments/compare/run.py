@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.compare.extra_evals import extra_file, extra_spec, extra_units
 from tokenmdp.experiments.compare.settings import CompareSettings, curve_every
 
 # report(event, label, *args): ("start", name, total), ("advance", n, weight) or ("skip", units)
@@ -54,8 +55,9 @@ def step_weight(s) -> int:
 
 
 def eval_units(s) -> int:
-    """Overall-progress weight of one held-out evaluation: its completions, ``eval_n * (k + 1)``."""
-    return s.eval_n * (s.k + 1)
+    """Overall-progress weight of one model's held-out evaluations: their completions, ``eval_n * (k + 1)`` and
+    the extra evaluations'."""
+    return s.eval_n * (s.k + 1) + extra_units(s)
 
 
 def execute(job: Job, report: Report) -> dict:
@@ -72,6 +74,9 @@ def execute(job: Job, report: Report) -> dict:
     extra = {"algo": job.algo, "seed": job.seed} if job.algo is not None else {}
     reuse = t_train is None and not (job.algo is None and job.overwrite)
     t_eval = _evaluate(job, s, task, problems, report, extra=extra, reuse=reuse)
+    for name, spec in s.extra_evals.items():
+        t_eval += _evaluate(job, s, task, problems, report, extra=extra, reuse=reuse,
+                            variant=(name, extra_spec(spec, s)))
     return {"label": job.label, "train_s": t_train, "eval_s": t_eval, "train_cpu_s": cpu1 - cpu0,
             "eval_cpu_s": time.process_time() - cpu1}
 
@@ -129,20 +134,31 @@ def eval_key(s, problems, max_new_tokens: int, env: dict | None = None) -> dict:
         "batch_size": s.eval_batch_size, "engine": s.engine}, default=str))
 
 
-def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict, reuse: bool) -> float:
+def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict, reuse: bool,
+              variant: tuple[str, dict] | None = None) -> float:
     """Evaluate ``job.model_dir`` on the held-out ``problems``; writes ``job.out_json`` and the records beside it.
-    A saved evaluation with the same :func:`eval_key` is reused when ``reuse``."""
+    A saved evaluation with the same :func:`eval_key` is reused when ``reuse``. ``variant``: ``(name, spec)`` of
+    an extra evaluation (:mod:`.extra_evals`): the first ``n`` problems, its ``k``, temperature and greedy, into
+    ``eval-<name>.json``."""
     from tokenmdp.train.heldout import evaluate, save_eval
     from tokenmdp.policy.adapters import load_merged_policy
 
     out_json = Path(job.out_json)
+    k, temperature, greedy = s.k, s.eval_temperature, True
+    if variant is not None:
+        name, spec = variant
+        out_json, problems = extra_file(out_json, name), problems[: spec["n"]]
+        k, temperature, greedy = spec["k"], spec["temperature"], spec["greedy"]
+    units = len(problems) * (k + int(greedy))
     config = run_config(job, s) if job.algo is not None else None
     with_env = config is not None and config.task.env.kind != "none"
     key = eval_key(s, problems, job.max_new_tokens, dataclasses.asdict(config.task.env) if with_env else None)
+    if variant is not None:
+        key.update(k=k, temperature=temperature, greedy=greedy)
     if reuse and out_json.is_file():
         old = json.loads(out_json.read_text())
         if old.get("key") == key:
-            report("skip", job.label, eval_units(s))
+            report("skip", job.label, units)
             return float(old.get("time_s", 0.0))
     if job.algo is not None and not Path(job.model_dir).exists():  # the base may be a package path or a hub id
         raise TokenMDPError(f"no final model to evaluate: {job.model_dir} (did the run finish?)")
@@ -153,8 +169,8 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
         from tokenmdp.train.setup import resolve_settings
 
         env = build_environment(config, resolve_settings(config), task, policy.tokenizer, "cpu")
-    report("start", job.label, "eval", len(problems) * (s.k + 1))
-    result = evaluate(policy, None, task, problems, k=s.k, engine=s.engine, temperature=s.eval_temperature,
+    report("start", job.label, "eval" if variant is None else f"eval {variant[0]}", units)
+    result = evaluate(policy, None, task, problems, k=k, engine=s.engine, temperature=temperature, greedy=greedy,
                       max_new_tokens=job.max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
                       template=s.template, chat=s.chat, progress=lambda m: report("advance", job.label, m, 1), env=env)
     records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")  # runs.EVAL_RECORDS_FILE

@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.compare.extra_evals import validate_extra_evals
 from tokenmdp.train.config import config_choices
 
 DEFAULT_ALGOS = ("grpo", "dr_grpo", "ppo", "rloo", "isft+", "isft+-")
@@ -56,6 +57,8 @@ class CompareSettings:
     executor: str = "local"  # where the runs go: "local" (worker processes) or "ray" (a task each; see EXECUTORS)
     address: str | None = None  # executor "ray": the cluster's address (None: start a local Ray)
     gpus_per_run: float = 0.0  # executor "ray": GPUs each run asks of the cluster
+    # more held-out evaluations of every final and the base: {name: {temperature, k, n, greedy}} (extra_evals.py)
+    extra_evals: dict = field(default_factory=dict)
 
 
 #: Named comparisons (``tokenmdp compare --preset NAME``): settings chosen to answer the paper's questions
@@ -213,6 +216,18 @@ _PAPER_ARMS = {"algos": ["grpo-kl", "grpo_nokl", "isft+", "isft+-", "isft-"],
 _COUNTDOWN_ARMS = {"algos": _PAPER_ARMS["algos"] + ["binary-grpo_nokl", "binary-isft+-"],
                    "arms": _PAPER_ARMS["arms"] | {"binary-grpo_nokl": {"algo": "grpo_nokl", "set": BINARY},
                                                   "binary-isft+-": {"algo": "isft+-", "set": BINARY}}}
+#: The paper's settings as arms on the tiny model (issue 24): 5 samples a prompt (the paper's G), GRPO with its KL
+#: 0.001 (k3) beside none, the binary reward beside TinyZero's 1 / 0.1 / 0 (this task's default), and the final
+#: models evaluated again at the paper's temperature 0.6 and for pass@k up to 64 on the first 50 problems (Yue et
+#: al.'s reading); each verdict is judged under each evaluation (the report's "Evaluation variants")
+COMPARE_PRESETS["paper-arms"] = {
+    "algos": ["grpo_nokl", "grpo-kl", "binary-grpo_nokl", "isft+-", "binary-isft+-", "isft+", "isft-"],
+    "arms": {"grpo-kl": {"algo": "grpo", "set": PAPER_KL}, "binary-grpo_nokl": {"algo": "grpo_nokl", "set": BINARY},
+             "binary-isft+-": {"algo": "isft+-", "set": BINARY}},
+    "seeds": [0, 1, 2], "steps": 60, "prompts_per_step": 16, "group_size": 5, "lr": 2e-4, "eval_n": 500, "k": 4,
+    "eval_every": 15, "extra_evals": {"t0.6": {"temperature": 0.6}, "pass64": {"n": 50, "k": 64, "greedy": False}},
+    "overrides": ["optim.warmup_steps=10", "run.kl_to_base=true"],
+}
 for _size in ("0.5b", "1.5b"):
     COMPARE_PRESETS[f"paper-qwen{_size}-gsm8k"] = _PAPER_GPU | _PAPER_ARMS | {
         "model": f"Qwen/Qwen2.5-{_size.upper()}", "task": "gsm8k"}
@@ -230,6 +245,7 @@ PRESET_HELP = {
     "process-credit": "Countdown's step verifier as process credit, against uniform credit",
     "c3c4-long": "C3 and C4 decided: grpo_nokl, dr_grpo, isft-, isft+ x 5 seeds x 200 steps on the tiny model",
     "c3-lr-sweep": "ISFT- at lr 1e-4, 5e-4 and 1e-3, 3 seeds x 200 steps on the tiny model",
+    "paper-arms": "the paper's settings as arms on the tiny model: G = 5, KL 0.001, binary reward, T = 0.6, pass@64",
     "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~2 h",
     # estimated, not measured (no GPU lent yet): docs/paper-presets.md gives the arithmetic
     "paper-qwen0.5b-gsm8k": "the paper's settings on one 80 GB GPU, 5 arms x 3 seeds x 200 steps, est. ~21 h",
@@ -339,6 +355,7 @@ def validate_settings(s: CompareSettings) -> None:
         raise TokenMDPError(f"{given} applies to --executor ray only (the executor is {s.executor!r})")
     if s.gpus_per_run < 0:
         raise TokenMDPError(f"--gpus-per-run must be non-negative, got {s.gpus_per_run}")
+    validate_extra_evals(s)
 
 
 def curve_every(s: CompareSettings) -> int:

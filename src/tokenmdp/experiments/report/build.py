@@ -20,6 +20,7 @@ from tokenmdp.experiments.claims import evaluate_claims
 from tokenmdp.experiments.claims.render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.report.plots import all_figures
 from tokenmdp.experiments.report.html import render_html
+from tokenmdp.experiments.report.variants import passk_figure, variant_analysis, variants_html, variants_markdown
 from tokenmdp.experiments.runs import Collection, collect, read_json
 from tokenmdp.stats import mean_ci
 
@@ -257,6 +258,12 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
           + ", ".join(str(s) for s in col.sources) + ".", ""]
     exact_env = exact_two_llm_markdown(exact)
     md += ["## The paper's claims", "", claims_markdown(claims), ""]  # the verdicts first, as on the page
+    variants = variant_analysis(col, claims)
+    if variants:
+        (out / "variants.json").write_text(json.dumps(variants, indent=2, default=str) + "\n")
+        md += [variants_markdown(variants)]
+    else:
+        (out / "variants.json").unlink(missing_ok=True)
     if beyond or exact_env:
         md += ["## Beyond the degenerate MDP", ""] + [t + "\n" for t in (beyond_markdown(beyond), exact_env) if t]
     md += ["## Held-out results", "",
@@ -271,6 +278,9 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     k = _k_of(col)
     bars = [(key, label.replace("@k", f"@{k}") if k else label) for key, label in BAR_METRICS]
     figures = all_figures(col, rows, bars)
+    passk = passk_figure(variants)
+    if passk is not None:
+        figures["passk"] = passk
     (out / "plots").mkdir(exist_ok=True)
     for name, png in figures.items():
         (out / "plots" / f"{name}.png").write_bytes(png)
@@ -280,6 +290,7 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     header = ["algorithm", "runs"] + column_labels(col)
     beyond_text = "\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)
     page = render_html(col, header, table_cells(rows), rows, figures, reading,
-                       claims=claims_html(claims), beyond=beyond_html(beyond_text), exact_figures=exact_figures)
+                       claims=claims_html(claims) + variants_html(variants), beyond=beyond_html(beyond_text),
+                       exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out

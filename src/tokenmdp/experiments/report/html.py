@@ -37,6 +37,7 @@ CAPTIONS = {
     "frac_zero_std": "Share of the step's groups whose rewards all agree (TRL's frac_reward_zero_std).",
     "clip": "Share of the response tokens where the clipped branch of the ratio loss was taken.",
     "ratio": "Largest and smallest importance ratio over the step's response tokens.",
+    "passk": "pass@k against k on the extra evaluations with k >= 8 (--extra-evals): the base dashed.",
     "equivalence": "Cosine between the GRPO gradient and the advantage/length weighted filtered-SFT gradient "
                    "(1 = the reduction of the paper holds exactly on that batch).",
 }
@@ -134,7 +135,7 @@ def render_html(col: Collection, header: list[str], cells: list[list[str]], rows
     claims_html = (f"<h2>The paper's claims</h2><p class='note'>Predictions of arXiv 2505.13697 (and C5, the "
                    f"expectation view), what these runs measured, and the verdict with its power.</p>{claims}"
                    if claims else "")
-    missing = [n for n in CAPTIONS if n not in figures]
+    missing = [n for n in CAPTIONS if n not in figures and n != "passk"]  # passk: not a logged curve
     missing_note = (f"<p class='note'>Not logged by these runs: {_e(', '.join(missing))}.</p>" if missing else "")
     reading_html = "".join(f"<li>{_bold(line)}</li>" for line in reading)
     return f"""<!DOCTYPE html>
