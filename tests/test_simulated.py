@@ -111,6 +111,23 @@ def test_small_lr_mean_path_approaches_the_exact_path():
     assert pc[0, 0] == pytest.approx(exact[0], abs=1e-12)
 
 
+def test_curves_stay_exact_when_the_policy_is_almost_always_right():
+    """E[length | incorrect] comes from the wrong answers' own log-probs: finite and right when P(correct) rounds
+    to 1 (the start's logit table pushed hard towards 'a EOS')."""
+    from tokenmdp.experiments.simulated import policy_curves
+
+    table = sim_table()
+    theta = start_params(table, seed=3, scale=1.0, tied=False)
+    theta[table.prefix_row(()), 1] += 60.0  # 'a' first
+    theta[table.prefix_row((1,)), 0] += 60.0  # then EOS
+    c = policy_curves(theta.unsqueeze(0), table)
+    assert float(c["p_correct"][0]) == 1.0
+    p = torch.exp(torch.log_softmax(theta, -1)[table.prefix_index, table.tokens].where(table.mask, 0.0).sum(-1))
+    wrong = table.rewards < 0.5
+    want = float((p[wrong] * table.lengths[wrong]).sum() / p[wrong].sum())
+    assert 1.0 <= float(c["len_incorrect"][0]) <= 6.0 and float(c["len_incorrect"][0]) == pytest.approx(want)
+
+
 def test_runs_are_reproducible_and_seeds_differ():
     a = simulate("isft-", lr=0.3, group_size=4, steps=5, seeds=3, exact=False)
     b = simulate("isft-", lr=0.3, group_size=4, steps=5, seeds=3, exact=False)

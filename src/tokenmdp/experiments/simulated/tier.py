@@ -59,10 +59,11 @@ def policy_curves(theta: Tensor, table: SequenceTable) -> dict[str, Tensor]:
     logp_tok = torch.log_softmax(theta, dim=-1)[:, table.prefix_index, table.tokens]  # (B, N, T)
     logp = torch.where(table.mask, logp_tok, torch.zeros((), dtype=theta.dtype)).sum(-1)
     p = logp.exp()
-    correct = (table.rewards > 0.5).to(theta.dtype)
-    p_correct = p @ correct
-    len_inc = (p * (1 - correct)) @ table.lengths.to(theta.dtype) / (1 - p_correct).clamp(min=1e-300)
-    return {"p_correct": p_correct, "len_incorrect": len_inc, "entropy": -(p * logp).sum(-1)}
+    correct = table.rewards > 0.5
+    # E[length | incorrect] from the incorrect responses' own log-probs: exact however close P(correct) is to 1
+    given_inc = torch.softmax(logp.masked_fill(correct, -torch.inf), dim=-1)
+    return {"p_correct": p @ correct.to(theta.dtype), "len_incorrect": given_inc @ table.lengths.to(theta.dtype),
+            "entropy": -(p * logp).sum(-1)}
 
 
 def _optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
