@@ -270,3 +270,23 @@ def test_held_out_curves_start_at_the_base_model(compare_dir):
     for run in col.runs:
         assert run.metrics.index[0] == 0 and run.metrics.loc[0, "eval/accuracy"] == pytest.approx(2 / 3)
         assert list(run.metrics.index) == list(range(0, 6))
+
+
+def test_the_simulated_tier_has_its_section_after_the_claims(compare_dir, tmp_path):
+    """A sweep saved in the comparison's sim/ (as the main job does) gets its section, reading and figures; the
+    verdicts stay first."""
+    from tokenmdp.experiments.simulated import run_sweep, save_sweep
+    from tokenmdp.experiments.simulated.plots import sim_figures
+
+    doc = run_sweep(presets=["isft-"], lrs=[1.0], group_sizes=[4], seeds=20, steps=30, optimizer="adam", tied=True,
+                    start_seed=4, seed=0)
+    save_sweep(doc, compare_dir / "sim", sim_figures(doc))
+    out = build_report(compare_dir, tmp_path / "r")
+    md = (out / "summary.md").read_text()
+    assert md.index("## The paper's claims") < md.index("## The simulated tier") < md.index("## Held-out results")
+    run = doc["runs"][0]
+    rate = f"{run['collapse_rate']:.1%}" if run["collapse_rate"] else "0%"
+    assert f"**isft-** (G = 4): collapses in {rate}" in md and "### G = 4" in md
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>The simulated tier</h2>") > page.index('id="claim-C5"')
+    assert "alt='sim_collapse'" in page and "E[len | incorrect]" in page

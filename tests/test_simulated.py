@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from tokenmdp.cli import app, main
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact import GroupBatch, enumerate_groups, expected_update, make_point, variants
-from tokenmdp.experiments.simulated import (SimRun, clopper_pearson, collapse_steps, logits, response_types,
+from tokenmdp.experiments.simulated import (SimRun, check_variant, clopper_pearson, run_sweep, collapse_steps, logits, response_types,
                                             sampled_grad, sim_table, simulate, start_params, summarize, type_update)
 from tokenmdp.experiments.simulated.types import plain_point
 from tokenmdp.mdp.enumerate import init_logits
@@ -39,8 +40,14 @@ def test_type_update_equals_the_exact_tier(small, name):
     table, theta, batch, point = small
     v = variants()[name]
     want, _ = expected_update(v, batch, point)
-    got = type_update(v, response_types(table), 4, theta).update(theta).reshape(-1)
+    tu = type_update(v, response_types(table), 4, theta)
+    got = tu.update(theta).reshape(-1)
     assert float((got - want).abs().max()) <= 1e-12 * float(want.norm())
+    # the coefficients, computed once at the start, hold at another theta too
+    other = theta + 0.7 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(5), dtype=theta.dtype)
+    point2 = make_point(other, batch.groups)
+    want2, _ = expected_update(v, GroupBatch(batch.groups, point2), point2)
+    assert float((tu.update(other).reshape(-1) - want2).abs().max()) <= 1e-12 * float(want2.norm())
 
 
 def test_types_of_the_default_mdp():
@@ -168,6 +175,18 @@ def test_bad_input_is_one_clear_error():
         simulate("isft+", lr=0.0, group_size=4, steps=1, seeds=2)
     with pytest.raises(TokenMDPError, match="exceed the limit"):
         simulate("isft+", lr=0.1, group_size=16, steps=1, seeds=2)
+    with pytest.raises(TokenMDPError, match="batch whitening"):
+        check_variant(replace(variants()["grpo_nokl"], spec=replace(variants()["grpo_nokl"].spec,
+                                                                    whiten_advantages=True)))
+    # a sweep checks every setting before the first runs: nothing trains when the last preset is unknown
+    calls = []
+    with pytest.raises(TokenMDPError, match="unknown preset 'nope'"):
+        run_sweep(presets=["isft+", "nope"], lrs=[0.1], group_sizes=[4], seeds=2, steps=1, optimizer="adam",
+                  tied=True, start_seed=3, seed=0, progress=calls.append)
+    with pytest.raises(TokenMDPError, match="exceed the limit"):
+        run_sweep(presets=["isft+"], lrs=[0.1], group_sizes=[4, 11], seeds=2, steps=1, optimizer="adam",
+                  tied=True, start_seed=3, seed=0, progress=calls.append)
+    assert calls == []
 
 
 def test_kl_preset_runs_sampled_without_an_exact_path():
@@ -188,3 +207,5 @@ def test_command_writes_the_report(tmp_path, capsys):
                                                                  "sim_length.png"}
     assert main(["simulate", "--lrs", "fast"]) == 2
     assert "--lrs takes comma-separated numbers, got 'fast'" in capsys.readouterr().err
+    assert main(["simulate", "--group-sizes", "4.5"]) == 2
+    assert "--group-sizes takes comma-separated integers, got '4.5'" in capsys.readouterr().err

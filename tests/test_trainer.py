@@ -268,8 +268,10 @@ def test_prompt_stream_is_a_function_of_the_seed_only(tmp_path, tiny_random_dir)
 def test_offline_dpo_pairs_and_bad_lines(tmp_path, tiny_random_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"n={i}:", "chosen": "ab", "rejected": "xyz"}) for i in range(5)))
-    run = train(_cfg(tmp_path, tiny_random_dir, "dpo", f"task.dpo_data={data}"), progress=False)
+    run = train(_cfg(tmp_path, tiny_random_dir, "dpo", f"task.dpo_data={data}", "run.kl_to_base=true"),
+                progress=False)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "policy/kl_base" not in records[0]  # no sampler offline: run.kl_to_base has nothing to measure
     assert records[0]["dpo/pairs"] == 2 and records[0]["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at start
     assert records[1]["dpo/margin"] > 0  # the first step moved the policy toward the chosen responses
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')

@@ -87,9 +87,10 @@ def tabular_demo(
 
 
 def main_job(out: str, *, json_out: bool = False) -> None:
-    """The main job: (1) the exact tier (seconds; ``<out>/exact/``), (2) ``tokenmdp compare --preset demo`` on the
-    embedded base model (``<out>``), (3) the report, whose first section is the verdict on each of the paper's
-    claims (``<out>/claims.json``, ``report.html``, ``summary.md``)."""
+    """The main job: (1) the exact tier (seconds; ``<out>/exact/``), (2) the simulated tier's sweep (a minute;
+    ``<out>/sim/``), (3) ``tokenmdp compare --preset demo`` on the embedded base model (``<out>``) and its report,
+    whose first section is the verdict on each of the paper's claims (``<out>/claims.json``, ``report.html``,
+    ``summary.md``), with the simulated tier's section."""
     from tokenmdp.commands.compare import compare_cmd
     from tokenmdp.experiments.exact import run_exact, run_exact_env, save_exact
     from tokenmdp.experiments.exact.plots import exact_figures
@@ -99,10 +100,33 @@ def main_job(out: str, *, json_out: bool = False) -> None:
     result["two_llm"] = run_exact_env()  # the two-LLM case: a frozen stochastic base between policy tokens
     save_exact(result, Path(out) / "exact", exact_figures(result))
     err_console.print(f"exact tier: {len(result['presets'])} presets in {result['seconds']:.1f} s -> {out}/exact")
-    err_console.rule("2. The sampled tier: the embedded tiny model on Countdown (compare --preset demo)")
+    err_console.rule("2. The simulated tier: 200 seeds of sampled training a setting, beside the exact path")
+    _simulate(Path(out) / "sim")
+    err_console.rule("3. The sampled tier: the embedded tiny model on Countdown (compare --preset demo)")
     _run_compare(compare_cmd, ["--preset", "demo", "--out", out] + (["--json"] if json_out else []))
     if not json_out:
         _print_claims(Path(out) / "claims.json")
+
+
+#: the main job's simulated sweep (about a minute): the presets of C3 and C4 at a low, a high and a very high rate
+DEMO_SIM = {"presets": ["grpo_nokl", "dr_grpo", "isft+", "isft-"], "lrs": [0.03, 0.3, 1.0], "group_sizes": [8],
+            "seeds": 200, "steps": 500}
+
+
+def _simulate(folder: Path) -> None:
+    """The simulated tier's sweep of :data:`DEMO_SIM` into ``folder`` (the comparison's report picks it up)."""
+    from tokenmdp.experiments.simulated.plots import sim_figures
+    from tokenmdp.experiments.simulated.sweep import DEFAULTS, run_sweep, save_sweep
+    from tokenmdp.progress import progress_bar
+
+    settings = {**DEFAULTS, **DEMO_SIM}
+    total = len(settings["presets"]) * len(settings["lrs"]) * len(settings["group_sizes"]) * settings["steps"]
+    with progress_bar() as bar:
+        job = bar.add_task("simulate", total=total, info=f"{len(settings['presets'])} presets x "
+                           f"{len(settings['lrs'])} lrs x {settings['seeds']} seeds")
+        doc = run_sweep(**settings, progress=lambda n: bar.update(job, advance=n))
+    save_sweep(doc, folder, sim_figures(doc))
+    err_console.print(f"simulated tier: {len(doc['runs'])} settings in {doc['seconds']:.0f} s -> {folder}")
 
 
 def _print_claims(path: Path) -> None:

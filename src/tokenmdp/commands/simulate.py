@@ -26,13 +26,25 @@ def _floats(values: list[str] | None, default: list[float], option: str) -> list
         raise TokenMDPError(f"simulate: {option} takes comma-separated numbers, got {','.join(items)!r}") from None
 
 
+def _ints(values: list[str] | None, default: list[int], option: str) -> list[int]:
+    from tokenmdp.errors import TokenMDPError
+
+    items = split_list(values)
+    if not items:
+        return list(default)
+    try:
+        return [int(x) for x in items]
+    except ValueError:
+        raise TokenMDPError(f"simulate: {option} takes comma-separated integers, got {','.join(items)!r}") from None
+
+
 def simulate_cmd(
     presets: list[str] | None = typer.Option(None, "--presets", help="Comma-separated presets (default: "
                                              f"{','.join(D['presets'])})."),
     lrs: list[str] | None = typer.Option(None, "--lrs", help="Comma-separated learning rates (default: "
                                          f"{','.join(map(str, D['lrs']))})."),
     group_sizes: list[str] | None = typer.Option(None, "--group-sizes", help="Comma-separated group sizes "
-                                                 f"(default: {','.join(map(str, D['group_sizes']))}; at most 8)."),
+                                                 f"(default: {','.join(map(str, D['group_sizes']))}; at most 10)."),
     seeds: int = typer.Option(D["seeds"], "--seeds", min=2, help="Policies trained side by side per setting."),
     steps: int = typer.Option(D["steps"], "--steps", min=1, help="Steps of each run (one group a step)."),
     optimizer: str = typer.Option(D["optimizer"], "--optimizer", help="adam (as the trainers) or sgd (whose "
@@ -51,7 +63,7 @@ def simulate_cmd(
 
     names = split_list(presets) or list(D["presets"])
     rates = _floats(lrs, D["lrs"], "--lrs")
-    sizes = [int(x) for x in _floats(group_sizes, D["group_sizes"], "--group-sizes")]
+    sizes = _ints(group_sizes, D["group_sizes"], "--group-sizes")
     total = len(names) * len(rates) * len(sizes) * steps
     log, done = plain_log(not as_json), [0]
 

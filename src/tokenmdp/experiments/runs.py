@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,16 @@ def load_run(path: str | Path) -> RunData:
 
 
 def _extra_evals(folder: Path, main: str) -> dict[str, dict]:
-    """``{name: document}`` of the ``<main stem>-<name>.json`` files in ``folder``."""
-    stem = Path(main).stem
-    return {p.stem[len(stem) + 1:]: read_json(p) for p in sorted(folder.glob(f"{stem}-*.json"))}
+    """``{name: document}`` of the ``<main stem>-<name>.json`` files in ``folder`` that are evaluations (a mapping
+    with ``metrics``, as ``compare --extra-evals`` writes them); other files of that pattern are left alone."""
+    stem, out = Path(main).stem, {}
+    for p in sorted(folder.glob(f"{stem}-*.json")):
+        name = p.stem[len(stem) + 1:]
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", name):
+            doc = read_json(p)
+            if isinstance(doc, dict) and isinstance(doc.get("metrics"), dict):
+                out[name] = doc
+    return out
 
 
 def _is_run(path: Path) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokenmdp.rollout.types import Rollout
-from tokenmdp.train.learner import gather_parts
+from tokenmdp.train.learner import gather_parts, reduce_over_processes
 
 
 @dataclass
@@ -91,14 +91,18 @@ def base_kl_metrics(learner, batch: Batch, step: int) -> dict[str, float]:
     """``run.kl_to_base``: ``policy/kl_base``, the mean over the step's response tokens of ``log pi_old - log
     pi_base`` (the sampler's log-probs against the start model's: an unbiased per-token estimate of KL(pi_old ||
     base), on the samples of ``pi_old``), and ``policy/kl_base_k3`` (the non-negative k3 estimator of the same KL).
-    A hook before the update (``on_batch``), whatever the algorithm; this process's rows."""
+    A hook before the update (``on_batch``), whatever the algorithm; over several processes the mean of their
+    means; nothing for offline DPO pairs (no sampler)."""
+    if batch is None:
+        return {}
     ro = batch.rollout
     ref = learner.reference_logprobs(ro)
     mask = ro.response_mask.bool()
     if ref is None or not mask.any():
         return {}
     diff = (ro.logprobs.float() - ref.float())[mask]
-    return {"policy/kl_base": float(diff.mean()), "policy/kl_base_k3": float((torch.expm1(-diff) + diff).mean())}
+    return reduce_over_processes(learner.accelerator, {"policy/kl_base": float(diff.mean()),
+                                                       "policy/kl_base_k3": float((torch.expm1(-diff) + diff).mean())})
 
 
 def sample_rows(batch: Batch, *, step: int, algo: str, seed: int, accelerator=None) -> dict[str, list]:

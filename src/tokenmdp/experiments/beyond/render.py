@@ -127,9 +127,10 @@ def beyond_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def beyond_html(markdown: str) -> str:
-    """The section's markdown (:func:`beyond_markdown`, :func:`exact_two_llm_markdown`) for ``report.html``: its
-    tables as HTML tables, its other lines as paragraphs; "" for no text."""
+def beyond_html(markdown: str, heading: str = "Beyond the degenerate MDP") -> str:
+    """The section's markdown (:func:`beyond_markdown`, :func:`exact_two_llm_markdown`; or another section's,
+    under ``heading``) for ``report.html``: its tables as HTML tables, its other lines as paragraphs; "" for no
+    text."""
     if not markdown.strip():
         return ""
     import html
@@ -137,7 +138,8 @@ def beyond_html(markdown: str) -> str:
     out, table = [], []
 
     def cells(r: str, tag: str) -> str:
-        return "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in r.strip("|").split(" | "))
+        return "".join(f"<{tag}>{html.escape(c.strip().replace(chr(92) + '|', '|'))}</{tag}>"
+                       for c in r.strip("|").split(" | "))
 
     def flush() -> None:
         if table:
@@ -154,7 +156,7 @@ def beyond_html(markdown: str) -> str:
         if line.strip():
             out.append(f"<p>{html.escape(line.lstrip('- ').replace('**', ''))}</p>")
     flush()
-    return "<h2>Beyond the degenerate MDP</h2>" + "".join(out)
+    return f"<h2>{html.escape(heading)}</h2>" + "".join(out)
 
 
 EXACT_PRESETS = ("grpo_nokl", "isft+-adv", "isft+", "isft-", "isft+_seqsum_const", "dr_grpo", "reinforce")

@@ -173,7 +173,7 @@ def _evaluate(job: Job, s, task, problems: list, report: Report, *, extra: dict,
     result = evaluate(policy, None, task, problems, k=k, engine=s.engine, temperature=temperature, greedy=greedy,
                       max_new_tokens=job.max_new_tokens, batch_size=s.eval_batch_size, seed=s.heldout_seed,
                       template=s.template, chat=s.chat, progress=lambda m: report("advance", job.label, m, 1), env=env)
-    records = out_json.with_name(out_json.stem.replace("eval", "eval_records") + ".jsonl")  # runs.EVAL_RECORDS_FILE
+    records = out_json.with_name(out_json.stem.replace("eval", "eval_records", 1) + ".jsonl")  # runs.EVAL_RECORDS_FILE
     save_eval(result, out_json, records=records, model=str(job.model_dir), key=key, **extra)
     return result["time_s"]
 

@@ -102,7 +102,8 @@ def _desc(name: str) -> str:
     return get_algo(name).description
 
 
-def _check_supported(v: Variant) -> None:
+def check_supported(v: Variant) -> None:
+    """Raise :class:`TokenMDPError` for a preset whose update the exact tier does not model (module docstring)."""
     s = v.spec
     uses_adv = s.kind == "pg" or (s.kind == "isft" and s.isft_weighting == "advantage")
     bad = [(s.epochs != 1, "epochs > 1 (later epochs are off-policy)"),
@@ -243,7 +244,7 @@ def theta_free(v: Variant) -> bool:
 def row_coefficients(v: Variant, batch: GroupBatch, point: Point) -> Tensor:
     """``d sum_g loss(g) / d logprobs`` (M * G, T): each row's coefficient in its own group's loss (cached for
     :func:`theta_free` variants)."""
-    _check_supported(v)
+    check_supported(v)
     key = ("coef", v.name)
     if key in batch._cache:
         return batch._cache[key]
@@ -286,4 +287,4 @@ def expected_update(v: Variant, batch: GroupBatch, point: Point, *,
     return mean, (point.weights @ (u * u).sum(-1) - mean @ mean).clamp(min=0.0)
 
 
-__all__ = ["GroupBatch", "Normalisers", "Variant", "expected_update", "row_coefficients", "theta_free", "variants"]
+__all__ = ["GroupBatch", "Normalisers", "Variant", "check_supported", "expected_update", "row_coefficients", "theta_free", "variants"]

@@ -19,9 +19,10 @@ from tokenmdp.experiments.beyond.render import beyond_html, beyond_markdown, exa
 from tokenmdp.experiments.claims import evaluate_claims
 from tokenmdp.experiments.claims.render import claims_html, claims_markdown, write_claims
 from tokenmdp.experiments.report.plots import all_figures
-from tokenmdp.experiments.report.html import render_html
+from tokenmdp.experiments.report.html import figures_html, render_html
 from tokenmdp.experiments.report.variants import passk_figure, variant_analysis, variants_html, variants_markdown
 from tokenmdp.experiments.runs import Collection, collect, read_json
+from tokenmdp.experiments.simulated.sweep import sweep_markdown
 from tokenmdp.stats import mean_ci
 
 # (key in eval.json "metrics" or a derived training key, column label, kind)
@@ -224,6 +225,28 @@ def find_exact(paths: list[Path]) -> tuple[dict | None, Path | None]:
     return None, None
 
 
+SIM_FILES = ("sim.json", "sim/sim.json")
+
+
+def find_sim(paths: list[Path]) -> tuple[dict | None, Path | None]:
+    """The simulated tier's sweep saved in one of ``paths`` (``sim.json`` or ``sim/sim.json``) and its folder;
+    (None, None) when none holds one."""
+    for p in paths:
+        for name in SIM_FILES:
+            file = Path(p).expanduser() / name
+            if file.is_file():
+                return read_json(file), file.parent
+    return None, None
+
+
+def sim_section(doc: dict | None) -> str:
+    """The simulated tier's markdown for the report (its summary one heading level down); "" without one."""
+    if not doc:
+        return ""
+    text = sweep_markdown(doc).replace("\n## G = ", "\n### G = ")
+    return text.replace("# The simulated tier", "## The simulated tier", 1)
+
+
 def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] | tuple = ()) -> Path:
     """Build ``claims.json``, ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``report.html`` in ``out`` from
     run folders or comparison folders (a path or a list of them; the exact tier's ``exact.json`` is picked up
@@ -266,6 +289,10 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
         (out / "variants.json").unlink(missing_ok=True)
     if beyond or exact_env:
         md += ["## Beyond the degenerate MDP", ""] + [t + "\n" for t in (beyond_markdown(beyond), exact_env) if t]
+    sim, sim_dir = find_sim(paths)
+    sim_md = sim_section(sim)
+    if sim_md:
+        md += [sim_md, ""]
     md += ["## Held-out results", "",
           "Held-out metrics of the final models: mean ± half width of the 95% Student-t interval over seeds "
           "(accuracies in %, lengths in tokens).", ""]
@@ -287,10 +314,15 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     exact_figures = {}
     if exact_dir is not None and (exact_dir / "plots").is_dir():
         exact_figures = {f"exact_{p.stem}": p.read_bytes() for p in sorted((exact_dir / "plots").glob("*.png"))}
+    sim_html = beyond_html(sim_md.split("\n", 1)[-1], "The simulated tier") if sim_md else ""
+    if sim_dir is not None and (sim_dir / "plots").is_dir():
+        sim_figs = {p.stem: p.read_bytes() for p in sorted((sim_dir / "plots").glob("sim_*.png"))}
+        sim_html += f"<div class='figs'>{figures_html(sim_figs)}</div>" if sim_figs else ""
     header = ["algorithm", "runs"] + column_labels(col)
     beyond_text = "\n\n".join(t for t in (beyond_markdown(beyond), exact_env) if t)
     page = render_html(col, header, table_cells(rows), rows, figures, reading,
-                       claims=claims_html(claims) + variants_html(variants), beyond=beyond_html(beyond_text),
+                       claims=claims_html(claims) + variants_html(variants),
+                       beyond=beyond_html(beyond_text) + sim_html,
                        exact_figures=exact_figures)
     (out / "report.html").write_text(page)
     return out

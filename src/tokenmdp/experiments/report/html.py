@@ -37,6 +37,10 @@ CAPTIONS = {
     "frac_zero_std": "Share of the step's groups whose rewards all agree (TRL's frac_reward_zero_std).",
     "clip": "Share of the response tokens where the clipped branch of the ratio loss was taken.",
     "ratio": "Largest and smallest importance ratio over the step's response tokens.",
+    "sim_collapse": "The simulated tier: share of seeds whose P(correct) fell below half the start's, per learning "
+                    "rate (Clopper-Pearson 95% bars).",
+    "sim_length": "The simulated tier: drift of E[length | incorrect] over the run, per learning rate (mean and "
+                  "95% interval over seeds; hollow: the exact path's).",
     "passk": "pass@k against k on the extra evaluations with k >= 8 (--extra-evals): the base dashed.",
     "equivalence": "Cosine between the GRPO gradient and the advantage/length weighted filtered-SFT gradient "
                    "(1 = the reduction of the paper holds exactly on that batch).",
@@ -112,7 +116,8 @@ def _settings(col: Collection) -> str:
     return "".join(parts)
 
 
-def _figures(figures: dict[str, bytes]) -> str:
+def figures_html(figures: dict[str, bytes]) -> str:
+    """Inline PNG figures with their captions (:data:`CAPTIONS`, else the name)."""
     return "".join(
         f"<figure><img alt='{_e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{_e(CAPTIONS.get(name, name))}</figcaption></figure>"
@@ -128,14 +133,14 @@ def render_html(col: Collection, header: list[str], cells: list[list[str]], rows
     (``header`` and ``cells`` of ``rows``), length reading, figures (inline; the exact tier's first), settings,
     timings, run list."""
     table = _table(header, cells, ["base" if r["algo"] == "base" else "" for r in rows])
-    figs = _figures(figures)
+    figs = figures_html(figures)
     exact_html = (f"<h2>The exact tier</h2><p class='note'>Exact expected updates on an enumerable token MDP "
-                  f"(no sampling noise).</p><div class='figs'>{_figures(exact_figures)}</div>"
+                  f"(no sampling noise).</p><div class='figs'>{figures_html(exact_figures)}</div>"
                   if exact_figures else "")
     claims_html = (f"<h2>The paper's claims</h2><p class='note'>Predictions of arXiv 2505.13697 (and C5, the "
                    f"expectation view), what these runs measured, and the verdict with its power.</p>{claims}"
                    if claims else "")
-    missing = [n for n in CAPTIONS if n not in figures and n != "passk"]  # passk: not a logged curve
+    missing = [n for n in CAPTIONS if n not in figures and n != "passk" and not n.startswith("sim_")]  # not curves
     missing_note = (f"<p class='note'>Not logged by these runs: {_e(', '.join(missing))}.</p>" if missing else "")
     reading_html = "".join(f"<li>{_bold(line)}</li>" for line in reading)
     return f"""<!DOCTYPE html>

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.simulated.tier import COLLAPSE_FRACTION, START_SEED, SimRun, collapse_steps, simulate
+from tokenmdp.experiments.simulated.tier import (COLLAPSE_FRACTION, START_SEED, SimRun, collapse_steps, resolve,
+                                                 simulate)
+from tokenmdp.experiments.simulated.types import check_group_size
 from tokenmdp.stats import mean_ci
 
 DEFAULTS: dict[str, Any] = {
@@ -84,6 +86,12 @@ def run_sweep(*, presets: list[str], lrs: list[float], group_sizes: list[int], s
     (``len(presets) * len(lrs) * len(group_sizes) * steps`` in all)."""
     if not presets or not lrs or not group_sizes:
         raise TokenMDPError("simulate: --presets, --lrs and --group-sizes each need at least one value")
+    for name in presets:  # every setting checked before the first runs
+        resolve(name)
+    for g in group_sizes:
+        check_group_size(g)
+    if any(not lr > 0 for lr in lrs):
+        raise TokenMDPError(f"simulate: every learning rate must be > 0, got {lrs}")
     t0 = time.perf_counter()
     runs = []
     for g in group_sizes:
@@ -121,6 +129,7 @@ def sweep_markdown(doc: dict[str, Any]) -> str:
              f"step; collapse: P(correct) below {s['collapse_fraction']:g} x the start's at some step. Intervals: "
              "95% (t for means, Clopper-Pearson for rates). The exact path: the same optimizer fed the expected "
              f"update of a group (infinite batch). {doc['seconds']:.0f} s in all.", ""]
+    lines += [f"- {line}" for line in sim_reading(doc)] + [""]
     for g in s["group_sizes"]:
         lines += [f"## G = {g}", "", "| preset | lr | P(correct) end | exact | collapse rate | ended collapsed | "
                   "collapse step (median) | drift of E[len \\| incorrect] | exact drift | entropy end |",
@@ -139,6 +148,37 @@ def sweep_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rate(r: dict) -> str:
+    lo, hi = r["collapse_ci"]
+    return f"{r['collapse_rate']:.0%}" if r["collapse_rate"] == 0 else \
+        f"{r['collapse_rate']:.1%} [{lo:.1%}, {hi:.1%}]"
+
+
+def sim_reading(doc: dict[str, Any]) -> list[str]:
+    """One line per preset and group size: its collapse rate at each learning rate (and whether the exact path
+    collapses), then its drift of ``E[length | incorrect]`` at each rate beside the exact path's."""
+    lines = []
+    s = doc["settings"]
+    for g in s["group_sizes"]:
+        for name in s["presets"]:
+            rows = sorted((r for r in doc["runs"] if r["preset"] == name and r["group_size"] == g),
+                          key=lambda r: r["lr"])
+            if not rows:
+                continue
+            collapse = ", ".join(f"{_rate(r)} at lr {r['lr']:g}" for r in rows)
+            exact = [r["lr"] for r in rows if r.get("exact", {}).get("collapsed")]
+            ex_text = ("its exact path never does" if not exact and all(r.get("exact") for r in rows) else
+                       f"its exact path does at lr {', '.join(f'{x:g}' for x in exact)}" if exact else
+                       "no exact path")
+            drift = ", ".join(f"{r['len_incorrect_drift']['mean']:+.2f} [{r['len_incorrect_drift']['low']:+.2f}, "
+                              f"{r['len_incorrect_drift']['high']:+.2f}]"
+                              + (f" (exact {r['exact']['len_incorrect_drift']:+.2f})" if r.get("exact") else "")
+                              + f" at {r['lr']:g}" for r in rows)
+            lines.append(f"**{name}** (G = {g}): collapses in {collapse} of the seeds; {ex_text}. "
+                         f"E[length | incorrect] drifts by {drift} tokens.")
+    return lines
+
+
 def save_sweep(doc: dict[str, Any], out: str | Path, figures: dict[str, bytes] | None = None) -> Path:
     """Write ``sim.json``, ``summary.md`` and ``plots/<name>.png`` into ``out``; returns the json path."""
     folder = Path(out)
@@ -152,5 +192,5 @@ def save_sweep(doc: dict[str, Any], out: str | Path, figures: dict[str, bytes] |
     return path
 
 
-__all__ = ["DEFAULTS", "clopper_pearson", "mdp_description", "run_sweep", "save_sweep", "summarize",
+__all__ = ["DEFAULTS", "clopper_pearson", "mdp_description", "run_sweep", "save_sweep", "sim_reading", "summarize",
            "sweep_markdown"]

@@ -13,6 +13,9 @@ small-lr mean path is the exact one). The loss of a step is the sum of the seeds
 probability) into the same optimizer: the infinite-batch dynamics, and the limit the sampled mean approaches as
 ``lr -> 0`` under SGD (tested).
 
+Presets with a baseline take it per group: ``reinforce``'s moving average is not kept here (``b = 0``, as the
+exact tier's ``reinforce``).
+
 **Recorded every step, per seed** (exact functions of ``theta_b``, no sampling noise): ``P(correct)``,
 ``E[length | incorrect]`` and the sequence entropy ``H = -sum_y p(y) log p(y)`` (nats). A seed *collapses* at the
 first step where ``P(correct)`` falls below ``collapse_fraction`` (C3's 0.5) times the start's.
@@ -28,9 +31,9 @@ import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact.groups import Groups
-from tokenmdp.experiments.exact.updates import GroupBatch, Variant, theta_free, variants
-from tokenmdp.experiments.simulated.types import (logits, plain_point, response_types, sim_table, start_params,
-                                                  type_update)
+from tokenmdp.experiments.exact.updates import GroupBatch, Variant, check_supported, theta_free, variants
+from tokenmdp.experiments.simulated.types import (check_group_size, logits, plain_point, response_types, sim_table,
+                                                  start_params, type_update)
 from tokenmdp.mdp.enumerate import SequenceTable
 
 Tensor = torch.Tensor
@@ -92,11 +95,26 @@ def sampled_grad(v: Variant, params: Tensor, table: SequenceTable, rows: Tensor,
 
 
 def check_variant(v: Variant) -> None:
-    """Raise :class:`TokenMDPError` unless the simulated tier can run ``v`` (pg or isft, no critic; KL allowed)."""
+    """Raise :class:`TokenMDPError` unless the simulated tier can run ``v``: pg or isft without a critic (a KL is
+    allowed), and nothing that reads across groups (a batch-wide std, whitening, a batch-mean baseline), which
+    would couple the seeds that share a loss call."""
     s = v.spec
     if s.kind not in ("pg", "isft") or s.critic or v.oracle_critic:
         raise TokenMDPError(f"simulate: preset {v.name!r} ({s.kind}{', a critic' if s.critic else ''}) is not "
                             "simulated: the tier runs the policy-gradient and ISFT presets without a critic")
+    try:
+        check_supported(v)
+    except TokenMDPError as exc:
+        raise TokenMDPError(str(exc).replace("exact tier", "simulated tier").replace("exact:", "simulate:")) from None
+
+
+def resolve(preset: str) -> Variant:
+    """The :class:`Variant` of ``preset``, checked by :func:`check_variant`."""
+    catalogue = variants()
+    if preset not in catalogue:
+        raise TokenMDPError(f"simulate: unknown preset {preset!r}; choose from {', '.join(catalogue)}")
+    check_variant(catalogue[preset])
+    return catalogue[preset]
 
 
 def simulate(preset: str, *, lr: float, group_size: int, steps: int, seeds: int, optimizer: str = "adam",
@@ -105,11 +123,8 @@ def simulate(preset: str, *, lr: float, group_size: int, steps: int, seeds: int,
     """Train ``seeds`` policies of ``preset`` for ``steps`` (module docstring) and, with ``exact``, the exact path
     beside them; ``tied`` adds a token bias shared by every state (:func:`logits`). ``progress(n)`` is called with
     the steps done (a progress bar's advance)."""
-    catalogue = variants()
-    if preset not in catalogue:
-        raise TokenMDPError(f"simulate: unknown preset {preset!r}; choose from {', '.join(catalogue)}")
-    v = catalogue[preset]
-    check_variant(v)
+    v = resolve(preset)
+    check_group_size(group_size)
     for name, value, low in (("group_size", group_size, 2), ("steps", steps, 1), ("seeds", seeds, 1)):
         if int(value) < low:
             raise TokenMDPError(f"simulate: {name} must be >= {low}, got {value}")
@@ -171,5 +186,5 @@ def collapse_steps(p_correct: np.ndarray, fraction: float = COLLAPSE_FRACTION) -
     return np.where(below.any(axis=0), first, -1)
 
 
-__all__ = ["COLLAPSE_FRACTION", "OPTIMIZERS", "SimRun", "check_variant", "collapse_steps", "exact_path",
+__all__ = ["COLLAPSE_FRACTION", "OPTIMIZERS", "START_SEED", "SimRun", "check_variant", "resolve", "collapse_steps", "exact_path",
            "policy_curves", "sampled_grad", "simulate"]

@@ -5,7 +5,7 @@ any group size (the infinite-batch limit the sampled runs are set against).
 answer token ``a`` = 1, reward 1 iff a response ends ``a EOS``) at vocabulary 3 and ``max_len`` 6: 127 responses,
 63 states. Six tokens is the smallest length at which wrong answers spread over six lengths (1-6, truncation at 6)
 and ``E[length | incorrect]`` can drift by whole tokens; it is also the largest at which the type enumeration
-below stays exact for G = 8 (43,758 group types; ``max_len`` 8 gives 490,314).
+below stays exact for G = 8 (43,758 group types; ``max_len`` 8, with 15 types, gives 319,770).
 
 **Types.** Every pg and isft loss of the family (no critic, no KL) gives a row a coefficient that depends on the
 group only through each member's reward and length (advantages from rewards, normalisers from kept counts and
@@ -130,12 +130,19 @@ def start_params(table: SequenceTable, *, seed: int, scale: float, tied: bool) -
     return torch.cat([theta, theta.new_zeros(1, theta.shape[-1])]) if tied else theta
 
 
-def type_multisets(num_types: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """``(members (M, G), log_count (M,))``: every multiset of ``group_size`` types and ``log(G! / prod m_k!)``."""
+def check_group_size(group_size: int, num_types: int = 11) -> None:
+    """One error when the type multisets of ``group_size`` exceed :data:`MAX_TYPE_GROUPS` (G <= 10 at the default
+    MDP's 11 types)."""
     m = math.comb(num_types + group_size - 1, group_size)
     if m > MAX_TYPE_GROUPS:
         raise TokenMDPError(f"simulate: {m} type groups of {group_size} from {num_types} types exceed the limit of "
                             f"{MAX_TYPE_GROUPS}; use a smaller --group-size")
+
+
+def type_multisets(num_types: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """``(members (M, G), log_count (M,))``: every multiset of ``group_size`` types and ``log(G! / prod m_k!)``."""
+    check_group_size(group_size, num_types)
+    m = math.comb(num_types + group_size - 1, group_size)
     members = torch.tensor(list(itertools.combinations_with_replacement(range(num_types), group_size)),
                            dtype=torch.long).view(m, group_size)
     mult = (members.unsqueeze(-1) == torch.arange(num_types)).sum(dim=1).to(torch.float64)
@@ -154,8 +161,13 @@ def type_update(v: Variant, types: TypeTable, group_size: int, theta0: Tensor) -
     groups = Groups(table, group_size, types.rep[members], log_count)
     point = plain_point(theta0, table)
     coef = row_coefficients(v, GroupBatch(groups, point), point)  # (M * G, T), constant over a row's tokens
+    mask = table.mask[groups.rows]
+    spread = (coef - coef[:, :1]).abs().where(mask, torch.zeros((), dtype=coef.dtype)).max()
+    if float(spread) > 1e-12 * max(float(coef.abs().max()), 1e-300):
+        raise TokenMDPError(f"simulate: preset {v.name!r} weights the tokens of a response differently (a "
+                            "per-token advantage): the type enumeration has no exact path for it")
     return TypeUpdate(types, members, log_count, coef[:, 0].reshape(members.shape))
 
 
-__all__ = ["MAX_LEN", "MAX_TYPE_GROUPS", "VOCAB", "TypeTable", "TypeUpdate", "logits", "plain_point",
+__all__ = ["MAX_LEN", "MAX_TYPE_GROUPS", "VOCAB", "TypeTable", "TypeUpdate", "check_group_size", "logits", "plain_point",
            "response_types", "sim_table", "start_params", "type_multisets", "type_update"]
