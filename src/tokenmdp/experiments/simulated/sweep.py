@@ -174,9 +174,20 @@ def sim_reading(doc: dict[str, Any]) -> list[str]:
                               f"{r['len_incorrect_drift']['high']:+.2f}]"
                               + (f" (exact {r['exact']['len_incorrect_drift']:+.2f})" if r.get("exact") else "")
                               + f" at {r['lr']:g}" for r in rows)
-            lines.append(f"**{name}** (G = {g}): collapses in {collapse} of the seeds; {ex_text}. "
-                         f"E[length | incorrect] drifts by {drift} tokens.")
+            lines.append(f"**{name}** (G = {g}): seeds that collapse: {collapse}; {ex_text}. Drift of "
+                         f"E[length | incorrect] in tokens: {drift}.")
     return lines
+
+
+def _rounded(x: Any) -> Any:
+    """Floats to 6 significant digits, all the way down (the curves need no more; the file shrinks fourfold)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def save_sweep(doc: dict[str, Any], out: str | Path, figures: dict[str, bytes] | None = None) -> Path:
@@ -184,7 +195,7 @@ def save_sweep(doc: dict[str, Any], out: str | Path, figures: dict[str, bytes] |
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sim.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path.write_text(json.dumps(_rounded(doc), separators=(",", ":")) + "\n")
     (folder / "summary.md").write_text(sweep_markdown(doc) + "\n")
     for name, png in (figures or {}).items():
         (folder / "plots").mkdir(exist_ok=True)
