@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from tokenmdp.cli import app, main
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.experiments.exact import GroupBatch, enumerate_groups, expected_update, make_point, variants
-from tokenmdp.experiments.simulated import (SimRun, check_variant, clopper_pearson, run_sweep, collapse_steps, logits, response_types,
-                                            sampled_grad, sim_table, simulate, start_params, summarize, type_update)
+from tokenmdp.experiments.simulated import (SimRun, check_variant, clopper_pearson, collapse_steps, logits,
+                                            response_types, run_sweep, sampled_grad, sim_table, simulate, start_params,
+                                            summarize, type_update)
 from tokenmdp.experiments.simulated.types import plain_point
 from tokenmdp.mdp.enumerate import init_logits
 

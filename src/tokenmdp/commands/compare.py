@@ -83,8 +83,8 @@ def compare_cmd(
                                     "PRESET, set: [config overrides], steps: N}}; list the names in --algos."),
     extra_evals: str | None = typer.Option(None, "--extra-evals", help="More held-out evaluations of every final "
                                            "model and the base, as YAML/JSON or a YAML file: {name: {temperature, k, "
-                                           "n, greedy}} (n: the first n problems; a missing key: the main one's; replaces a "
-                                           "preset's own)."),
+                                           "n, greedy}} (n: the first n problems; a missing key: the main one's; "
+                                           "replaces a preset's own)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain runs already finished in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary rows as one JSON document."),
 ) -> None:

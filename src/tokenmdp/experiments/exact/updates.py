@@ -287,4 +287,5 @@ def expected_update(v: Variant, batch: GroupBatch, point: Point, *,
     return mean, (point.weights @ (u * u).sum(-1) - mean @ mean).clamp(min=0.0)
 
 
-__all__ = ["GroupBatch", "Normalisers", "Variant", "check_supported", "expected_update", "row_coefficients", "theta_free", "variants"]
+__all__ = ["GroupBatch", "Normalisers", "Variant", "check_supported", "expected_update", "row_coefficients",
+           "theta_free", "variants"]

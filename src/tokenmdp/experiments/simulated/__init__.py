@@ -14,6 +14,7 @@ from tokenmdp.experiments.simulated.types import (TypeTable, TypeUpdate, logits,
 
 __all__ = [
     "COLLAPSE_FRACTION", "DEFAULTS", "OPTIMIZERS", "START_SEED", "SimRun", "TypeTable", "TypeUpdate",
-    "check_variant", "clopper_pearson", "collapse_steps", "exact_path", "logits", "policy_curves", "resolve", "response_types", "run_sweep",
-    "sampled_grad", "save_sweep", "sim_table", "simulate", "start_params", "summarize", "type_update",
+    "check_variant", "clopper_pearson", "collapse_steps", "exact_path", "logits", "policy_curves", "resolve",
+    "response_types", "run_sweep", "sampled_grad", "save_sweep", "sim_table", "simulate", "start_params",
+    "summarize", "type_update",
 ]

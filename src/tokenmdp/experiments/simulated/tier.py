@@ -87,7 +87,8 @@ def sampled_grad(v: Variant, params: Tensor, table: SequenceTable, rows: Tensor,
     leaf = params.detach().requires_grad_(True)
     flat = rows.reshape(-1)
     seed_of = torch.arange(b).repeat_interleave(g)
-    logp = torch.log_softmax(logits(leaf, tied), dim=-1)[seed_of.unsqueeze(-1), table.prefix_index[flat], table.tokens[flat]]
+    logp = torch.log_softmax(logits(leaf, tied), dim=-1)[seed_of.unsqueeze(-1), table.prefix_index[flat],
+                                                         table.tokens[flat]]
     lp = torch.where(table.mask[flat], logp, torch.zeros((), dtype=logp.dtype))
     loss = batch.pg_loss(v, lp, None) if v.spec.kind == "pg" else batch.isft_loss(v, lp)
     (grad,) = torch.autograd.grad(loss, leaf)
@@ -186,5 +187,5 @@ def collapse_steps(p_correct: np.ndarray, fraction: float = COLLAPSE_FRACTION) -
     return np.where(below.any(axis=0), first, -1)
 
 
-__all__ = ["COLLAPSE_FRACTION", "OPTIMIZERS", "START_SEED", "SimRun", "check_variant", "resolve", "collapse_steps", "exact_path",
-           "policy_curves", "sampled_grad", "simulate"]
+__all__ = ["COLLAPSE_FRACTION", "OPTIMIZERS", "START_SEED", "SimRun", "check_variant", "collapse_steps", "exact_path",
+           "policy_curves", "resolve", "sampled_grad", "simulate"]

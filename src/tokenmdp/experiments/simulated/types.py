@@ -169,5 +169,5 @@ def type_update(v: Variant, types: TypeTable, group_size: int, theta0: Tensor) -
     return TypeUpdate(types, members, log_count, coef[:, 0].reshape(members.shape))
 
 
-__all__ = ["MAX_LEN", "MAX_TYPE_GROUPS", "VOCAB", "TypeTable", "TypeUpdate", "check_group_size", "logits", "plain_point",
-           "response_types", "sim_table", "start_params", "type_multisets", "type_update"]
+__all__ = ["MAX_LEN", "MAX_TYPE_GROUPS", "VOCAB", "TypeTable", "TypeUpdate", "check_group_size", "logits",
+           "plain_point", "response_types", "sim_table", "start_params", "type_multisets", "type_update"]
