@@ -14,28 +14,18 @@ from tokenmdp.progress import plain_log, progress_bar
 D = DEFAULTS
 
 
-def _floats(values: list[str] | None, default: list[float], option: str) -> list[float]:
+def _numbers(values: list[str] | None, default: list, option: str, kind: type = float) -> list:
+    """A comma-separated option as numbers of ``kind`` (``default`` when not given); one error naming it."""
     from tokenmdp.errors import TokenMDPError
 
     items = split_list(values)
     if not items:
         return list(default)
     try:
-        return [float(x) for x in items]
+        return [kind(x) for x in items]
     except ValueError:
-        raise TokenMDPError(f"simulate: {option} takes comma-separated numbers, got {','.join(items)!r}") from None
-
-
-def _ints(values: list[str] | None, default: list[int], option: str) -> list[int]:
-    from tokenmdp.errors import TokenMDPError
-
-    items = split_list(values)
-    if not items:
-        return list(default)
-    try:
-        return [int(x) for x in items]
-    except ValueError:
-        raise TokenMDPError(f"simulate: {option} takes comma-separated integers, got {','.join(items)!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise TokenMDPError(f"simulate: {option} takes comma-separated {what}, got {','.join(items)!r}") from None
 
 
 def simulate_cmd(
@@ -62,8 +52,8 @@ def simulate_cmd(
     from tokenmdp.experiments.simulated.sweep import run_sweep, save_sweep, sweep_markdown
 
     names = split_list(presets) or list(D["presets"])
-    rates = _floats(lrs, D["lrs"], "--lrs")
-    sizes = _ints(group_sizes, D["group_sizes"], "--group-sizes")
+    rates = _numbers(lrs, D["lrs"], "--lrs")
+    sizes = _numbers(group_sizes, D["group_sizes"], "--group-sizes", int)
     total = len(names) * len(rates) * len(sizes) * steps
     log, done = plain_log(not as_json), [0]
 

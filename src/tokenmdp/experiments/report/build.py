@@ -214,15 +214,20 @@ def _intervals_overlap(a: dict, b: dict, key: str) -> bool | None:
 EXACT_FILES = ("exact.json", "exact/exact.json")
 
 
-def find_exact(paths: list[Path]) -> tuple[dict | None, Path | None]:
-    """The exact tier's result saved in one of ``paths`` (``exact.json`` or ``exact/exact.json``), and its
-    folder; (None, None) when none holds one."""
+def _find_json(paths: list[Path], names: tuple[str, ...]) -> tuple[dict | None, Path | None]:
+    """The first of ``names`` found under one of ``paths``, read, and its folder; (None, None) when none is."""
     for p in paths:
-        for name in EXACT_FILES:
+        for name in names:
             file = Path(p).expanduser() / name
             if file.is_file():
                 return read_json(file), file.parent
     return None, None
+
+
+def find_exact(paths: list[Path]) -> tuple[dict | None, Path | None]:
+    """The exact tier's result saved in one of ``paths`` (``exact.json`` or ``exact/exact.json``), and its
+    folder; (None, None) when none holds one."""
+    return _find_json(paths, EXACT_FILES)
 
 
 SIM_FILES = ("sim.json", "sim/sim.json")
@@ -231,12 +236,7 @@ SIM_FILES = ("sim.json", "sim/sim.json")
 def find_sim(paths: list[Path]) -> tuple[dict | None, Path | None]:
     """The simulated tier's sweep saved in one of ``paths`` (``sim.json`` or ``sim/sim.json``) and its folder;
     (None, None) when none holds one."""
-    for p in paths:
-        for name in SIM_FILES:
-            file = Path(p).expanduser() / name
-            if file.is_file():
-                return read_json(file), file.parent
-    return None, None
+    return _find_json(paths, SIM_FILES)
 
 
 def sim_section(doc: dict | None) -> str:

@@ -63,45 +63,46 @@ def _by_preset(doc: dict[str, Any], group_size: int):
         yield name, rows
 
 
-def collapse_figure(doc: dict[str, Any]) -> bytes:
+def _per_group_size(doc: dict[str, Any], ylabel: str, draw) -> bytes:
+    """One panel per group size, a line per preset against the learning rate (log scale), drawn by
+    ``draw(ax, lr, rows)``; the lrs of the presets fanned out a little so their bars do not overlap."""
     gs = doc["settings"]["group_sizes"]
     fig, axes = plt.subplots(1, len(gs), figsize=(4.6 * len(gs), 3.4), sharey=True, squeeze=False)
     for ax, g in zip(axes[0], gs):
         for k, (name, rows) in enumerate(_by_preset(doc, g)):
-            lr = np.array([r["lr"] for r in rows]) * (1 + 0.04 * (k - 2))
-            rate = np.array([r["collapse_rate"] for r in rows])
-            ci = np.array([r["collapse_ci"] for r in rows])
-            ax.errorbar(lr, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], marker="o", ms=4, capsize=2, label=name)
+            draw(ax, np.array([r["lr"] for r in rows]) * (1 + 0.04 * (k - 2)), rows, name)
         ax.set_xscale("log")
         ax.set_xlabel(f"learning rate ({doc['settings']['optimizer']})")
         ax.set_title(f"G = {g}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("share of seeds that collapse")
+    axes[0, 0].set_ylabel(ylabel)
     axes[0, -1].legend(fontsize=8)
     return _png(fig)
+
+
+def _draw_collapse(ax, lr, rows, name) -> None:
+    rate = np.array([r["collapse_rate"] for r in rows])
+    ci = np.array([r["collapse_ci"] for r in rows])
+    ax.errorbar(lr, rate, yerr=[rate - ci[:, 0], ci[:, 1] - rate], marker="o", ms=4, capsize=2, label=name)
+
+
+def _draw_length(ax, lr, rows, name) -> None:
+    d = [r["len_incorrect_drift"] for r in rows]
+    mean = np.array([x["mean"] for x in d])
+    low = np.array([x["low"] if x["low"] is not None else x["mean"] for x in d])
+    high = np.array([x["high"] if x["high"] is not None else x["mean"] for x in d])
+    line = ax.errorbar(lr, mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=2, label=name)
+    exact = [r["exact"]["len_incorrect_drift"] if r.get("exact") else np.nan for r in rows]
+    ax.plot(lr, exact, marker="o", ms=5, mfc="none", ls="none", color=line[0].get_color())
+    ax.axhline(0, color="k", lw=0.8)
+
+
+def collapse_figure(doc: dict[str, Any]) -> bytes:
+    return _per_group_size(doc, "share of seeds that collapse", _draw_collapse)
 
 
 def length_figure(doc: dict[str, Any]) -> bytes:
-    gs = doc["settings"]["group_sizes"]
-    fig, axes = plt.subplots(1, len(gs), figsize=(4.6 * len(gs), 3.4), sharey=True, squeeze=False)
-    for ax, g in zip(axes[0], gs):
-        for k, (name, rows) in enumerate(_by_preset(doc, g)):
-            lr = np.array([r["lr"] for r in rows]) * (1 + 0.04 * (k - 2))
-            d = [r["len_incorrect_drift"] for r in rows]
-            mean = np.array([x["mean"] for x in d])
-            low = np.array([x["low"] if x["low"] is not None else x["mean"] for x in d])
-            high = np.array([x["high"] if x["high"] is not None else x["mean"] for x in d])
-            line = ax.errorbar(lr, mean, yerr=[mean - low, high - mean], marker="o", ms=4, capsize=2, label=name)
-            exact = [r["exact"]["len_incorrect_drift"] if r.get("exact") else np.nan for r in rows]
-            ax.plot(lr, exact, marker="o", ms=5, mfc="none", ls="none", color=line[0].get_color())
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"learning rate ({doc['settings']['optimizer']})")
-        ax.set_title(f"G = {g}", fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("drift of E[length | incorrect] (tokens)")
-    axes[0, -1].legend(fontsize=8)
-    return _png(fig)
+    return _per_group_size(doc, "drift of E[length | incorrect] (tokens)", _draw_length)
 
 
 def sim_figures(doc: dict[str, Any]) -> dict[str, bytes]:
