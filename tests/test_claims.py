@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pandas as pd
 import pytest
@@ -480,3 +481,44 @@ def test_c1_float_flip_is_the_same_steps(tmp_path):
     c = a.copy()
     c.loc[1, "length/mean"] = 59.0
     assert first_divergence(a, c)[0] == 1
+
+
+def _late_curve(final: float, slope: float) -> dict:
+    """A 200-step held-out curve: a drop to 0.25 by step 75, then ``slope`` per step from step 100 on (5 points
+    in the second half)."""
+    return {25: 0.3, 50: 0.28, 75: 0.25, 100: final - 100 * slope, 125: final - 75 * slope,
+            150: final - 50 * slope, 175: final - 25 * slope, 200: final}
+
+
+@pytest.mark.parametrize("slopes,verdict", [
+    # slope CI 0 +- 4.97e-5 a step: 0.185 (the final's lower end) - 200 * 4.97e-5 = 0.175 stays above 0.15
+    ((0.0, -2e-5, 2e-5), CONTRADICTED),
+    # still falling: 0.185 - 200 * 7.5e-4 = 0.036 would cross it
+    ((-6e-4, -5e-4, -4e-4), INCONCLUSIVE),
+])
+def test_c3_levels_off_or_still_falls(tmp_path, slopes, verdict):
+    """A decline that stops above the collapse line contradicts "collapses" once every run has 4+ curve points
+    in its second half; hand figures: finals 0.20, 0.21, 0.22 (mean 0.21, half width 4.3027 * 0.01 / sqrt 3 =
+    0.0248), collapse line 0.15."""
+    root = make_compare(tmp_path / "cmp", ["isft-"], BASE)
+    for s, v, sl in zip(SEEDS, (0.20, 0.21, 0.22), slopes):
+        make_run(root, "isft-", s, sampled=v, curve=_late_curve(v, sl), steps=200)
+    c3 = evaluate_claims(collect([root]))["C3"]
+    assert c3["verdict"] == verdict
+    late = c3["measured"]["late_trend"]
+    mean = sum(slopes) / 3
+    half = T975_2 * statistics.stdev(slopes) / math.sqrt(3)
+    assert late["slope_per_100_steps"]["mean"] == pytest.approx(100 * mean, abs=1e-9)
+    low = 0.21 - T975_2 * 0.01 / math.sqrt(3)
+    assert late["projected_low"] == pytest.approx(low + min(0.0, mean - half) * 200, abs=1e-9)
+    assert ("levels off above" in c3["summary"]) == (verdict == CONTRADICTED)
+
+
+def test_c3_short_curves_keep_the_two_readings(tmp_path):
+    """With 3 points in a run's second half (the 60-step preset) there is no late reading: a decline above the
+    collapse line stays inconclusive."""
+    root = make_compare(tmp_path / "cmp", ["isft-"], BASE)
+    for s, v in zip(SEEDS, (0.20, 0.21, 0.22)):
+        make_run(root, "isft-", s, sampled=v, curve={15: 0.3, 30: v, 45: v, 60: v}, steps=60)
+    c3 = evaluate_claims(collect([root]))["C3"]
+    assert c3["verdict"] == INCONCLUSIVE and "late_trend" not in c3["measured"]

@@ -55,6 +55,12 @@ SECONDARY_METRIC = "greedy/pass@1"
 # C3: "collapse" is read as the upper end of isft-'s 95% interval below half the base model's accuracy (the paper
 # reports 0.00%; half the base is far below any seed-to-seed spread of the other algorithms).
 C3_COLLAPSE_FRACTION = 0.5
+# C3's third reading: ISFT- above the collapse line that has levelled off also contradicts "collapses". It needs a
+# held-out curve with at least this many points in the second half of every run (4: a slope with 2 degrees of
+# freedom; the 12- and 60-step presets log 2-3, the 200-step c3c4-long 5), and then asks whether the final
+# accuracy's lower end, continued for another run at the steepest late slope the interval over seeds allows,
+# would still be above the line
+C3_LATE_POINTS = 4
 # C4: a slope difference below 0.05 tokens a step is under one token over the default 20-step comparison: no
 # practical length effect, so an interval wholly below it contradicts "grows longer".
 C4_SLOPE_MARGIN = 0.05

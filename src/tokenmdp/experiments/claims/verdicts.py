@@ -44,6 +44,7 @@ from tokenmdp.experiments.claims.common import (
     C1_FLIP_SAMPLES,
     C1_PARAM_RTOL,
     C3_COLLAPSE_FRACTION,
+    C3_LATE_POINTS,
     EQUIV_MARGIN,
     PRIMARY_METRIC,
     SECONDARY_METRIC,
@@ -68,6 +69,7 @@ from tokenmdp.stats import (
     bootstrap_ci,
     direction_verdict,
     equivalence_verdict,
+    ls_slope,
     mean_ci,
     paired_difference,
 )
@@ -351,6 +353,30 @@ def _curve_from_zero(run: RunData, col: Collection) -> list[list[float]]:
     return points
 
 
+def late_trend(curve: list[list[float]], horizon: int) -> float:
+    """Least-squares slope (accuracy per step) of a held-out curve's points at steps >= ``horizon / 2``; NaN with
+    fewer than :data:`C3_LATE_POINTS` of them."""
+    late = [(s, v) for s, v in curve if s >= horizon / 2]
+    if len(late) < C3_LATE_POINTS:
+        return math.nan
+    return ls_slope([s for s, _ in late], [v for _, v in late])
+
+
+def _c3_levels_off(ci, curves: dict, horizon: int, collapse: float) -> tuple[bool, dict | None]:
+    """C3's third reading (common.py, C3_LATE_POINTS): whether ISFT-, above the collapse line, has levelled off.
+    ``(levels_off, late)``: the late slopes over seeds (per 100 steps) and the lower end of the final accuracy
+    continued for another ``horizon`` steps at the steepest slope the interval allows."""
+    slopes = [late_trend(c, horizon) for c in curves.values()]
+    sci = mean_ci([x for x in slopes if math.isfinite(x)])
+    if not (sci.has_interval and ci.has_interval) or sci.n < len(slopes):
+        return False, None
+    projected = ci.low + min(0.0, sci.low) * horizon
+    late = {"slope_per_100_steps": {"mean": 100 * sci.mean, "low": 100 * sci.low, "high": 100 * sci.high},
+            "horizon": horizon, "projected_low": projected, "note": "greedy held-out curve (eval/accuracy) from "
+            "half the run on; the final sampled accuracy's lower end continued at the interval's steepest slope"}
+    return ci.low > collapse and projected > collapse, late
+
+
 def _c3(col: Collection) -> dict:
     _, missing, runs = paired_runs(col, ["isft-"])
     runs = runs["isft-"]
@@ -374,9 +400,15 @@ def _c3(col: Collection) -> dict:
     if not missing:
         if ci.n >= 2:
             measured["bootstrap"] = bootstrap_ci(values).to_dict()
+        horizon = max((int(nested_get(runs[s].config, "run", "steps") or 0) for s in seeds), default=0)
+        levels_off, late = _c3_levels_off(ci, measured["curve"], horizon, C3_COLLAPSE_FRACTION * base)
+        if late is not None:
+            measured["late_trend"] = late
         if ci.has_interval and ci.high < C3_COLLAPSE_FRACTION * base:
             verdict = SUPPORTED
         elif ci.has_interval and ci.low >= base - EQUIV_MARGIN:
+            verdict = CONTRADICTED
+        elif levels_off:
             verdict = CONTRADICTED
         band = (f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval
                 else "(1 seed, no interval)")
@@ -385,6 +417,11 @@ def _c3(col: Collection) -> dict:
                    f"n={ci.n} seeds (collapse: upper end below {fmt_points(C3_COLLAPSE_FRACTION * base, False)}%)"
                    + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
                       else ""))
+        if late is not None:
+            sl = late["slope_per_100_steps"]
+            summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
+                        f"100 steps, so after another {horizon} steps at worst {fmt_points(late['projected_low'], False)}"
+                        f"% ({'levels off above' if levels_off else 'may reach'} the collapse line)")
     power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points" if ci.has_interval else
              "one seed: no interval") if ci.n else None
     return claim_record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
