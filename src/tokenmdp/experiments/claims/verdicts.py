@@ -419,9 +419,10 @@ def _c3(col: Collection) -> dict:
                       else ""))
         if late is not None:
             sl = late["slope_per_100_steps"]
+            worst = fmt_points(late["projected_low"], False)
             summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
-                        f"100 steps, so after another {horizon} steps at worst {fmt_points(late['projected_low'], False)}"
-                        f"% ({'levels off above' if levels_off else 'may reach'} the collapse line)")
+                        f"100 steps, so after another {horizon} steps at worst {worst}% "
+                        f"({'levels off above' if levels_off else 'may reach'} the collapse line)")
     power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points" if ci.has_interval else
              "one seed: no interval") if ci.n else None
     return claim_record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
