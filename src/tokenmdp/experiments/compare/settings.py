@@ -243,9 +243,11 @@ PRESET_HELP = {
     "env-calculator": "GRPO and ISFT through a calculator tool environment",
     "env-two-llm": "a hint-writing policy beside a frozen answering base",
     "process-credit": "Countdown's step verifier as process credit, against uniform credit",
-    "c3c4-long": "C3 and C4 decided: grpo_nokl, dr_grpo, isft-, isft+ x 5 seeds x 200 steps on the tiny model",
-    "c3-lr-sweep": "ISFT- at lr 1e-4, 5e-4 and 1e-3, 3 seeds x 200 steps on the tiny model",
-    "paper-arms": "the paper's settings as arms on the tiny model: G = 5, KL 0.001, binary reward, T = 0.6, pass@64",
+    "c3c4-long": "C3 and C4 decided: grpo_nokl, dr_grpo, isft-, isft+ x 5 seeds x 200 steps on the tiny model, "
+                 "~2.5 h (13-17 min a run, 2 at a time)",
+    "c3-lr-sweep": "ISFT- at lr 1e-4, 5e-4 and 1e-3, 3 seeds x 200 steps on the tiny model, est. ~70 min",
+    "paper-arms": "the paper's settings as arms on the tiny model: G = 5, KL 0.001, binary reward, T = 0.6, "
+                  "pass@64; 7 arms x 3 seeds x 60 steps, est. ~45 min",
     "real-small": "SmolLM2-135M-Instruct + LoRA on one-digit products, 6 algorithms x 3 seeds, ~2 h",
     # estimated, not measured (no GPU lent yet): docs/paper-presets.md gives the arithmetic
     "paper-qwen0.5b-gsm8k": "the paper's settings on one 80 GB GPU, 5 arms x 3 seeds x 200 steps, est. ~21 h",
