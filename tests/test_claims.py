@@ -353,6 +353,24 @@ def test_c4_contradicted_when_lengths_grow_alike(tmp_path):
     assert c4["measured"]["exact_len_incorrect_shift"] is None
 
 
+
+@pytest.mark.parametrize("steps,verdict", [(20, CONTRADICTED), (200, INCONCLUSIVE)])
+def test_c4_margin_is_one_token_over_the_run(tmp_path, steps, verdict):
+    """grpo's wrong answers grow 0, 0.01 and 0.02 tokens a step faster than dr_grpo's: interval 0.01 +-
+    4.3027 * 0.01 / sqrt 3 = [-0.0148, +0.0348]. Below one token over 20 steps (0.05 a step): contradicted; over
+    200 steps the margin is 0.005 and the same interval decides nothing."""
+    root = make_compare(tmp_path / "cmp", ["grpo", "dr_grpo", "isft+"])
+    for s, d in zip(SEEDS, (0.0, 0.01, 0.02)):  # difference mean 0.01, sd 0.01: interval [-0.0148, +0.0348]
+        make_run(root, "grpo", s, length_incorrect=_line(1.0 + d, steps), steps=steps)
+        make_run(root, "dr_grpo", s, length_incorrect=_line(1.0, steps), steps=steps)
+        make_run(root, "isft+", s, length_incorrect=_line(1.0, steps), steps=steps)
+    c4 = evaluate_claims(collect([root]))["C4"]
+    test = c4["measured"]["tests"]["grpo - dr_grpo"]
+    assert test["high"] == pytest.approx(0.01 + T975_2 * 0.01 / math.sqrt(3))
+    assert c4["measured"]["margin"] == pytest.approx(1.0 / steps)  # 0.05 at 20 steps, 0.005 at 200
+    assert test["verdict"] == verdict
+
+
 # --- C5 ----------------------------------------------------------------------------------------------------------
 
 
@@ -508,7 +526,7 @@ def test_c3_levels_off_or_still_falls(tmp_path, slopes, verdict):
     late = c3["measured"]["late_trend"]
     mean = sum(slopes) / 3
     half = T975_2 * statistics.stdev(slopes) / math.sqrt(3)
-    assert late["slope_per_100_steps"]["mean"] == pytest.approx(100 * mean, abs=1e-9)
+    assert late["points_per_100_steps"]["mean"] == pytest.approx(1e4 * mean, abs=1e-9)  # accuracy points
     low = 0.21 - T975_2 * 0.01 / math.sqrt(3)
     assert late["projected_low"] == pytest.approx(low + min(0.0, mean - half) * 200, abs=1e-9)
     assert ("levels off above" in c3["summary"]) == (verdict == CONTRADICTED)

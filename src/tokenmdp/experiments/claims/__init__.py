@@ -13,6 +13,7 @@ from tokenmdp.experiments.claims.common import (
     C1_PARAM_RTOL,
     C3_COLLAPSE_FRACTION,
     C3_LATE_POINTS,
+    C4_RUN_TOKENS,
     C4_SLOPE_MARGIN,
     C5_COSINE_CONTRADICT,
     C5_COSINE_TOL,
@@ -36,9 +37,9 @@ from tokenmdp.experiments.claims.verdicts import (
 
 __all__ = [
     "C1_COSINE_TOL", "C1_CURVES", "C1_CURVE_ATOL", "C1_EXACT_ATOL", "C1_EXACT_RTOL", "C1_FLIP_SAMPLES",
-    "C1_PARAM_RTOL", "C3_COLLAPSE_FRACTION", "C3_LATE_POINTS", "C4_SLOPE_MARGIN", "C5_COSINE_CONTRADICT",
-    "C5_COSINE_TOL",
-    "C5_IDENTITIES", "CLAIM_IDS", "EQUIV_MARGIN", "NOT_MEASURED", "PRIMARY_METRIC", "SECONDARY_METRIC",
+    "C1_PARAM_RTOL", "C3_COLLAPSE_FRACTION", "C3_LATE_POINTS", "C4_RUN_TOKENS", "C4_SLOPE_MARGIN",
+    "C5_COSINE_CONTRADICT", "C5_COSINE_TOL", "C5_IDENTITIES", "CLAIM_IDS", "EQUIV_MARGIN", "NOT_MEASURED",
+    "PRIMARY_METRIC", "SECONDARY_METRIC",
     "changed_samples", "claims_html", "claims_markdown", "evaluate_claims", "first_divergence", "fmt_seeds",
     "length_trend", "param_difference", "write_claims",
 ]

@@ -61,8 +61,10 @@ C3_COLLAPSE_FRACTION = 0.5
 # accuracy's lower end, continued for another run at the steepest late slope the interval over seeds allows,
 # would still be above the line
 C3_LATE_POINTS = 4
-# C4: a slope difference below 0.05 tokens a step is under one token over the default 20-step comparison: no
-# practical length effect, so an interval wholly below it contradicts "grows longer".
+# C4: a slope difference that adds up to under one token over the run is no practical length effect, so an
+# interval wholly below it contradicts "grows longer": the margin is C4_RUN_TOKENS / steps tokens a step (0.05 for
+# the default 20-step comparison, 0.005 at 200 steps); C4_SLOPE_MARGIN when the runs do not say their steps.
+C4_RUN_TOKENS = 1.0
 C4_SLOPE_MARGIN = 0.05
 # C5: exact enumeration has no sampling noise: an identity holds to rounding (1e-6 is float32-safe); a cosine more
 # than 1e-3 from 1 is a real difference of direction; between the two is left open.

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 from tokenmdp.errors import TokenMDPError
-from tokenmdp.experiments.claims.common import (C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL, C5_IDENTITIES,
-                                                claim_record, combine_verdicts, finished_runs, fmt_g, fmt_seeds,
-                                                nested_get, paired_runs, reference_algo)
+from tokenmdp.experiments.claims.common import (C4_RUN_TOKENS, C4_SLOPE_MARGIN, C5_COSINE_CONTRADICT, C5_COSINE_TOL,
+                                                C5_IDENTITIES, claim_record, combine_verdicts, finished_runs, fmt_g,
+                                                fmt_seeds, nested_get, paired_runs, reference_algo)
 from tokenmdp.experiments.runs import Collection, RunData
 from tokenmdp.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, direction_verdict, ls_slope, paired_difference
 
@@ -41,6 +41,9 @@ def claim_c4(col: Collection, exact: dict | None) -> dict:
     missing: list[str] = []
     trends = {a: {s: length_trend(r) for s, r in finished_runs(col, a).items()} for a in algos}
     tests: dict = {}
+    steps = [nested_get(r.config, "run", "steps") for r in finished_runs(col, ref).values()]
+    horizon = max((int(x) for x in steps if isinstance(x, int) and x > 0), default=0)
+    margin = C4_RUN_TOKENS / horizon if horizon else C4_SLOPE_MARGIN
     for other in (None, "dr_grpo", "isft+"):
         seeds, miss, _ = paired_runs(col, [ref] if other is None else [ref, other], labels)
         missing += [m for m in miss if m not in missing]
@@ -57,7 +60,7 @@ def claim_c4(col: Collection, exact: dict | None) -> dict:
             if miss not in missing:
                 missing.append(miss)
             continue
-        tests[name] = {"seeds": seeds, **d.to_dict(), "verdict": direction_verdict(d, 1, C4_SLOPE_MARGIN)}
+        tests[name] = {"seeds": seeds, **d.to_dict(), "verdict": direction_verdict(d, 1, margin)}
     # the exact tier's change of E[length | incorrect] under its dynamics: predicted > 0 for grpo_nokl, <= 0 for
     # dr_grpo (reported beside the runs' verdict; on an MDP this small it is a property of the MDP, not a theorem)
     shift = nested_get(exact, "identities", "len_incorrect_shift")
@@ -68,7 +71,7 @@ def claim_c4(col: Collection, exact: dict | None) -> dict:
         exact_out = {"grpo_nokl": g, "dr_grpo": dr, "agrees": (g > 0 and dr <= 0) if ok else None,
                      "grpo_nokl_larger": (g > dr) if ok else None,
                      "slope_at_start": nested_get(exact, "identities", "len_incorrect_slope")}
-    measured = {"reference": ref, "reference_note": note, "unit": "tokens per step", "margin": C4_SLOPE_MARGIN,
+    measured = {"reference": ref, "reference_note": note, "unit": "tokens per step", "margin": margin,
                 "runs": {a: {f"seed-{s}": t for s, t in trends[a].items()} for a in algos}, "tests": tests,
                 "exact_len_incorrect_shift": exact_out}
     means = {a: [t["slope"] for t in trends[a].values() if math.isfinite(t["slope"])] for a in algos}

@@ -371,7 +371,7 @@ def _c3_levels_off(ci, curves: dict, horizon: int, collapse: float) -> tuple[boo
     if not (sci.has_interval and ci.has_interval) or sci.n < len(slopes):
         return False, None
     projected = ci.low + min(0.0, sci.low) * horizon
-    late = {"slope_per_100_steps": {"mean": 100 * sci.mean, "low": 100 * sci.low, "high": 100 * sci.high},
+    late = {"points_per_100_steps": {"mean": 1e4 * sci.mean, "low": 1e4 * sci.low, "high": 1e4 * sci.high},
             "horizon": horizon, "projected_low": projected, "note": "greedy held-out curve (eval/accuracy) from "
             "half the run on; the final sampled accuracy's lower end continued at the interval's steepest slope"}
     return ci.low > collapse and projected > collapse, late
@@ -418,7 +418,7 @@ def _c3(col: Collection) -> dict:
                    + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
                       else ""))
         if late is not None:
-            sl = late["slope_per_100_steps"]
+            sl = late["points_per_100_steps"]
             worst = fmt_points(late["projected_low"], False)
             summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
                         f"100 steps, so after another {horizon} steps at worst {worst}% "
