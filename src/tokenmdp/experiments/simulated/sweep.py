@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.exact.tier import run_threads
 from tokenmdp.experiments.simulated.tier import (COLLAPSE_FRACTION, START_SEED, SimRun, collapse_steps, resolve,
                                                  simulate)
 from tokenmdp.experiments.simulated.types import check_group_size
@@ -94,12 +95,13 @@ def run_sweep(*, presets: list[str], lrs: list[float], group_sizes: list[int], s
         raise TokenMDPError(f"simulate: every learning rate must be > 0, got {lrs}")
     t0 = time.perf_counter()
     runs = []
-    for g in group_sizes:
-        for lr in lrs:
-            for name in presets:
-                run = simulate(name, lr=lr, group_size=g, steps=steps, seeds=seeds, optimizer=optimizer, seed=seed,
-                               start_seed=start_seed, tied=tied, progress=progress)
-                runs.append(summarize(run))
+    with run_threads(1):  # tensors of a few hundred thousand numbers: one thread is fastest, by far on a busy machine
+        for g in group_sizes:
+            for lr in lrs:
+                for name in presets:
+                    run = simulate(name, lr=lr, group_size=g, steps=steps, seeds=seeds, optimizer=optimizer,
+                                   seed=seed, start_seed=start_seed, tied=tied, progress=progress)
+                    runs.append(summarize(run))
     settings = {"presets": presets, "lrs": lrs, "group_sizes": group_sizes, "seeds": seeds, "steps": steps,
                 "optimizer": optimizer, "tied": tied, "start_seed": start_seed, "seed": seed,
                 "collapse_fraction": COLLAPSE_FRACTION}
