@@ -17,6 +17,8 @@ from rich.table import Table
 
 from tokenmdp.commands._common import console as stdout_console
 from tokenmdp.commands._common import emit_json, err_console
+from tokenmdp.experiments.simulated.sweep import DEFAULTS, run_sweep, save_sweep
+from tokenmdp.progress import progress_bar
 
 
 def _gridworld_part(out: Console | None) -> dict[str, Any]:
@@ -115,9 +117,7 @@ DEMO_SIM = {"presets": ["grpo_nokl", "dr_grpo", "isft+", "isft-"], "lrs": [0.03,
 
 def _simulate(folder: Path) -> None:
     """The simulated tier's sweep of :data:`DEMO_SIM` into ``folder`` (the comparison's report picks it up)."""
-    from tokenmdp.experiments.simulated.plots import sim_figures
-    from tokenmdp.experiments.simulated.sweep import DEFAULTS, run_sweep, save_sweep
-    from tokenmdp.progress import progress_bar
+    from tokenmdp.experiments.simulated.plots import sim_figures  # matplotlib: loaded only when the demo runs
 
     settings = {**DEFAULTS, **DEMO_SIM}
     total = len(settings["presets"]) * len(settings["lrs"]) * len(settings["group_sizes"]) * settings["steps"]

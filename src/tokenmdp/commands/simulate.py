@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from tokenmdp.commands._common import console, emit_json, err_console, split_list
-from tokenmdp.experiments.simulated.sweep import DEFAULTS
+from tokenmdp.errors import TokenMDPError
+from tokenmdp.experiments.simulated.sweep import DEFAULTS, run_sweep, save_sweep, sweep_markdown
 from tokenmdp.progress import plain_log, progress_bar
 
 D = DEFAULTS
@@ -16,8 +17,6 @@ D = DEFAULTS
 
 def _numbers(values: list[str] | None, default: list, option: str, kind: type = float) -> list:
     """A comma-separated option as numbers of ``kind`` (``default`` when not given); one error naming it."""
-    from tokenmdp.errors import TokenMDPError
-
     items = split_list(values)
     if not items:
         return list(default)
@@ -49,8 +48,6 @@ def simulate_cmd(
     """Sampled training of hundreds of seeds on an enumerable token MDP (tabular softmax policy, the project's own
     losses, Adam), each setting next to the exact path of its expected update: collapse rates, the drift of the
     wrong answers' length, entropy."""
-    from tokenmdp.experiments.simulated.sweep import run_sweep, save_sweep, sweep_markdown
-
     names = split_list(presets) or list(D["presets"])
     rates = _numbers(lrs, D["lrs"], "--lrs")
     sizes = _numbers(group_sizes, D["group_sizes"], "--group-sizes", int)
@@ -69,7 +66,7 @@ def simulate_cmd(
         doc = run_sweep(presets=names, lrs=rates, group_sizes=sizes, seeds=seeds, steps=steps, optimizer=optimizer,
                         tied=not untied, start_seed=start_seed, seed=seed, progress=advance)
     if out is not None:
-        from tokenmdp.experiments.simulated.plots import sim_figures
+        from tokenmdp.experiments.simulated.plots import sim_figures  # matplotlib: only when --out asks for figures
 
         path = save_sweep(doc, out, sim_figures(doc))
         err_console.print(f"wrote {path}, {path.parent / 'summary.md'} and {path.parent / 'plots'}", highlight=False)
