@@ -1,6 +1,6 @@
 """The paper's claims and their verdicts, from a comparison's run folders: C1, C2 and :func:`evaluate_claims` in
-:mod:`.verdicts`, C3 in :mod:`.collapse`, C4 and C5 in :mod:`.length`, the shared thresholds, readers and formatting in :mod:`.common`,
-the tables and ``claims.json`` in :mod:`.render`."""
+:mod:`.verdicts`, C3 in :mod:`.collapse`, C4 and C5 in :mod:`.length`, the shared thresholds, readers and
+formatting in :mod:`.common`, the tables and ``claims.json`` in :mod:`.render`."""
 
 from __future__ import annotations
 
