@@ -56,11 +56,16 @@ class SimRun:
     seconds: float
 
 
-def policy_curves(theta: Tensor, table: SequenceTable) -> dict[str, Tensor]:
-    """``p_correct``, ``len_incorrect``, ``entropy`` of every policy of the logit tables ``theta`` (B, S, V), each
-    (B,)."""
+def response_logprobs(theta: Tensor, table: SequenceTable) -> Tensor:
+    """``log p(y)`` (B, N) of every response under each policy of the logit tables ``theta`` (B, S, V)."""
     logp_tok = torch.log_softmax(theta, dim=-1)[:, table.prefix_index, table.tokens]  # (B, N, T)
-    logp = torch.where(table.mask, logp_tok, torch.zeros((), dtype=theta.dtype)).sum(-1)
+    return torch.where(table.mask, logp_tok, torch.zeros((), dtype=theta.dtype)).sum(-1)
+
+
+def policy_curves(theta: Tensor, table: SequenceTable, logp: Tensor | None = None) -> dict[str, Tensor]:
+    """``p_correct``, ``len_incorrect``, ``entropy`` of every policy of the logit tables ``theta`` (B, S, V), each
+    (B,); ``logp``: their :func:`response_logprobs`, when the caller has them already."""
+    logp = response_logprobs(theta, table) if logp is None else logp
     p = logp.exp()
     correct = table.rewards > 0.5
     # E[length | incorrect] from the incorrect responses' own log-probs: exact however close P(correct) is to 1
@@ -142,9 +147,9 @@ def simulate(preset: str, *, lr: float, group_size: int, steps: int, seeds: int,
     for step in range(steps + 1):
         with torch.no_grad():
             theta = logits(params, tied)
-            stats = policy_curves(theta, table)
-            logp = torch.log_softmax(theta, -1)[:, table.prefix_index, table.tokens]
-            p = torch.where(table.mask, logp, torch.zeros((), dtype=logp.dtype)).sum(-1).exp()
+            logp = response_logprobs(theta, table)
+            stats = policy_curves(theta, table, logp)
+            p = logp.exp()  # the sampling distribution over whole responses
         for k, x in stats.items():
             curves[k].append(x.numpy().copy())
         if step == steps:
@@ -188,4 +193,4 @@ def collapse_steps(p_correct: np.ndarray, fraction: float = COLLAPSE_FRACTION) -
 
 
 __all__ = ["COLLAPSE_FRACTION", "OPTIMIZERS", "START_SEED", "SimRun", "check_variant", "collapse_steps", "exact_path",
-           "policy_curves", "resolve", "sampled_grad", "simulate"]
+           "policy_curves", "resolve", "response_logprobs", "sampled_grad", "simulate"]
