@@ -287,6 +287,9 @@ def test_c3_hand_figures_and_missing_base(tmp_path):
     half = T975_2 * 0.01 / math.sqrt(3)
     assert c3["measured"]["mean_ci"]["high"] == pytest.approx(0.01 + half)
     assert c3["summary"].startswith("isft- sampled/pass@1 1.0% [-1.5, 3.5] vs base 30.0%, n=3 seeds")
+    # sd 0.01 over 3 seeds: the exact noncentral-t MDD is 3.264 sd (stats.min_detectable_difference)
+    assert c3["measured"]["mdd"] == pytest.approx(0.03264, abs=1e-5)
+    assert c3["power"] == "n=3 seeds, 95% half width 2.5 points, detectable difference 3.3 points at 80% power"
     root2 = make_compare(tmp_path / "cmp2", ["isft-"])
     make_run(root2, "isft-", 0, sampled=0.0)
     c3 = evaluate_claims(collect([root2]))["C3"]

@@ -12,7 +12,8 @@ from tokenmdp.experiments.claims.common import (C3_COLLAPSE_FRACTION, C3_LATE_PO
                                                 SECONDARY_METRIC, base_metric, claim_record, fmt_points, nested_get,
                                                 paired_runs, run_metric)
 from tokenmdp.experiments.runs import Collection, RunData
-from tokenmdp.stats import CONTRADICTED, INCONCLUSIVE, SUPPORTED, bootstrap_ci, ls_slope, mean_ci
+from tokenmdp.stats import (CONTRADICTED, INCONCLUSIVE, SUPPORTED, bootstrap_ci, ls_slope, mean_ci,
+                            min_detectable_difference)
 
 
 # --- C3: negatives alone collapse --------------------------------------------------------------------------------
@@ -72,6 +73,8 @@ def claim_c3(col: Collection) -> dict:
                       "curve": {f"seed-{s}": _curve_from_zero(runs[s], col) for s in seeds},
                       "curve_note": "eval/accuracy of metrics.jsonl; step 0 is the base model (base_eval.json) "
                                     "when the run logged none"}
+    if ci.has_interval:  # the smallest shift of the mean accuracy (from any fixed level) 5% / 80% t tests detect
+        measured["mdd"] = min_detectable_difference(ci.std, ci.n)
     if not missing and ci.n == 0:
         missing.append(f"{PRIMARY_METRIC} in the eval.json of isft- runs")
     verdict, summary = INCONCLUSIVE, ""
@@ -101,7 +104,8 @@ def claim_c3(col: Collection) -> dict:
             summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
                         f"100 steps, so after another {horizon} steps at worst {worst}% "
                         f"({'levels off above' if levels_off else 'may reach'} the collapse line)")
-    power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points" if ci.has_interval else
+    power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points, detectable difference "
+             f"{fmt_points(measured['mdd'], False)} points at 80% power" if ci.has_interval else
              "one seed: no interval") if ci.n else None
     return claim_record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
                    f"isft- held-out {PRIMARY_METRIC} far below the base model's", ["isft-", "base model evaluation"],
