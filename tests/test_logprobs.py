@@ -133,6 +133,25 @@ def test_gradients_chunked_equal_unchunked(model):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("chunk", [10_000, 2])
+def test_entropy_as_metric_leaves_logprobs_and_gradients_bit_equal(model, chunk):
+    """``entropy_grad=False`` (the loss does not use the entropy): the same entropies, bit for bit, without a
+    gradient, and the log-probs' gradients bit-equal to those of the pass that kept the entropy's graph."""
+    batch = _batch(seed=3)
+    weights = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    out = []
+    for entropy_grad in (True, False):
+        model.zero_grad()
+        lp, ent = sequence_logprobs(model, *batch, return_entropy=True, chunk_size=chunk, entropy_grad=entropy_grad)
+        (lp * weights).sum().backward()
+        out.append((lp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lp1, ent1, g1), (lp2, ent2, g2) = out
+    assert ent1.requires_grad and not ent2.requires_grad
+    assert torch.equal(ent1.detach(), ent2) and torch.equal(lp1, lp2) and ent2.abs().sum() > 0
+    assert set(g1) == set(g2) and all(torch.equal(g1[n], g2[n]) for n in g1)
+    model.zero_grad()
+
+
 def test_empty_response(model):
     prompt, pmask, _, _ = _batch()
     lp, ent = sequence_logprobs(model, prompt, pmask, prompt[:, :0], pmask[:, :0], return_entropy=True)

@@ -99,8 +99,10 @@ def _chunk_stats(
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
     temperature: float,
     want_entropy: bool,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``targets`` (N,) and entropy (N,) (zeros unless wanted) for hidden states (N, H)."""
+    """Log-prob of ``targets`` (N,) and entropy (N,) (zeros unless wanted) for hidden states (N, H). Without
+    ``entropy_grad`` the entropy is computed outside autograd: a metric then keeps no (N, V) softmax alive."""
     logits = head(hidden)
     if transform is not None:
         logits = transform(logits)
@@ -110,8 +112,9 @@ def _chunk_stats(
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     if want_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = lse - (probs * logits).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.softmax(logits, dim=-1)
+            entropy = lse - (probs * logits).sum(-1)
     else:
         entropy = torch.zeros_like(logp)
     return logp, entropy
@@ -125,8 +128,10 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked log-probs (N,) and entropies (N,) of ``targets`` given predictor hidden states ``hidden`` (N, H)."""
+    """Chunked log-probs (N,) and entropies (N,) of ``targets`` given predictor hidden states ``hidden`` (N, H)
+    (entropies without gradient unless ``entropy_grad``)."""
     n = hidden.shape[0]
     vocab = parts.head.weight.shape[0] if hasattr(parts.head, "weight") else hidden.shape[-1]
     if chunk_size is None:
@@ -135,7 +140,8 @@ def token_logprobs_from_hidden(
     out_lp, out_ent = [], []
     for s in range(0, n, chunk_size):
         args = (hidden[s : s + chunk_size], targets[s : s + chunk_size])
-        fn = lambda h, y: _chunk_stats(h, y, parts.head, parts.transform, temperature, return_entropy)  # noqa: E731
+        fn = lambda h, y: _chunk_stats(h, y, parts.head, parts.transform, temperature,  # noqa: E731
+                                       return_entropy, entropy_grad)
         lp, ent = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
         out_lp.append(lp)
         out_ent.append(ent)
@@ -172,6 +178,7 @@ def sequence_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     context_mask: torch.Tensor | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced log pi(y_t | x, y_<t) of every response token, in one forward pass.
 
@@ -187,6 +194,8 @@ def sequence_logprobs(
     temperature : the log-probs and entropies are those of ``softmax(logits / temperature)``; 0 means 1 (greedy
         decoding is scored under the untempered logits).
     return_entropy : also return the entropy of each next-token distribution.
+    entropy_grad : whether that entropy carries a gradient (False: a metric only; the loss does not use it, and
+        its (N, V) softmax is not kept for the backward pass).
     chunk_size : how many response tokens go through the output head at once; default: as many as fit in 256 MiB
         of float32 logits (the whole batch for a char vocabulary, ~440 tokens for a 152k vocabulary).
 
@@ -203,7 +212,7 @@ def sequence_logprobs(
     p_len, t_len = prompt_ids.shape[1], response_ids.shape[1]
     if t_len == 0:
         return counted_logprobs(None, None, response_ids, None, temperature=temperature,
-                                return_entropy=return_entropy, chunk_size=chunk_size)
+                                return_entropy=return_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attn = torch.cat([prompt_mask, response_mask if context_mask is None else context_mask], dim=1).long()
     parts, hidden = _final_states(model, input_ids, attn)
@@ -211,7 +220,8 @@ def sequence_logprobs(
     counted = response_mask.bool() & (pred >= 0)
     rows, cols = counted.nonzero(as_tuple=True)
     return counted_logprobs(hidden[rows, pred[rows, cols]], (rows, cols), response_ids, parts,
-                            temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size)
+                            temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+                            entropy_grad=entropy_grad)
 
 
 def counted_logprobs(
@@ -223,6 +233,7 @@ def counted_logprobs(
     temperature: float,
     return_entropy: bool,
     chunk_size: int | None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The ``(B, T)`` log-probs (and entropies) of :func:`sequence_logprobs` from the predictor hidden states
     ``hidden`` (N, H) of the ``N`` counted response tokens at ``where = (rows, cols)``; zeros elsewhere
@@ -233,7 +244,8 @@ def counted_logprobs(
         return out_lp, out_ent
     rows, cols = where
     logp, ent = token_logprobs_from_hidden(hidden, response_ids[rows, cols], parts, temperature=temperature,
-                                           return_entropy=return_entropy, chunk_size=chunk_size)
+                                           return_entropy=return_entropy, chunk_size=chunk_size,
+                                           entropy_grad=entropy_grad)
     out_lp = out_lp.index_put((rows, cols), logp)
     if return_entropy:
         out_ent = out_ent.index_put((rows, cols), ent)

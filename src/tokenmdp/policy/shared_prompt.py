@@ -151,6 +151,7 @@ def grouped_sequence_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     context_mask: torch.Tensor | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sequence_logprobs`` with each distinct prompt row run through the backbone once.
 
@@ -171,15 +172,15 @@ def grouped_sequence_logprobs(
         warn_fallback(model, why)
         return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
                                  temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
-                                 context_mask=context_mask)
+                                 context_mask=context_mask, entropy_grad=entropy_grad)
     if response_ids.shape[1] == 0 or prompt_ids.shape[1] == 0:
         return sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask,
                                  temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
-                                 context_mask=context_mask)
+                                 context_mask=context_mask, entropy_grad=entropy_grad)
     hidden, where = shared_prompt_states(parts.backbone, kwarg, prompt_ids, prompt_mask, response_ids, response_mask,
                                          context_mask)
     return counted_logprobs(hidden, where, response_ids, parts, temperature=temperature,
-                            return_entropy=return_entropy, chunk_size=chunk_size)
+                            return_entropy=return_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
 
 
 __all__ = ["backbone_support", "grouped_sequence_logprobs", "prompt_groups", "shared_prompt_states", "warn_fallback"]

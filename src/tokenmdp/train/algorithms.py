@@ -234,7 +234,7 @@ class PolicyGradient:
     def loss(self, learner: Learner, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
         """The loss of one micro-batch ``t`` with the minibatch's normalisers (exact accumulation)."""
         spec, sub = self.spec, t.rollout
-        lp, ent = learner.forward(learner.model, sub, entropy=True)
+        lp, ent = learner.forward(learner.model, sub, entropy=True, entropy_grad=spec.entropy_coef != 0.0)
         old, is_weights, tis_m = t.old_logprobs, t.is_weights, {}
         if old is None:  # a stale batch's anchor from this very forward (anchor_in_pass)
             old = lp.detach().float()
@@ -357,7 +357,7 @@ class FilteredSFT:
     def loss(self, learner: Learner, t: TrainBatch, n_tok, n_seq, meter: MetricMeter) -> torch.Tensor:
         """The (weighted, negated for negatives) log-likelihood loss of one micro-batch of kept responses."""
         spec, sub = self.spec, t.rollout
-        lp, ent = learner.forward(learner.model, sub, entropy=True)
+        lp, ent = learner.forward(learner.model, sub, entropy=True, entropy_grad=False)  # a metric here
         seq_adv = None if t.advantages is None else t.advantages[:, 0]  # a response has >= 1 token
         loss, m = isft_loss(
             lp.float(), sub.response_mask, t.correct, mode=spec.isft_mode, weighting=spec.isft_weighting,
@@ -413,7 +413,7 @@ class DPO:
         """The DPO loss of one micro-batch of pairs (chosen rows first, then their rejected rows), scaled by its
         share of the minibatch (exact accumulation)."""
         spec, sub = self.spec, t.rollout
-        lp, ent = learner.forward(learner.model, sub, entropy=True)
+        lp, ent = learner.forward(learner.model, sub, entropy=True, entropy_grad=False)  # a metric here
         seq = sequence_logps(lp.float(), sub.response_mask)
         seq_ref = sequence_logps(t.ref_logprobs, sub.response_mask)
         loss, m = dpo_loss(seq[:n_micro], seq[n_micro:], seq_ref[:n_micro], seq_ref[n_micro:], beta=spec.dpo_beta,

@@ -278,9 +278,10 @@ class Learner:
         groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1] if self.shared_prompt else None
         return row_lengths(rollout), groups
 
-    def forward(self, model, sub: Rollout, *, entropy: bool = False):
+    def forward(self, model, sub: Rollout, *, entropy: bool = False, entropy_grad: bool = True):
         """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with
-        ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once."""
+        ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once. ``entropy_grad=False``:
+        the entropy is a metric only (no gradient, no softmax kept for the backward pass)."""
         score = grouped_sequence_logprobs if self.shared_prompt else sequence_logprobs
         run = partial(score, model)
         if self.fsdp is not None and model is self.model:  # through the FSDP root: it gathers embeddings and head
@@ -288,7 +289,7 @@ class Learner:
         context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}  # multi-turn episodes
         with self.accelerator.autocast(), update_mode(model):
             return run(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
-                       temperature=self.temperature, return_entropy=entropy, **context)
+                       temperature=self.temperature, return_entropy=entropy, entropy_grad=entropy_grad, **context)
 
     def critic_values(self, critic, sub: Rollout) -> torch.Tensor:
         """(B, T) critic values V(s_t) of ``sub``'s response tokens (shared prompts as in :meth:`forward`)."""
