@@ -40,11 +40,12 @@ def _params(seed: int, bump: float = 0.0) -> dict:
 
 def make_run(root, algo: str, seed: int, *, sampled: float = 0.3, greedy: float | None = None,
              length_incorrect=None, reward=None, curve: dict | None = None, params: dict | None = None,
-             steps: int = 5) -> None:
-    """A finished run folder as a comparison leaves it: config.yaml, metrics.jsonl, eval.json, DONE, final/."""
+             steps: int = 5, trains: str | None = None, lr: float = 1e-4) -> None:
+    """A finished run folder as a comparison leaves it: config.yaml, metrics.jsonl, eval.json, DONE, final/
+    (``trains``: the algorithm of a named arm ``algo``)."""
     d = root / "runs" / algo / f"seed-{seed}"
     d.mkdir(parents=True)
-    (d / "config.yaml").write_text(yaml.safe_dump({"algo": {"name": algo}, "optim": {"lr": 1e-4},
+    (d / "config.yaml").write_text(yaml.safe_dump({"algo": {"name": trains or algo}, "optim": {"lr": lr},
                                                    "run": {"seed": seed, "steps": steps, "eval_greedy": True}}))
     lines = []
     for step in range(1, steps + 1):
@@ -277,6 +278,29 @@ def test_c3_collapse(tmp_path, values, verdict):
     assert m["mean_ci"]["mean"] == pytest.approx(sum(values) / 3)
     assert m["curve"]["seed-1"] == [[0, 0.32], [2, 0.2], [5, values[1]]]  # step 0: the base model's greedy
     assert m["bootstrap"]["n"] == 3
+
+
+def test_c3_by_learning_rate(tmp_path):
+    """An arm that trains ISFT- at another rate is judged on its own; one that collapses supports the claim, with
+    the step its greedy curve crossed half the base's greedy accuracy (0.32 / 2 = 0.16)."""
+    root = make_compare(tmp_path / "cmp", ["isft-", "isft-lr1e-3"], BASE)
+    for s, v, w in zip(SEEDS, (0.22, 0.23, 0.24), (0.0, 0.01, 0.02)):
+        make_run(root, "isft-", s, sampled=v, curve={2: 0.25, 5: v})
+        make_run(root, "isft-lr1e-3", s, sampled=w, curve={2: 0.1, 5: 0.0}, trains="isft-", lr=1e-3)
+    c3 = evaluate_claims(collect([root]))["C3"]
+    assert c3["verdict"] == SUPPORTED
+    m = c3["measured"]
+    assert m["mean_ci"]["mean"] == pytest.approx(0.23) and m["lr"] == 1e-4  # the plain arm's readings first
+    arms = m["arms"]
+    assert list(arms) == ["isft-", "isft-lr1e-3"]
+    assert arms["isft-"]["verdict"] == INCONCLUSIVE and arms["isft-"]["collapse_step"] == {
+        "seed-0": None, "seed-1": None, "seed-2": None}
+    assert arms["isft-lr1e-3"]["verdict"] == SUPPORTED and arms["isft-lr1e-3"]["lr"] == 1e-3
+    assert arms["isft-lr1e-3"]["collapse_step"] == {"seed-0": 2, "seed-1": 2, "seed-2": 2}
+    assert "; by arm: isft- (lr 0.0001) 23.0% [20.5, 25.5]: inconclusive at this power; isft-lr1e-3 (lr 0.001) " \
+           "1.0% [-1.5, 3.5]: supported, its greedy curve below half the base's by step 2 in 3 of 3 seeds" \
+           in c3["summary"]
+    assert c3["power"].startswith("n=3 seeds, 95% half width 2.5 points")
 
 
 def test_c3_hand_figures_and_missing_base(tmp_path):

@@ -61,3 +61,54 @@ def test_a_token_budget_changes_nothing_but_memory(tmp_path, tiny_random_dir, al
 def test_a_bad_token_budget_names_the_field():
     with pytest.raises(TokenMDPError, match="optim.micro_batch_tokens"):
         load_config(None, ["optim.micro_batch_tokens=0"])
+
+
+def test_a_shared_prompt_counts_once_in_the_budget():
+    """Groups [0, 0, 1, 1] with prompts of 5 and 3 tokens and responses of 4, 3, 3, 4 (rows of 9, 8, 6, 7).
+    Shared: [0, 1] runs 1 x 5 + 2 x 4 = 13 <= 14, adding row 2 would run 2 x 5 + 3 x 4 = 22; [2, 3] runs
+    1 x 3 + 2 x 4 = 11. Padded, the same budget cuts by rows x longest row: 9, 8, then 7 + 7 = 14."""
+    rows, lengths = torch.arange(4), torch.tensor([9, 8, 6, 7])
+    groups, prompts = torch.tensor([0, 0, 1, 1]), torch.tensor([5, 5, 3, 3])
+    shared = [m.tolist() for m in micro_batches(rows, 4, lengths, groups, prompts, max_tokens=14)]
+    assert shared == [[0, 1], [2, 3]]
+    assert _cut([9, 8, 6, 7], 4, 14) == [[0], [1], [3, 2]]
+
+
+def test_a_budget_that_does_not_bind_keeps_the_rows_as_they_are():
+    rows = torch.tensor([2, 0, 1])
+    lengths = torch.tensor([3, 9, 5])  # of rows 0, 1, 2: the pass of all three runs 3 x 9 = 27 tokens
+    assert [m.tolist() for m in micro_batches(rows, 4, lengths, max_tokens=27)] == [[2, 0, 1]]
+    # 26: it binds, longest first: rows 1 and 2 run 2 x 9 = 18, adding row 0 would make 27
+    assert [m.tolist() for m in micro_batches(rows, 4, lengths, max_tokens=26)] == [[1, 2], [0]]
+
+
+def test_auto_budget_by_hand():
+    import os
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tokenmdp.train.learner import AUTO_MEMORY_SHARE, auto_micro_batch_tokens
+
+    model = nn.Linear(1, 1)
+    model.config = SimpleNamespace(num_hidden_layers=2, hidden_size=10, intermediate_size=20)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_token = 2 * (14 * 10 + 9 * 20) * 4  # 2 layers x 320 floats x 4 bytes
+    assert auto_micro_batch_tokens(model, "cpu") == int(ram * AUTO_MEMORY_SHARE // per_token)
+    assert auto_micro_batch_tokens(model, "cpu", half=True) == int(ram * AUTO_MEMORY_SHARE // (per_token // 2))
+    # checkpointing: each layer keeps its 10-wide input, one layer's 320 floats at a time
+    assert auto_micro_batch_tokens(model, "cpu", checkpointing=True) == int(ram * AUTO_MEMORY_SHARE // (340 * 4))
+    model.config = SimpleNamespace(vocab_size=5)  # no sizes: no cap
+    assert auto_micro_batch_tokens(model, "cpu") is None
+
+
+def test_auto_does_not_cut_the_tiny_model(tmp_path, tiny_random_dir):
+    """The default (auto) leaves a tiny model's micro-batches as they were: the run is bit-equal to one without a
+    budget."""
+    def run(name, *extra):
+        cfg = load_config(None, [f"model.path={tiny_random_dir}", "algo.name=grpo", f"run.out={tmp_path / name}",
+                                 *SMALL, "optim.micro_batch_size=4", *extra])
+        return load_file(str(train(cfg, progress=False) / "final" / "model.safetensors"))
+
+    a, b = run("auto"), run("none", "optim.micro_batch_tokens=null")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -35,7 +35,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
     }
     if config.optim.minibatch_size is not None:
         positive["optim.minibatch_size"] = config.optim.minibatch_size
-    if config.optim.micro_batch_tokens is not None:
+    if isinstance(config.optim.micro_batch_tokens, int):
         positive["optim.micro_batch_tokens"] = config.optim.micro_batch_tokens
     if config.run.threads is not None:
         positive["run.threads"] = config.run.threads

@@ -153,9 +153,12 @@ class OptimConfig:
     warmup_steps: int = 0
     minibatch_size: int | None = None
     micro_batch_size: int = 16
-    # and at most this many padded tokens (rows x the longest row's prompt + response) per micro-batch; None: no
-    # limit. Memory of the update follows tokens, not rows: long responses of a real model need it
-    micro_batch_tokens: int | None = None
+    # and at most this many tokens of forward pass per micro-batch (rows x the longest row's prompt + response;
+    # with shared_prompt each group's prompt once); None: no limit. Memory of the update follows tokens, not rows.
+    # "auto": as many as keep one micro-batch's saved activations within 1/8 of the device's memory, estimated from
+    # the model's sizes (tokenmdp.train.learner.auto_micro_batch_tokens: no cut for the embedded tiny model; 4
+    # rows of SmolLM2's 234-token chat rows on a 24 GiB machine, where 16 rows held 9.4 GiB)
+    micro_batch_tokens: int | Literal["auto"] | None = "auto"
     # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
     # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage). Off by
     # default: policy/entropy, clip_frac and approx_kl are then means over the rows that ran only, which would

@@ -162,31 +162,91 @@ def update_mode(model: nn.Module) -> Iterator[None]:
 
 
 def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = None,
-                  groups: torch.Tensor | None = None, *, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+                  groups: torch.Tensor | None = None, prompt_lengths: torch.Tensor | None = None, *,
+                  max_tokens: int | None = None) -> Iterator[torch.Tensor]:
     """``rows`` cut into chunks of ``size``; with ``lengths`` (per row of the batch), longest rows first, so that
     each micro-batch holds rows of similar length and little padding (the result does not depend on the order:
     the normalisers are those of the whole minibatch). With ``groups`` (a group id per row of the batch), the rows
     of a group are kept next to each other (groups longest first), so that a micro-batch holds whole groups
     where ``size`` allows (``optim.shared_prompt`` then runs each group's prompt once). With ``max_tokens`` (and
-    ``lengths``) a micro-batch also holds at most that many padded tokens, its rows times its longest row (a row
-    longer than the budget goes alone): ``lengths [9, 5, 4, 2]``, ``size 4``, ``max_tokens 12`` ->
-    ``[9], [5, 4], [2]``."""
+    ``lengths``) a micro-batch also holds at most that many tokens of forward pass (:func:`_pass_tokens`: its rows
+    times its longest row; with ``groups`` and ``prompt_lengths``, each group's prompt once), a row longer than
+    the budget alone: ``lengths [9, 5, 4, 2]``, ``size 4``, ``max_tokens 12`` -> ``[9], [5, 4], [2]``. Rows that
+    fit one micro-batch stay in their order (a budget that does not bind changes nothing, bit for bit)."""
+    shared = groups is not None and prompt_lengths is not None
+    if max_tokens is not None and lengths is not None and len(rows) <= size:
+        if _pass_tokens(rows, lengths, groups if shared else None, prompt_lengths) <= max_tokens:
+            max_tokens = None  # one micro-batch as it is
     if (len(rows) > size or max_tokens is not None) and (lengths is not None or groups is not None):
         rows = rows[_order(rows, lengths, groups).to(rows.device)]
     if max_tokens is None or lengths is None:
         for start in range(0, len(rows), size):
             yield rows[start : start + size]
         return
-    length = lengths.index_select(0, rows.to(lengths.device)).cpu().tolist()
-    start, longest = 0, 0
+    idx = rows.to(lengths.device)
+    length = lengths.index_select(0, idx).cpu().tolist()
+    prompt = (prompt_lengths.to(lengths.device).index_select(0, idx).cpu().tolist() if shared
+              else [0] * len(length))
+    group = groups.to(lengths.device).index_select(0, idx).cpu().tolist() if shared else list(range(len(length)))
+    start, seen, long_p, long_r = 0, set(), 0, 0
     for i, n in enumerate(length):
-        longest_with = max(longest, n)
-        if i > start and (i - start >= size or (i - start + 1) * longest_with > max_tokens):
+        # the pass with row i added: (prompts, longest prompt, longest response); unshared: rows x longest row
+        with_seen = len(seen | {group[i]}) if shared else i - start + 1
+        with_p, with_r = max(long_p, prompt[i]), max(long_r, n - prompt[i])
+        if i > start and (i - start >= size or with_seen * with_p + (i - start + 1) * with_r > max_tokens):
             yield rows[start:i]
-            start, longest_with = i, n
-        longest = longest_with
+            start, seen, with_seen, with_p, with_r = i, set(), 1, prompt[i], n - prompt[i]
+        seen.add(group[i])
+        long_p, long_r = with_p, with_r
     if start < len(rows):
         yield rows[start:]
+
+
+#: Float values one token keeps for the backward pass in one Llama-family block (attention, SwiGLU MLP, the
+#: norms; LoRA or full fine-tuning): about 14 x hidden + 9 x intermediate, counted on SmolLM2-135M-Instruct
+#: (9.4 GiB for 16 rows of 234 tokens, 30 layers; benchmarks/RESULTS.md, "Where the update's memory goes")
+SAVED_PER_HIDDEN, SAVED_PER_INTERMEDIATE = 14, 9
+#: ``optim.micro_batch_tokens: auto`` lets one micro-batch's saved activations take this share of the device's
+#: memory (a CUDA device's, else the machine's RAM)
+AUTO_MEMORY_SHARE = 1 / 8
+
+
+def auto_micro_batch_tokens(model: nn.Module, device: torch.device | str, *, half: bool = False,
+                            checkpointing: bool = False) -> int | None:
+    """``optim.micro_batch_tokens: auto``: the tokens of forward pass whose saved activations fill
+    :data:`AUTO_MEMORY_SHARE` of the device's memory, from the model's config (layers, hidden and intermediate
+    sizes; 2 bytes a value under ``half`` precision, else 4; with gradient checkpointing each layer keeps only
+    its input, and one layer's activations live at a time: ``checkpointing``). None (no cap) for a config
+    without those sizes."""
+    import os
+
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not (isinstance(layers, int) and isinstance(hidden, int)):
+        return None
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    block = SAVED_PER_HIDDEN * hidden + SAVED_PER_INTERMEDIATE * inter
+    per_token = (layers * hidden + block if checkpointing else layers * block) * (2 if half else 4)
+    device = torch.device(device)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, int(memory * AUTO_MEMORY_SHARE // per_token))
+
+
+def _pass_tokens(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None,
+                 prompt_lengths: torch.Tensor | None) -> int:
+    """Tokens the forward pass of micro-batch ``rows`` runs, padding included: rows x the longest row; with
+    ``groups`` (the shared prompt), the distinct prompts x the longest prompt + rows x the longest response."""
+    idx = rows.to(lengths.device)
+    length = lengths.index_select(0, idx)
+    if groups is None or prompt_lengths is None:
+        return len(rows) * int(length.max())
+    prompt = prompt_lengths.to(lengths.device).index_select(0, idx)
+    n_prompts = len(torch.unique(groups.to(lengths.device).index_select(0, idx)))
+    return n_prompts * int(prompt.max()) + len(rows) * int((length - prompt).max())
 
 
 def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
@@ -272,11 +332,14 @@ class Learner:
 
     # -- passes --------------------------------------------------------------------------------------------------
 
-    def batch_order(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(lengths, groups)`` for :func:`micro_batches` over the rows of ``rollout``: the row lengths, and with
-        ``optim.shared_prompt`` the distinct prompt of each row (rows of equal prompt ids and mask)."""
-        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1] if self.shared_prompt else None
-        return row_lengths(rollout), groups
+    def batch_order(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(lengths, groups, prompt_lengths)`` for :func:`micro_batches` over the rows of ``rollout``: the row
+        lengths, and with ``optim.shared_prompt`` the distinct prompt of each row (rows of equal prompt ids and
+        mask) and the prompt's length (a group's prompt runs once, so the token budget counts it once)."""
+        if not self.shared_prompt:
+            return row_lengths(rollout), None, None
+        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1]
+        return row_lengths(rollout), groups, rollout.prompt_mask.sum(dim=1)
 
     def forward(self, model, sub: Rollout, *, entropy: bool = False, entropy_grad: bool = True):
         """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with

@@ -21,7 +21,7 @@ from tokenmdp.train.algorithms import Algorithm, make_algorithm
 from tokenmdp.train.batch import step_rewards
 from tokenmdp.train.config import TrainConfig, resolve_algo
 from tokenmdp.train.environment import RunEnvironment, build_environment
-from tokenmdp.train.learner import Learner
+from tokenmdp.train.learner import Learner, auto_micro_batch_tokens
 from tokenmdp.train.trackers import accelerator_kwargs, requested
 
 if TYPE_CHECKING:
@@ -283,7 +283,8 @@ def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = 
     learner = Learner(
         model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
         temperature=config.rollout.temperature or 1.0, micro_batch_size=config.optim.micro_batch_size,
-        micro_batch_tokens=config.optim.micro_batch_tokens, shared_prompt=config.optim.shared_prompt,
+        micro_batch_tokens=_micro_batch_tokens(config, model, accelerator.device),
+        shared_prompt=config.optim.shared_prompt,
         max_grad_norm=config.optim.max_grad_norm, needs_reference=needs_reference, ref_model=ref_model,
         adapter=adapter, critic=critic, critic_optimizer=critic_optimizer, fsdp=sharding,
     )
@@ -298,6 +299,17 @@ def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = 
                                process_rewards=process_rewards)
     # the trackers (run.report_to) start in RunHandle.begin, once the run folder is (re)created
     return RunParts(spec, settings, learner, algorithm, task, policy.tokenizer, engine, env)
+
+
+def _micro_batch_tokens(config: TrainConfig, model, device) -> int | None:
+    """``optim.micro_batch_tokens`` as the learner takes it: "auto" resolved from the model's sizes and the
+    device's memory (half precision under bf16 / fp16 autocast or half weights)."""
+    tokens = config.optim.micro_batch_tokens
+    if tokens != "auto":
+        return tokens
+    dtype = next(model.parameters()).dtype
+    half = config.run.mixed_precision != "no" or dtype in (torch.float16, torch.bfloat16)
+    return auto_micro_batch_tokens(model, device, half=half, checkpointing=config.model.gradient_checkpointing)
 
 
 def _shard(model, accelerator) -> Sharding:

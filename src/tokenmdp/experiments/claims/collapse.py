@@ -56,60 +56,114 @@ def _c3_levels_off(ci, curves: dict, horizon: int, collapse: float) -> tuple[boo
     return ci.low > collapse and projected > collapse, late
 
 
-def claim_c3(col: Collection) -> dict:
-    _, missing, runs = paired_runs(col, ["isft-"])
-    runs = runs["isft-"]
-    base = base_metric(col, PRIMARY_METRIC)
-    if not col.base_evals or not math.isfinite(base):
-        missing.append(f"base_eval.json with {PRIMARY_METRIC} (the base model's held-out evaluation)")
+def isft_minus_arms(col: Collection) -> dict[str, dict]:
+    """``{name: {seed: run}}``: the finished runs of ``isft-`` and of every named arm that trains it (another
+    learning rate, for example: ``compare --preset c3-lr-sweep``), plain ``isft-`` first."""
+    arms: dict[str, dict] = {}
+    for r in sorted(col.runs, key=lambda r: r.algo != "isft-"):
+        if r.finished and (r.algo == "isft-" or nested_get(r.config, "algo", "name") == "isft-"):
+            arms.setdefault(r.algo, {})[r.seed] = r
+    return arms
+
+
+def _collapse_step(curve: list[list[float]], line: float) -> int | None:
+    """The first step of a held-out curve below ``line`` (None: never)."""
+    return next((int(s) for s, v in curve if v < line), None)
+
+
+def _judge(name: str, runs: dict, col: Collection, base: float) -> tuple[str, dict, str]:
+    """C3's readings for the runs of one ISFT- arm: ``(verdict, measured, summary)``."""
     seeds = sorted(runs, key=lambda s: (s is None, s or 0))
     values = [run_metric(runs[s], PRIMARY_METRIC) for s in seeds]
     ci = mean_ci(values)
+    collapse = C3_COLLAPSE_FRACTION * base
+    base_greedy = base_metric(col, SECONDARY_METRIC)
     measured: dict = {"seeds": seeds, "metric": PRIMARY_METRIC, "per_seed": dict(zip([f"seed-{s}" for s in seeds],
                                                                                      values)),
                       "greedy_per_seed": {f"seed-{s}": run_metric(runs[s], SECONDARY_METRIC) for s in seeds},
-                      "mean_ci": ci.to_dict(), "base": base, "base_greedy": base_metric(col, SECONDARY_METRIC),
-                      "collapse_below": C3_COLLAPSE_FRACTION * base if math.isfinite(base) else math.nan,
+                      "mean_ci": ci.to_dict(), "base": base, "base_greedy": base_greedy,
+                      "collapse_below": collapse,
                       "curve": {f"seed-{s}": _curve_from_zero(runs[s], col) for s in seeds},
                       "curve_note": "eval/accuracy of metrics.jsonl; step 0 is the base model (base_eval.json) "
-                                    "when the run logged none"}
+                                    "when the run logged none",
+                      "lr": nested_get(runs[seeds[0]].config, "optim", "lr") if seeds else None}
+    # the first held-out (greedy) curve point below half the base's greedy accuracy, per seed
+    measured["collapse_step"] = {k: _collapse_step(c, C3_COLLAPSE_FRACTION * base_greedy)
+                                 for k, c in measured["curve"].items()}
     if ci.has_interval:  # the smallest shift of the mean accuracy (from any fixed level) 5% / 80% t tests detect
         measured["mdd"] = min_detectable_difference(ci.std, ci.n)
-    if not missing and ci.n == 0:
+    if ci.n >= 2:
+        measured["bootstrap"] = bootstrap_ci(values).to_dict()
+    horizon = max((int(nested_get(runs[s].config, "run", "steps") or 0) for s in seeds), default=0)
+    levels_off, late = _c3_levels_off(ci, measured["curve"], horizon, collapse)
+    if late is not None:
+        measured["late_trend"] = late
+    verdict = INCONCLUSIVE
+    if ci.has_interval and ci.high < collapse:
+        verdict = SUPPORTED
+    elif ci.has_interval and ci.low >= base - EQUIV_MARGIN:
+        verdict = CONTRADICTED
+    elif levels_off:
+        verdict = CONTRADICTED
+    band = (f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval
+            else "(1 seed, no interval)")
+    last = [c[-1][1] for c in measured["curve"].values() if c]
+    summary = (f"{name} {PRIMARY_METRIC} {fmt_points(ci.mean, False)}% {band} vs base {fmt_points(base, False)}%, "
+               f"n={ci.n} seeds (collapse: upper end below {fmt_points(collapse, False)}%)"
+               + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
+                  else ""))
+    if late is not None:
+        sl = late["points_per_100_steps"]
+        worst = fmt_points(late["projected_low"], False)
+        summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
+                    f"100 steps, so after another {horizon} steps at worst {worst}% "
+                    f"({'levels off above' if levels_off else 'may reach'} the collapse line)")
+    return verdict, measured, summary
+
+
+def claim_c3(col: Collection) -> dict:
+    """C3 judged on ``isft-`` (its runs' readings in ``measured``) and on every arm that trains ISFT- otherwise
+    (``measured["arms"]``, one verdict each with its learning rate); the claim is supported when any of them
+    collapses, the conditions said in the summary, else it takes the plain arm's verdict."""
+    arms = isft_minus_arms(col)
+    missing = [] if arms else paired_runs(col, ["isft-"])[1]
+    base = base_metric(col, PRIMARY_METRIC)
+    if not col.base_evals or not math.isfinite(base):
+        missing.append(f"base_eval.json with {PRIMARY_METRIC} (the base model's held-out evaluation)")
+    primary = next(iter(arms), "isft-")
+    judged = {name: _judge(name, runs, col, base) for name, runs in (arms or {primary: {}}).items()}
+    measured = judged[primary][1]
+    ci = measured.get("mean_ci", {})
+    n = ci.get("n", 0)
+    if not missing and not n:
         missing.append(f"{PRIMARY_METRIC} in the eval.json of isft- runs")
     verdict, summary = INCONCLUSIVE, ""
     if not missing:
-        if ci.n >= 2:
-            measured["bootstrap"] = bootstrap_ci(values).to_dict()
-        horizon = max((int(nested_get(runs[s].config, "run", "steps") or 0) for s in seeds), default=0)
-        levels_off, late = _c3_levels_off(ci, measured["curve"], horizon, C3_COLLAPSE_FRACTION * base)
-        if late is not None:
-            measured["late_trend"] = late
-        if ci.has_interval and ci.high < C3_COLLAPSE_FRACTION * base:
-            verdict = SUPPORTED
-        elif ci.has_interval and ci.low >= base - EQUIV_MARGIN:
-            verdict = CONTRADICTED
-        elif levels_off:
-            verdict = CONTRADICTED
-        band = (f"[{fmt_points(ci.low, False)}, {fmt_points(ci.high, False)}]" if ci.has_interval
-                else "(1 seed, no interval)")
-        last = [c[-1][1] for c in measured["curve"].values() if c]
-        summary = (f"isft- {PRIMARY_METRIC} {fmt_points(ci.mean, False)}% {band} vs base {fmt_points(base, False)}%, "
-                   f"n={ci.n} seeds (collapse: upper end below {fmt_points(C3_COLLAPSE_FRACTION * base, False)}%)"
-                   + (f"; last held-out curve point {fmt_points(sum(last) / len(last), False)}% on average" if last
-                      else ""))
-        if late is not None:
-            sl = late["points_per_100_steps"]
-            worst = fmt_points(late["projected_low"], False)
-            summary += (f"; late held-out slope {sl['mean']:+.1f} [{sl['low']:+.1f}, {sl['high']:+.1f}] points per "
-                        f"100 steps, so after another {horizon} steps at worst {worst}% "
-                        f"({'levels off above' if levels_off else 'may reach'} the collapse line)")
-    power = (f"n={ci.n} seeds, 95% half width {fmt_points(ci.half_width, False)} points, detectable difference "
-             f"{fmt_points(measured['mdd'], False)} points at 80% power" if ci.has_interval else
-             "one seed: no interval") if ci.n else None
+        verdict, _, summary = judged[primary]
+        if len(judged) > 1:
+            measured["arms"] = {name: {"lr": m["lr"], "n": m["mean_ci"]["n"], "mean_ci": m["mean_ci"],
+                                       "collapse_step": m["collapse_step"], "verdict": v,
+                                       **({"late_trend": m["late_trend"]} if "late_trend" in m else {})}
+                                for name, (v, m, _) in judged.items()}
+            parts = []
+            for name, (v, m, _) in judged.items():
+                mc, steps = m["mean_ci"], [x for x in m["collapse_step"].values() if x is not None]
+                band = (f" [{fmt_points(mc['low'], False)}, {fmt_points(mc['high'], False)}]"
+                        if mc.get("half_width") is not None and math.isfinite(mc["half_width"]) else "")
+                when = (f", its greedy curve below half the base's by step {max(steps)} in {len(steps)} of "
+                        f"{mc['n']} seeds" if steps else "")
+                parts.append(f"{name} (lr {m['lr']:g}) {fmt_points(mc['mean'], False)}%{band}: {v}{when}")
+            summary += "; by arm: " + "; ".join(parts)
+            if verdict != SUPPORTED and any(v == SUPPORTED for v, _, _ in judged.values()):
+                verdict = SUPPORTED
+    power = None
+    if n:
+        power = (f"n={n} seeds, 95% half width {fmt_points(ci['half_width'], False)} points, detectable difference "
+                 f"{fmt_points(measured['mdd'], False)} points at 80% power" if "mdd" in measured else
+                 "one seed: no interval")
     return claim_record("C3, negatives alone collapse: ISFT- (negatives only) falls to 0% (paper, Countdown)",
-                   f"isft- held-out {PRIMARY_METRIC} far below the base model's", ["isft-", "base model evaluation"],
-                   [], measured, summary, verdict, power, missing)
+                        f"isft- held-out {PRIMARY_METRIC} far below the base model's",
+                        ["isft-", "base model evaluation"], [], measured, summary, verdict, power, missing)
 
 
-__all__ = ["claim_c3", "late_trend"]
+__all__ = ["claim_c3", "isft_minus_arms", "late_trend"]
