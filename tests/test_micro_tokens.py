@@ -71,6 +71,15 @@ def test_a_shared_prompt_counts_once_in_the_budget():
     groups, prompts = torch.tensor([0, 0, 1, 1]), torch.tensor([5, 5, 3, 3])
     shared = [m.tolist() for m in micro_batches(rows, 4, lengths, groups, prompts, max_tokens=14)]
     assert shared == [[0, 1], [2, 3]]
+    # two groups of 8 rows, prompts of 170 and responses of 64 (SmolLM2's chat rows), a budget of 1,202 tokens:
+    # 13 rows would fit (2 x 170 + 13 x 64 = 1,172) but split the second group: each group goes whole
+    rows, lengths = torch.arange(16), torch.full((16,), 234)
+    groups, prompts = torch.tensor([0] * 8 + [1] * 8), torch.full((16,), 170)
+    cut = [len(m) for m in micro_batches(rows, 16, lengths, groups, prompts, max_tokens=1202)]
+    assert cut == [8, 8]
+    # a group larger than the budget is still cut inside, and the row limit cuts where it falls, as before
+    assert [len(m) for m in micro_batches(rows, 16, lengths, groups, prompts, max_tokens=600)] == [6, 2, 6, 2]
+    assert [len(m) for m in micro_batches(rows, 12, lengths, groups, prompts, max_tokens=10_000)] == [12, 4]
     assert _cut([9, 8, 6, 7], 4, 14) == [[0], [1], [3, 2]]
 
 

@@ -188,18 +188,33 @@ def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = 
     prompt = (prompt_lengths.to(lengths.device).index_select(0, idx).cpu().tolist() if shared
               else [0] * len(length))
     group = groups.to(lengths.device).index_select(0, idx).cpu().tolist() if shared else list(range(len(length)))
-    start, seen, long_p, long_r = 0, set(), 0, 0
-    for i, n in enumerate(length):
-        # the pass with row i added: (prompts, longest prompt, longest response); unshared: rows x longest row
+    start = 0
+    while start < len(rows):
+        end = _cut_end(start, length, prompt, group, size, max_tokens, shared)
+        yield rows[start:end]
+        start = end
+
+
+def _cut_end(start: int, length: list, prompt: list, group: list, size: int, max_tokens: int, shared: bool) -> int:
+    """Where the micro-batch that begins at row ``start`` ends: rows are added while the pass stays within
+    ``size`` rows and ``max_tokens`` tokens (:func:`_pass_tokens`); a group the token budget would split is left
+    whole for the next micro-batch when the micro-batch holds another one before it."""
+    seen, long_p, long_r, end, by_tokens = set(), 0, 0, start, False
+    for i in range(start, len(length)):
         with_seen = len(seen | {group[i]}) if shared else i - start + 1
-        with_p, with_r = max(long_p, prompt[i]), max(long_r, n - prompt[i])
-        if i > start and (i - start >= size or with_seen * with_p + (i - start + 1) * with_r > max_tokens):
-            yield rows[start:i]
-            start, seen, with_seen, with_p, with_r = i, set(), 1, prompt[i], n - prompt[i]
+        with_p, with_r = max(long_p, prompt[i]), max(long_r, length[i] - prompt[i])
+        if i > start and i - start >= size:
+            break
+        if i > start and with_seen * with_p + (i - start + 1) * with_r > max_tokens:
+            by_tokens = True
+            break
         seen.add(group[i])
-        long_p, long_r = with_p, with_r
-    if start < len(rows):
-        yield rows[start:]
+        long_p, long_r, end = with_p, with_r, i + 1
+    if shared and by_tokens and group[end] == group[end - 1]:
+        first = next(j for j in range(end - 1, start - 1, -1) if j == start or group[j - 1] != group[j])
+        if first > start:  # the split group starts after a whole one: it goes to the next micro-batch whole
+            end = first
+    return end
 
 
 #: Float values one token keeps for the backward pass in one Llama-family block (attention, SwiGLU MLP, the
