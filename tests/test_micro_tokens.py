@@ -89,6 +89,9 @@ def test_a_budget_that_does_not_bind_keeps_the_rows_as_they_are():
     assert [m.tolist() for m in micro_batches(rows, 4, lengths, max_tokens=27)] == [[2, 0, 1]]
     # 26: it binds, longest first: rows 1 and 2 run 2 x 9 = 18, adding row 0 would make 27
     assert [m.tolist() for m in micro_batches(rows, 4, lengths, max_tokens=26)] == [[1, 2], [0]]
+    # no rows (a process whose rows all skip their pass): no micro-batch, as without a budget
+    empty = torch.zeros(0, dtype=torch.long)
+    assert list(micro_batches(empty, 4, lengths, max_tokens=26)) == list(micro_batches(empty, 4, lengths)) == []
 
 
 def test_auto_budget_by_hand():

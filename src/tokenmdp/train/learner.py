@@ -255,6 +255,8 @@ def _pass_tokens(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor
                  prompt_lengths: torch.Tensor | None) -> int:
     """Tokens the forward pass of micro-batch ``rows`` runs, padding included: rows x the longest row; with
     ``groups`` (the shared prompt), the distinct prompts x the longest prompt + rows x the longest response."""
+    if len(rows) == 0:
+        return 0
     idx = rows.to(lengths.device)
     length = lengths.index_select(0, idx)
     if groups is None or prompt_lengths is None:
