@@ -194,7 +194,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
     result = run_all(names, args.exe, args.jobs)
-    if args.mode == "record":
+    if args.mode == "record":  # with --only, the other runs' fingerprints in the file are kept
+        if args.only and args.file.is_file():
+            result = json.loads(args.file.read_text()) | result
         args.file.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(result)} runs in {args.file}")
         return 0
