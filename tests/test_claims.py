@@ -567,3 +567,28 @@ def test_c3_short_curves_keep_the_two_readings(tmp_path):
         make_run(root, "isft-", s, sampled=v, curve={15: 0.3, 30: v, 45: v, 60: v}, steps=60)
     c3 = evaluate_claims(collect([root]))["C3"]
     assert c3["verdict"] == INCONCLUSIVE and "late_trend" not in c3["measured"]
+
+
+def test_an_arm_stands_in_for_its_algorithm(tmp_path):
+    """report --stand-in binary-isft+-=isft+-: C2 judged on the arm's runs (the algorithm's own left out); bad
+    mappings are one error naming the option."""
+    from tokenmdp.commands.report import parse_stand_in
+    from tokenmdp.errors import TokenMDPError
+
+    root = make_compare(tmp_path / "cmp", ["grpo_nokl", "isft+-", "binary-isft+-"], BASE)
+    for s in SEEDS:
+        make_run(root, "grpo_nokl", s, sampled=0.40 + 0.01 * s)
+        make_run(root, "isft+-", s, sampled=0.40 + 0.01 * s)  # equal to GRPO: within the margin
+        make_run(root, "binary-isft+-", s, sampled=0.30 + 0.01 * s, trains="isft+-")  # 10 points below
+    col = collect([root])
+    plain = evaluate_claims(col)["C2"]["measured"]["isft+- - grpo_nokl"]
+    moved = evaluate_claims(col.with_stand_ins(parse_stand_in("binary-isft+-=isft+-")))["C2"]["measured"]
+    moved = moved["isft+- - grpo_nokl"]
+    assert plain["sampled/pass@1"]["mean"] == pytest.approx(0.0, abs=1e-12) and plain["verdict"] == SUPPORTED
+    assert moved["sampled/pass@1"]["mean"] == pytest.approx(-0.10) and moved["verdict"] == CONTRADICTED
+    assert [r.algo for r in col.with_stand_ins({"binary-isft+-": "isft+-"}).runs].count("isft+-") == 3
+    for bad, words in [("a", "not ARM=ALGO"), ("a=a", "not ARM=ALGO"), ("a=b,a=c", "given twice")]:
+        with pytest.raises(TokenMDPError, match=f"--stand-in: .*{words}"):
+            parse_stand_in(bad)
+    with pytest.raises(TokenMDPError, match="--stand-in: no runs of nope"):
+        col.with_stand_ins({"nope": "isft+-"})

@@ -85,6 +85,19 @@ class Collection:
         """Runs that stopped early or are still going: left out of the summary table."""
         return [r for r in self.runs if not r.finished]
 
+    def with_stand_ins(self, mapping: dict[str, str]) -> Collection:
+        """The collection with each named arm in the place of an algorithm: ``{"binary-grpo_nokl": "grpo_nokl"}``
+        judges the claims on the arm's runs under the algorithm's name, the algorithm's own runs left out (``tokenmdp
+        report --stand-in``: which verdicts an arm of the paper's settings moves)."""
+        unknown = [a for a in mapping if not self.runs_of(a)]
+        if unknown:
+            raise TokenMDPError(f"--stand-in: no runs of {', '.join(unknown)} in the folders given (there: "
+                                f"{', '.join(sorted({r.algo for r in self.runs})) or 'none'})")
+        replaced = set(mapping.values())
+        runs = [replace(r, algo=mapping[r.algo]) if r.algo in mapping else r for r in self.runs
+                if r.algo in mapping or r.algo not in replaced]
+        return replace(self, runs=runs)
+
 
 def read_json(path: Path) -> Any:
     try:

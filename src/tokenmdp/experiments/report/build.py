@@ -247,13 +247,17 @@ def sim_section(doc: dict | None) -> str:
     return text.replace("# The simulated tier", "## The simulated tier", 1)
 
 
-def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] | tuple = ()) -> Path:
+def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] | tuple = (),
+                 stand_in: dict[str, str] | None = None) -> Path:
     """Build ``claims.json``, ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``report.html`` in ``out`` from
     run folders or comparison folders (a path or a list of them; the exact tier's ``exact.json`` is picked up
     from any of them). ``out`` defaults to the single folder given. ``require``: claim ids (``"C1"``, ...) that
-    must be computable from the folders given, else one error naming the runs they lack. Returns ``out``."""
+    must be computable from the folders given, else one error naming the runs they lack. ``stand_in``: arms that
+    take an algorithm's place (:meth:`Collection.with_stand_ins`). Returns ``out``."""
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     col = collect(paths)
+    if stand_in:
+        col = col.with_stand_ins(stand_in)
     if out is None:
         if len(paths) != 1:
             raise TokenMDPError("several folders given: choose where the merged report goes with --out")
@@ -279,6 +283,9 @@ def build_report(run_dirs, out: str | Path | None = None, *, require: list[str] 
     reading = length_reading(col, rows)
     md = ["# tokenmdp comparison summary", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from "
           + ", ".join(str(s) for s in col.sources) + ".", ""]
+    if stand_in:
+        md += ["Stand-ins: " + "; ".join(f"`{a}` judged as `{b}`" for a, b in stand_in.items())
+               + " (the algorithm's own runs left out).", ""]
     exact_env = exact_two_llm_markdown(exact)
     md += ["## The paper's claims", "", claims_markdown(claims), ""]  # the verdicts first, as on the page
     variants = variant_analysis(col, claims)
