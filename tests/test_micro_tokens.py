@@ -12,7 +12,7 @@ import tests.test_trainer  # noqa: F401  (registers the parity task)
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.train.config import load_config
 from tokenmdp.train.trainer import train
-from tokenmdp.train.learner import micro_batches
+from tokenmdp.train.micro import micro_batches
 
 SMALL = tests.test_trainer.SMALL
 
@@ -100,7 +100,7 @@ def test_auto_budget_by_hand():
 
     from torch import nn
 
-    from tokenmdp.train.learner import AUTO_MEMORY_SHARE, auto_micro_batch_tokens
+    from tokenmdp.train.micro import AUTO_MEMORY_SHARE, auto_micro_batch_tokens
 
     model = nn.Linear(1, 1)
     model.config = SimpleNamespace(num_hidden_layers=2, hidden_size=10, intermediate_size=20)

@@ -5,8 +5,8 @@ import tokenmdp.train.learner as learner
 _real = learner.micro_batches
 
 
-def micro_batches(rows, size, lengths=None, groups=None, *, max_tokens=None):
-    return _real(rows, 1 << 30, lengths, groups, max_tokens=max_tokens)
+def micro_batches(rows, size, lengths=None, groups=None, prompt_lengths=None, *, max_tokens=None):
+    return _real(rows, 1 << 30, lengths, groups, prompt_lengths, max_tokens=max_tokens)
 
 
 learner.micro_batches = micro_batches

@@ -21,7 +21,8 @@ from tokenmdp.train.algorithms import Algorithm, make_algorithm
 from tokenmdp.train.batch import step_rewards
 from tokenmdp.train.config import TrainConfig, resolve_algo
 from tokenmdp.train.environment import RunEnvironment, build_environment
-from tokenmdp.train.learner import Learner, auto_micro_batch_tokens
+from tokenmdp.train.learner import Learner
+from tokenmdp.train.micro import auto_micro_batch_tokens
 from tokenmdp.train.trackers import accelerator_kwargs, requested
 
 if TYPE_CHECKING:
