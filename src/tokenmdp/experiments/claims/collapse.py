@@ -152,7 +152,8 @@ def claim_c3(col: Collection) -> dict:
                         if mc.get("half_width") is not None and math.isfinite(mc["half_width"]) else "")
                 when = (f", its greedy curve below half the base's by step {max(steps)} in {len(steps)} of "
                         f"{mc['n']} seeds" if steps else "")
-                parts.append(f"{name} (lr {m['lr']:g}) {fmt_points(mc['mean'], False)}%{band}: {v}{when}")
+                lr = f" (lr {m['lr']:g})" if isinstance(m["lr"], (int, float)) else ""
+                parts.append(f"{name}{lr} {fmt_points(mc['mean'], False)}%{band}: {v}{when}")
             summary += "; by arm: " + "; ".join(parts)
             if verdict != SUPPORTED and any(v == SUPPORTED for v, _, _ in judged.values()):
                 verdict = SUPPORTED
