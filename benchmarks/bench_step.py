@@ -189,6 +189,7 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
         def on_batch(self, learner, batch, step):
             steps.setdefault(step, {}).update(_tokens(batch.rollout.prompt_mask, batch.rollout.response_mask))
             info.setdefault("parameters", sum(p.numel() for p in learner.model.parameters()))
+            info.setdefault("micro_batch_tokens", learner.micro_batch_tokens)
 
         def on_step(self, step, record, c):
             rollout = record.get("time/rollout")
@@ -204,6 +205,7 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
         if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
             steps[k]["sampler_rollout"], steps[k]["rollout"] = steps[k]["rollout"], steps[k]["wait"] or 0.0
     return {"side": "tokenmdp", "variant": variant, "parameters": info["parameters"], "steps": steps,
+            "micro_batch_tokens": info.get("micro_batch_tokens"),
             "threads_after": torch.get_num_threads()}
 
 
@@ -414,6 +416,8 @@ def main() -> None:
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "matmul_peak_gflops": round(peak, 2), "results": table,
+           "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
+                                               None),
            "speedup_trl_over_tokenmdp": ratios, "first_step": first,
            "tokenmdp_step1_reward": tm_first["steps"].get(1, {}).get("reward") if tm_first else None,
            "threads_after_each_run": [r["threads_after"] for r in runs]}
@@ -428,6 +432,10 @@ def main() -> None:
           f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); "
           + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
+    budget = next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"), None)
+    if budget is not None:  # optim.micro_batch_tokens: auto cuts tokenmdp's micro-batches further (TRL's stay whole)
+        print(f"tokenmdp's micro-batches also hold at most {budget} tokens of forward pass (optim.micro_batch_tokens "
+              f"auto, from this machine's memory)")
     print(f"matmul peak (1024x1024 float32, {args.threads} thread(s)): {peak:.2f} GFLOP/s")
     print(f"{'variant':<8} {'s/step':>8} {'rollout':>8} {'update':>8} {'other':>7} {'tokens':>7} "
           f"{'resp.tok':>8} {'upd GFLOP/s':>11} {'of peak':>7} {'peak RSS':>9}")

@@ -298,7 +298,7 @@ def test_c3_by_learning_rate(tmp_path):
     assert arms["isft-lr1e-3"]["verdict"] == SUPPORTED and arms["isft-lr1e-3"]["lr"] == 1e-3
     assert arms["isft-lr1e-3"]["collapse_step"] == {"seed-0": 2, "seed-1": 2, "seed-2": 2}
     assert "; by arm: isft- (lr 0.0001) 23.0% [20.5, 25.5]: inconclusive at this power; isft-lr1e-3 (lr 0.001) " \
-           "1.0% [-1.5, 3.5]: supported, its greedy curve below half the base's by step 2 in 3 of 3 seeds" \
+           "1.0% [-1.5, 3.5]: supported, its held-out curve below half the base's by step 2 in 3 of 3 seeds" \
            in c3["summary"]
     assert c3["power"].startswith("n=3 seeds, 95% half width 2.5 points")
 

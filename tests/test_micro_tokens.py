@@ -1,6 +1,7 @@
-"""Micro-batches by tokens (optim.micro_batch_tokens): the cut follows the padded token count (rows x the longest
-row), a row longer than the budget goes alone, and the update does not depend on the cut (the normalisers are the
-minibatch's), so a run with a small token budget ends where a run without one does."""
+"""Micro-batches by tokens (optim.micro_batch_tokens): the cut follows the tokens of forward pass (rows x the
+longest row; with the shared prompt each group's prompt once), a row longer than the budget goes alone, and the
+update does not depend on the cut (the normalisers are the minibatch's), so a run with a small token budget ends
+where a run without one does."""
 
 from __future__ import annotations
 
@@ -77,8 +78,10 @@ def test_a_shared_prompt_counts_once_in_the_budget():
     groups, prompts = torch.tensor([0] * 8 + [1] * 8), torch.full((16,), 170)
     cut = [len(m) for m in micro_batches(rows, 16, lengths, groups, prompts, max_tokens=1202)]
     assert cut == [8, 8]
-    # a group larger than the budget is still cut inside, and the row limit cuts where it falls, as before
-    assert [len(m) for m in micro_batches(rows, 16, lengths, groups, prompts, max_tokens=600)] == [6, 2, 6, 2]
+    # a group larger than the budget (170 + 8 x 64 = 682 > 600) is cut inside, and not moved to wait for a
+    # micro-batch it cannot fit: 6 rows (554), then 2 + 2 rows of two groups (2 x 170 + 4 x 64 = 596), then 6;
+    # the row limit cuts where it falls, as before
+    assert [len(m) for m in micro_batches(rows, 16, lengths, groups, prompts, max_tokens=600)] == [6, 4, 6]
     assert [len(m) for m in micro_batches(rows, 12, lengths, groups, prompts, max_tokens=10_000)] == [12, 4]
     assert _cut([9, 8, 6, 7], 4, 14) == [[0], [1], [3, 2]]
 
@@ -122,5 +125,11 @@ def test_auto_does_not_cut_the_tiny_model(tmp_path, tiny_random_dir):
                                  *SMALL, "optim.micro_batch_size=4", *extra])
         return load_file(str(train(cfg, progress=False) / "final" / "model.safetensors"))
 
+    from tokenmdp.policy.model import load_policy
+    from tokenmdp.train.micro import auto_micro_batch_tokens
+
+    # the budget is a number, far above a micro-batch of 4 rows of the parity task's few tokens
+    cap = auto_micro_batch_tokens(load_policy(tiny_random_dir).model, "cpu")
+    assert isinstance(cap, int) and cap > 4 * 64
     a, b = run("auto"), run("none", "optim.micro_batch_tokens=null")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -156,8 +156,10 @@ class OptimConfig:
     # and at most this many tokens of forward pass per micro-batch (rows x the longest row's prompt + response;
     # with shared_prompt each group's prompt once); None: no limit. Memory of the update follows tokens, not rows.
     # "auto": as many as keep one micro-batch's saved activations within 1/8 of the device's memory, estimated from
-    # the model's sizes (tokenmdp.train.micro.auto_micro_batch_tokens: no cut for the embedded tiny model; 4
-    # rows of SmolLM2's 234-token chat rows on a 24 GiB machine, where 16 rows held 9.4 GiB)
+    # the model's sizes (tokenmdp.train.micro.auto_micro_batch_tokens: no cut for the embedded tiny model; 5
+    # rows of SmolLM2's 234-token chat rows on a 24 GiB machine, where 16 rows held 9.4 GiB). It follows the
+    # machine's memory: give a number where a run must cut alike on another machine (the update then differs by
+    # float rounding only, but a resumed run is bit-exact only on the same cut)
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
     # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
     # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage). Off by

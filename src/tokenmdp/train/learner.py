@@ -27,8 +27,8 @@ from torch import nn
 
 from tokenmdp.algos.core import kl_penalty
 from tokenmdp.policy.adapters import adapter_disabled
-from tokenmdp.policy.logprobs import sequence_logprobs
-from tokenmdp.policy.shared_prompt import grouped_sequence_logprobs, prompt_groups
+from tokenmdp.policy.logprobs import sequence_logprobs, split_causal_lm
+from tokenmdp.policy.shared_prompt import backbone_support, grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.types import Rollout
 from tokenmdp.train.micro import micro_batches, row_lengths
 from tokenmdp.train.sharding import Sharding, grad_norm
@@ -212,6 +212,7 @@ class Learner:
     critic_optimizer: torch.optim.Optimizer | None = None
     fsdp: Sharding | None = None
     state: TrainerState = field(default_factory=TrainerState)
+    _prompt_once: bool | None = field(default=None, repr=False)  # prompt_runs_once, found at the first batch
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +234,18 @@ class Learner:
         if not self.shared_prompt:
             return row_lengths(rollout), None, None
         groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[1]
-        return row_lengths(rollout), groups, rollout.prompt_mask.sum(dim=1)
+        once = rollout.prompt_mask.sum(dim=1) if self.prompt_runs_once() else None
+        return row_lengths(rollout), groups, once
+
+    def prompt_runs_once(self) -> bool:
+        """Whether ``optim.shared_prompt`` does run each prompt once with this model (a backbone that cannot take
+        the prompt's cache is scored by the padded pass, whose token budget then counts every row's prompt)."""
+        if self._prompt_once is None:
+            try:
+                self._prompt_once = backbone_support(split_causal_lm(self.unwrapped()).backbone)[0] is not None
+            except TypeError:
+                self._prompt_once = False
+        return self._prompt_once
 
     def forward(self, model, sub: Rollout, *, entropy: bool = False, entropy_grad: bool = True):
         """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with

@@ -51,7 +51,7 @@ def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = 
 def _cut_end(start: int, length: list, prompt: list, group: list, size: int, max_tokens: int, shared: bool) -> int:
     """Where the micro-batch that begins at row ``start`` ends: rows are added while the pass stays within
     ``size`` rows and ``max_tokens`` tokens (:func:`_pass_tokens`); a group the token budget would split is left
-    whole for the next micro-batch when the micro-batch holds another one before it."""
+    whole for the next micro-batch when the micro-batch holds another one before it and the group fits one."""
     seen, long_p, long_r, end, by_tokens = set(), 0, 0, start, False
     for i in range(start, len(length)):
         with_seen = len(seen | {group[i]}) if shared else i - start + 1
@@ -65,8 +65,11 @@ def _cut_end(start: int, length: list, prompt: list, group: list, size: int, max
         long_p, long_r, end = with_p, with_r, i + 1
     if shared and by_tokens and group[end] == group[end - 1]:
         first = next(j for j in range(end - 1, start - 1, -1) if j == start or group[j - 1] != group[j])
-        if first > start:  # the split group starts after a whole one: it goes to the next micro-batch whole
-            end = first
+        after = next((j for j in range(end, len(length)) if group[j] != group[first]), len(length))
+        alone = max(prompt[first:after]) + (after - first) * max(n - p for n, p in zip(length[first:after],
+                                                                                      prompt[first:after]))
+        if first > start and after - first <= size and alone <= max_tokens:
+            end = first  # the split group starts after a whole one and fits a micro-batch: it goes there whole
     return end
 
 

@@ -87,9 +87,10 @@ def _judge(name: str, runs: dict, col: Collection, base: float) -> tuple[str, di
                       "curve_note": "eval/accuracy of metrics.jsonl; step 0 is the base model (base_eval.json) "
                                     "when the run logged none",
                       "lr": nested_get(runs[seeds[0]].config, "optim", "lr") if seeds else None}
-    # the first held-out (greedy) curve point below half the base's greedy accuracy, per seed
-    measured["collapse_step"] = {k: _collapse_step(c, C3_COLLAPSE_FRACTION * base_greedy)
-                                 for k, c in measured["curve"].items()}
+    # the first held-out curve point below half the base's accuracy on the curve's own metric, per seed
+    measured["collapse_step"] = {
+        f"seed-{s}": _collapse_step(measured["curve"][f"seed-{s}"], C3_COLLAPSE_FRACTION * (
+            base if nested_get(runs[s].config, "run", "eval_greedy") is False else base_greedy)) for s in seeds}
     if ci.has_interval:  # the smallest shift of the mean accuracy (from any fixed level) 5% / 80% t tests detect
         measured["mdd"] = min_detectable_difference(ci.std, ci.n)
     if ci.n >= 2:
@@ -150,8 +151,8 @@ def claim_c3(col: Collection) -> dict:
                 mc, steps = m["mean_ci"], [x for x in m["collapse_step"].values() if x is not None]
                 band = (f" [{fmt_points(mc['low'], False)}, {fmt_points(mc['high'], False)}]"
                         if mc.get("half_width") is not None and math.isfinite(mc["half_width"]) else "")
-                when = (f", its greedy curve below half the base's by step {max(steps)} in {len(steps)} of "
-                        f"{mc['n']} seeds" if steps else "")
+                when = (f", its held-out curve below half the base's by step {max(steps)} in {len(steps)} of "
+                        f"{len(m['collapse_step'])} seeds" if steps else "")
                 lr = f" (lr {m['lr']:g})" if isinstance(m["lr"], (int, float)) else ""
                 parts.append(f"{name}{lr} {fmt_points(mc['mean'], False)}%{band}: {v}{when}")
             summary += "; by arm: " + "; ".join(parts)
