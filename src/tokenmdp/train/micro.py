@@ -28,7 +28,7 @@ def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = 
     fit one micro-batch stay in their order (a budget that does not bind changes nothing, bit for bit)."""
     shared = groups is not None and prompt_lengths is not None
     if max_tokens is not None and lengths is not None and len(rows) <= size:
-        if _pass_tokens(rows, lengths, groups if shared else None, prompt_lengths) <= max_tokens:
+        if _pass_tokens(*_per_row(rows, lengths, groups, prompt_lengths, shared), shared) <= max_tokens:
             max_tokens = None  # one micro-batch as it is
     if (len(rows) > size or max_tokens is not None) and (lengths is not None or groups is not None):
         rows = rows[_order(rows, lengths, groups).to(rows.device)]
@@ -36,16 +36,24 @@ def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = 
         for start in range(0, len(rows), size):
             yield rows[start : start + size]
         return
-    idx = rows.to(lengths.device)
-    length = lengths.index_select(0, idx).cpu().tolist()
-    prompt = (prompt_lengths.to(lengths.device).index_select(0, idx).cpu().tolist() if shared
-              else [0] * len(length))
-    group = groups.to(lengths.device).index_select(0, idx).cpu().tolist() if shared else list(range(len(length)))
+    length, prompt, group = _per_row(rows, lengths, groups, prompt_lengths, shared)
     start = 0
     while start < len(rows):
         end = _cut_end(start, length, prompt, group, size, max_tokens, shared)
         yield rows[start:end]
         start = end
+
+
+def _per_row(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None,
+             prompt_lengths: torch.Tensor | None, shared: bool) -> tuple[list, list, list]:
+    """``(length, prompt length, group)`` of each of ``rows``, as lists (prompts 0 and every row its own group
+    unless ``shared``)."""
+    idx = rows.to(lengths.device)
+    length = lengths.index_select(0, idx).cpu().tolist()
+    if not shared:
+        return length, [0] * len(length), list(range(len(length)))
+    prompt = prompt_lengths.to(lengths.device).index_select(0, idx).cpu().tolist()
+    return length, prompt, groups.to(lengths.device).index_select(0, idx).cpu().tolist()
 
 
 def _cut_end(start: int, length: list, prompt: list, group: list, size: int, max_tokens: int, shared: bool) -> int:
@@ -66,8 +74,7 @@ def _cut_end(start: int, length: list, prompt: list, group: list, size: int, max
     if shared and by_tokens and group[end] == group[end - 1]:
         first = next(j for j in range(end - 1, start - 1, -1) if j == start or group[j - 1] != group[j])
         after = next((j for j in range(end, len(length)) if group[j] != group[first]), len(length))
-        alone = max(prompt[first:after]) + (after - first) * max(n - p for n, p in zip(length[first:after],
-                                                                                      prompt[first:after]))
+        alone = _pass_tokens(length[first:after], prompt[first:after], group[first:after], shared)
         if first > start and after - first <= size and alone <= max_tokens:
             end = first  # the split group starts after a whole one and fits a micro-batch: it goes there whole
     return end
@@ -105,19 +112,15 @@ def auto_micro_batch_tokens(model: nn.Module, device: torch.device | str, *, hal
     return max(1, int(memory * AUTO_MEMORY_SHARE // per_token))
 
 
-def _pass_tokens(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None,
-                 prompt_lengths: torch.Tensor | None) -> int:
-    """Tokens the forward pass of micro-batch ``rows`` runs, padding included: rows x the longest row; with
-    ``groups`` (the shared prompt), the distinct prompts x the longest prompt + rows x the longest response."""
-    if len(rows) == 0:
+def _pass_tokens(length: list, prompt: list, group: list, shared: bool) -> int:
+    """Tokens the forward pass of a micro-batch of these rows runs, padding included: rows x the longest row; with
+    the shared prompt, the distinct prompts x the longest prompt + rows x the longest response. (:func:`_cut_end`
+    adds up the same sum row by row.)"""
+    if not length:
         return 0
-    idx = rows.to(lengths.device)
-    length = lengths.index_select(0, idx)
-    if groups is None or prompt_lengths is None:
-        return len(rows) * int(length.max())
-    prompt = prompt_lengths.to(lengths.device).index_select(0, idx)
-    n_prompts = len(torch.unique(groups.to(lengths.device).index_select(0, idx)))
-    return n_prompts * int(prompt.max()) + len(rows) * int((length - prompt).max())
+    if not shared:
+        return len(length) * max(length)
+    return len(set(group)) * max(prompt) + len(length) * max(n - p for n, p in zip(length, prompt))
 
 
 def _order(rows: torch.Tensor, lengths: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
