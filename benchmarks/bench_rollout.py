@@ -90,7 +90,20 @@ def load_model(path: str | None, *, random_init: bool = False, device: str = "cp
     return model.to(device=device, dtype=DTYPES[dtype]), tok, f"random Qwen2 {size} (tiny base not cached)"
 
 
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
 def make_prompts(count: int, seed: int = 0, *, task_name: str = "countdown", chat_tokenizer=None) -> list[str]:
+    if task_name == "gsm8k":  # the real-model step's prompts (bench_step.py --model smollm2): long answers
+        from tokenmdp.tasks import get_task
+
+        task = get_task("gsm8k", data_dir=str(GSM8K))
+        texts = [task.render(p, template="instruct") for p in task.problems("train", n=count, seed=seed)]
+        if chat_tokenizer is not None:
+            from tokenmdp.policy.model import chat_prompt
+
+            texts = [chat_prompt(chat_tokenizer, t) for t in texts]
+        return texts
     if task_name == "arithmetic":  # one-digit products (the real-small preset's task), distinct train problems
         from tokenmdp.tasks import get_task
 
@@ -184,6 +197,7 @@ def run(args) -> dict:
                       dtype=model.dtype)
     engines = [(name, {}) for name in args.engines.split(",")]
     engines += [("fast", {"decoder": "hf"})] if args.with_hf_forward else []
+    engines += [("fast", {"fused_attention": True})] if args.with_fused_attention else []
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     built, start = {}, {}
     for name, extra in engines:  # built once (vLLM's start is its own figure) and warmed up
@@ -198,7 +212,7 @@ def run(args) -> dict:
         job = bar.add_task("benchmarking", total=args.repeats * len(engines))
         for rep in range(args.repeats):
             for name, extra in engines:
-                label = name if not extra else f"{name}[decoder={extra['decoder']}]"
+                label = name if not extra else f"{name}[{','.join(f'{k}={v}' for k, v in extra.items())}]"
                 eng = built[name, str(extra)]
                 _sync(args.device)
                 t0 = time.perf_counter()
@@ -245,10 +259,10 @@ def print_table(out: dict) -> None:
           f"(temperature {s['temperature']})")
     print(f"peak {out['dtype']} matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
     own = out.get("isolated")
-    print(f"{'engine':<22}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
+    print(f"{'engine':<28}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
           f"{'start s':>9}" + (f"{'peak MiB':>10}" if own else ""))
     for name, r in out["engines"].items():
-        print(f"{name:<22}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
+        print(f"{name:<28}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
               f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}"
               f"{r['start_seconds']:>9.2f}" + (f"{r['peak_rss_mib']:>10.0f}" if own else ""))
     if out.get("fast_over_hf"):
@@ -274,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="random weights with the config and tokenizer of --model (full-size shapes, no checkpoint)")
     ap.add_argument("--with-hf-forward", action="store_true",
                     help="also time the fast loop over the transformers forward (decoder='hf')")
+    ap.add_argument("--with-fused-attention", action="store_true",
+                    help="also time the fast engine with its compiled decode attention (fused_attention=True)")
     ap.add_argument("--engines", default="hf,fast", help="comma-separated engines (hf, fast, vllm)")
     ap.add_argument("--isolate", action="store_true", help="each engine in its own process (start time, peak RSS)")
-    ap.add_argument("--prompt-task", default="countdown", choices=["countdown", "arithmetic"])
+    ap.add_argument("--prompt-task", default="countdown", choices=["countdown", "arithmetic", "gsm8k"])
     ap.add_argument("--chat", action="store_true", help="prompts under the model's chat template")
     ap.add_argument("--save-gguf", nargs=2, metavar=("GGUF", "FOLDER"),
                     help="save a GGUF model (a file, or pkg:<package>) as a model folder for vLLM, and stop")

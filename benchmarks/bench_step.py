@@ -20,7 +20,8 @@ The update's useful FLOP/s are ``6 x parameters x tokens trained`` (prompt + res
 padding) / update time, printed next to the float32 matmul peak (1024 x 1024, same threads) measured in the run.
 
 tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
-(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free).
+(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free); with
+``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``).
 
 First-step loss: TRL's step-1 batch (its sampled completions, rewards and advantages) goes through both losses
 from the initial weights; printed: both losses, the largest advantage difference and the gradients' largest
@@ -180,7 +181,8 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
 
     extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
              "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"]}
-    cfg = load_config(None, s.overrides + extra[variant] + [f"run.out={s.tmp / tag}"])
+    fused = ["rollout.engine_options={fused_attention: true}"] if s.args.fused_attention else []
+    cfg = load_config(None, s.overrides + extra[variant] + fused + [f"run.out={s.tmp / tag}"])
     torch.set_num_threads(s.args.threads)
     steps: dict[int, dict] = {}
     info: dict = {}
@@ -371,6 +373,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--micro", type=int, default=16, help="rows per forward/backward, both sides")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="tokenmdp samples with its compiled decode attention (rollout.engine_options)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                     help="the embedded tiny base on Countdown, or SmolLM2-135M-Instruct + LoRA on GSM8K")
@@ -415,7 +419,8 @@ def main() -> None:
     out = {"model": f"{name} ({s.path})", "parameters": runs[0]["parameters"], "trl": trl_version,
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
-           "smoke": args.smoke, "matmul_peak_gflops": round(peak, 2), "results": table,
+           "smoke": args.smoke, "fused_attention": args.fused_attention, "matmul_peak_gflops": round(peak, 2),
+           "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
                                                None),
            "speedup_trl_over_tokenmdp": ratios, "first_step": first,
@@ -431,6 +436,7 @@ def main() -> None:
           f"tokens, lr {args.lr}, micro-batches of {s.micro}, {args.threads} thread(s); {args.steps} steps a run, "
           f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); "
           + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
+          + ("; tokenmdp samples with the fused decode attention" if args.fused_attention else "")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
     budget = next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"), None)
     if budget is not None:  # optim.micro_batch_tokens: auto cuts tokenmdp's micro-batches further (TRL's stay whole)

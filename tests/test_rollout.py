@@ -383,3 +383,77 @@ def test_left_padding_does_not_change_a_prompt(engine, tiny):
     n = int(alone.lengths[0])
     assert torch.equal(batch.response_ids[0, :n], alone.response_ids[0, :n])
     torch.testing.assert_close(batch.logprobs[0, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
+
+
+def _fused_or_skip():
+    from tokenmdp.rollout import fused
+
+    fn = fused.load()
+    if fn is None:
+        pytest.skip("the fused decode attention cannot be built here (no C++ compiler or ninja)")
+    return fn
+
+
+def test_fused_decode_attention_kernel_hand_computed():
+    """The kernel against softmax([q kp^T + bias, q kg^T]) [vp; vg] written out in torch: two groups with left
+    padding, grouped-query heads (4 query heads on 2 key/value heads), rows of different groups, a cache longer
+    than the columns used; and a one-column case computed by hand (softmax of one score is 1: out = v)."""
+    fn = _fused_or_skip()
+    g = torch.Generator().manual_seed(0)
+    r_, hq, hkv, d, p, t_cap, used = 5, 4, 2, 8, 3, 6, 4
+    q = torch.randn(r_, hq, d, generator=g)
+    kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
+    kg, vg = torch.randn(r_, hkv, t_cap, d, generator=g), torch.randn(r_, hkv, t_cap, d, generator=g)
+    bias = torch.zeros(2, p)
+    bias[1, 0] = float("-inf")  # group 1's prompt is left-padded by one column
+    group = torch.tensor([0, 0, 1, 1, 1])
+    out = fn(q, kp, vp, bias, kg, vg, group, used)
+    rep = hq // hkv
+    for r in range(r_):
+        for h in range(hq):
+            kv = h // rep
+            keys = torch.cat([kp[group[r], kv], kg[r, kv, :used]])
+            vals = torch.cat([vp[group[r], kv], vg[r, kv, :used]])
+            scores = keys @ q[r, h] + torch.cat([bias[group[r]], torch.zeros(used)])
+            torch.testing.assert_close(out[r, h], torch.softmax(scores, 0) @ vals, atol=1e-6, rtol=1e-5)
+    one = fn(torch.ones(1, 1, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 0),
+             torch.ones(1, 1, 3, 2), torch.tensor([[[[3.0, -1.0], [9.0, 9.0], [9.0, 9.0]]]]), torch.tensor([0]), 1)
+    assert one.tolist() == [[[3.0, -1.0]]]
+    far = fn(torch.tensor([[[100.0]]]), torch.tensor([[[[1.0], [-1.0]]]]), torch.tensor([[[[5.0], [7.0]]]]),
+             torch.zeros(1, 2), torch.zeros(1, 1, 0, 1), torch.zeros(1, 1, 0, 1), torch.tensor([0]), 0)
+    assert far.item() == 5.0  # the second score is 200 below the first: its weight is exactly 0
+
+
+def test_fused_decode_attention_matches_operators():
+    """The decoder with the fused attention gives the operator path's logits within 1e-5 at every step, through
+    left padding, grouped-query heads, q/k norms and compaction; the same greedy rollouts; off by default; asked
+    for where it cannot run, refused by name."""
+    _fused_or_skip()
+    from tokenmdp.rollout.kv_decoder import KVDecoder, make_decoder
+    from tokenmdp.rollout.types import encode_prompts
+
+    tok, models = _arch_models()
+    for name, model in models.items():
+        ids, mask = encode_prompts(tok, PROMPTS, n=1, device="cpu")
+        with torch.inference_mode():
+            ops, fused = KVDecoder(model, fused_attention=False), KVDecoder(model, fused_attention=True)
+            assert ops.fused is None and fused.fused is not None
+            a, b = ops.prefill(ids, mask, 3, 8), fused.prefill(ids, mask, 3, 8)
+            pos = mask.sum(1).repeat_interleave(3)
+            for t in range(8):
+                tokens = a.argmax(-1)
+                if t == 3:  # drop rows 1, 4, 5 and 8 of 9
+                    keep = torch.tensor([0, 2, 3, 6, 7])
+                    ops.select(keep), fused.select(keep)
+                    tokens, pos = tokens[keep], pos[keep]
+                a, b = ops.step(tokens, pos, t), fused.step(tokens, pos, t)
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=f"{name} step {t}")
+                pos = pos + 1
+        runs = [get_engine("fast", model, tok, fused_attention=f).generate(PROMPTS, n=2, max_new_tokens=8,
+                                                                          temperature=0.0) for f in (False, True)]
+        assert torch.equal(runs[0].response_ids, runs[1].response_ids), name
+    with pytest.raises(TokenMDPError, match="fused_attention=True needs the own decoder"):
+        make_decoder(models["llama"], "hf", fused_attention=True)
+    with pytest.raises(TokenMDPError, match="float32 weights on the CPU"):
+        KVDecoder(build_tiny_random(seed=0)[0].to(torch.bfloat16), fused_attention=True)
+    assert KVDecoder(models["llama"]).fused is None and not get_engine("fast", models["llama"], tok).fused_attention

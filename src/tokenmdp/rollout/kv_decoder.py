@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.shared_prompt import cache_kwarg
+from tokenmdp.rollout import fused
 
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
 
@@ -142,7 +144,7 @@ class KVDecoder:
 
     can_select = True
 
-    def __init__(self, model: nn.Module, *, fuse: bool | None = None):
+    def __init__(self, model: nn.Module, *, fuse: bool | None = None, fused_attention: bool = False):
         cfg = model.config
         base = model.model
         if fuse is None:
@@ -155,6 +157,17 @@ class KVDecoder:
         self.hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_fuse(layer, self.d, fuse) for layer in base.layers]
+        # the fused decode attention (tokenmdp.rollout.fused), on request; None: torch operators
+        self.fused = None
+        if fused_attention:
+            weight = self.embed.weight
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                raise TokenMDPError(f"fused_attention needs float32 weights on the CPU, got {weight.dtype} on "
+                                    f"{weight.device}")
+            self.fused = fused.load()
+            if self.fused is None:
+                raise TokenMDPError("fused_attention=True, but the fused decode attention could not be built here "
+                                    "(see the warning above); leave it off to use torch operators")
 
     # shared pieces ------------------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
@@ -192,6 +205,7 @@ class KVDecoder:
         w = self.embed.weight
         self.n, self.g, self.p = n, g, p
         self.rows = torch.arange(g * n, device=ids.device)  # original row of each live row
+        self.group = self.rows // n  # the prompt of each live row
         cos, sin = self.rotary(w[:1].unsqueeze(0), torch.arange(p + max_new, device=w.device).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]
         self.prompt_bias = torch.zeros(g, p, dtype=w.dtype, device=w.device).masked_fill(~mask.bool(), float("-inf"))
@@ -237,6 +251,10 @@ class KVDecoder:
         q, k, v = self._qkv(h, layer, pos)  # (R, 1, H, D)
         self.kg[li][:, :, t] = k[:, 0]
         self.vg[li][:, :, t] = v[:, 0]
+        if self.fused is not None:
+            out = self.fused((q * layer.scaling).reshape(r, self.hq, self.d), self.kp[li], self.vp[li],
+                             self.prompt_bias, self.kg[li], self.vg[li], self.group, t + 1)
+            return out.view(r, 1, self.hq * self.d)
         q = q.view(r, self.hk, self.hq // self.hk, self.d) * layer.scaling
         full = r == self.g * self.n
         s_prompt = self._to_groups(q, full) @ self.kp[li].transpose(-1, -2)  # (G, Hkv, n*rep, P)
@@ -259,6 +277,7 @@ class KVDecoder:
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the live rows ``keep`` (indices into the current live rows)."""
         self.rows = self.rows.index_select(0, keep)
+        self.group = self.rows // self.n
         self.kg = [k.index_select(0, keep) for k in self.kg]
         self.vg = [v.index_select(0, keep) for v in self.vg]
 
@@ -302,14 +321,19 @@ class HFDecoder:
         raise NotImplementedError
 
 
-def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = None) -> KVDecoder | HFDecoder:
+def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = None,
+                 fused_attention: bool = False) -> KVDecoder | HFDecoder:
     """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``.
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
+    ``fused_attention``: the compiled decode attention (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
+        if fused_attention:
+            raise TokenMDPError(f"fused_attention=True needs the own decoder (a Llama-family model, decoder 'kv' or "
+                             f"'auto'); {type(model).__name__} with decoder {kind!r} runs the transformers forward")
         return HFDecoder(model)
-    return KVDecoder(model, fuse=fuse)
+    return KVDecoder(model, fuse=fuse, fused_attention=fused_attention)
 
 
 __all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]
