@@ -198,6 +198,7 @@ def run(args) -> dict:
     engines = [(name, {}) for name in args.engines.split(",")]
     engines += [("fast", {"decoder": "hf"})] if args.with_hf_forward else []
     engines += [("fast", {"fused_attention": True})] if args.with_fused_attention else []
+    engines += [("fast", {"quantize": "int8"})] if args.with_int8 else []
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     built, start = {}, {}
     for name, extra in engines:  # built once (vLLM's start is its own figure) and warmed up
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the fast loop over the transformers forward (decoder='hf')")
     ap.add_argument("--with-fused-attention", action="store_true",
                     help="also time the fast engine with its compiled decode attention (fused_attention=True)")
+    ap.add_argument("--with-int8", action="store_true",
+                    help="also time the fast engine with int8 linear layers (quantize='int8'; its own log-probs)")
     ap.add_argument("--engines", default="hf,fast", help="comma-separated engines (hf, fast, vllm)")
     ap.add_argument("--isolate", action="store_true", help="each engine in its own process (start time, peak RSS)")
     ap.add_argument("--prompt-task", default="countdown", choices=["countdown", "arithmetic", "gsm8k"])

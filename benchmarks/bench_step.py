@@ -21,7 +21,9 @@ padding) / update time, printed next to the float32 matmul peak (1024 x 1024, sa
 
 tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
 (``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free); with
-``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``).
+``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``), with
+``--int8`` from int8 copies of the linear layers (``rollout.engine_options={quantize: int8}``, and
+``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling).
 
 First-step loss: TRL's step-1 batch (its sampled completions, rewards and advantages) goes through both losses
 from the initial weights; printed: both losses, the largest advantage difference and the gradients' largest
@@ -181,8 +183,11 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
 
     extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
              "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"]}
-    fused = ["rollout.engine_options={fused_attention: true}"] if s.args.fused_attention else []
-    cfg = load_config(None, s.overrides + extra[variant] + fused + [f"run.out={s.tmp / tag}"])
+    options = {"fused_attention: true": s.args.fused_attention, "quantize: int8": s.args.int8}
+    chosen = ", ".join(k for k, on in options.items() if on)
+    sampler = [f"rollout.engine_options={{{chosen}}}"] if chosen else []
+    sampler += ["rollout.recompute_logprobs=true"] if s.args.int8 else []
+    cfg = load_config(None, s.overrides + extra[variant] + sampler + [f"run.out={s.tmp / tag}"])
     torch.set_num_threads(s.args.threads)
     steps: dict[int, dict] = {}
     info: dict = {}
@@ -287,6 +292,19 @@ def run_trl(s: Setup, tag: str) -> dict:
             "threads_after": torch.get_num_threads()}
 
 
+def _release_memory() -> None:
+    """Collect what a finished run left and hand the freed heap back to the system, so that the next run's peak
+    resident memory is its own (glibc keeps freed blocks mapped otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 # ------------------------------------------------------------------------------------------ first-step comparison
 
 def compare_first_step(s: Setup, trl_run: dict) -> dict:
@@ -300,26 +318,36 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
     spec = get_algo("grpo_nokl", advantage_eps=1e-4)
     mask = b["completion_mask"]
 
+    rows = int(mask.shape[0])
+
     def grads_of(loss_fn, model):
         """The loss and the gradient of every trained parameter, in the order of their names (a peft wrapper's
-        ``base_model.model.`` prefix dropped, so both sides line up)."""
+        ``base_model.model.`` prefix dropped, so both sides line up). The batch goes through in micro-batches of
+        ``--micro`` rows, each loss weighted by its share of the rows: both losses are means over rows (of
+        per-row token means), so the sum is the whole batch's loss, and SmolLM2's 64 rows fit in memory."""
         model.eval()
         trained = {n.removeprefix("base_model.model."): p for n, p in model.named_parameters() if p.requires_grad}
         for p in trained.values():
             p.grad = None
-        loss = loss_fn(model)
-        loss.backward()
-        return float(loss.detach()), torch.cat([trained[n].grad.reshape(-1) for n in sorted(trained)])
+        total = 0.0
+        for start in range(0, rows, s.micro):
+            part = slice(start, min(rows, start + s.micro))
+            loss = loss_fn(model, part) * ((part.stop - part.start) / rows)
+            loss.backward()
+            total += float(loss.detach())
+        return total, torch.cat([trained[n].grad.reshape(-1) for n in sorted(trained)])
 
-    def trl_loss(model):  # TRL's loss divides by the accumulation steps in train mode only: one whole batch here
-        return trainer._compute_loss(model, {k: v for k, v in b.items() if k != "rewards"})
+    def trl_loss(model, part):  # TRL's loss divides by the accumulation steps in train mode only (eval here)
+        return trainer._compute_loss(model, {k: v[part] if isinstance(v, torch.Tensor) and v.dim() and len(v) == rows
+                                             else v for k, v in b.items() if k != "rewards"})
 
     adv, _, _ = compute_advantages(spec, b["rewards"], mask, group_size=s.args.group)
 
-    def tokenmdp_loss(model):
-        lp, _ = sequence_logprobs(model, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], mask)
-        loss, _ = policy_loss(lp, lp.detach(), adv, mask, clip_low=spec.clip_low, clip_high=spec.clip_high,
-                              aggregation=spec.aggregation)
+    def tokenmdp_loss(model, part):
+        lp, _ = sequence_logprobs(model, b["prompt_ids"][part], b["prompt_mask"][part], b["completion_ids"][part],
+                                  mask[part])
+        loss, _ = policy_loss(lp, lp.detach(), adv[part], mask[part], clip_low=spec.clip_low,
+                              clip_high=spec.clip_high, aggregation=spec.aggregation)
         return loss
 
     trl_model = trainer.model  # TRL patched its forward (a fused head returning log_probs): the trained model,
@@ -331,7 +359,7 @@ def compare_first_step(s: Setup, trl_run: dict) -> dict:
     which = "TRL's step-1 batch" if step == 1 else f"TRL's step-{step} batch (step 1's advantages were all 0)"
     if not signal:
         which = f"TRL's step-{step} batch (no step had a non-zero advantage: nothing to compare but zeros)"
-    return {"batch": f"{which}: its samples, rewards and advantages", "batch_step": step, "rows": int(mask.shape[0]),
+    return {"batch": f"{which}: its samples, rewards and advantages", "batch_step": step, "rows": rows,
             "loss_trl": l_trl, "loss_tokenmdp": l_tm, "loss_diff": abs(l_trl - l_tm),
             "adv_max_diff": float((adv[:, 0] - b["advantages"]).abs().max()) if mask.shape[1] else 0.0,
             "grad_max_diff": float((g_trl - g_tm).abs().max()), "grad_max_abs": float(g_trl.abs().max()),
@@ -375,6 +403,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--fused-attention", action="store_true",
                     help="tokenmdp samples with its compiled decode attention (rollout.engine_options)")
+    ap.add_argument("--int8", action="store_true",
+                    help="tokenmdp samples with int8 linear layers and recomputes pi_old in float32")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                     help="the embedded tiny base on Countdown, or SmolLM2-135M-Instruct + LoRA on GSM8K")
@@ -396,19 +426,22 @@ def main() -> None:
     s = Setup(args)
     peak_before = matmul_peak(args.threads)
     runs: list[dict] = []
+    first = None
     for r in range(args.rounds):
         for v in variants:
             _reset_hwm()
             run = run_trl(s, f"trl-{r}") if v == "trl" else run_tokenmdp(s, v, f"{v}-{r}")
             run["peak_rss_mib"] = _hwm_kib() / 1024
+            if run["side"] == "trl":  # the first-step comparison now, then TRL's trainer goes (SmolLM2: GiBs)
+                if first is None:
+                    first = compare_first_step(s, run)
+                    first["trl_logged_step1_loss"] = run["steps"].get(1, {}).get("logged_loss")
+                for key in ("trainer", "initial", "first_batch"):
+                    run.pop(key)
+                _release_memory()
             runs.append(run)
     peak = max(peak_before, matmul_peak(args.threads))
     table = {v: summarise(runs, v, args.steps, peak) for v in variants}
-    first = None
-    trl_runs = [r for r in runs if r["side"] == "trl"]
-    if trl_runs:
-        first = compare_first_step(s, trl_runs[0])
-        first["trl_logged_step1_loss"] = trl_runs[0]["steps"].get(1, {}).get("logged_loss")
     tm_first = next((r for r in runs if r["side"] == "tokenmdp"), None)
     ratios = {}
     if "trl" in table and table["trl"]:
@@ -419,7 +452,8 @@ def main() -> None:
     out = {"model": f"{name} ({s.path})", "parameters": runs[0]["parameters"], "trl": trl_version,
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
-           "smoke": args.smoke, "fused_attention": args.fused_attention, "matmul_peak_gflops": round(peak, 2),
+           "smoke": args.smoke, "fused_attention": args.fused_attention, "int8": args.int8,
+           "matmul_peak_gflops": round(peak, 2),
            "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
                                                None),
@@ -437,6 +471,7 @@ def main() -> None:
           f"whole runs alternating ({', '.join(variants)}) x {args.rounds} round(s); "
           + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
           + ("; tokenmdp samples with the fused decode attention" if args.fused_attention else "")
+          + ("; tokenmdp samples with int8 linears, pi_old recomputed" if args.int8 else "")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
     budget = next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"), None)
     if budget is not None:  # optim.micro_batch_tokens: auto cuts tokenmdp's micro-batches further (TRL's stay whole)

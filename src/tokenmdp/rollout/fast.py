@@ -83,13 +83,18 @@ class FastEngine(Engine):
     fused_attention : the own decoder's compiled decode attention (:mod:`tokenmdp.rollout.fused`, float32 on the
         CPU; ``rollout.engine_options={fused_attention: true}``): 1.1-1.2x on the tiny model's rollouts, the same
         log-probs to float rounding (so seeded runs differ from the default's); off by default.
+    quantize : "int8": the own decoder's linear layers run as int8 copies of the weights (fbgemm, CPU;
+        :func:`tokenmdp.rollout.kv_decoder.int8_linear`), 3-7x float32 at SmolLM2's decode shapes. The samples then
+        come from a policy a little off the trained one, and their log-probs are the int8 model's: train with
+        ``rollout.recompute_logprobs=true``, which recomputes pi_old in float32 and weights the mismatch by
+        truncated importance sampling (the recipe of 8-bit rollouts in FlashRL). Off by default.
     eos_token_id, add_special_tokens : as for the `hf` engine.
     """
 
     name = "fast"
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, decoder: str = "auto", compact_fraction: float = 0.25,
-                 fuse_weights: bool | None = None, fused_attention: bool = False,
+                 fuse_weights: bool | None = None, fused_attention: bool = False, quantize: str | None = None,
                  eos_token_id: int | Sequence[int] | None = None, add_special_tokens: bool | None = None):
         if decoder not in ("auto", "kv", "hf"):
             raise TokenMDPError(f"decoder must be 'auto', 'kv' or 'hf', got {decoder!r}")
@@ -99,6 +104,9 @@ class FastEngine(Engine):
         self.compact_fraction = float(compact_fraction)
         self.fuse_weights = fuse_weights
         self.fused_attention = bool(fused_attention)
+        if quantize not in (None, "int8"):
+            raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
+        self.quantize = quantize
         self.eos_ids = eos_token_ids(model, tokenizer, eos_token_id)
         self.pad_id = pad_token_id(tokenizer)
         self.add_special_tokens = add_special_tokens
@@ -146,7 +154,8 @@ class FastEngine(Engine):
         """Prefill the distinct prompts, decode n samples each; response ids (B, steps) and log-probs (B, steps)."""
         device = ids.device
         batch = ids.shape[0] * n
-        dec = make_decoder(self.model, self.decoder, fuse=self.fuse_weights, fused_attention=self.fused_attention)
+        dec = make_decoder(self.model, self.decoder, fuse=self.fuse_weights, fused_attention=self.fused_attention,
+                           quantize=self.quantize)
         logits = dec.prefill(ids, mask, n, max_new)
         out_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)

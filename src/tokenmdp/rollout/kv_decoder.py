@@ -26,6 +26,8 @@ this is the transformers forward; the tests compare the log-probs with a teacher
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +61,7 @@ class _Layer:
     q_norm: nn.Module | None
     k_norm: nn.Module | None
     scaling: float
+    q8: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None  # int8 qkv, o, gate_up, down (quantize)
 
 
 def kv_decoder_supported(model: nn.Module) -> bool:
@@ -106,8 +109,29 @@ def _bias(proj: nn.Module) -> torch.Tensor | None:
     return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
 
 
-def _fuse(layer: nn.Module, head_dim: int, fuse: bool) -> _Layer:
-    """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy)."""
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x W^T + b`` with ``W`` rounded to int8 (one scale per output row, ``max |w| / 127``) and ``x``
+    quantised at each call (fbgemm's dynamic int8 linear; activations to 7 bits, as fbgemm needs on AVX2). At the
+    decode shapes of SmolLM2-135M on this CPU it runs 3-7x a float32 matmul, with errors of about 2% of the
+    largest output: a sampler of its own, whose log-probs are not the policy's (see ``FastEngine``'s
+    ``quantize``)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's kernels take no other
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
+        qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).contiguous(), packed, True)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    return apply
+
+
+def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -> _Layer:
+    """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy); with
+    ``quantize`` (which needs ``fuse``), int8 copies of the four matmuls' weights."""
     a, m = layer.self_attn, layer.mlp
     projs = (a.q_proj, a.k_proj, a.v_proj)
     w_qkv = b_qkv = w_gate_up = None
@@ -118,7 +142,12 @@ def _fuse(layer: nn.Module, head_dim: int, fuse: bool) -> _Layer:
         biases = [_bias(p) for p in projs]
         if any(b is not None for b in biases):
             b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
+    q8 = None
+    if quantize:
+        q8 = {"qkv": int8_linear(w_qkv, b_qkv), "o": int8_linear(_weight(a.o_proj), _bias(a.o_proj)),
+              "gate_up": int8_linear(w_gate_up), "down": int8_linear(_weight(m.down_proj), _bias(m.down_proj))}
     return _Layer(
+        q8=q8,
         w_qkv=w_qkv,
         b_qkv=b_qkv,
         w_gate_up=w_gate_up,
@@ -144,11 +173,14 @@ class KVDecoder:
 
     can_select = True
 
-    def __init__(self, model: nn.Module, *, fuse: bool | None = None, fused_attention: bool = False):
+    def __init__(self, model: nn.Module, *, fuse: bool | None = None, fused_attention: bool = False,
+                 quantize: str | None = None):
         cfg = model.config
         base = model.model
-        if fuse is None:
-            fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
+        if quantize not in (None, "int8"):
+            raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
+        if fuse is None or quantize:
+            fuse = bool(quantize) or sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.embed = base.embed_tokens
         self.final_norm = _norm_parts(base.norm)
         self.rotary = base.rotary_emb
@@ -156,7 +188,11 @@ class KVDecoder:
         self.hq = cfg.num_attention_heads
         self.hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.layers = [_fuse(layer, self.d, fuse) for layer in base.layers]
+        if quantize and self.embed.weight.device.type != "cpu":
+            raise TokenMDPError(f"quantize='int8' runs fbgemm's CPU kernels; the model is on "
+                                f"{self.embed.weight.device}")
+        self.layers = [_fuse(layer, self.d, fuse, bool(quantize)) for layer in base.layers]
+        self.head_fn = int8_linear(_weight(self.head), _bias(self.head)) if quantize else self.head
         # the fused decode attention (tokenmdp.rollout.fused), on request; None: torch operators
         self.fused = None
         if fused_attention:
@@ -173,7 +209,9 @@ class KVDecoder:
     def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
         """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S)."""
         b, s, _ = x.shape
-        if layer.w_qkv is not None:
+        if layer.q8 is not None:
+            qkv = layer.q8["qkv"](x)
+        elif layer.w_qkv is not None:
             qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
         else:
             qkv = torch.cat([layer.attn.q_proj(x), layer.attn.k_proj(x), layer.attn.v_proj(x)], dim=-1)
@@ -187,16 +225,19 @@ class KVDecoder:
 
     def _block(self, x: torch.Tensor, layer: _Layer, attend) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
-        x = x + layer.o_proj(attend(h))
+        q8 = layer.q8
+        x = x + (q8["o"] if q8 else layer.o_proj)(attend(h))
         h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
-        if layer.w_gate_up is not None:
+        if q8 is not None:
+            gate, up = q8["gate_up"](h).chunk(2, dim=-1)
+        elif layer.w_gate_up is not None:
             gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
         else:
             gate, up = layer.mlp.gate_proj(h), layer.mlp.up_proj(h)
-        return x + layer.down(layer.act(gate) * up)
+        return x + (q8["down"] if q8 else layer.down)(layer.act(gate) * up)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return self.head(F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1]))
+        return self.head_fn(F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1]))
 
     # prefill ------------------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
@@ -322,18 +363,21 @@ class HFDecoder:
 
 
 def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = None,
-                 fused_attention: bool = False) -> KVDecoder | HFDecoder:
+                 fused_attention: bool = False, quantize: str | None = None) -> KVDecoder | HFDecoder:
     """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``.
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
     ``fused_attention``: the compiled decode attention (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
+    ``quantize="int8"``: int8 copies of the linear layers (:func:`int8_linear`).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
-        if fused_attention:
-            raise TokenMDPError(f"fused_attention=True needs the own decoder (a Llama-family model, decoder 'kv' or "
-                             f"'auto'); {type(model).__name__} with decoder {kind!r} runs the transformers forward")
+        asked = [name for name, on in (("fused_attention=True", fused_attention), (f"quantize={quantize!r}", quantize))
+                 if on]
+        if asked:
+            raise TokenMDPError(f"{asked[0]} needs the own decoder (a Llama-family model, decoder 'kv' or 'auto'); "
+                                f"{type(model).__name__} with decoder {kind!r} runs the transformers forward")
         return HFDecoder(model)
-    return KVDecoder(model, fuse=fuse, fused_attention=fused_attention)
+    return KVDecoder(model, fuse=fuse, fused_attention=fused_attention, quantize=quantize)
 
 
-__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]
+__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "int8_linear", "SUPPORTED"]
