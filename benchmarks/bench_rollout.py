@@ -199,6 +199,8 @@ def run(args) -> dict:
     engines += [("fast", {"decoder": "hf"})] if args.with_hf_forward else []
     engines += [("fast", {"fused_attention": True})] if args.with_fused_attention else []
     engines += [("fast", {"quantize": "int8"})] if args.with_int8 else []
+    both = args.with_int8 and args.with_fused_attention
+    engines += [("fast", {"fused_attention": True, "quantize": "int8"})] if both else []
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     built, start = {}, {}
     for name, extra in engines:  # built once (vLLM's start is its own figure) and warmed up
@@ -260,10 +262,10 @@ def print_table(out: dict) -> None:
           f"(temperature {s['temperature']})")
     print(f"peak {out['dtype']} matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
     own = out.get("isolated")
-    print(f"{'engine':<28}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
+    print(f"{'engine':<44}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
           f"{'start s':>9}" + (f"{'peak MiB':>10}" if own else ""))
     for name, r in out["engines"].items():
-        print(f"{name:<28}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
+        print(f"{name:<44}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
               f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}"
               f"{r['start_seconds']:>9.2f}" + (f"{r['peak_rss_mib']:>10.0f}" if own else ""))
     if out.get("fast_over_hf"):
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-fused-attention", action="store_true",
                     help="also time the fast engine with its compiled decode attention (fused_attention=True)")
     ap.add_argument("--with-int8", action="store_true",
-                    help="also time the fast engine with int8 linear layers (quantize='int8'; its own log-probs)")
+                    help="also time the fast engine with int8 linear layers (quantize='int8'; its own log-probs); with "
+                         "--with-fused-attention, both together too")
     ap.add_argument("--engines", default="hf,fast", help="comma-separated engines (hf, fast, vllm)")
     ap.add_argument("--isolate", action="store_true", help="each engine in its own process (start time, peak RSS)")
     ap.add_argument("--prompt-task", default="countdown", choices=["countdown", "arithmetic", "gsm8k"])
