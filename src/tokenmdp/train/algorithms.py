@@ -48,7 +48,7 @@ class TrainBatch:
 
     rollout: Rollout
     old_logprobs: torch.Tensor | None  # pi_old: the behaviour log-probs, or recomputed; None: the anchor comes
-    # from the loss's own forward (a stale batch, PolicyGradient.anchor_in_pass)
+    # from the loss's own forward (a stale batch or recomputed log-probs, PolicyGradient.anchor_in_pass)
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -134,11 +134,11 @@ class PolicyGradient:
 
     @property
     def anchor_in_pass(self) -> bool:
-        """Whether a stale batch's anchor ``pi_old`` can be read off the loss's own forward pass instead of a pass
-        of its own: one epoch and one optimizer step per batch (the forward's parameters are those before the
-        update), and nothing needs ``pi_old`` before the loss (no KL in the reward, no equivalence diagnostic, no
-        LoRA dropout in the loss's forward). The ratio is then exactly 1 and the update the same, one pass cheaper.
-        """
+        """Whether the anchor ``pi_old`` of a stale batch or of recomputed log-probs can be read off the loss's own
+        forward pass instead of a pass of its own: one epoch and one optimizer step per batch (the forward's
+        parameters are those before the update), and nothing needs ``pi_old`` before the loss (no KL in the
+        reward, no equivalence diagnostic, no LoRA dropout in the loss's forward). The ratio is then exactly 1 and
+        the update the same, one pass cheaper."""
         spec = self.spec
         one_step = self.minibatch_size is None or self.minibatch_size >= self.batch_rows
         return (spec.epochs == 1 and one_step and not spec.kl_in_reward and not self.equivalence
@@ -155,27 +155,28 @@ class PolicyGradient:
     def anchor(self, learner: Learner, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
         """``pi_old`` (the ratio's anchor) and, when the sampler is not ``pi_old``, its importance weights and their
         metrics. On-policy: the sampler's own log-probs. With ``rollout.recompute_logprobs`` (an inference engine's
-        numerics differ from the learner's): the learner's, weighted against the sampler's. Stale: the learner's
-        current policy, in a pass of its own or (:attr:`anchor_in_pass`) None, read off the loss's forward."""
-        if self.stale and self.anchor_in_pass:
-            return None, None, {}
+        numerics differ from the learner's) or a stale batch: the learner's current policy, weighted against the
+        sampler's, in a pass of its own or (:attr:`anchor_in_pass`) None, read off the loss's forward."""
         if not (self.recompute_logprobs or self.stale):
             return ro.logprobs, None, {}
+        if self.anchor_in_pass:
+            return None, None, {}
         old = learner.logprobs_all(learner.model, ro)
-        is_weights, metrics = self.weights(old, ro)
-        if not self.stale:  # how far the sampler's numerics are from the learner's
-            diff = (old - ro.logprobs).abs()[ro.response_mask.bool()]
-            metrics["mismatch/logprob_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
-            metrics["mismatch/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
-        return old, is_weights, metrics
+        return old, *self.weights(old, ro)
 
     def weights(self, old: torch.Tensor, ro: Rollout) -> tuple[torch.Tensor, dict]:
         """The importance weights of ``pi_old`` against the sampler's log-probs (:func:`tokenmdp.algos.core.
         truncated_is` as the spec's ``tis_*`` fields say), logged as ``async/*`` for a stale batch, else as
-        ``mismatch/*``."""
+        ``mismatch/*`` with how far the sampler's numerics are from the learner's."""
         spec = self.spec
-        return truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap, level=spec.tis_level,
-                            mode=spec.tis_mode, prefix="async" if self.stale else "mismatch")
+        is_weights, metrics = truncated_is(old, ro.logprobs, ro.response_mask, cap=spec.tis_cap,
+                                           level=spec.tis_level, mode=spec.tis_mode,
+                                           prefix="async" if self.stale else "mismatch")
+        if not self.stale:
+            diff = (old - ro.logprobs).abs()[ro.response_mask.bool()]
+            metrics["mismatch/logprob_diff_mean"] = float(diff.mean()) if diff.numel() else 0.0
+            metrics["mismatch/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        return is_weights, metrics
 
     def token_rewards(self, batch: Batch) -> torch.Tensor | None:
         """Token rewards when they are not the spec's plain credit assignment: a multi-turn environment's per-turn
@@ -236,7 +237,7 @@ class PolicyGradient:
         spec, sub = self.spec, t.rollout
         lp, ent = learner.forward(learner.model, sub, entropy=True, entropy_grad=spec.entropy_coef != 0.0)
         old, is_weights, tis_m = t.old_logprobs, t.is_weights, {}
-        if old is None:  # a stale batch's anchor from this very forward (anchor_in_pass)
+        if old is None:  # the anchor from this very forward (anchor_in_pass: a stale batch, recomputed log-probs)
             old = lp.detach().float()
             is_weights, tis_m = self.weights(old, sub)
         loss, m = policy_loss(
