@@ -281,12 +281,15 @@ def test_importance_settings_without_a_sampler_apart_are_an_error(tmp_path, tiny
 def test_int8_sampler_is_corrected_against_the_float32_policy(tmp_path, tiny_random_dir):
     """rollout.engine_options={quantize: int8}: the fast engine samples from int8 copies of the linear layers; with
     rollout.recompute_logprobs the mismatch metrics measure how far its log-probs are from the float32 policy's
-    (above the float-rounding level of the test above, below a few hundredths of a nat), and without
-    recompute_logprobs the setting is refused by name."""
-    run = train(_cfg(tmp_path, tiny_random_dir, "grpo", "run.steps=2", "rollout.recompute_logprobs=true",
-                     "rollout.engine_options={quantize: int8}", name="int8"), progress=False)
+    (above the float-rounding level of the test above, below a few hundredths of a nat); a run extended by
+    --resume ends where the straight run does; without recompute_logprobs the setting is refused by name."""
+    int8 = ("rollout.recompute_logprobs=true", "rollout.engine_options={quantize: int8}")
+    run = train(_cfg(tmp_path, tiny_random_dir, "grpo", "run.steps=3", *int8, name="int8"), progress=False)
     for r in _records(run):
         assert 1e-4 < r["mismatch/logprob_diff_mean"] < 0.05, r["mismatch/logprob_diff_mean"]
         assert r["mismatch/is_ratio_mean"] == pytest.approx(1.0, abs=0.05)
+    short = train(_cfg(tmp_path, tiny_random_dir, "grpo", "run.steps=2", *int8, name="resumed"), progress=False)
+    train(_cfg(tmp_path, tiny_random_dir, "grpo", "run.steps=3", *int8, name="resumed"), resume=True, progress=False)
+    assert _equal(_params(run / "final"), _params(short / "final"))  # seeded, and --resume exact
     with pytest.raises(TokenMDPError, match=r"rollout\.engine_options.*quantize='int8'.*recompute_logprobs=true"):
         _cfg(tmp_path, tiny_random_dir, "grpo", "rollout.engine_options={quantize: int8}")
