@@ -35,7 +35,7 @@ def load() -> Callable | None:
 
 def _build() -> Callable | None:
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load as build  # here: only a run that asks for the kernel pays it
 
         ext = build(name="tokenmdp_decode_attention", sources=[str(Path(__file__).with_name("decode_attention.cpp"))],
                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)

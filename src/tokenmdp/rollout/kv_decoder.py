@@ -20,6 +20,10 @@ where the prompt part is a real matrix product per group (the ``n`` queries of a
 the generated part a batched product per row. Rotary tables come from the model's own rotary module. Numerically
 this is the transformers forward; the tests compare the log-probs with a teacher-forced pass within 1e-4.
 
+Two switches, off by default because each changes the samples: ``fused_attention`` runs the decode attention
+above as one compiled kernel (:mod:`tokenmdp.rollout.fused`; float rounding), and ``quantize="int8"`` runs the
+linear layers as int8 copies of the weights (:func:`int8_linear`; a slightly different policy).
+
 :class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
 """
 
