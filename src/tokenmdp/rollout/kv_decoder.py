@@ -29,9 +29,9 @@ linear layers as int8 copies of the weights (:func:`int8_linear`; a slightly dif
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,9 +147,10 @@ def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -
         if any(b is not None for b in biases):
             b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
     q8 = None
-    if quantize:
+    if quantize:  # the float copies are not kept: the int8 ones replace them
         q8 = {"qkv": int8_linear(w_qkv, b_qkv), "o": int8_linear(_weight(a.o_proj), _bias(a.o_proj)),
               "gate_up": int8_linear(w_gate_up), "down": int8_linear(_weight(m.down_proj), _bias(m.down_proj))}
+        w_qkv = b_qkv = w_gate_up = None
     return _Layer(
         q8=q8,
         w_qkv=w_qkv,
@@ -183,8 +184,10 @@ class KVDecoder:
         base = model.model
         if quantize not in (None, "int8"):
             raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
-        if fuse is None or quantize:
-            fuse = bool(quantize) or sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
+        if quantize:
+            fuse = True  # the int8 copies are made from the fused weights
+        elif fuse is None:
+            fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.embed = base.embed_tokens
         self.final_norm = _norm_parts(base.norm)
         self.rotary = base.rotary_emb
