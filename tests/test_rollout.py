@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenmdp.errors import TokenMDPError
@@ -388,40 +389,95 @@ def test_left_padding_does_not_change_a_prompt(engine, tiny):
 def _fused_or_skip():
     from tokenmdp.rollout import fused
 
-    fn = fused.load()
-    if fn is None:
+    ext = fused.load()
+    if ext is None:
         pytest.skip("the fused decode attention cannot be built here (no C++ compiler or ninja)")
-    return fn
+    return ext
 
 
-def test_fused_decode_attention_kernel_hand_computed():
-    """The kernel against softmax([q kp^T + bias, q kg^T]) [vp; vg] written out in torch: two groups with left
-    padding, grouped-query heads (4 query heads on 2 key/value heads), rows of different groups, a cache longer
-    than the columns used; and a one-column case computed by hand (softmax of one score is 1: out = v)."""
-    fn = _fused_or_skip()
-    g = torch.Generator().manual_seed(0)
-    r_, hq, hkv, d, p, t_cap, used = 5, 4, 2, 8, 3, 6, 4
-    q = torch.randn(r_, hq, d, generator=g)
-    kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
-    kg, vg = torch.randn(r_, hkv, t_cap, d, generator=g), torch.randn(r_, hkv, t_cap, d, generator=g)
-    bias = torch.zeros(2, p)
-    bias[1, 0] = float("-inf")  # group 1's prompt is left-padded by one column
-    group = torch.tensor([0, 0, 1, 1, 1])
-    out = fn(q, kp, vp, bias, kg, vg, group, used)
-    rep = hq // hkv
+def _attention_by_hand(q, kp, vp, bias, kg, vg, group, used):
+    """softmax([q kp^T + bias, q kg^T]) [vp; vg] per row and query head, in torch (grouped-query heads)."""
+    r_, hq, _ = q.shape
+    rep = hq // kp.shape[1]
+    out = torch.empty_like(q)
     for r in range(r_):
         for h in range(hq):
             kv = h // rep
             keys = torch.cat([kp[group[r], kv], kg[r, kv, :used]])
             vals = torch.cat([vp[group[r], kv], vg[r, kv, :used]])
             scores = keys @ q[r, h] + torch.cat([bias[group[r]], torch.zeros(used)])
-            torch.testing.assert_close(out[r, h], torch.softmax(scores, 0) @ vals, atol=1e-6, rtol=1e-5)
+            out[r, h] = torch.softmax(scores, 0) @ vals
+    return out
+
+
+def test_fused_decode_attention_kernel_hand_computed():
+    """The kernel against softmax([q kp^T + bias, q kg^T]) [vp; vg] written out in torch: two groups with left
+    padding, grouped-query heads (4 query heads on 2 key/value heads), rows of different groups, a cache longer
+    than the columns used; and a one-column case computed by hand (softmax of one score is 1: out = v)."""
+    fn = _fused_or_skip().decode_attention
+    g = torch.Generator().manual_seed(0)
+    # head widths 8 and 32 take the 8-lane path (keys eight at a time, values two rows at a time, the rest one by
+    # one: 13 and 19 columns exercise both), 6 the plain loops
+    for r_, hq, hkv, d, p, t_cap, used in [(5, 4, 2, 8, 3, 6, 4), (3, 2, 2, 32, 13, 24, 19), (4, 2, 1, 6, 5, 9, 9)]:
+        q = torch.randn(r_, hq, d, generator=g)
+        kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
+        kg, vg = torch.randn(r_, hkv, t_cap, d, generator=g), torch.randn(r_, hkv, t_cap, d, generator=g)
+        bias = torch.zeros(2, p)
+        bias[1, 0] = float("-inf")  # group 1's prompt is left-padded by one column
+        group = torch.tensor([0, 0, 1, 1, 1][:r_])
+        torch.testing.assert_close(fn(q, kp, vp, bias, kg, vg, group, used),
+                                   _attention_by_hand(q, kp, vp, bias, kg, vg, group, used), atol=1e-6, rtol=1e-5)
     one = fn(torch.ones(1, 1, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 0),
              torch.ones(1, 1, 3, 2), torch.tensor([[[[3.0, -1.0], [9.0, 9.0], [9.0, 9.0]]]]), torch.tensor([0]), 1)
     assert one.tolist() == [[[3.0, -1.0]]]
     far = fn(torch.tensor([[[100.0]]]), torch.tensor([[[[1.0], [-1.0]]]]), torch.tensor([[[[5.0], [7.0]]]]),
              torch.zeros(1, 2), torch.zeros(1, 1, 0, 1), torch.zeros(1, 1, 0, 1), torch.tensor([0]), 0)
     assert far.item() == 5.0  # the second score is 200 below the first: its weight is exactly 0
+
+
+def test_rotary_decode_attention_rotates_writes_and_attends():
+    """The one-call step: the new token's key (rotated) and value land in the caches at column len - 1, the other
+    columns untouched, and the output is the attention of the rotated, scaled query, as transformers' rotate_half
+    rotary followed by decode_attention would give; for a head width on the 8-lane path and one off it."""
+    ext = _fused_or_skip()
+    g = torch.Generator().manual_seed(1)
+    for d in (32, 6):
+        r_, hq, hkv, p, t_cap, used = 4, 4, 2, 7, 12, 10
+        qkv = torch.randn(r_, hq + 2 * hkv, d, generator=g)  # q, k, v are views of one projection, as in the decoder
+        q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+        angle = torch.randn(r_, d // 2, generator=g)
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
+        kg, vg = torch.randn(r_, hkv, t_cap, d, generator=g), torch.randn(r_, hkv, t_cap, d, generator=g)
+        kg0, vg0 = kg.clone(), vg.clone()
+        bias, group, scale = torch.zeros(2, p), torch.tensor([0, 0, 1, 1]), 0.3
+
+        def rot(x, cos=cos, sin=sin):
+            half = x.shape[-1] // 2
+            return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+        out = ext.rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, used)
+        torch.testing.assert_close(kg[:, :, used - 1], rot(k), atol=1e-6, rtol=1e-6)
+        assert torch.equal(vg[:, :, used - 1], v)
+        keep = torch.ones(t_cap, dtype=torch.bool)
+        keep[used - 1] = False
+        assert torch.equal(kg[:, :, keep], kg0[:, :, keep]) and torch.equal(vg[:, :, keep], vg0[:, :, keep])
+        torch.testing.assert_close(out, _attention_by_hand(rot(q) * scale, kp, vp, bias, kg, vg, group, used),
+                                   atol=1e-6, rtol=1e-5)
+
+
+def test_silu_mul_is_swiglu():
+    """``silu_mul`` of a fused (..., 2I) gate/up projection is torch's silu(gate) * up: random values, the tails
+    where exp under- or overflows (silu(-100) = -0 up to 4e-42, silu(100) = 100) and zero, in any leading shape."""
+    ext = _fused_or_skip()
+    g = torch.Generator().manual_seed(2)
+    for shape in [(5, 2 * 24), (2, 3, 2 * 7)]:
+        gate_up = torch.randn(shape, generator=g) * 4
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(ext.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-6)
+    tails = torch.tensor([[-100.0, -30.0, 0.0, 30.0, 100.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert ext.silu_mul(tails).tolist()[0] == pytest.approx([0.0, -30 * 2 * 9.357622968840175e-14, 0.0, 60.0, 200.0],
+                                                             rel=1e-5, abs=1e-30)
 
 
 def test_fused_decode_attention_matches_operators():

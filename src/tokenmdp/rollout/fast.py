@@ -80,9 +80,10 @@ class FastEngine(Engine):
         "hf".
     compact_fraction : drop finished rows from the batch once this fraction of it has finished (1 = never).
     fuse_weights : concatenate q/k/v and gate/up weights for the own decoder (default: up to 1e9 parameters).
-    fused_attention : the own decoder's compiled decode attention (:mod:`tokenmdp.rollout.fused`, float32 on the
-        CPU; ``rollout.engine_options={fused_attention: true}``): 1.1-1.2x on the tiny model's rollouts, the same
-        log-probs to float rounding (so seeded runs differ from the default's); off by default.
+    fused_attention : the own decoder's compiled decode step (rotary, cache writes, attention, SwiGLU;
+        :mod:`tokenmdp.rollout.fused`, float32 on the CPU; ``rollout.engine_options={fused_attention: true}``):
+        about 1.5x on the tiny model's rollouts, the same log-probs to float rounding (so seeded runs differ from
+        the default's); off by default.
     quantize : "int8": the own decoder's linear layers run as int8 copies of the weights (fbgemm, CPU;
         :func:`tokenmdp.rollout.kv_decoder.int8_linear`), 3-7x float32 at SmolLM2's decode shapes. The samples then
         come from a policy a little off the trained one, and their log-probs are the int8 model's: train with

@@ -20,9 +20,10 @@ where the prompt part is a real matrix product per group (the ``n`` queries of a
 the generated part a batched product per row. Rotary tables come from the model's own rotary module. Numerically
 this is the transformers forward; the tests compare the log-probs with a teacher-forced pass within 1e-4.
 
-Two switches, off by default because each changes the samples: ``fused_attention`` runs the decode attention
-above as one compiled kernel (:mod:`tokenmdp.rollout.fused`; float rounding), and ``quantize="int8"`` runs the
-linear layers as int8 copies of the weights (:func:`int8_linear`; a slightly different policy).
+Two switches, off by default because each changes the samples: ``fused_attention`` runs the new token's rotary,
+cache writes and the decode attention above as one compiled call, and the SwiGLU as another
+(:mod:`tokenmdp.rollout.fused`; float rounding), and ``quantize="int8"`` runs the linear layers as int8 copies of
+the weights (:func:`int8_linear`; a slightly different policy).
 
 :class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
 """
@@ -200,7 +201,8 @@ class KVDecoder:
                                 f"{self.embed.weight.device}")
         self.layers = [_fuse(layer, self.d, fuse, bool(quantize)) for layer in base.layers]
         self.head_fn = int8_linear(_weight(self.head), _bias(self.head)) if quantize else self.head
-        # the fused decode attention (tokenmdp.rollout.fused), on request; None: torch operators
+        # the fused decode step (tokenmdp.rollout.fused), on request; None: torch operators
+        self.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")  # the kernel's SwiGLU applies
         self.fused = None
         if fused_attention:
             weight = self.embed.weight
@@ -213,8 +215,9 @@ class KVDecoder:
                                     "(see the warning above); leave it off to use torch operators")
 
     # shared pieces ------------------------------------------------------------------------------------------
-    def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor):
-        """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S)."""
+    def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor | None):
+        """Rotated q (B, S, Hq, D), k and v (B, S, Hkv, D) of hidden states x (B, S, H) at positions pos (B, S);
+        unrotated where ``pos`` is None (the fused kernel rotates them)."""
         b, s, _ = x.shape
         if layer.q8 is not None:
             qkv = layer.q8["qkv"](x)
@@ -226,8 +229,9 @@ class KVDecoder:
         qk, v = qk.view(b, s, self.hq + self.hk, self.d), v.view(b, s, self.hk, self.d)
         if layer.q_norm is not None:
             qk = torch.cat([layer.q_norm(qk[:, :, : self.hq]), layer.k_norm(qk[:, :, self.hq :])], dim=2)
-        cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
-        qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
+        if pos is not None:
+            cos, sin = self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2)
+            qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
         return qk[:, :, : self.hq], qk[:, :, self.hq :], v
 
     def _block(self, x: torch.Tensor, layer: _Layer, attend) -> torch.Tensor:
@@ -235,13 +239,16 @@ class KVDecoder:
         q8 = layer.q8
         x = x + (q8["o"] if q8 else layer.o_proj)(attend(h))
         h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
-        if q8 is not None:
-            gate, up = q8["gate_up"](h).chunk(2, dim=-1)
-        elif layer.w_gate_up is not None:
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+        if q8 is not None or layer.w_gate_up is not None:
+            gate_up = q8["gate_up"](h) if q8 is not None else F.linear(h, layer.w_gate_up)
+            if self.fused is not None and self.silu:  # SwiGLU in one pass
+                inner = self.fused.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                inner = layer.act(gate) * up
         else:
-            gate, up = layer.mlp.gate_proj(h), layer.mlp.up_proj(h)
-        return x + (q8["down"] if q8 else layer.down)(layer.act(gate) * up)
+            inner = layer.act(layer.mlp.gate_proj(h)) * layer.mlp.up_proj(h)
+        return x + (q8["down"] if q8 else layer.down)(inner)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
         return self.head_fn(F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1]))
@@ -296,13 +303,16 @@ class KVDecoder:
 
     def _decode_attention(self, h: torch.Tensor, layer: _Layer, li: int, pos: torch.Tensor, t: int):
         r = h.shape[0]
+        if self.fused is not None:  # rotary, scaling, cache writes and attention in one call
+            q, k, v = self._qkv(h, layer, None)
+            cos, sin = self.rope_rows
+            out = self.fused.rotary_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, layer.scaling,
+                                                     self.kp[li], self.vp[li], self.prompt_bias, self.kg[li],
+                                                     self.vg[li], self.group, t + 1)
+            return out.view(r, 1, self.hq * self.d)
         q, k, v = self._qkv(h, layer, pos)  # (R, 1, H, D)
         self.kg[li][:, :, t] = k[:, 0]
         self.vg[li][:, :, t] = v[:, 0]
-        if self.fused is not None:
-            out = self.fused((q * layer.scaling).reshape(r, self.hq, self.d), self.kp[li], self.vp[li],
-                             self.prompt_bias, self.kg[li], self.vg[li], self.group, t + 1)
-            return out.view(r, 1, self.hq * self.d)
         q = q.view(r, self.hk, self.hq // self.hk, self.d) * layer.scaling
         full = r == self.g * self.n
         s_prompt = self._to_groups(q, full) @ self.kp[li].transpose(-1, -2)  # (G, Hkv, n*rep, P)
@@ -317,6 +327,8 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
         """Feed the ``t``-th generated token (R,) of each live row at positions ``pos`` (R,); logits (R, V)."""
         x = self.embed(tokens.unsqueeze(1))
+        if self.fused is not None:  # the rotary rows of this step, shared by the layers
+            self.rope_rows = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
         pos = pos.unsqueeze(1)
         for li, layer in enumerate(self.layers):
             x = self._block(x, layer, lambda h, li=li, layer=layer: self._decode_attention(h, layer, li, pos, t))
