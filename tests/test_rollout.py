@@ -520,7 +520,8 @@ def test_int8_linear_and_sampler():
     weights, with and without bias, a 3-d input); the int8 fast engine's log-probs differ from the float32
     teacher-forced ones by more than rounding and less than 0.05 nats on average; seeded runs repeat; asking for
     it where it cannot run is refused by name."""
-    from tokenmdp.rollout.kv_decoder import int8_linear, make_decoder
+    from tokenmdp.rollout.fused import int8_linear
+    from tokenmdp.rollout.kv_decoder import make_decoder
 
     w = torch.tensor([[127.0, -64.0, 0.0], [1.0, 2.0, -3.0]]) * 0.01
     x = torch.tensor([[1.0, -2.0, 3.0], [0.0, 1.0, -1.0]])

@@ -85,7 +85,7 @@ class FastEngine(Engine):
         about 1.5x on the tiny model's rollouts, the same log-probs to float rounding (so seeded runs differ from
         the default's); off by default.
     quantize : "int8": the own decoder's linear layers run as int8 copies of the weights (fbgemm, CPU;
-        :func:`tokenmdp.rollout.kv_decoder.int8_linear`), 3-7x float32 at SmolLM2's decode shapes. The samples then
+        :func:`tokenmdp.rollout.fused.int8_linear`), 3-7x float32 at SmolLM2's decode shapes. The samples then
         come from a policy a little off the trained one, and their log-probs are the int8 model's: train with
         ``rollout.recompute_logprobs=true``, which recomputes pi_old in float32 and weights the mismatch by
         truncated importance sampling (the recipe of 8-bit rollouts in FlashRL). Off by default.

@@ -23,14 +23,13 @@ this is the transformers forward; the tests compare the log-probs with a teacher
 Two switches, off by default because each changes the samples: ``fused_attention`` runs the new token's rotary,
 cache writes and the decode attention above as one compiled call, and the SwiGLU as another
 (:mod:`tokenmdp.rollout.fused`; float rounding), and ``quantize="int8"`` runs the linear layers as int8 copies of
-the weights (:func:`int8_linear`; a slightly different policy).
+the weights (:func:`tokenmdp.rollout.fused.int8_linear`; a slightly different policy).
 
 :class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from torch import nn
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
+from tokenmdp.rollout.fused import int8_linear
 
 SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
 
@@ -112,26 +112,6 @@ def _weight(proj: nn.Module) -> torch.Tensor:
 
 def _bias(proj: nn.Module) -> torch.Tensor | None:
     return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
-
-
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> x W^T + b`` with ``W`` rounded to int8 (one scale per output row, ``max |w| / 127``) and ``x``
-    quantised at each call (fbgemm's dynamic int8 linear; activations to 7 bits, as fbgemm needs on AVX2). At the
-    decode shapes of SmolLM2-135M on this CPU it runs 3-7x a float32 matmul, with errors of about 2% of the
-    largest output: a sampler of its own, whose log-probs are not the policy's (see ``FastEngine``'s
-    ``quantize``)."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's kernels take no other
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
-        qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-    packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).contiguous(), packed, True)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    return apply
 
 
 def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -> _Layer:
@@ -387,7 +367,7 @@ def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = No
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
     ``fused_attention``: the compiled decode attention (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
-    ``quantize="int8"``: int8 copies of the linear layers (:func:`int8_linear`).
+    ``quantize="int8"``: int8 copies of the linear layers (:func:`tokenmdp.rollout.fused.int8_linear`).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
         asked = [name for name, on in (("fused_attention=True", fused_attention), (f"quantize={quantize!r}", quantize))
@@ -399,4 +379,4 @@ def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = No
     return KVDecoder(model, fuse=fuse, fused_attention=fused_attention, quantize=quantize)
 
 
-__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "int8_linear", "SUPPORTED"]
+__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]

@@ -162,9 +162,9 @@ class OptimConfig:
     # float rounding only, but a resumed run is bit-exact only on the same cut)
     micro_batch_tokens: int | Literal["auto"] | None = "auto"
     # rows whose advantage is 0 on every token skip the forward/backward (exact: they add no gradient; only when
-    # the loss has no KL term, entropy bonus or critic; see tokenmdp.train.pg.can_skip_zero_advantage). Off by
-    # default: policy/entropy, clip_frac and approx_kl are then means over the rows that ran only, which would
-    # make them incomparable between algorithms that skip and algorithms that do not
+    # the loss has no KL term, entropy bonus or critic; see PolicyGradient.skips_zero_advantage in
+    # tokenmdp.train.algorithms). Off by default: policy/entropy, clip_frac and approx_kl are then means over the
+    # rows that ran only, which would make them incomparable between algorithms that skip and algorithms that do not
     skip_zero_advantage: bool = False
     # the update's forward passes run each distinct prompt once and the G responses of its group on its KV cache
     # (exact: the same log-probs and gradients up to float summation order; tokenmdp.policy.shared_prompt);
