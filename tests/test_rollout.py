@@ -508,6 +508,9 @@ def test_fused_decode_attention_matches_operators():
         runs = [get_engine("fast", model, tok, fused_attention=f).generate(PROMPTS, n=2, max_new_tokens=8,
                                                                           temperature=0.0) for f in (False, True)]
         assert torch.equal(runs[0].response_ids, runs[1].response_ids), name
+        eng = get_engine("fast", model, tok, fused_attention=True)  # seeded sampling repeats bit for bit
+        a, b = (eng.generate(PROMPTS, n=3, max_new_tokens=8, temperature=1.0, seed=5) for _ in range(2))
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs), name
     with pytest.raises(TokenMDPError, match="fused_attention=True needs the own decoder"):
         make_decoder(models["llama"], "hf", fused_attention=True)
     with pytest.raises(TokenMDPError, match="float32 weights on the CPU"):
