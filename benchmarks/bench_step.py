@@ -16,8 +16,10 @@ TRL runs a whole ``Trainer.train()``, so the two cannot alternate step by step: 
 consecutive steps; its rollout is generation + scoring + advantages (TRL: ``_generate_and_score_completions``,
 timed by a wrapper; tokenmdp: ``time/rollout + time/score``) and its update the rest of the step up to the
 optimizer step (TRL: from ``on_step_begin`` to ``on_step_end`` minus the rollout; tokenmdp: ``time/update``).
-The update's useful FLOP/s are ``6 x parameters x tokens trained`` (prompt + response tokens of every row, no
-padding) / update time, printed next to the float32 matmul peak (1024 x 1024, same threads) measured in the run.
+The update's useful FLOP/s are ``(4 N + 2 N_trainable) x tokens trained`` (N parameters: forward and input
+gradients; weight gradients only for the trainable ones, so 6 N for full fine-tuning and about 4 N with LoRA;
+prompt + response tokens of every row, no padding) / update time, printed next to the float32 matmul peak
+(1024 x 1024, same threads) measured in the run.
 
 tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
 (``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free); with
@@ -196,6 +198,7 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
         def on_batch(self, learner, batch, step):
             steps.setdefault(step, {}).update(_tokens(batch.rollout.prompt_mask, batch.rollout.response_mask))
             info.setdefault("parameters", sum(p.numel() for p in learner.model.parameters()))
+            info.setdefault("trainable", sum(p.numel() for p in learner.model.parameters() if p.requires_grad))
             info.setdefault("micro_batch_tokens", learner.micro_batch_tokens)
 
         def on_step(self, step, record, c):
@@ -211,7 +214,8 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
         steps[k]["step"], prev = steps[k]["end"] - prev, steps[k]["end"]
         if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
             steps[k]["sampler_rollout"], steps[k]["rollout"] = steps[k]["rollout"], steps[k]["wait"] or 0.0
-    return {"side": "tokenmdp", "variant": variant, "parameters": info["parameters"], "steps": steps,
+    return {"side": "tokenmdp", "variant": variant, "parameters": info["parameters"], "trainable": info["trainable"],
+            "steps": steps,
             "micro_batch_tokens": info.get("micro_batch_tokens"),
             "threads_after": torch.get_num_threads()}
 
@@ -288,6 +292,7 @@ def run_trl(s: Setup, tag: str) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts: keep stdout for the results
         trainer.train()
     return {"side": "trl", "variant": "trl", "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "trainable": sum(p.numel() for p in policy.model.parameters() if p.requires_grad),
             "steps": steps, "first_batch": first, "trainer": trainer, "initial": initial,
             "threads_after": torch.get_num_threads()}
 
@@ -380,8 +385,9 @@ def summarise(runs: list[dict], variant: str, steps: int, peak: float) -> dict:
         return statistics.median(vals) if vals else None
 
     params = runs[0]["parameters"] if runs else 0
+    per_token = 4 * params + 2 * (runs[0].get("trainable", params) if runs else 0)  # 6 N for full fine-tuning
     tokens = [x["prompt_tokens"] + x["response_tokens"] for x in rows]
-    flops = [6 * params * (x["prompt_tokens"] + x["response_tokens"]) / x["update"] for x in rows if x["update"] > 0]
+    flops = [per_token * (x["prompt_tokens"] + x["response_tokens"]) / x["update"] for x in rows if x["update"] > 0]
     out = {"s_per_step": med("step"), "rollout_s": med("rollout"), "update_s": med("update"),
            "tokens_per_step": statistics.median(tokens), "response_tokens_per_step": med("response_tokens"),
            "update_gflops": statistics.median(flops) / 1e9 if flops else None, "steps_counted": len(rows),
