@@ -324,7 +324,8 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
   TORCH_CHECK(D % 2 == 0 && k.size(0) == R && v.size(0) == R && k.size(2) == D && v.sizes() == k.sizes() &&
                   cos.size(0) == R && cos.size(1) == D && sin.sizes() == cos.sizes() && len >= 1 &&
                   kg.size(0) == R && kg.size(1) == Hkv && kg.size(3) == D && kg.stride(3) == 1 &&
-                  vg.stride(3) == 1 && len <= kg.size(2) && len <= vg.size(2),
+                  vg.size(0) == R && vg.size(1) == Hkv && vg.size(3) == D && vg.stride(3) == 1 &&
+                  len <= kg.size(2) && len <= vg.size(2),
               "rotary_decode_attention: shapes do not match");
   auto qr = torch::empty({R, Hq, D}, q.options());
   const float* qd = q.data_ptr<float>();
@@ -336,16 +337,20 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
   float* kgd = kg.data_ptr<float>();
   float* vgd = vg.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  // strides read once, outside the loop: the new token's column of each cache, and the projections' row/head steps
+  const int64_t q_r = q.stride(0), q_h = q.stride(1), k_r = k.stride(0), k_h = k.stride(1);
+  const int64_t v_r = v.stride(0), v_h = v.stride(1);
+  const int64_t kg_r = kg.stride(0), kg_h = kg.stride(1), vg_r = vg.stride(0), vg_h = vg.stride(1);
+  float* kg_new = kgd + (len - 1) * kg.stride(2);
+  float* vg_new = vgd + (len - 1) * vg.stride(2);
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* cs = cd + r * D;
       const float* sn = sd + r * D;
-      for (int64_t h = 0; h < Hq; ++h) rotate_head(qd + r * q.stride(0) + h * q.stride(1), cs, sn, D, sc, qrd + (r * Hq + h) * D);
+      for (int64_t h = 0; h < Hq; ++h) rotate_head(qd + r * q_r + h * q_h, cs, sn, D, sc, qrd + (r * Hq + h) * D);
       for (int64_t h = 0; h < Hkv; ++h) {
-        rotate_head(kd + r * k.stride(0) + h * k.stride(1), cs, sn, D, 1.f,
-                    kgd + r * kg.stride(0) + h * kg.stride(1) + (len - 1) * kg.stride(2));
-        std::memcpy(vgd + r * vg.stride(0) + h * vg.stride(1) + (len - 1) * vg.stride(2),
-                    vd + r * v.stride(0) + h * v.stride(1), D * sizeof(float));
+        rotate_head(kd + r * k_r + h * k_h, cs, sn, D, 1.f, kg_new + r * kg_r + h * kg_h);
+        std::memcpy(vg_new + r * vg_r + h * vg_h, vd + r * v_r + h * v_h, D * sizeof(float));
       }
     }
   });

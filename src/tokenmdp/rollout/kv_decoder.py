@@ -366,7 +366,7 @@ def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = No
     """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``.
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
-    ``fused_attention``: the compiled decode attention (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
+    ``fused_attention``: the compiled decode step (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
     ``quantize="int8"``: int8 copies of the linear layers (:func:`tokenmdp.rollout.fused.int8_linear`).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
