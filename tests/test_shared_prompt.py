@@ -67,6 +67,61 @@ def test_logprobs_entropy_and_gradients_equal_the_padded_pass(model, temperature
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
 
 
+def test_a_prompt_pass_across_micro_batches_equals_the_padded_pass(model):
+    """PromptPass(detach=True): the prompts once, the responses in three micro-batches that split every group,
+    each with its own backward, then the prompt pass's backward: the log-probs and every parameter's gradient equal
+    one padded pass over all rows (the gradient reaches the prompt only through the detached keys, values and
+    states, so a missing backward would leave it short)."""
+    from tokenmdp.policy.logprobs import counted_logprobs, split_causal_lm
+    from tokenmdp.policy.shared_prompt import PromptPass, backbone_support
+
+    pid, pmask, resp, rmask = _groups(seed=4)
+    parts = split_causal_lm(model)
+    kwarg = backbone_support(parts.backbone)[0]
+
+    def chunked():
+        prompts = PromptPass(parts.backbone, kwarg, pid, pmask, detach=True)
+        out = torch.zeros(resp.shape, dtype=torch.float32)
+        for rows in (torch.tensor([0, 5, 7, 11]), torch.tensor([1, 2, 3, 4, 6]), torch.tensor([8, 9, 10])):
+            hidden, where = prompts.states(prompts.inverse[rows], resp[rows], rmask[rows])
+            lp, _ = counted_logprobs(hidden, where, resp[rows], parts, temperature=1.0, return_entropy=False,
+                                     chunk_size=None)
+            (lp.pow(2).sum() + lp.sum()).backward()  # the loss of _grads, micro-batch by micro-batch
+            out[rows] = lp.detach()
+        prompts.backward()
+        return out
+
+    model.zero_grad()
+    lp = chunked()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (ref_lp, _), ref_grads = _grads(model, lambda: sequence_logprobs(model, pid, pmask, resp, rmask))
+    torch.testing.assert_close(lp, ref_lp.float(), atol=1e-6, rtol=0)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
+    model.zero_grad()  # without the prompt pass's backward the embeddings miss the prompt tokens' share
+    prompts = PromptPass(parts.backbone, kwarg, pid, pmask, detach=True)
+    hidden, where = prompts.states(prompts.inverse, resp, rmask)
+    lp, _ = counted_logprobs(hidden, where, resp, parts, temperature=1.0, return_entropy=False, chunk_size=None)
+    (lp.pow(2).sum() + lp.sum()).backward()
+    name = next(n for n in ref_grads if "embed" in n)
+    assert not torch.allclose(dict(model.named_parameters())[name].grad, ref_grads[name], rtol=1e-3, atol=0)
+
+
+def test_prompt_chunks_hand_example():
+    from tokenmdp.train.micro import prompt_chunks
+
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    prompts = torch.tensor([4, 4, 3, 3, 5, 5])
+    lengths = prompts + torch.tensor([6, 2, 1, 1, 3, 2])  # longest rows: group 0 (10), group 2 (8), group 1 (4)
+    rows = torch.arange(6)
+    cut = [c.tolist() for c in prompt_chunks(rows, lengths, groups, prompts, max_tokens=20)]
+    assert cut == [[0, 1, 4, 5], [2, 3]]  # 2 prompts x 5 = 10 <= 20 / 2; 3 x 5 = 15 > 10
+    assert [c.tolist() for c in prompt_chunks(rows, lengths, groups, prompts)] == [[0, 1, 4, 5, 2, 3]]
+    assert [c.tolist() for c in prompt_chunks(rows, lengths, groups, prompts, max_tokens=6)] == [[0, 1], [4, 5],
+                                                                                                  [2, 3]]
+
+
 def test_a_right_padded_prompt_and_single_rows(model):
     """Right-padded prompts (the first response token's predictor inside the prompt), groups of one."""
     pid = torch.tensor([[10, 11, 12, 0, 0], [10, 11, 12, 0, 0], [20, 21, 22, 23, 24]])
@@ -123,10 +178,12 @@ def test_micro_batches_keep_groups_together():
     assert sorted(sum(cut, [])) == rows.tolist()
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo", "isft+", "dpo"])
-def test_training_with_shared_prompts_equals_training_without(tmp_path, tiny_random_dir, algo, monkeypatch):
+@pytest.mark.parametrize("algo, budget", [("grpo", "auto"), ("grpo", "16"), ("ppo", "auto"), ("isft+", "auto"),
+                                          ("dpo", "auto")])
+def test_training_with_shared_prompts_equals_training_without(tmp_path, tiny_random_dir, algo, budget, monkeypatch):
     """Two AdamW steps (rollouts of step 2 from the step-1 parameters) with shared prompts on and off give the same
-    parameters, policy and critic; minibatches of 6 rows of groups of 4, micro-batches of 3: groups are split.
+    parameters, policy and critic; minibatches of 6 rows of groups of 4, micro-batches of 3: groups are split
+    (a token budget of 16 also cuts each minibatch's prompts into several chunks: ``prompt_chunks``).
 
     AdamW's eps is 1e-3: with the default 1e-8 its first step is ``lr * g / |g|``, which turns the float-order
     noise (~1e-9) of a gradient element that is itself ~0 into a step of either sign (a few elements in 1e5 differ
@@ -140,7 +197,7 @@ def test_training_with_shared_prompts_equals_training_without(tmp_path, tiny_ran
     from tokenmdp.train.trainer import train
 
     calls = []
-    sp_states = sp.shared_prompt_states
+    sp_states, sp_init = sp.shared_prompt_states, sp.PromptPass.__init__
 
     def counting(who):
         def states(*args):
@@ -148,13 +205,20 @@ def test_training_with_shared_prompts_equals_training_without(tmp_path, tiny_ran
             return sp_states(*args)
         return states
 
+    def chunk_init(self, *args, detach=False):  # a chunk's prompts once across micro-batches (Learner.micro_passes)
+        if detach:
+            calls.append("policy")
+        sp_init(self, *args, detach=detach)
+
     monkeypatch.setattr(sp, "shared_prompt_states", counting("policy"))
     monkeypatch.setattr(vh, "shared_prompt_states", counting("critic"))
+    monkeypatch.setattr(sp.PromptPass, "__init__", chunk_init)
     finals = {}
     for shared in (False, True):
         out = tmp_path / f"{algo}-{shared}"
         cfg = load_config(None, [f"model.path={tiny_random_dir}", f"algo.name={algo}", f"run.out={out}", *SMALL,
                                  "optim.minibatch_size=6", "optim.micro_batch_size=3", "optim.eps=1e-3",
+                                 f"optim.micro_batch_tokens={budget}",
                                  f"optim.shared_prompt={str(shared).lower()}"])
         run = train(cfg, progress=False)
         assert bool(calls) == shared  # the shared pass runs when, and only when, it is on

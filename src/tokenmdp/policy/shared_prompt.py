@@ -16,7 +16,9 @@ order. The predictor of the first response token is the prompt's last unmasked c
 pass's hidden states.
 
 The prompt pass costs ``U x P`` token positions instead of ``B x P``: with ``G`` samples per prompt, ``1 / G`` of
-the prompt compute of the padded pass.
+the prompt compute of the padded pass. In the update a :class:`PromptPass` runs the prompts of a whole chunk of
+groups once and serves several response micro-batches, its gradient sent through once after the last of them, so
+the micro-batches need not hold whole groups and can be cut by response length (little padding).
 
 A model whose backbone takes no cache or position ids, whose layers are not all full attention (a sliding
 window keeps only part of the prompt's cache), or that checkpoints its layers (transformers then turns the cache
@@ -108,6 +110,77 @@ def _new_cache(backbone: nn.Module):
         return DynamicCache()
 
 
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)`` in a transformers KV cache (``layers`` from 5.x, ``key_cache`` before)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+class PromptPass:
+    """The distinct prompts of some rows run through ``backbone`` once, for their responses to attend to.
+
+    ``first`` and ``inverse`` are :func:`prompt_groups` of the rows; every layer's keys and values (``U`` rows) and
+    the last hidden states stay here for :meth:`states` to hand to any response pass over these prompts.
+
+    ``detach=True`` (the prompts of a whole chunk of rows, scored in several response micro-batches): the response
+    passes see detached leaves, so each micro-batch's backward leaves the gradient of its keys, values and
+    predictor states on them, summed over the micro-batches, and :meth:`backward` sends those sums through the
+    prompt pass once. By the chain rule the parameter gradients are those of one graph through both passes: the
+    padded pass's, up to float summation order. The response micro-batches need not hold whole groups then, and
+    are cut by response length alone (less padding). ``detach=False``: one graph, nothing to send.
+    """
+
+    def __init__(self, backbone: nn.Module, kwarg: str, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                 detach: bool = False):
+        self.backbone, self.kwarg = backbone, kwarg
+        self.first, self.inverse = prompt_groups(prompt_ids, prompt_mask)
+        self.mask = prompt_mask[self.first].long()
+        cache = _new_cache(backbone)
+        out = backbone(input_ids=prompt_ids[self.first], attention_mask=self.mask,
+                       position_ids=position_ids_from_mask(self.mask), use_cache=True, **{kwarg: cache})
+        self._outputs = [t for kv in _cache_layers(cache) for t in kv] + [out.last_hidden_state]
+        self._inputs = ([t.detach().requires_grad_(t.requires_grad) for t in self._outputs] if detach
+                        else self._outputs)
+
+    @property
+    def tokens(self) -> int:
+        """Token positions the prompt pass ran (distinct prompts x the longest)."""
+        return self.mask.numel()
+
+    def states(self, slots: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+               context_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Predictor hidden states ``(N, H)`` of the ``N`` counted response tokens, at ``(rows, cols)``, of
+        responses whose rows hold the prompts ``slots`` (indices into the distinct prompts), counted as in
+        ``sequence_logprobs`` (``context_mask``: the response's attention mask when it differs from
+        ``response_mask``, a multi-turn episode)."""
+        p_len = self.mask.shape[1]
+        attn = torch.cat([self.mask[slots], response_mask if context_mask is None else context_mask], dim=1).long()
+        positions = position_ids_from_mask(attn)
+        *kv, prompt_hidden = self._inputs
+        cache = _new_cache(self.backbone)
+        for layer in range(len(kv) // 2):  # every layer's K, V: (U, heads, P, d) -> (B, heads, P, d), on the graph
+            cache.update(kv[2 * layer].index_select(0, slots), kv[2 * layer + 1].index_select(0, slots), layer)
+        resp_out = self.backbone(input_ids=response_ids, attention_mask=attn, position_ids=positions[:, p_len:],
+                                 use_cache=True, **{self.kwarg: cache})
+        pred = predictor_index(attn, p_len)
+        rows, cols = (response_mask.bool() & (pred >= 0)).nonzero(as_tuple=True)
+        src = pred[rows, cols]
+        in_prompt = (src < p_len).unsqueeze(-1)
+        from_prompt = prompt_hidden[slots[rows], src.clamp(max=p_len - 1)]
+        from_response = resp_out.last_hidden_state[rows, (src - p_len).clamp(min=0)]
+        return torch.where(in_prompt, from_prompt, from_response), (rows, cols)
+
+    def backward(self) -> None:
+        """Send the gradients the response passes left on the detached keys, values and states through the prompt
+        pass (a no-op without ``detach`` or without gradients); the pass's tensors are released."""
+        if self._inputs is not self._outputs:
+            pairs = [(out, leaf.grad) for out, leaf in zip(self._outputs, self._inputs) if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        self._outputs = self._inputs = []
+
+
 def shared_prompt_states(
     backbone: nn.Module,
     kwarg: str,
@@ -118,26 +191,11 @@ def shared_prompt_states(
     context_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Predictor hidden states ``(N, H)`` of the ``N`` counted response tokens, at ``(rows, cols)``, computed
-    with each distinct prompt run once (the module docstring); counted as in ``sequence_logprobs`` (``context_mask``:
-    the response's attention mask when it differs from ``response_mask``, a multi-turn episode)."""
-    p_len = prompt_ids.shape[1]
-    first, inverse = prompt_groups(prompt_ids, prompt_mask)
-    attn = torch.cat([prompt_mask, response_mask if context_mask is None else context_mask], dim=1).long()
-    positions = position_ids_from_mask(attn)
-    u_mask = attn[first, :p_len]
-    cache = _new_cache(backbone)
-    prompt_out = backbone(input_ids=prompt_ids[first], attention_mask=u_mask, position_ids=positions[first, :p_len],
-                          use_cache=True, **{kwarg: cache})
-    cache.batch_select_indices(inverse)  # every layer's K, V: (U, heads, P, d) -> (B, heads, P, d), on the graph
-    resp_out = backbone(input_ids=response_ids, attention_mask=attn, position_ids=positions[:, p_len:],
-                        use_cache=True, **{kwarg: cache})
-    pred = predictor_index(attn, p_len)
-    rows, cols = (response_mask.bool() & (pred >= 0)).nonzero(as_tuple=True)
-    src = pred[rows, cols]
-    in_prompt = (src < p_len).unsqueeze(-1)
-    from_prompt = prompt_out.last_hidden_state[inverse[rows], src.clamp(max=p_len - 1)]
-    from_response = resp_out.last_hidden_state[rows, (src - p_len).clamp(min=0)]
-    return torch.where(in_prompt, from_prompt, from_response), (rows, cols)
+    with each distinct prompt run once (the module docstring) on one graph; counted as in ``sequence_logprobs``
+    (``context_mask``: the response's attention mask when it differs from ``response_mask``, a multi-turn
+    episode)."""
+    prompts = PromptPass(backbone, kwarg, prompt_ids, prompt_mask)
+    return prompts.states(prompts.inverse, response_ids, response_mask, context_mask)
 
 
 def grouped_sequence_logprobs(
@@ -183,4 +241,5 @@ def grouped_sequence_logprobs(
                             return_entropy=return_entropy, chunk_size=chunk_size, entropy_grad=entropy_grad)
 
 
-__all__ = ["backbone_support", "grouped_sequence_logprobs", "prompt_groups", "shared_prompt_states", "warn_fallback"]
+__all__ = ["PromptPass", "backbone_support", "grouped_sequence_logprobs", "prompt_groups", "shared_prompt_states",
+           "warn_fallback"]

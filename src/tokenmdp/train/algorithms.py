@@ -281,7 +281,7 @@ class PolicyGradient:
                 n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
                 work = mb if live is None else mb[live[mb]]
                 skipped += len(mb) - len(work)
-                for micro in learner.micro_passes(work, order):
+                for micro in learner.micro_passes(work, order, rollout=tb.rollout):
                     learner.backward(self.loss(learner, tb.select(micro), n_tok, n_seq, meter))
                 meter.end_minibatch()
                 if len(work) < len(mb):
@@ -349,7 +349,7 @@ class FilteredSFT:
             for mb in minibatches(rows, self.minibatch_size, generator=generator):
                 mbd = mb.to(keep.device)
                 n_tok, n_seq = kept_counts(ro.response_mask[mbd], batch.correct[mbd], mode=spec.isft_mode)
-                for micro in learner.micro_passes(mb, order):
+                for micro in learner.micro_passes(mb, order, rollout=ro):
                     learner.backward(self.loss(learner, tb.select(micro), n_tok, n_seq, meter))
                 meter.end_minibatch()
                 learner.step(meter)

@@ -167,8 +167,10 @@ class OptimConfig:
     # rows that ran only, which would make them incomparable between algorithms that skip and algorithms that do not
     skip_zero_advantage: bool = False
     # the update's forward passes run each distinct prompt once and the G responses of its group on its KV cache
-    # (exact: the same log-probs and gradients up to float summation order; tokenmdp.policy.shared_prompt);
-    # micro-batches then hold the rows of a prompt together. Off by default until measured on the target hardware
+    # (exact: the same log-probs and gradients up to float summation order; tokenmdp.policy.shared_prompt): the
+    # prompts of a chunk of groups run once ahead of its micro-batches, which are then cut by response length
+    # across groups (Learner.micro_passes; with a critic or sharded, micro-batches hold whole groups instead). Off
+    # by default: it moves a seeded run by float rounding
     shared_prompt: bool = False
     # an optimizer step whose loss or gradient is NaN or Inf is skipped (the parameters and the optimizer's moments
     # stay as they were; counted as update/nonfinite_steps); this many skipped in a row stop the run with one error

@@ -2,8 +2,8 @@
 
 An algorithm (:mod:`tokenmdp.train.algorithms`) says how a batch becomes a loss; the :class:`Learner` runs it on
 the hardware: teacher-forced forward passes (mixed precision by ``accelerate``'s autocast, one prompt pass per
-group with ``optim.shared_prompt``, through the FSDP root when the policy is sharded), micro-batches cut by rows
-and tokens (processes kept in lockstep under sharding), the backward pass, and the optimizer step (gradients
+chunk of groups with ``optim.shared_prompt``, through the FSDP root when the policy is sharded), micro-batches cut
+by rows and tokens (processes kept in lockstep under sharding), the backward pass, and the optimizer step (gradients
 averaged over processes, clipped, a non-finite step skipped and counted in :class:`TrainerState`). None of these
 branches inside an algorithm.
 
@@ -27,10 +27,10 @@ from torch import nn
 
 from tokenmdp.algos.core import kl_penalty
 from tokenmdp.policy.adapters import adapter_disabled
-from tokenmdp.policy.logprobs import sequence_logprobs, split_causal_lm
-from tokenmdp.policy.shared_prompt import backbone_support, grouped_sequence_logprobs, prompt_groups
+from tokenmdp.policy.logprobs import counted_logprobs, sequence_logprobs, split_causal_lm
+from tokenmdp.policy.shared_prompt import PromptPass, backbone_support, grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.types import Rollout
-from tokenmdp.train.micro import micro_batches, row_lengths
+from tokenmdp.train.micro import micro_batches, prompt_chunks, row_lengths
 from tokenmdp.train.sharding import Sharding, grad_norm
 
 def gather_parts(accelerator, part: dict[str, list]) -> list[dict[str, list]]:
@@ -213,6 +213,7 @@ class Learner:
     fsdp: Sharding | None = None
     state: TrainerState = field(default_factory=TrainerState)
     _prompt_once: bool | None = field(default=None, repr=False)  # prompt_runs_once, found at the first batch
+    _scoring: tuple | None = field(default=None, repr=False)  # (model, PromptPass, slots): the next forward's prompts
 
     @property
     def device(self) -> torch.device:
@@ -251,11 +252,21 @@ class Learner:
         """Teacher-forced ``(logprobs, entropy)`` (B, T) of ``sub``'s responses at the rollout temperature; with
         ``optim.shared_prompt`` each distinct prompt of ``sub`` goes through the model once. ``entropy_grad=False``:
         the entropy is a metric only (no gradient, no softmax kept for the backward pass)."""
+        context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}  # multi-turn episodes
+        if self._scoring is not None and self._scoring[0] is model:  # a micro-batch of a chunk (micro_passes)
+            _, prompts, slots = self._scoring
+            self._scoring = None
+            if len(slots) != len(sub):
+                raise RuntimeError(f"Learner.forward: {len(sub)} rows for a micro-batch of {len(slots)}")
+            with self.accelerator.autocast(), update_mode(model):
+                hidden, where = prompts.states(slots, sub.response_ids, sub.response_mask, **context)
+                return counted_logprobs(hidden, where, sub.response_ids, split_causal_lm(model),
+                                        temperature=self.temperature if self.temperature > 0 else 1.0,
+                                        return_entropy=entropy, chunk_size=None, entropy_grad=entropy_grad)
         score = grouped_sequence_logprobs if self.shared_prompt else sequence_logprobs
         run = partial(score, model)
         if self.fsdp is not None and model is self.model:  # through the FSDP root: it gathers embeddings and head
             run = partial(self.fsdp.root, score)
-        context = {} if sub.observation_mask is None else {"context_mask": sub.context_mask}  # multi-turn episodes
         with self.accelerator.autocast(), update_mode(model):
             return run(sub.prompt_ids, sub.prompt_mask, sub.response_ids, sub.response_mask,
                        temperature=self.temperature, return_entropy=entropy, entropy_grad=entropy_grad, **context)
@@ -272,7 +283,8 @@ class Learner:
         """(B, T) log-probs of every response under ``model``, micro-batch by micro-batch, without gradients."""
         out = torch.zeros_like(rollout.logprobs)
         rows = torch.arange(len(rollout), device=rollout.device)
-        for micro in self.micro_passes(rows, self.batch_order(rollout), joined=model is self.model):
+        for micro in self.micro_passes(rows, self.batch_order(rollout), joined=model is self.model, rollout=rollout,
+                                       model=model):
             sub = rows_of(rollout, micro)
             lp, _ = self.forward(model, sub)
             out[micro, : lp.shape[1]] = lp.float()
@@ -301,12 +313,49 @@ class Learner:
             out[micro, : v.shape[1]] = v.float() * sub.response_mask
         return out
 
-    def micro_passes(self, rows: torch.Tensor, order: tuple, *, joined: bool = True) -> Iterator[torch.Tensor]:
+    def micro_passes(self, rows: torch.Tensor, order: tuple, *, joined: bool = True, rollout: Rollout | None = None,
+                     model=None) -> Iterator[torch.Tensor]:
         """This process's micro-batches of ``rows`` (``optim.micro_batch_size`` rows, ``optim.micro_batch_tokens``
-        tokens, in ``order`` = :meth:`batch_order`). With a sharded policy (and ``joined``), the passes that other
-        processes run beyond this one's count are joined here with zero loss after the last (:meth:`lockstep`)."""
-        micros = list(micro_batches(rows, self.micro_batch_size, *order, max_tokens=self.micro_batch_tokens))
-        yield from self.lockstep(micros) if joined else micros
+        tokens, in ``order`` = :meth:`batch_order`), each to be scored by one :meth:`forward` of ``model`` (the
+        policy by default). With a sharded policy (and ``joined``), the passes that other processes run beyond
+        this one's count are joined here with zero loss after the last (:meth:`lockstep`).
+
+        With ``optim.shared_prompt`` and the rows' ``rollout``, each chunk of groups (:func:`prompt_chunks`) runs
+        its distinct prompts once before its micro-batches, which are then cut by response length across groups,
+        and sends their gradients through the prompt pass after the chunk's last micro-batch (the caller's
+        backward passes run in between: :class:`PromptPass`). Not under sharding or with a critic (whose own
+        pass runs each micro-batch's prompts)."""
+        model = self.model if model is None else model
+        parts = self._prompt_chunk_parts(model) if rollout is not None and order[1] is not None else None
+        if parts is None:
+            micros = list(micro_batches(rows, self.micro_batch_size, *order, max_tokens=self.micro_batch_tokens))
+            yield from self.lockstep(micros) if joined else micros
+            return
+        lengths, _, prompt_lengths = order
+        budget = self.micro_batch_tokens
+        for chunk in prompt_chunks(rows, *order, max_tokens=budget):
+            part = rows_of(rollout, chunk)
+            with self.accelerator.autocast(), update_mode(model):
+                prompts = PromptPass(*parts, part.prompt_ids, part.prompt_mask, detach=True)
+            slot = dict(zip(chunk.tolist(), prompts.inverse.tolist()))
+            left = None if budget is None else max(1, budget - prompts.tokens)
+            for micro in micro_batches(chunk, self.micro_batch_size, lengths - prompt_lengths, max_tokens=left):
+                self._scoring = (model, prompts, torch.tensor([slot[r] for r in micro.tolist()],
+                                                              device=part.prompt_ids.device))
+                yield micro
+                self._scoring = None
+            prompts.backward()
+
+    def _prompt_chunk_parts(self, model) -> tuple | None:
+        """``(backbone, cache kwarg)`` when :meth:`micro_passes` runs prompts once per chunk with ``model``."""
+        if not self.shared_prompt or self.fsdp is not None or self.critic is not None:
+            return None
+        try:
+            backbone = split_causal_lm(model).backbone
+        except TypeError:
+            return None
+        kwarg = backbone_support(backbone)[0]
+        return None if kwarg is None else (backbone, kwarg)
 
     def lockstep(self, micros: list) -> Iterator:
         """``micros`` (this process's micro-batches of a minibatch), and with a sharded policy a zero-loss pass

@@ -44,6 +44,31 @@ def micro_batches(rows: torch.Tensor, size: int, lengths: torch.Tensor | None = 
         start = end
 
 
+def prompt_chunks(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor, prompt_lengths: torch.Tensor, *,
+                  max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """``rows`` cut into chunks of whole groups whose distinct prompts run in one pass (``optim.shared_prompt``,
+    :class:`tokenmdp.policy.shared_prompt.PromptPass`), groups longest first: all of them in one chunk without
+    ``max_tokens``; with it, as many groups as keep the prompt pass (distinct prompts x the longest prompt) within
+    half of ``max_tokens``, the other half left to the chunk's response micro-batches (a group whose prompt alone
+    is longer is a chunk by itself). Groups ``[a a b b c c]``, prompts ``[4 4 3 3 5 5]``, ``max_tokens 20`` ->
+    ``[a a b b], [c c]`` (2 x 4 = 8 <= 10; 3 x 5 = 15 > 10)."""
+    if len(rows) == 0:
+        return
+    rows = rows[_order(rows, lengths, groups).to(rows.device)]
+    if max_tokens is None:
+        yield rows
+        return
+    _, prompt, group = _per_row(rows, lengths, groups, prompt_lengths, True)
+    start, seen, longest = 0, set(), 0
+    for i, (g, p) in enumerate(zip(group, prompt)):
+        if g not in seen and seen and (len(seen) + 1) * max(longest, p) > max_tokens // 2:
+            yield rows[start:i]
+            start, seen, longest = i, set(), 0
+        seen.add(g)
+        longest = max(longest, p)
+    yield rows[start:]
+
+
 def _per_row(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor | None,
              prompt_lengths: torch.Tensor | None, shared: bool) -> tuple[list, list, list]:
     """``(length, prompt length, group)`` of each of ``rows``, as lists (prompts 0 and every row its own group
@@ -142,4 +167,4 @@ def row_lengths(rollout: Rollout) -> torch.Tensor:
     return rollout.prompt_mask.sum(dim=1) + rollout.context_mask.sum(dim=1)
 
 
-__all__ = ["AUTO_MEMORY_SHARE", "auto_micro_batch_tokens", "micro_batches", "row_lengths"]
+__all__ = ["AUTO_MEMORY_SHARE", "auto_micro_batch_tokens", "micro_batches", "prompt_chunks", "row_lengths"]
