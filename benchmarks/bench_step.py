@@ -25,7 +25,9 @@ tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_promp
 (``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free); with
 ``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``), with
 ``--int8`` from int8 copies of the linear layers (``rollout.engine_options={quantize: int8}``, and
-``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling).
+``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling);
+with ``--fused-layers`` every tokenmdp variant updates with ``optim.fused_layers=true`` (RMSNorm, rotary and
+SwiGLU as fused kernels, ``tokenmdp.policy.fused_layers``).
 
 First-step loss: TRL's step-1 batch (its sampled completions, rewards and advantages) goes through both losses
 from the initial weights; printed: both losses, the largest advantage difference and the gradients' largest
@@ -189,6 +191,7 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
     chosen = ", ".join(k for k, on in options.items() if on)
     sampler = [f"rollout.engine_options={{{chosen}}}"] if chosen else []
     sampler += ["rollout.recompute_logprobs=true"] if s.args.int8 else []
+    sampler += ["optim.fused_layers=true"] if s.args.fused_layers else []
     cfg = load_config(None, s.overrides + extra[variant] + sampler + [f"run.out={s.tmp / tag}"])
     torch.set_num_threads(s.args.threads)
     steps: dict[int, dict] = {}
@@ -411,6 +414,8 @@ def main() -> None:
                     help="tokenmdp samples with its compiled decode attention (rollout.engine_options)")
     ap.add_argument("--int8", action="store_true",
                     help="tokenmdp samples with int8 linear layers and recomputes pi_old in float32")
+    ap.add_argument("--fused-layers", action="store_true",
+                    help="tokenmdp updates with its fused RMSNorm, rotary and SwiGLU (optim.fused_layers)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                     help="the embedded tiny base on Countdown, or SmolLM2-135M-Instruct + LoRA on GSM8K")
@@ -459,6 +464,7 @@ def main() -> None:
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "fused_attention": args.fused_attention, "int8": args.int8,
+           "fused_layers": args.fused_layers,
            "matmul_peak_gflops": round(peak, 2),
            "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
@@ -478,6 +484,7 @@ def main() -> None:
           + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
           + ("; tokenmdp samples with the fused decode attention" if args.fused_attention else "")
           + ("; tokenmdp samples with int8 linears, pi_old recomputed" if args.int8 else "")
+          + ("; tokenmdp updates with the fused layer kernels" if args.fused_layers else "")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
     budget = next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"), None)
     if budget is not None:  # optim.micro_batch_tokens: auto cuts tokenmdp's micro-batches further (TRL's stay whole)

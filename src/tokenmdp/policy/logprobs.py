@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenmdp.policy.fused_layers import fused_backbone
+
 #: Extra float32 memory that one chunk of logits may take when ``chunk_size`` is not given (bytes).
 CHUNK_BYTES = 256 * 2**20
 
@@ -49,6 +51,7 @@ def split_causal_lm(model: nn.Module) -> HeadParts:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or head is None or backbone is model:
         raise TypeError(f"cannot find the backbone and output head of {type(model).__name__}")
+    backbone = fused_backbone(model) or backbone  # optim.fused_layers (tokenmdp.policy.fused_layers.enable)
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     cap = getattr(cfg, "final_logit_softcapping", None)

@@ -29,28 +29,11 @@
 #include <immintrin.h>
 #endif
 
+#include "fast_exp.h"
+
 namespace {
 
-// exp(x) for x <= 0 (a max-shifted score), written so that the compiler vectorises it: the Cephes expf
-// polynomial (about 1 ulp), 2^n by building the float's exponent bits; exactly 0 below -87.3 (and for -inf)
-#pragma omp declare simd notinbranch
-inline float exp_nonpositive(float x) {
-  const float y = std::max(x, -87.3f);
-  const float n = std::floor(y * 1.44269504088896341f + 0.5f);
-  const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.3f ? 0.f : p * scale;
-}
-
+using tokenmdp::exp_nonpositive;
 
 // scores s[c] = base[c] + q . k_c for n keys k_c = k + c * ks (base may be null: 0)
 inline void scores_plain(const float* __restrict q, const float* k, int64_t ks, int64_t n, int64_t D,

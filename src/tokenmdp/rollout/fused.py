@@ -1,7 +1,7 @@
 """The `fast` engine's two speed switches: the fused decode step, and int8 copies of the linear layers.
 
 The fused decode step (``decode_attention.cpp``) is built with the machine's C++ compiler on first use and cached
-by torch (``~/.cache/torch_extensions``; about 30 s once per machine and source).
+by torch (``~/.cache/torch_extensions``; about 30 s once per machine and source; :mod:`tokenmdp.policy.kernels`).
 
 Why: at a decode step every row attends to its group's prompt and its own generated keys, a few dozen to a few
 hundred columns of width 32-64. As torch operators that is a batch of thousands of matrix-vector products plus
@@ -29,33 +29,15 @@ from typing import Any
 
 import torch
 
-_STATE: dict[str, Any] = {}
-#: this machine's vector instructions; OpenMP for ``at::parallel_for`` over rows; reassociated sums (the dot
-#: products and the softmax's total vectorise), with infinities kept (the prompt's padding is a -inf bias)
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
-
+from tokenmdp.policy.kernels import build
 
 def load() -> Any:
     """The compiled extension (see the .cpp file): ``decode_attention(q, kp, vp, bias, kg, vg, group, len) ->
     out`` and ``rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, len) -> out``
     (the new token's rotary, scaling and cache writes first), ``silu_mul(gate_up) -> silu(gate) * up``; None where
     it cannot be built here."""
-    if "fn" not in _STATE:
-        _STATE["fn"] = _build()
-    return _STATE["fn"]
-
-
-def _build() -> Any:
-    try:
-        from torch.utils.cpp_extension import load as build  # here: only a run that asks for the kernel pays it
-
-        ext = build(name="tokenmdp_decode_attention", sources=[str(Path(__file__).with_name("decode_attention.cpp"))],
-                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler or ninja: the operator path, which is correct, only slower
-        warnings.warn(f"tokenmdp: the fused decode attention could not be built ({type(exc).__name__}: "
-                      f"{str(exc)[:300]}); the fast engine uses torch operators instead", stacklevel=3)
-        return None
-    return ext
+    return build("tokenmdp_decode_attention", Path(__file__).with_name("decode_attention.cpp"),
+                 "the fast engine uses torch operators instead")
 
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy import fused_layers
+from tokenmdp.policy.fused_layers import llama_family
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
 from tokenmdp.rollout.fused import int8_linear
 
-SUPPORTED = {"llama", "qwen2", "qwen3", "mistral"}
+SUPPORTED = fused_layers.SUPPORTED
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -70,25 +72,9 @@ class _Layer:
 
 
 def kv_decoder_supported(model: nn.Module) -> bool:
-    """Whether :class:`KVDecoder` can run ``model`` (a Llama-family decoder without sliding-window attention)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED:
-        return False
-    if getattr(cfg, "use_sliding_window", False) or "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
-        return False
-    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
-        return False
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
-        return False  # rotary frequencies that depend on the current sequence length
-    base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
-        return False
-    layer = base.layers[0]
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and all(
-        hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")
-    )
+    """Whether :class:`KVDecoder` can run ``model`` (a Llama-family decoder without sliding-window attention:
+    :func:`tokenmdp.policy.fused_layers.llama_family`)."""
+    return llama_family(model)
 
 
 def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:

@@ -63,6 +63,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "model.gradient_checkpointing: the backward recomputes each layer without the forward's "
                             "dropout masks")
     _validate_fsdp(config, source)
+    _validate_fused_layers(config, source)
     _validate_env(config, source)
     check_installed(requested(config.run.report_to))
     if not 0.0 < config.rollout.top_p <= 1.0:
@@ -105,6 +106,26 @@ def _validate_fsdp(config: TrainConfig, source: str | None) -> None:
         clash = f"algo {config.algo.name!r} (its critic is not sharded)"
     if clash:
         raise TokenMDPError(f"{where('run.fsdp', source)} is true: it cannot be combined with {clash}")
+
+
+def _validate_fused_layers(config: TrainConfig, source: str | None) -> None:
+    """What ``optim.fused_layers`` (float32 kernels on the CPU) cannot be combined with; whether the model is a
+    Llama-family decoder is checked once it is loaded (:func:`tokenmdp.train.setup.build_step`)."""
+    if not config.optim.fused_layers:
+        return
+    clash = None
+    if config.run.device in ("cuda", "mps"):
+        clash = f"run.device {config.run.device!r} (its kernels are the CPU's)"
+    elif config.model.dtype != "float32":
+        clash = f"model.dtype {config.model.dtype!r} (its kernels are float32)"
+    elif config.run.mixed_precision != "no":
+        clash = f"run.mixed_precision {config.run.mixed_precision!r} (its kernels are float32)"
+    elif config.run.fsdp:
+        clash = "run.fsdp (sharded layers are run by FSDP's root)"
+    elif config.model.gradient_checkpointing:
+        clash = "model.gradient_checkpointing (its layers are not checkpointed)"
+    if clash:
+        raise TokenMDPError(f"{where('optim.fused_layers', source)} is true: it cannot be combined with {clash}")
 
 
 def _validate_env(config: TrainConfig, source: str | None) -> None:

@@ -172,6 +172,11 @@ class OptimConfig:
     # across groups (Learner.micro_passes; with a critic or sharded, micro-batches hold whole groups instead). Off
     # by default: it moves a seeded run by float rounding
     shared_prompt: bool = False
+    # the update's passes run RMSNorm, the rotary embedding and the SwiGLU of a Llama-family model as fused C++
+    # kernels, forward and backward (tokenmdp.policy.fused_layers; the same log-probs and gradients up to float
+    # rounding). CPU, float32 only; built with the machine's compiler on first use. Off by default: it moves a
+    # seeded run by float rounding
+    fused_layers: bool = False
     # an optimizer step whose loss or gradient is NaN or Inf is skipped (the parameters and the optimizer's moments
     # stay as they were; counted as update/nonfinite_steps); this many skipped in a row stop the run with one error
     # (0: never stop)

@@ -326,7 +326,7 @@ class Learner:
         backward passes run in between: :class:`PromptPass`). Not under sharding or with a critic (whose own
         pass runs each micro-batch's prompts)."""
         model = self.model if model is None else model
-        parts = self._prompt_chunk_parts(model) if rollout is not None and order[1] is not None else None
+        parts = self._prompt_chunk_parts(model) if rollout is not None and order[2] is not None else None
         if parts is None:
             micros = list(micro_batches(rows, self.micro_batch_size, *order, max_tokens=self.micro_batch_tokens))
             yield from self.lockstep(micros) if joined else micros

@@ -16,6 +16,7 @@ import torch
 
 from tokenmdp.algos.presets import AlgoSpec
 from tokenmdp.errors import TokenMDPError
+from tokenmdp.policy import fused_layers
 from tokenmdp.policy.model import ModelDefaults, model_defaults
 from tokenmdp.train.algorithms import Algorithm, make_algorithm
 from tokenmdp.train.batch import step_rewards
@@ -289,6 +290,10 @@ def build_run(config: TrainConfig, run_dir: Path, *, resume_from: Path | None = 
         max_grad_norm=config.optim.max_grad_norm, needs_reference=needs_reference, ref_model=ref_model,
         adapter=adapter, critic=critic, critic_optimizer=critic_optimizer, fsdp=sharding,
     )
+    if config.optim.fused_layers:
+        why = fused_layers.enable(accelerator.unwrap_model(model))
+        if why:
+            raise TokenMDPError(f"config field 'optim.fused_layers' is true, but {why}; set it to false")
     process_rewards = None
     if spec.credit == "process":
         step_reward = config.task.step_reward
