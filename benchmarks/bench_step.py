@@ -98,6 +98,22 @@ def require_trl() -> str:
     return version
 
 
+def build_kernels(args) -> float | None:
+    """Build (or load from torch's cache) the C++ kernels the switches use, before any timed run: a first build
+    takes 20-40 s once per machine and source, which is start-up time, not step time. Returns its seconds."""
+    if not (args.fused_attention or args.fused_layers):
+        return None
+    from tokenmdp.policy import fused_layers
+    from tokenmdp.rollout import fused
+
+    t0 = time.perf_counter()
+    if args.fused_attention:
+        fused.load()
+    if args.fused_layers or args.fused_attention:  # the fused decode step's RMSNorms use the layer kernels too
+        fused_layers.kernels()
+    return time.perf_counter() - t0
+
+
 def matmul_peak(threads: int, n: int = 1024, repeats: int = 10) -> float:
     """Best float32 GFLOP/s of an ``n x n`` matmul on ``threads`` threads."""
     torch.set_num_threads(threads)
@@ -436,6 +452,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     s = Setup(args)
     peak_before = matmul_peak(args.threads)
+    build_s = build_kernels(args)
     runs: list[dict] = []
     first = None
     for r in range(args.rounds):
@@ -464,7 +481,7 @@ def main() -> None:
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "fused_attention": args.fused_attention, "int8": args.int8,
-           "fused_layers": args.fused_layers,
+           "fused_layers": args.fused_layers, "kernel_build_s": build_s,
            "matmul_peak_gflops": round(peak, 2),
            "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
@@ -486,6 +503,9 @@ def main() -> None:
           + ("; tokenmdp samples with int8 linears, pi_old recomputed" if args.int8 else "")
           + ("; tokenmdp updates with the fused layer kernels" if args.fused_layers else "")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
+    if build_s is not None:
+        print(f"C++ kernels built or loaded before the timed runs: {build_s:.1f} s (a first build, once per machine "
+              "and source, is most of it)")
     budget = next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"), None)
     if budget is not None:  # optim.micro_batch_tokens: auto cuts tokenmdp's micro-batches further (TRL's stay whole)
         print(f"tokenmdp's micro-batches also hold at most {budget} tokens of forward pass (optim.micro_batch_tokens "

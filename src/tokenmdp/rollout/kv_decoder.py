@@ -22,7 +22,8 @@ this is the transformers forward; the tests compare the log-probs with a teacher
 
 Two switches, off by default because each changes the samples: ``fused_attention`` runs the new token's rotary,
 cache writes and the decode attention above as one compiled call, and the SwiGLU as another
-(:mod:`tokenmdp.rollout.fused`; float rounding), and ``quantize="int8"`` runs the linear layers as int8 copies of
+(:mod:`tokenmdp.rollout.fused`; float rounding), the RMSNorms by the update's kernel
+(:mod:`tokenmdp.policy.fused_layers`), and ``quantize="int8"`` runs the linear layers as int8 copies of
 the weights (:func:`tokenmdp.rollout.fused.int8_linear`; a slightly different policy).
 
 :class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
@@ -179,6 +180,13 @@ class KVDecoder:
             if self.fused is None:
                 raise TokenMDPError("fused_attention=True, but the fused decode attention could not be built here "
                                     "(see the warning above); leave it off to use torch operators")
+        # with it, the RMSNorms by the update's kernel (tokenmdp.policy.fused_layers), else torch's
+        self.norm_kernel = fused_layers.kernels() if self.fused is not None else None
+
+    def _norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        if self.norm_kernel is not None:
+            return self.norm_kernel.rms_norm_forward(x.contiguous(), norm[0].detach(), norm[1])[0]
+        return F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
 
     # shared pieces ------------------------------------------------------------------------------------------
     def _qkv(self, x: torch.Tensor, layer: _Layer, pos: torch.Tensor | None):
@@ -201,10 +209,10 @@ class KVDecoder:
         return qk[:, :, : self.hq], qk[:, :, self.hq :], v
 
     def _block(self, x: torch.Tensor, layer: _Layer, attend) -> torch.Tensor:
-        h = F.rms_norm(x, (x.shape[-1],), layer.ln1[0], layer.ln1[1])
+        h = self._norm(x, layer.ln1)
         q8 = layer.q8
         x = x + (q8["o"] if q8 else layer.o_proj)(attend(h))
-        h = F.rms_norm(x, (x.shape[-1],), layer.ln2[0], layer.ln2[1])
+        h = self._norm(x, layer.ln2)
         if q8 is not None or layer.w_gate_up is not None:
             gate_up = q8["gate_up"](h) if q8 is not None else F.linear(h, layer.w_gate_up)
             if self.fused is not None and self.silu:  # SwiGLU in one pass
@@ -217,7 +225,7 @@ class KVDecoder:
         return x + (q8["down"] if q8 else layer.down)(inner)
 
     def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        return self.head_fn(F.rms_norm(last, (last.shape[-1],), self.final_norm[0], self.final_norm[1]))
+        return self.head_fn(self._norm(last, self.final_norm))
 
     # prefill ------------------------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, max_new: int) -> torch.Tensor:
