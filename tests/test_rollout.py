@@ -427,6 +427,14 @@ def test_fused_decode_attention_kernel_hand_computed():
         group = torch.tensor([0, 0, 1, 1, 1][:r_])
         torch.testing.assert_close(fn(q, kp, vp, bias, kg, vg, group, used),
                                    _attention_by_hand(q, kp, vp, bias, kg, vg, group, used), atol=1e-6, rtol=1e-5)
+        # finished rows kept in the caches: live row r reads cache row slot[r] (here every other of 2R rows)
+        big_k, big_v = torch.randn(2 * r_, hkv, t_cap, d, generator=g), torch.randn(2 * r_, hkv, t_cap, d, generator=g)
+        slot = torch.arange(r_) * 2 + 1
+        torch.testing.assert_close(fn(q, kp, vp, bias, big_k, big_v, group, used, slot),
+                                   _attention_by_hand(q, kp, vp, bias, big_k[slot], big_v[slot], group, used),
+                                   atol=1e-6, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="slot"):
+            fn(q, kp, vp, bias, big_k, big_v, group, used, slot + 2 * r_)
     one = fn(torch.ones(1, 1, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 1, 0, 2), torch.zeros(1, 0),
              torch.ones(1, 1, 3, 2), torch.tensor([[[[3.0, -1.0], [9.0, 9.0], [9.0, 9.0]]]]), torch.tensor([0]), 1)
     assert one.tolist() == [[[3.0, -1.0]]]
@@ -462,6 +470,15 @@ def test_rotary_decode_attention_rotates_writes_and_attends():
         keep = torch.ones(t_cap, dtype=torch.bool)
         keep[used - 1] = False
         assert torch.equal(kg[:, :, keep], kg0[:, :, keep]) and torch.equal(vg[:, :, keep], vg0[:, :, keep])
+        torch.testing.assert_close(out, _attention_by_hand(rot(q) * scale, kp, vp, bias, kg, vg, group, used),
+                                   atol=1e-6, rtol=1e-5)
+        big_k, big_v = torch.zeros(2 * r_, hkv, t_cap, d), torch.zeros(2 * r_, hkv, t_cap, d)
+        slot = torch.tensor([0, 3, 4, 7])  # the live rows' cache rows; the others hold finished rows
+        big_k[slot], big_v[slot] = kg0, vg0
+        out = ext.rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, big_k, big_v, group, used, slot)
+        assert torch.equal(big_k[slot], kg) and torch.equal(big_v[slot], vg)  # the same writes, at slot's rows
+        others = torch.tensor([1, 2, 5, 6])
+        assert not big_k[others].any() and not big_v[others].any()
         torch.testing.assert_close(out, _attention_by_hand(rot(q) * scale, kp, vp, bias, kg, vg, group, used),
                                    atol=1e-6, rtol=1e-5)
 

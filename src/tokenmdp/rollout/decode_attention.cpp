@@ -8,6 +8,8 @@
 // kg     (R, Hkv, T, D)      the generated keys of the live rows; rows [0, len) are used
 // vg     (R, Hkv, T, D)      the generated values; rows [0, len) are used
 // group  (R,) int64          the group (prompt) of each live row
+// slot   (R,) int64 or None  the cache row of each live row, where finished rows stay in the caches (kg and vg
+//                            then have more rows than R); None: live row r is cache row r
 // out    (R, Hq, D)          softmax([q kp^T + bias, q kg^T]) [vp; vg]
 //
 // Every key and value row is contiguous (D floats). Where the compiler targets AVX2 with FMA (-march=native on
@@ -23,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -215,11 +218,29 @@ inline void weighted(const float* w, const float* v, int64_t vs, int64_t n, int6
   weighted_plain(w, v, vs, n, D, acc);
 }
 
+// The cache row of live row r: slot[r] where the caller keeps its finished rows in place (slot: the live rows'
+// cache rows, ascending), else r (the caches hold the live rows only)
+inline int64_t cache_row(const int64_t* slot, int64_t r) { return slot ? slot[r] : r; }
+
+const int64_t* cache_rows(const std::optional<torch::Tensor>& slot, int64_t R, int64_t kg_rows, int64_t vg_rows,
+                          const char* what) {
+  if (!slot || !slot->defined()) {
+    TORCH_CHECK(kg_rows == R && vg_rows == R, what, ": the caches hold one row per live row without a slot");
+    return nullptr;
+  }
+  TORCH_CHECK(slot->scalar_type() == torch::kInt64 && slot->is_contiguous() && slot->numel() == R, what,
+              ": slot (R,) int64");
+  const int64_t* sl = slot->data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(sl[r] >= 0 && sl[r] < std::min(kg_rows, vg_rows), what, ": slot ", sl[r], " out of the caches' rows");
+  return sl;
+}
+
 }  // namespace
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp,
                                const torch::Tensor& bias, const torch::Tensor& kg, const torch::Tensor& vg,
-                               const torch::Tensor& group, int64_t len) {
+                               const torch::Tensor& group, int64_t len, const std::optional<torch::Tensor>& slot) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32, "decode_attention: float32 only");
   TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && bias.is_contiguous() &&
                   group.is_contiguous(), "decode_attention: q, kp, vp, bias and group must be contiguous");
@@ -227,8 +248,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, 
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = kp.size(1), P = kp.size(2);
   const int64_t rep = Hq / Hkv;
-  TORCH_CHECK(D <= 256 && rep * Hkv == Hq && kg.size(0) == R && kg.size(1) == Hkv && kg.size(3) == D &&
-                  len <= kg.size(2) && vg.size(2) >= len && vg.size(3) == D, "decode_attention: shapes do not match");
+  const int64_t* sl = cache_rows(slot, R, kg.size(0), vg.size(0), "decode_attention");
+  TORCH_CHECK(D <= 256 && rep * Hkv == Hq && kg.size(1) == Hkv && kg.size(3) == D && len <= kg.size(2) &&
+                  vg.size(2) >= len && vg.size(3) == D, "decode_attention: shapes do not match");
   auto out = torch::empty_like(q);
   const float* qd = q.data_ptr<float>();
   const float* kpd = kp.data_ptr<float>();
@@ -249,15 +271,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, 
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / Hkv, h = item % Hkv, g = gd[r];
       if (item + kAhead < end) {  // the generated keys and values of a row and head two items on
-        const int64_t r2 = (item + kAhead) / Hkv, h2 = (item + kAhead) % Hkv;
+        const int64_t r2 = cache_row(sl, (item + kAhead) / Hkv), h2 = (item + kAhead) % Hkv;
         prefetch_rows(kgd + r2 * kg_r + h2 * kg_h, kg_t, len, D);
         prefetch_rows(vgd + r2 * vg_r + h2 * vg_h, vg_t, len, D);
       }
       const float* kp_h = kpd + (g * Hkv + h) * P * D;
       const float* vp_h = vpd + (g * Hkv + h) * P * D;
       const float* b = bd + g * P;
-      const float* kg_h0 = kgd + r * kg_r + h * kg_h;
-      const float* vg_h0 = vgd + r * vg_r + h * vg_h;
+      const float* kg_h0 = kgd + cache_row(sl, r) * kg_r + h * kg_h;
+      const float* vg_h0 = vgd + cache_row(sl, r) * vg_r + h * vg_h;
       for (int64_t j = 0; j < rep; ++j) {
         const float* qj = qd + (r * Hq + h * rep + j) * D;
         scores(qj, kp_h, D, P, D, b, s);
@@ -297,7 +319,7 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
                                       const torch::Tensor& cos, const torch::Tensor& sin, double scale,
                                       const torch::Tensor& kp, const torch::Tensor& vp, const torch::Tensor& bias,
                                       const torch::Tensor& kg, const torch::Tensor& vg, const torch::Tensor& group,
-                                      int64_t len) {
+                                      int64_t len, const std::optional<torch::Tensor>& slot) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
                   v.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32 &&
                   sin.scalar_type() == torch::kFloat32, "rotary_decode_attention: float32 only");
@@ -306,10 +328,11 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
   TORCH_CHECK(D % 2 == 0 && k.size(0) == R && v.size(0) == R && k.size(2) == D && v.sizes() == k.sizes() &&
                   cos.size(0) == R && cos.size(1) == D && sin.sizes() == cos.sizes() && len >= 1 &&
-                  kg.size(0) == R && kg.size(1) == Hkv && kg.size(3) == D && kg.stride(3) == 1 &&
-                  vg.size(0) == R && vg.size(1) == Hkv && vg.size(3) == D && vg.stride(3) == 1 &&
+                  kg.size(1) == Hkv && kg.size(3) == D && kg.stride(3) == 1 &&
+                  vg.size(1) == Hkv && vg.size(3) == D && vg.stride(3) == 1 &&
                   len <= kg.size(2) && len <= vg.size(2),
               "rotary_decode_attention: shapes do not match");
+  const int64_t* sl = cache_rows(slot, R, kg.size(0), vg.size(0), "rotary_decode_attention");
   auto qr = torch::empty({R, Hq, D}, q.options());
   const float* qd = q.data_ptr<float>();
   const float* kd = k.data_ptr<float>();
@@ -332,12 +355,13 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
       const float* sn = sd + r * D;
       for (int64_t h = 0; h < Hq; ++h) rotate_head(qd + r * q_r + h * q_h, cs, sn, D, sc, qrd + (r * Hq + h) * D);
       for (int64_t h = 0; h < Hkv; ++h) {
-        rotate_head(kd + r * k_r + h * k_h, cs, sn, D, 1.f, kg_new + r * kg_r + h * kg_h);
-        std::memcpy(vg_new + r * vg_r + h * vg_h, vd + r * v_r + h * v_h, D * sizeof(float));
+        const int64_t rc = cache_row(sl, r);
+        rotate_head(kd + r * k_r + h * k_h, cs, sn, D, 1.f, kg_new + rc * kg_r + h * kg_h);
+        std::memcpy(vg_new + rc * vg_r + h * vg_h, vd + r * v_r + h * v_h, D * sizeof(float));
       }
     }
   });
-  return decode_attention(qr, kp, vp, bias, kg, vg, group, len);
+  return decode_attention(qr, kp, vp, bias, kg, vg, group, len, slot);
 }
 
 // silu(x) * y with silu(x) = x sigmoid(x), sigmoid from exp(-|x|) (never overflows)
@@ -370,8 +394,12 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "fused decode attention over a shared prompt and per-row caches");
+  m.def("decode_attention", &decode_attention, "fused decode attention over a shared prompt and per-row caches",
+        py::arg("q"), py::arg("kp"), py::arg("vp"), py::arg("bias"), py::arg("kg"), py::arg("vg"), py::arg("group"),
+        py::arg("len"), py::arg("slot") = py::none());
   m.def("rotary_decode_attention", &rotary_decode_attention,
-        "rotary, scaling and cache writes of the new token, then decode_attention");
+        "rotary, scaling and cache writes of the new token, then decode_attention", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("scale"), py::arg("kp"), py::arg("vp"),
+        py::arg("bias"), py::arg("kg"), py::arg("vg"), py::arg("group"), py::arg("len"), py::arg("slot") = py::none());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
 }

@@ -31,10 +31,12 @@ import torch
 
 from tokenmdp.policy.kernels import build
 
+
 def load() -> Any:
-    """The compiled extension (see the .cpp file): ``decode_attention(q, kp, vp, bias, kg, vg, group, len) ->
-    out`` and ``rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, len) -> out``
-    (the new token's rotary, scaling and cache writes first), ``silu_mul(gate_up) -> silu(gate) * up``; None where
+    """The compiled extension (see the .cpp file): ``decode_attention(q, kp, vp, bias, kg, vg, group, len,
+    slot=None) -> out`` and ``rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, len,
+    slot=None) -> out`` (the new token's rotary, scaling and cache writes first; ``slot``: each live row's row in
+    caches that keep finished rows), ``silu_mul(gate_up) -> silu(gate) * up``; None where
     it cannot be built here."""
     return build("tokenmdp_decode_attention", Path(__file__).with_name("decode_attention.cpp"),
                  "the fast engine uses torch operators instead")

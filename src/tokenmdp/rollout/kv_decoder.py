@@ -282,7 +282,7 @@ class KVDecoder:
             cos, sin = self.rope_rows
             out = self.fused.rotary_decode_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, layer.scaling,
                                                      self.kp[li], self.vp[li], self.prompt_bias, self.kg[li],
-                                                     self.vg[li], self.group, t + 1)
+                                                     self.vg[li], self.group, t + 1, self.rows)
             return out.view(r, 1, self.hq * self.d)
         q, k, v = self._qkv(h, layer, pos)  # (R, 1, H, D)
         self.kg[li][:, :, t] = k[:, 0]
@@ -309,9 +309,13 @@ class KVDecoder:
         return self._logits(x[:, -1])
 
     def select(self, keep: torch.Tensor) -> None:
-        """Keep only the live rows ``keep`` (indices into the current live rows)."""
+        """Keep only the live rows ``keep`` (indices into the current live rows). The fused step leaves finished
+        rows in the caches and reads each live row's at its original row (``rows``: no copy of the caches); the
+        operator path copies the live rows' caches."""
         self.rows = self.rows.index_select(0, keep)
         self.group = self.rows // self.n
+        if self.fused is not None:
+            return
         self.kg = [k.index_select(0, keep) for k in self.kg]
         self.vg = [v.index_select(0, keep) for v in self.vg]
 

@@ -38,7 +38,8 @@ from tokenmdp.rollout.padding import right_pad
 from tokenmdp.rollout.types import Rollout, encode_prompts
 from tokenmdp.train.batch import Batch
 from tokenmdp.train.equivalence import gradient_cosines
-from tokenmdp.train.learner import Learner, MetricMeter, approx_kl, micro_batches, zero_missing_grads
+from tokenmdp.train.learner import Learner, approx_kl, micro_batches, zero_missing_grads
+from tokenmdp.train.meter import MetricMeter
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tokenmdp.rollout.types import Rollout
-from tokenmdp.train.learner import gather_parts, reduce_over_processes
+from tokenmdp.train.meter import gather_parts, reduce_over_processes
 
 
 @dataclass

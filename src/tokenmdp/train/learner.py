@@ -15,7 +15,6 @@ micro-batch gradients are summed, so the update equals the one of the whole mini
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,95 +29,9 @@ from tokenmdp.policy.adapters import adapter_disabled
 from tokenmdp.policy.logprobs import counted_logprobs, sequence_logprobs, split_causal_lm
 from tokenmdp.policy.shared_prompt import PromptPass, backbone_support, grouped_sequence_logprobs, prompt_groups
 from tokenmdp.rollout.types import Rollout
+from tokenmdp.train.meter import MetricMeter, gather_parts, total_over_processes
 from tokenmdp.train.micro import micro_batches, prompt_chunks, row_lengths
 from tokenmdp.train.sharding import Sharding, grad_norm
-
-def gather_parts(accelerator, part: dict[str, list]) -> list[dict[str, list]]:
-    """``part`` of every process, in process order (just ``[part]`` in a single process or without an
-    ``accelerator``)."""
-    acc = accelerator
-    if acc is None or acc.num_processes <= 1:
-        return [part]
-    from accelerate.utils import gather_object
-
-    return gather_object([part])
-
-
-def total_over_processes(accelerator, count: int) -> int:
-    """``count`` summed over the run's processes (``count`` itself in a single process)."""
-    return int(sum(p["n"] for p in gather_parts(accelerator, {"n": int(count)})))
-
-
-#: Update metrics that add up over processes (each process counts its own rows); ``*_min`` / ``*_max`` keep the
-#: extreme; every other metric is averaged over processes.
-SUMMED_OVER_PROCESSES = ("update/rows", "update/skipped_rows", "dpo/pairs")
-
-
-def reduce_over_processes(accelerator, metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` of this process's share of a step combined with those of the other processes (unchanged in a
-    single process): sums for :data:`SUMMED_OVER_PROCESSES`, min / max for ``*_min`` / ``*_max``, else means."""
-    parts = gather_parts(accelerator, metrics)
-    if len(parts) == 1:
-        return metrics
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(k for p in parts for k in p):
-        values = [p[key] for p in parts if isinstance(p.get(key), (int, float))]
-        if not values:
-            out[key] = None
-        elif key in SUMMED_OVER_PROCESSES:
-            out[key] = float(sum(values))
-        elif key.endswith("_min"):
-            out[key] = min(values)
-        elif key.endswith("_max"):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
-
-
-SUMMED = ("policy/loss", "policy/pg_loss", "value/loss", "isft/loss", "dpo/loss", "update/loss")
-
-
-class MetricMeter:
-    """Averages metrics over micro-batches and minibatches.
-
-    Keys in :data:`SUMMED` are summed within a minibatch (micro-batch losses add up to the minibatch loss) and
-    averaged over minibatches; ``*_min`` / ``*_max`` keys keep the extreme; every other key is a mean weighted by
-    the micro-batch's token count.
-    """
-
-    def __init__(self) -> None:
-        self.weighted: dict[str, float] = defaultdict(float)
-        self.weights: dict[str, float] = defaultdict(float)
-        self.extremes: dict[str, float] = {}
-        self.current: dict[str, float] = defaultdict(float)
-        self.summed: dict[str, list[float]] = defaultdict(list)
-
-    def add(self, metrics: dict[str, float], weight: float) -> None:
-        for key, value in metrics.items():
-            if value is None:
-                continue
-            if key in SUMMED:
-                self.current[key] += value
-            elif key.endswith("_min"):
-                self.extremes[key] = min(value, self.extremes.get(key, value))
-            elif key.endswith("_max"):
-                self.extremes[key] = max(value, self.extremes.get(key, value))
-            else:
-                self.weighted[key] += value * weight
-                self.weights[key] += weight
-
-    def end_minibatch(self, **extra: float) -> None:
-        for key, value in {**self.current, **extra}.items():
-            self.summed[key].append(value)
-        self.current = defaultdict(float)
-
-    def result(self) -> dict[str, float]:
-        out = {k: self.weighted[k] / self.weights[k] for k in self.weighted if self.weights[k] > 0}
-        out.update(self.extremes)
-        out.update({k: sum(v) / len(v) for k, v in self.summed.items() if v})
-        return out
-
 
 @dataclass
 class TrainerState:
@@ -436,5 +349,4 @@ class Learner:
             self.state.nonfinite_steps += 1
 
 
-__all__ = ["Learner", "MetricMeter", "SUMMED_OVER_PROCESSES", "TrainerState", "approx_kl", "gather_parts",
-           "reduce_over_processes", "rows_of", "total_over_processes", "update_mode", "zero_missing_grads"]
+__all__ = ["Learner", "TrainerState", "approx_kl", "rows_of", "update_mode", "zero_missing_grads"]

@@ -34,7 +34,8 @@ from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream, render_prompts
 from tokenmdp.train.environment import RunEnvironment, collect_episodes
 from tokenmdp.train.evaluation import eval_problems, held_out
-from tokenmdp.train.learner import Learner, reduce_over_processes
+from tokenmdp.train.learner import Learner
+from tokenmdp.train.meter import reduce_over_processes
 from tokenmdp.train.log import MetricsLogger, SampleLogger
 from tokenmdp.train.run_dir import finish_run, open_run, save_step
 from tokenmdp.train.setup import build_run
