@@ -119,8 +119,8 @@ def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 class _Rows(torch.autograd.Function):
     """``x.index_select(0, rows)`` whose backward adds each row's gradient back with ``index_add_`` (torch's own
-    backward of ``index_select`` scatters element by element: 2-3x slower on the strided gradient a KV cache's
-    concatenation hands back)."""
+    backward of ``index_select`` scatters element by element: 1.7x slower on the strided gradient a KV cache's
+    concatenation hands back, benchmarks/RESULTS.md)."""
 
     @staticmethod
     def forward(ctx, x, rows):
