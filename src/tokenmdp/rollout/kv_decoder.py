@@ -41,7 +41,6 @@ from torch import nn
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy import fused_layers
-from tokenmdp.policy.fused_layers import llama_family
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
 from tokenmdp.rollout.fused import int8_linear
@@ -75,7 +74,7 @@ class _Layer:
 def kv_decoder_supported(model: nn.Module) -> bool:
     """Whether :class:`KVDecoder` can run ``model`` (a Llama-family decoder without sliding-window attention:
     :func:`tokenmdp.policy.fused_layers.llama_family`)."""
-    return llama_family(model)
+    return fused_layers.llama_family(model)
 
 
 def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:

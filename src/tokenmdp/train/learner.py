@@ -245,14 +245,14 @@ class Learner:
             yield from self.lockstep(micros) if joined else micros
             return
         lengths, _, prompt_lengths = order
-        budget = self.micro_batch_tokens
+        response_lengths, budget = lengths - prompt_lengths, self.micro_batch_tokens
         for chunk in prompt_chunks(rows, *order, max_tokens=budget):
             part = rows_of(rollout, chunk)
             with self.accelerator.autocast(), update_mode(model):
                 prompts = PromptPass(*parts, part.prompt_ids, part.prompt_mask, detach=True)
             slot = dict(zip(chunk.tolist(), prompts.inverse.tolist()))
             left = None if budget is None else max(1, budget - prompts.tokens)
-            for micro in micro_batches(chunk, self.micro_batch_size, lengths - prompt_lengths, max_tokens=left):
+            for micro in micro_batches(chunk, self.micro_batch_size, response_lengths, max_tokens=left):
                 self._scoring = (model, prompts, torch.tensor([slot[r] for r in micro.tolist()],
                                                               device=part.prompt_ids.device))
                 yield micro
