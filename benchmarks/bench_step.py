@@ -22,7 +22,10 @@ prompt + response tokens of every row, no padding) / update time, printed next t
 (1024 x 1024, same threads) measured in the run.
 
 tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
-(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free); with
+(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free), ``dp2``
+(``shared`` in two data-parallel processes of ``--threads`` threads, ``torch.distributed.run`` over gloo as
+``accelerate launch --num_processes 2`` runs it: each samples and trains half the prompts; the other way to use a
+second core, where the update takes longer than the sampler and overlap cannot hide it); with
 ``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``), with
 ``--int8`` from int8 copies of the linear layers (``rollout.engine_options={quantize: int8}``, and
 ``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling);
@@ -79,7 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench_real_model import _hwm_kib, _reset_hwm, smollm2_folder  # noqa: E402  (benchmarks/, beside this file)
 
 SUPPORTED_TRL = "1.16"
-VARIANTS = ("trl", "sync", "shared", "async")
+VARIANTS = ("trl", "sync", "shared", "async", "dp2")
 
 
 def require_trl() -> str:
@@ -197,19 +200,26 @@ def _tokens(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> dict:
 
 # --------------------------------------------------------------------------------------------------------- tokenmdp
 
-def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
-    from tokenmdp.train.config import load_config
-    from tokenmdp.train.trainer import train
-
+def tokenmdp_overrides(s: Setup, variant: str, tag: str) -> list[str]:
+    """The config of a tokenmdp variant: the shared settings, the variant's switches, the sampler's options."""
     extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
-             "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"]}
+             "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"],
+             "dp2": ["optim.shared_prompt=true"]}
     options = {"fused_attention: true": s.args.fused_attention, "quantize: int8": s.args.int8}
     chosen = ", ".join(k for k, on in options.items() if on)
     sampler = [f"rollout.engine_options={{{chosen}}}"] if chosen else []
     sampler += ["rollout.recompute_logprobs=true"] if s.args.int8 else []
     sampler += ["optim.fused_layers=true"] if s.args.fused_layers else []
-    cfg = load_config(None, s.overrides + extra[variant] + sampler + [f"run.out={s.tmp / tag}"])
-    torch.set_num_threads(s.args.threads)
+    return s.overrides + extra[variant] + sampler + [f"run.out={s.tmp / tag}"]
+
+
+def timed_train(overrides: list[str], threads: int) -> dict:
+    """Train with ``overrides`` in this process; every step's end time, rollout, update and token counts."""
+    from tokenmdp.train.config import load_config
+    from tokenmdp.train.trainer import train
+
+    cfg = load_config(None, overrides)
+    torch.set_num_threads(threads)
     steps: dict[int, dict] = {}
     info: dict = {}
 
@@ -231,12 +241,58 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
     prev = t0
     for k in sorted(steps):
         steps[k]["step"], prev = steps[k]["end"] - prev, steps[k]["end"]
-        if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
-            steps[k]["sampler_rollout"], steps[k]["rollout"] = steps[k]["rollout"], steps[k]["wait"] or 0.0
-    return {"side": "tokenmdp", "variant": variant, "parameters": info["parameters"], "trainable": info["trainable"],
-            "steps": steps,
-            "micro_batch_tokens": info.get("micro_batch_tokens"),
-            "threads_after": torch.get_num_threads()}
+    return {"side": "tokenmdp", "parameters": info["parameters"], "trainable": info["trainable"], "steps": steps,
+            "micro_batch_tokens": info.get("micro_batch_tokens"), "threads_after": torch.get_num_threads()}
+
+
+def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
+    if variant == "dp2":
+        return run_data_parallel(s, tag)
+    out = {**timed_train(tokenmdp_overrides(s, variant, tag), s.args.threads), "variant": variant}
+    if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
+        for x in out["steps"].values():
+            x["sampler_rollout"], x["rollout"] = x["rollout"], x["wait"] or 0.0
+    return out
+
+
+def run_data_parallel(s: Setup, tag: str, processes: int = 2) -> dict:
+    """``shared`` in two data-parallel processes (``torch.distributed.run``, gloo), ``--threads`` each: every process
+    samples and trains on half of the step's prompts, the gradients averaged before each optimizer step (what
+    ``accelerate launch --num_processes 2`` does). Per step: process 0's wall time and rollout, the slower
+    process's update (both end at the gradients' all-reduce), the tokens of both."""
+    import os
+    import subprocess
+
+    spec = s.tmp / f"{tag}.json"
+    spec.write_text(json.dumps({"overrides": tokenmdp_overrides(s, "dp2", tag), "threads": s.args.threads,
+                                "out": str(s.tmp / tag)}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.args.threads), "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+           str(Path(__file__).resolve()), "--dp-worker", str(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"bench_step: the data-parallel run failed:\n{proc.stderr[-4000:]}")
+    parts = [json.loads((s.tmp / f"{tag}-rank{r}.json").read_text()) for r in range(processes)]
+    steps = {}
+    for k in sorted(int(k) for k in parts[0]["steps"]):
+        rank = [p["steps"][str(k)] for p in parts]
+        steps[k] = {**rank[0], "update": max(x["update"] for x in rank),
+                    "prompt_tokens": sum(x["prompt_tokens"] for x in rank),
+                    "response_tokens": sum(x["response_tokens"] for x in rank)}
+    return {**parts[0], "steps": steps, "variant": "dp2", "processes": processes,
+            "process_peak_rss_mib": [p["peak_rss_mib"] for p in parts]}
+
+
+def dp_worker(spec_file: str) -> None:
+    """One process of :func:`run_data_parallel` (started by ``torch.distributed.run``)."""
+    import os
+
+    spec = json.loads(Path(spec_file).read_text())
+    _reset_hwm()
+    out = timed_train(spec["overrides"], spec["threads"])
+    out["peak_rss_mib"] = _hwm_kib() / 1024
+    rank = int(os.environ["RANK"])
+    Path(f"{spec['out']}-rank{rank}.json").write_text(json.dumps(out))
 
 
 # ------------------------------------------------------------------------------------------------------------- TRL
@@ -406,7 +462,9 @@ def summarise(runs: list[dict], variant: str, steps: int, peak: float) -> dict:
     params = runs[0]["parameters"] if runs else 0
     per_token = 4 * params + 2 * (runs[0].get("trainable", params) if runs else 0)  # 6 N for full fine-tuning
     tokens = [x["prompt_tokens"] + x["response_tokens"] for x in rows]
-    flops = [per_token * (x["prompt_tokens"] + x["response_tokens"]) / x["update"] for x in rows if x["update"] > 0]
+    processes = max(r.get("processes", 1) for r in runs if r["variant"] == variant)  # dp2: a core's share
+    flops = [per_token * (x["prompt_tokens"] + x["response_tokens"]) / x["update"] / processes for x in rows
+             if x["update"] > 0]
     out = {"s_per_step": med("step"), "rollout_s": med("rollout"), "update_s": med("update"),
            "tokens_per_step": statistics.median(tokens), "response_tokens_per_step": med("response_tokens"),
            "update_gflops": statistics.median(flops) / 1e9 if flops else None, "steps_counted": len(rows),
@@ -438,7 +496,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="with --model smollm2")
     ap.add_argument("--smoke", action="store_true", help="2 prompts x 2 samples, 2 steps (a check, not a figure)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dp-worker", metavar="SPEC", help=argparse.SUPPRESS)  # one process of the dp2 variant
     args = ap.parse_args()
+    if args.dp_worker:
+        return dp_worker(args.dp_worker)
     if args.smoke:
         args.prompts, args.group, args.steps = 2, 2, 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -459,7 +520,7 @@ def main() -> None:
         for v in variants:
             _reset_hwm()
             run = run_trl(s, f"trl-{r}") if v == "trl" else run_tokenmdp(s, v, f"{v}-{r}")
-            run["peak_rss_mib"] = _hwm_kib() / 1024
+            run["peak_rss_mib"] = sum(run.get("process_peak_rss_mib") or [_hwm_kib() / 1024])  # dp2: both processes
             if run["side"] == "trl":  # the first-step comparison now, then TRL's trainer goes (SmolLM2: GiBs)
                 if first is None:
                     first = compare_first_step(s, run)
@@ -523,6 +584,10 @@ def main() -> None:
               + (f"  (sampler's rollout {t['sampler_rollout_s']:.3f} s)" if t.get("sampler_rollout_s") else ""))
     for v, ratio in ratios.items():
         print(f"TRL / tokenmdp {v}: {ratio:.2f}x (s/step)")
+    if "dp2" in variants:
+        print("dp2: the shared variant in two data-parallel processes of --threads threads each (both cores), each "
+              "sampling and training half the prompts; its GFLOP/s and 'of peak' are one process's, its peak RSS "
+              "the two processes' peaks added")
     if "async" in variants:
         print("async (max_staleness=1): the sampler is a second process; it overlaps the update only when a second "
               "core is free (its 'rollout' column is the learner's wait for the batch; the sampler's own rollout "
