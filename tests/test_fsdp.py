@@ -12,6 +12,10 @@ from safetensors.torch import load_file
 
 from test_distributed import _launch
 
+# the sharded runs (two processes each, 75 s in all on a 2-core machine) go with the learning runs (make test-slow),
+# so that make test stays well inside its 10 minutes; the unsharded two-process runs stay (tests/test_distributed.py)
+SHARDED_RUN = pytest.mark.slow
+
 FSDP = "run.fsdp=true"
 
 
@@ -33,6 +37,7 @@ def _close(a, b, atol):
     assert worst <= atol, worst
 
 
+@SHARDED_RUN
 @pytest.mark.parametrize("algo,task", [("grpo", "test_trainer:ParityTask"), ("isft+", "dist_worker:RankZeroTask")])
 def test_sharded_run_matches_unsharded(tmp_path, tiny_random_dir, algo, task):
     """With ``RankZeroTask`` process 1 keeps no row for filtered SFT: it joins process 0's scoring passes with
@@ -58,6 +63,7 @@ def test_sharded_run_matches_unsharded(tmp_path, tiny_random_dir, algo, task):
             assert len(shards["moments"]) == len(shards["params"])
 
 
+@SHARDED_RUN
 def test_sharded_resume_equals_straight_run(tmp_path, tiny_random_dir):
     straight = _final(_launch(_dir(tmp_path / "straight"), tiny_random_dir, "grpo", "test_trainer:ParityTask", FSDP))
     first = _launch(_dir(tmp_path / "split"), tiny_random_dir, "grpo", "test_trainer:ParityTask", FSDP, "run.steps=1")
