@@ -12,7 +12,12 @@ has must still be there with the same value).
     .venv/bin/python scripts/bitequal.py record scripts/bitequal-reference.json
     .venv/bin/python scripts/bitequal.py check scripts/bitequal-reference.json
 
-Runs are deterministic on one machine (CPU, one torch thread each); two go at once, one per core.
+Runs are deterministic on one machine (CPU, one torch thread each); two go at once, one per core. They are not
+across machines: the BLAS and torch's kernels take the widest vector unit the CPU has, so an AVX2 and an AVX-512
+machine round differently (all 17 runs differed between the two, with the same code). The file therefore holds one
+reference per kind of machine, keyed by :func:`machine_kind` (``x86_64-AVX2``, ``x86_64-AVX512`` ...); ``record``
+writes this machine's and keeps the others, ``check`` compares with this machine's and says so when there is none
+(record one at a commit known to be good, then check the change against it).
 """
 
 from __future__ import annotations
@@ -56,6 +61,25 @@ RUNS: dict[str, tuple[str, list[str], int]] = {
 }
 
 VOLATILE = ("time/",)
+
+
+def machine_kind() -> str:
+    """The machine's architecture and the vector unit torch's CPU kernels use: what decides float rounding here."""
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}"
+
+
+def load_references(file: Path) -> dict[str, dict]:
+    """``{machine kind: {run: fingerprint}}`` from ``file`` (none when it does not exist)."""
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    if not isinstance(data.get("machines"), dict):
+        raise SystemExit(f"{file}: not a bit-equal reference file (no 'machines' object)")
+    return data["machines"]
 
 
 def _sha(data: bytes) -> str:
@@ -193,14 +217,23 @@ def main() -> int:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+    kind = machine_kind()
+    machines = load_references(args.file)
+    if args.mode == "check" and kind not in machines:
+        print(f"{args.file} has no reference for this kind of machine ({kind}; it has "
+              f"{', '.join(sorted(machines)) or 'none'}): record one at a commit known to be good "
+              f"(`scripts/bitequal.py record {args.file}`), then check the change against it")
+        return 2
     result = run_all(names, args.exe, args.jobs)
-    if args.mode == "record":  # with --only, the other runs' fingerprints in the file are kept
-        if args.only and args.file.is_file():
-            result = json.loads(args.file.read_text()) | result
-        args.file.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {len(result)} runs in {args.file}")
+    if args.mode == "record":  # with --only, the other runs' fingerprints of this machine's reference are kept
+        if args.only:
+            result = machines.get(kind, {}) | result
+        machines[kind] = result
+        args.file.write_text(json.dumps({"machines": machines}, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(result)} runs for {kind} in {args.file}")
         return 0
-    reference = json.loads(args.file.read_text())
+    reference = machines[kind]
+    print(f"reference: {kind}")
     bad = 0
     for n in names:
         if n not in reference:
