@@ -68,7 +68,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -239,9 +241,6 @@ def run_data_parallel(s: Setup, tag: str, processes: int = 2) -> dict:
     samples and trains on half of the step's prompts, the gradients averaged before each optimizer step (what
     ``accelerate launch --num_processes 2`` does). Per step: process 0's wall time and rollout, the slower
     process's update (both end at the gradients' all-reduce), the tokens of both."""
-    import os
-    import subprocess
-
     spec = s.tmp / f"{tag}.json"
     spec.write_text(json.dumps({"overrides": tokenmdp_overrides(s, "dp2", tag), "threads": s.args.threads,
                                 "out": str(s.tmp / tag)}))
@@ -264,8 +263,6 @@ def run_data_parallel(s: Setup, tag: str, processes: int = 2) -> dict:
 
 def dp_worker(spec_file: str) -> None:
     """One process of :func:`run_data_parallel` (started by ``torch.distributed.run``)."""
-    import os
-
     spec = json.loads(Path(spec_file).read_text())
     _reset_hwm()
     out = timed_train(spec["overrides"], spec["threads"])
