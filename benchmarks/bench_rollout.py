@@ -201,6 +201,10 @@ def run(args) -> dict:
     engines += [("fast", {"quantize": "int8"})] if args.with_int8 else []
     both = args.with_int8 and args.with_fused_attention
     engines += [("fast", {"fused_attention": True, "quantize": "int8"})] if both else []
+    if args.with_kv_float16:  # the fused step over float16 keys and values (with int8 too where asked)
+        engines += [("fast", {"fused_attention": True, "kv_cache_dtype": "float16"})]
+        engines += [("fast", {"fused_attention": True, "kv_cache_dtype": "float16", "quantize": "int8"})] \
+            if args.with_int8 else []
     kw = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     built, start = {}, {}
     for name, extra in engines:  # built once (vLLM's start is its own figure) and warmed up
@@ -293,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the fast loop over the transformers forward (decoder='hf')")
     ap.add_argument("--with-fused-attention", action="store_true",
                     help="also time the fast engine with its compiled decode attention (fused_attention=True)")
+    ap.add_argument("--with-kv-float16", action="store_true",
+                    help="also time the fused decode step with float16 keys and values (kv_cache_dtype='float16'; its "
+                         "own log-probs); with --with-int8, both together too")
     ap.add_argument("--with-int8", action="store_true",
                     help="also time the fast engine with int8 linear layers (quantize='int8'; its own log-probs); with "
                          "--with-fused-attention, both together too")

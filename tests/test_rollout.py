@@ -483,6 +483,110 @@ def test_rotary_decode_attention_rotates_writes_and_attends():
                                    atol=1e-6, rtol=1e-5)
 
 
+def test_fused_decode_attention_float16_cache():
+    """Generated keys and values stored in float16 (``kv_cache_dtype``): the kernel reads them as their exact
+    float32 values, so it equals the attention by hand over the same caches widened, on the 8-lane path and off it,
+    with finished rows kept (slot); the one-call step writes the rotated key and the value rounded to float16; a
+    float32 key cache with a float16 value cache is refused."""
+    ext = _fused_or_skip()
+    g = torch.Generator().manual_seed(3)
+    for r_, hq, hkv, d, p, t_cap, used in [(5, 4, 2, 8, 3, 6, 4), (3, 2, 2, 32, 13, 24, 19), (4, 2, 1, 6, 5, 9, 9)]:
+        q = torch.randn(r_, hq, d, generator=g)
+        kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
+        kg = torch.randn(2 * r_, hkv, t_cap, d, generator=g).half()
+        vg = torch.randn(2 * r_, hkv, t_cap, d, generator=g).half()
+        bias = torch.zeros(2, p)
+        bias[1, 0] = float("-inf")
+        group = torch.tensor([0, 0, 1, 1, 1][:r_])
+        slot = torch.arange(r_) * 2
+        torch.testing.assert_close(ext.decode_attention(q, kp, vp, bias, kg, vg, group, used, slot),
+                                   _attention_by_hand(q, kp, vp, bias, kg[slot].float(), vg[slot].float(), group,
+                                                      used), atol=1e-6, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="both float32 or both float16"):
+            ext.decode_attention(q, kp, vp, bias, kg.float(), vg, group, used, slot)
+    r_, hq, hkv, d, p, t_cap, used = 4, 4, 2, 32, 7, 12, 10
+    qkv = torch.randn(r_, hq + 2 * hkv, d, generator=g)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    angle = torch.randn(r_, d // 2, generator=g)
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    kp, vp = torch.randn(2, hkv, p, d, generator=g), torch.randn(2, hkv, p, d, generator=g)
+    kg = torch.randn(r_, hkv, t_cap, d, generator=g).half()
+    vg = torch.randn(r_, hkv, t_cap, d, generator=g).half()
+    bias, group, scale = torch.zeros(2, p), torch.tensor([0, 0, 1, 1]), 0.3
+    rot = k * cos[:, None] + torch.cat([-k[..., d // 2:], k[..., :d // 2]], -1) * sin[:, None]
+    rot_q = (q * cos[:, None] + torch.cat([-q[..., d // 2:], q[..., :d // 2]], -1) * sin[:, None]) * scale
+    out = ext.rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, used)
+    assert torch.equal(vg[:, :, used - 1], v.half())  # the same float rounded once
+    torch.testing.assert_close(kg[:, :, used - 1], rot.half(), atol=1e-3, rtol=1e-3)  # rounding at a half's tie
+    torch.testing.assert_close(out, _attention_by_hand(rot_q, kp, vp, bias, kg.float(), vg.float(), group, used),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        ext.rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg.float(), vg, group, used)
+
+
+class _HalfRoundingStep:
+    """The fused step of a float32-cache decoder with its caches rounded to float16 after every write: what a
+    float16 cache holds, computed by the float32 path (the query rotated in torch)."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
+
+    def rotary_decode_attention(self, q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, used, slot=None):
+        self.ext.rotary_decode_attention(q, k, v, cos, sin, scale, kp, vp, bias, kg, vg, group, used, slot)
+        kg.copy_(kg.half().float())
+        vg.copy_(vg.half().float())
+        half = q.shape[-1] // 2
+        rot_q = (q * cos[:, None] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[:, None]) * scale
+        return self.ext.decode_attention(rot_q.contiguous(), kp, vp, bias, kg, vg, group, used, slot)
+
+
+def test_float16_cache_decoder_is_the_rounded_float32_one():
+    """``kv_cache_dtype="float16"``: the decoder's logits equal, within 1e-5 at every step (left padding,
+    grouped-query heads, q/k norms, compaction), those of the float32 fused decoder whose caches are rounded to
+    float16 after each write, so rounding the cache is the only change; they differ from the float32 cache's by
+    more than that and less than 0.01. Asked for where it cannot apply, it is refused by name."""
+    _fused_or_skip()
+    from tokenmdp.rollout.kv_decoder import KVDecoder, make_decoder
+    from tokenmdp.rollout.types import encode_prompts
+
+    tok, models = _arch_models()
+    for name, model in models.items():
+        ids, mask = encode_prompts(tok, PROMPTS, n=1, device="cpu")
+        with torch.inference_mode():
+            half = KVDecoder(model, fused_attention=True, kv_cache_dtype="float16")
+            rounded, plain = KVDecoder(model, fused_attention=True), KVDecoder(model, fused_attention=True)
+            rounded.fused = _HalfRoundingStep(rounded.fused)
+            a, b, c = (dec.prefill(ids, mask, 3, 8) for dec in (half, rounded, plain))
+            assert half.kg[0].dtype == torch.float16 and plain.kg[0].dtype == torch.float32
+            pos = mask.sum(1).repeat_interleave(3)
+            gap = 0.0
+            for t in range(8):
+                tokens = c.argmax(-1)
+                if t == 3:
+                    keep = torch.tensor([0, 2, 3, 6, 7])
+                    for dec in (half, rounded, plain):
+                        dec.select(keep)
+                    tokens, pos = tokens[keep], pos[keep]
+                a, b, c = (dec.step(tokens, pos, t) for dec in (half, rounded, plain))
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"{name} step {t}")
+                gap = max(gap, float((a - c).abs().max()))
+                pos = pos + 1
+            assert 1e-5 < gap < 1e-2, (name, gap)
+    model = models["llama"]
+    with pytest.raises(TokenMDPError, match="kv_cache_dtype='float16' needs fused_attention=True"):
+        get_engine("fast", model, tok, kv_cache_dtype="float16")
+    with pytest.raises(TokenMDPError, match="kv_cache_dtype must be 'auto' or 'float16'"):
+        get_engine("fast", model, tok, fused_attention=True, kv_cache_dtype="bfloat16")
+    with pytest.raises(TokenMDPError, match="kv_cache_dtype='float16' needs the own decoder"):
+        make_decoder(model, "hf", kv_cache_dtype="float16")
+    eng = get_engine("fast", model, tok, fused_attention=True, kv_cache_dtype="float16")
+    a, b = (eng.generate(PROMPTS, n=3, max_new_tokens=8, temperature=1.0, seed=5) for _ in range(2))
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.logprobs, b.logprobs)
+
+
 def test_silu_mul_is_swiglu():
     """``silu_mul`` of a fused (..., 2I) gate/up projection is torch's silu(gate) * up: random values, the tails
     where exp under- or overflows (silu(-100) = -0 up to 4e-42, silu(100) = 100) and zero, in any leading shape."""

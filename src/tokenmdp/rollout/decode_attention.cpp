@@ -28,7 +28,7 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -38,26 +38,33 @@ namespace {
 
 using tokenmdp::exp_nonpositive;
 
+// a cache element as a float: the generated keys and values are float32, or float16 where the caller stores them
+// so (half the bytes to read at every step)
+inline float as_float(float x) { return x; }
+inline float as_float(at::Half x) { return static_cast<float>(x); }
+
 // scores s[c] = base[c] + q . k_c for n keys k_c = k + c * ks (base may be null: 0)
-inline void scores_plain(const float* __restrict q, const float* k, int64_t ks, int64_t n, int64_t D,
+template <typename T>
+inline void scores_plain(const float* __restrict q, const T* k, int64_t ks, int64_t n, int64_t D,
                          const float* base, float* __restrict s) {
   for (int64_t c = 0; c < n; ++c) {
-    const float* __restrict kc = k + c * ks;
+    const T* __restrict kc = k + c * ks;
     float acc = base ? base[c] : 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) acc += q[d] * kc[d];
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * as_float(kc[d]);
     s[c] = acc;
   }
 }
 
 // acc[d] += sum_c w[c] * v_c[d] for n value rows v_c = v + c * vs
-inline void weighted_plain(const float* __restrict w, const float* v, int64_t vs, int64_t n, int64_t D,
+template <typename T>
+inline void weighted_plain(const float* __restrict w, const T* v, int64_t vs, int64_t n, int64_t D,
                            float* __restrict acc) {
   for (int64_t c = 0; c < n; ++c) {
     const float wc = w[c];
-    const float* __restrict vc = v + c * vs;
+    const T* __restrict vc = v + c * vs;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] += wc * vc[d];
+    for (int64_t d = 0; d < D; ++d) acc[d] += wc * as_float(vc[d]);
   }
 }
 
@@ -74,8 +81,12 @@ inline float softmax_plain(float* __restrict s, int64_t n) {
   return total;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TOKENMDP_AVX2 1
+// eight cache elements as floats
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
 // the eight lane sums of a[0..7], as one vector (lane j = sum of a[j])
 inline __m256 lane_sums8(const __m256* a) {
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -91,16 +102,16 @@ inline float lane_sum(__m256 a) {
 }
 
 // scores_plain for D a multiple of 8: eight keys at a time
-inline void scores_avx2(const float* q, const float* k, int64_t ks, int64_t n, int64_t D, const float* base,
-                        float* s) {
+template <typename T>
+inline void scores_avx2(const float* q, const T* k, int64_t ks, int64_t n, int64_t D, const float* base, float* s) {
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     __m256 a[8];
     for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-    const float* kc = k + c * ks;
+    const T* kc = k + c * ks;
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kc + j * ks + d), a[j]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(kc + j * ks + d), a[j]);
     }
     __m256 r = lane_sums8(a);
     if (base) r = _mm256_add_ps(r, _mm256_loadu_ps(base + c));
@@ -108,8 +119,8 @@ inline void scores_avx2(const float* q, const float* k, int64_t ks, int64_t n, i
   }
   for (; c < n; ++c) {
     __m256 a = _mm256_setzero_ps();
-    const float* kc = k + c * ks;
-    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kc + d), a);
+    const T* kc = k + c * ks;
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kc + d), a);
     s[c] = lane_sum(a) + (base ? base[c] : 0.f);
   }
 }
@@ -157,7 +168,8 @@ inline float softmax_avx2(float* s, int64_t n) {
 }
 
 // weighted_plain for D a multiple of 8: 32 columns at a time, two value rows per iteration (two accumulator sets)
-inline void weighted_avx2(const float* w, const float* v, int64_t vs, int64_t n, int64_t D, float* acc) {
+template <typename T>
+inline void weighted_avx2(const float* w, const T* v, int64_t vs, int64_t n, int64_t D, float* acc) {
   int64_t d0 = 0;
   for (; d0 + 32 <= D; d0 += 32) {
     __m256 a[4], b[4];
@@ -168,28 +180,29 @@ inline void weighted_avx2(const float* w, const float* v, int64_t vs, int64_t n,
     int64_t c = 0;
     for (; c + 2 <= n; c += 2) {
       const __m256 wa = _mm256_broadcast_ss(w + c), wb = _mm256_broadcast_ss(w + c + 1);
-      const float* va = v + c * vs + d0;
-      const float* vb = va + vs;
+      const T* va = v + c * vs + d0;
+      const T* vb = va + vs;
       for (int i = 0; i < 4; ++i) {
-        a[i] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(va + 8 * i), a[i]);
-        b[i] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(vb + 8 * i), b[i]);
+        a[i] = _mm256_fmadd_ps(wa, load8(va + 8 * i), a[i]);
+        b[i] = _mm256_fmadd_ps(wb, load8(vb + 8 * i), b[i]);
       }
     }
     if (c < n) {
       const __m256 wa = _mm256_broadcast_ss(w + c);
-      for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(v + c * vs + d0 + 8 * i), a[i]);
+      for (int i = 0; i < 4; ++i) a[i] = _mm256_fmadd_ps(wa, load8(v + c * vs + d0 + 8 * i), a[i]);
     }
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(acc + d0 + 8 * i, _mm256_add_ps(a[i], b[i]));
   }
   for (; d0 < D; d0 += 8) {
     __m256 a = _mm256_loadu_ps(acc + d0);
-    for (int64_t c = 0; c < n; ++c) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + c), _mm256_loadu_ps(v + c * vs + d0), a);
+    for (int64_t c = 0; c < n; ++c) a = _mm256_fmadd_ps(_mm256_broadcast_ss(w + c), load8(v + c * vs + d0), a);
     _mm256_storeu_ps(acc + d0, a);
   }
 }
 #endif
 
-inline void scores(const float* q, const float* k, int64_t ks, int64_t n, int64_t D, const float* base, float* s) {
+template <typename T>
+inline void scores(const float* q, const T* k, int64_t ks, int64_t n, int64_t D, const float* base, float* s) {
 #ifdef TOKENMDP_AVX2
   if (D % 8 == 0) return scores_avx2(q, k, ks, n, D, base, s);
 #endif
@@ -198,9 +211,11 @@ inline void scores(const float* q, const float* k, int64_t ks, int64_t n, int64_
 
 // ask for n rows of D floats (row stride rs) to be brought towards the core ahead of use (prefetcht2: a row
 // of the next items but one; the short per-row streams give the hardware prefetcher too little to learn from)
-inline void prefetch_rows(const float* p, int64_t rs, int64_t n, int64_t D) {
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t rs, int64_t n, int64_t D) {
+  constexpr int64_t line = 64 / sizeof(T);
   for (int64_t c = 0; c < n; ++c)
-    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + c * rs + d, 0, 1);
+    for (int64_t d = 0; d < D; d += line) __builtin_prefetch(p + c * rs + d, 0, 1);
 }
 
 inline float softmax(float* s, int64_t n) {
@@ -211,7 +226,8 @@ inline float softmax(float* s, int64_t n) {
 #endif
 }
 
-inline void weighted(const float* w, const float* v, int64_t vs, int64_t n, int64_t D, float* acc) {
+template <typename T>
+inline void weighted(const float* w, const T* v, int64_t vs, int64_t n, int64_t D, float* acc) {
 #ifdef TOKENMDP_AVX2
   if (D % 8 == 0) return weighted_avx2(w, v, vs, n, D, acc);
 #endif
@@ -236,28 +252,20 @@ const int64_t* cache_rows(const std::optional<torch::Tensor>& slot, int64_t R, i
   return sl;
 }
 
-}  // namespace
-
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp,
-                               const torch::Tensor& bias, const torch::Tensor& kg, const torch::Tensor& vg,
-                               const torch::Tensor& group, int64_t len, const std::optional<torch::Tensor>& slot) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32, "decode_attention: float32 only");
-  TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && bias.is_contiguous() &&
-                  group.is_contiguous(), "decode_attention: q, kp, vp, bias and group must be contiguous");
-  TORCH_CHECK(kg.stride(3) == 1 && vg.stride(3) == 1, "decode_attention: the caches' last dim must be contiguous");
+// The attention of decode_attention (below) for caches of element type T (float or at::Half), checked there
+template <typename T>
+void attend(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp, const torch::Tensor& bias,
+            const torch::Tensor& kg, const torch::Tensor& vg, const torch::Tensor& group, int64_t len,
+            const int64_t* sl, torch::Tensor& out) {
   const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = kp.size(1), P = kp.size(2);
   const int64_t rep = Hq / Hkv;
-  const int64_t* sl = cache_rows(slot, R, kg.size(0), vg.size(0), "decode_attention");
-  TORCH_CHECK(D <= 256 && rep * Hkv == Hq && kg.size(1) == Hkv && kg.size(3) == D && len <= kg.size(2) &&
-                  vg.size(2) >= len && vg.size(3) == D, "decode_attention: shapes do not match");
-  auto out = torch::empty_like(q);
   const float* qd = q.data_ptr<float>();
   const float* kpd = kp.data_ptr<float>();
   const float* vpd = vp.data_ptr<float>();
   const float* bd = bias.data_ptr<float>();
-  const float* kgd = kg.data_ptr<float>();
-  const float* vgd = vg.data_ptr<float>();
+  const T* kgd = kg.data_ptr<T>();
+  const T* vgd = vg.data_ptr<T>();
   const int64_t* gd = group.data_ptr<int64_t>();
   float* od = out.data_ptr<float>();
   const int64_t kg_r = kg.stride(0), kg_h = kg.stride(1), kg_t = kg.stride(2);
@@ -278,8 +286,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, 
       const float* kp_h = kpd + (g * Hkv + h) * P * D;
       const float* vp_h = vpd + (g * Hkv + h) * P * D;
       const float* b = bd + g * P;
-      const float* kg_h0 = kgd + cache_row(sl, r) * kg_r + h * kg_h;
-      const float* vg_h0 = vgd + cache_row(sl, r) * vg_r + h * vg_h;
+      const T* kg_h0 = kgd + cache_row(sl, r) * kg_r + h * kg_h;
+      const T* vg_h0 = vgd + cache_row(sl, r) * vg_r + h * vg_h;
       for (int64_t j = 0; j < rep; ++j) {
         const float* qj = qd + (r * Hq + h * rep + j) * D;
         scores(qj, kp_h, D, P, D, b, s);
@@ -297,17 +305,64 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, 
       }
     }
   });
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp,
+                               const torch::Tensor& bias, const torch::Tensor& kg, const torch::Tensor& vg,
+                               const torch::Tensor& group, int64_t len, const std::optional<torch::Tensor>& slot) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && kp.scalar_type() == torch::kFloat32 &&
+                  vp.scalar_type() == torch::kFloat32 && bias.scalar_type() == torch::kFloat32,
+              "decode_attention: q, kp, vp and bias float32 only");
+  TORCH_CHECK(kg.scalar_type() == vg.scalar_type() &&
+                  (kg.scalar_type() == torch::kFloat32 || kg.scalar_type() == torch::kHalf),
+              "decode_attention: the generated caches kg and vg both float32 or both float16");
+  TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && bias.is_contiguous() &&
+                  group.is_contiguous(), "decode_attention: q, kp, vp, bias and group must be contiguous");
+  TORCH_CHECK(kg.stride(3) == 1 && vg.stride(3) == 1, "decode_attention: the caches' last dim must be contiguous");
+  const int64_t R = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = kp.size(1), P = kp.size(2);
+  const int64_t rep = Hq / Hkv;
+  const int64_t* sl = cache_rows(slot, R, kg.size(0), vg.size(0), "decode_attention");
+  TORCH_CHECK(D <= 256 && rep * Hkv == Hq && kg.size(1) == Hkv && kg.size(3) == D && len <= kg.size(2) &&
+                  vg.size(2) >= len && vg.size(3) == D, "decode_attention: shapes do not match");
+  auto out = torch::empty_like(q);
+  if (kg.scalar_type() == torch::kHalf)
+    attend<at::Half>(q, kp, vp, bias, kg, vg, group, len, sl, out);
+  else
+    attend<float>(q, kp, vp, bias, kg, vg, group, len, sl, out);
   return out;
 }
 
 // rotary embedding of one head (transformers' rotate_half convention): out = x cos + [-x2, x1] sin, times scale
+template <typename T>
 inline void rotate_head(const float* __restrict x, const float* __restrict cs, const float* __restrict sn, int64_t D,
-                        float scale, float* __restrict out) {
+                        float scale, T* __restrict out) {
   const int64_t half = D / 2;
 #pragma omp simd
-  for (int64_t d = 0; d < half; ++d) out[d] = (x[d] * cs[d] - x[d + half] * sn[d]) * scale;
+  for (int64_t d = 0; d < half; ++d) out[d] = static_cast<T>((x[d] * cs[d] - x[d + half] * sn[d]) * scale);
 #pragma omp simd
-  for (int64_t d = half; d < D; ++d) out[d] = (x[d] * cs[d] + x[d - half] * sn[d]) * scale;
+  for (int64_t d = half; d < D; ++d) out[d] = static_cast<T>((x[d] * cs[d] + x[d - half] * sn[d]) * scale);
+}
+
+// the new token's rotated keys and its values into the caches' column (kg_new, vg_new), as the caches' type T
+template <typename T>
+void write_new(const float* kd, const float* vd, const float* cd, const float* sd, const int64_t* sl, int64_t R,
+               int64_t Hkv, int64_t D, int64_t k_r, int64_t k_h, int64_t v_r, int64_t v_h, T* kg_new, T* vg_new,
+               int64_t kg_r, int64_t kg_h, int64_t vg_r, int64_t vg_h) {
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t rc = cache_row(sl, r);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        rotate_head(kd + r * k_r + h * k_h, cd + r * D, sd + r * D, D, 1.f, kg_new + rc * kg_r + h * kg_h);
+        const float* __restrict src = vd + r * v_r + h * v_h;
+        T* __restrict dst = vg_new + rc * vg_r + h * vg_h;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+      }
+    }
+  });
 }
 
 // One decode step's attention from the unrotated projections of the new token: q (R, Hq, D), k and v (R, Hkv, D)
@@ -332,6 +387,9 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
                   vg.size(1) == Hkv && vg.size(3) == D && vg.stride(3) == 1 &&
                   len <= kg.size(2) && len <= vg.size(2),
               "rotary_decode_attention: shapes do not match");
+  TORCH_CHECK(kg.scalar_type() == vg.scalar_type() &&
+                  (kg.scalar_type() == torch::kFloat32 || kg.scalar_type() == torch::kHalf),
+              "rotary_decode_attention: the generated caches kg and vg both float32 or both float16");
   const int64_t* sl = cache_rows(slot, R, kg.size(0), vg.size(0), "rotary_decode_attention");
   auto qr = torch::empty({R, Hq, D}, q.options());
   const float* qd = q.data_ptr<float>();
@@ -340,27 +398,22 @@ torch::Tensor rotary_decode_attention(const torch::Tensor& q, const torch::Tenso
   const float* cd = cos.data_ptr<float>();
   const float* sd = sin.data_ptr<float>();
   float* qrd = qr.data_ptr<float>();
-  float* kgd = kg.data_ptr<float>();
-  float* vgd = vg.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   // strides read once, outside the loop: the new token's column of each cache, and the projections' row/head steps
   const int64_t q_r = q.stride(0), q_h = q.stride(1), k_r = k.stride(0), k_h = k.stride(1);
   const int64_t v_r = v.stride(0), v_h = v.stride(1);
   const int64_t kg_r = kg.stride(0), kg_h = kg.stride(1), vg_r = vg.stride(0), vg_h = vg.stride(1);
-  float* kg_new = kgd + (len - 1) * kg.stride(2);
-  float* vg_new = vgd + (len - 1) * vg.stride(2);
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* cs = cd + r * D;
-      const float* sn = sd + r * D;
-      for (int64_t h = 0; h < Hq; ++h) rotate_head(qd + r * q_r + h * q_h, cs, sn, D, sc, qrd + (r * Hq + h) * D);
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t rc = cache_row(sl, r);
-        rotate_head(kd + r * k_r + h * k_h, cs, sn, D, 1.f, kg_new + rc * kg_r + h * kg_h);
-        std::memcpy(vg_new + rc * vg_r + h * vg_h, vd + r * v_r + h * v_h, D * sizeof(float));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t h = 0; h < Hq; ++h)
+        rotate_head(qd + r * q_r + h * q_h, cd + r * D, sd + r * D, D, sc, qrd + (r * Hq + h) * D);
   });
+  if (kg.scalar_type() == torch::kHalf && vg.scalar_type() == torch::kHalf)
+    write_new(kd, vd, cd, sd, sl, R, Hkv, D, k_r, k_h, v_r, v_h, kg.data_ptr<at::Half>() + (len - 1) * kg.stride(2),
+              vg.data_ptr<at::Half>() + (len - 1) * vg.stride(2), kg_r, kg_h, vg_r, vg_h);
+  else  // float32 (decode_attention checks the types)
+    write_new(kd, vd, cd, sd, sl, R, Hkv, D, k_r, k_h, v_r, v_h, kg.data_ptr<float>() + (len - 1) * kg.stride(2),
+              vg.data_ptr<float>() + (len - 1) * vg.stride(2), kg_r, kg_h, vg_r, vg_h);
   return decode_attention(qr, kp, vp, bias, kg, vg, group, len, slot);
 }
 

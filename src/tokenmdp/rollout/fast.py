@@ -89,6 +89,10 @@ class FastEngine(Engine):
         come from a policy a little off the trained one, and their log-probs are the int8 model's: train with
         ``rollout.recompute_logprobs=true``, which recomputes pi_old in float32 and weights the mismatch by
         truncated importance sampling (the recipe of 8-bit rollouts in FlashRL). Off by default.
+    kv_cache_dtype : "float16" stores the generated keys and values in float16 for the fused decode step (as
+        vLLM's ``kv_cache_dtype``; needs ``fused_attention``): half the bytes it reads at every step, with keys and
+        values rounded to 11 significant bits, so its log-probs differ from float32's by about 1e-3 (train with
+        ``rollout.recompute_logprobs=true``, as for int8). "auto" (default): the model's own type.
     eos_token_id, add_special_tokens : as for the `hf` engine.
     """
 
@@ -96,7 +100,8 @@ class FastEngine(Engine):
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, decoder: str = "auto", compact_fraction: float = 0.25,
                  fuse_weights: bool | None = None, fused_attention: bool = False, quantize: str | None = None,
-                 eos_token_id: int | Sequence[int] | None = None, add_special_tokens: bool | None = None):
+                 kv_cache_dtype: str = "auto", eos_token_id: int | Sequence[int] | None = None,
+                 add_special_tokens: bool | None = None):
         if decoder not in ("auto", "kv", "hf"):
             raise TokenMDPError(f"decoder must be 'auto', 'kv' or 'hf', got {decoder!r}")
         self.model = model
@@ -108,6 +113,12 @@ class FastEngine(Engine):
         if quantize not in (None, "int8"):
             raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
         self.quantize = quantize
+        if kv_cache_dtype not in ("auto", "float16"):
+            raise TokenMDPError(f"kv_cache_dtype must be 'auto' or 'float16', got {kv_cache_dtype!r}")
+        if kv_cache_dtype == "float16" and not self.fused_attention:
+            raise TokenMDPError("kv_cache_dtype='float16' needs fused_attention=True (only the fused decode step reads "
+                                "a float16 cache)")
+        self.kv_cache_dtype = kv_cache_dtype
         self.eos_ids = eos_token_ids(model, tokenizer, eos_token_id)
         self.pad_id = pad_token_id(tokenizer)
         self.add_special_tokens = add_special_tokens
@@ -156,7 +167,7 @@ class FastEngine(Engine):
         device = ids.device
         batch = ids.shape[0] * n
         dec = make_decoder(self.model, self.decoder, fuse=self.fuse_weights, fused_attention=self.fused_attention,
-                           quantize=self.quantize)
+                           quantize=self.quantize, kv_cache_dtype=self.kv_cache_dtype)
         logits = dec.prefill(ids, mask, n, max_new)
         out_ids = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
         out_lp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)

@@ -71,6 +71,19 @@ class _Layer:
     q8: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None  # int8 qkv, o, gate_up, down (quantize)
 
 
+def _kv_cache_dtype(name: str, fused_attention: bool) -> torch.dtype | None:
+    """The generated keys' and values' storage type for ``kv_cache_dtype`` (None: the model's own). "float16"
+    halves the bytes the fused decode step reads at every step; only that kernel reads it."""
+    if name == "auto":
+        return None
+    if name != "float16":
+        raise TokenMDPError(f"kv_cache_dtype must be 'auto' (the model's type) or 'float16', got {name!r}")
+    if not fused_attention:
+        raise TokenMDPError("kv_cache_dtype='float16' needs fused_attention=True (only the fused decode step reads a "
+                            "float16 cache)")
+    return torch.float16
+
+
 def kv_decoder_supported(model: nn.Module) -> bool:
     """Whether :class:`KVDecoder` can run ``model`` (a Llama-family decoder without sliding-window attention:
     :func:`tokenmdp.policy.fused_layers.llama_family`)."""
@@ -146,11 +159,12 @@ class KVDecoder:
     can_select = True
 
     def __init__(self, model: nn.Module, *, fuse: bool | None = None, fused_attention: bool = False,
-                 quantize: str | None = None):
+                 quantize: str | None = None, kv_cache_dtype: str = "auto"):
         cfg = model.config
         base = model.model
         if quantize not in (None, "int8"):
             raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
+        self.kv_dtype = _kv_cache_dtype(kv_cache_dtype, fused_attention)
         if quantize:
             fuse = True  # the int8 copies are made from the fused weights
         elif fuse is None:
@@ -238,8 +252,9 @@ class KVDecoder:
         self.cos, self.sin = cos[0], sin[0]
         self.prompt_bias = torch.zeros(g, p, dtype=w.dtype, device=w.device).masked_fill(~mask.bool(), float("-inf"))
         gen_shape = (g * n, self.hk, max_new, self.d)
-        self.kg = [torch.empty(gen_shape, dtype=w.dtype, device=w.device) for _ in self.layers]
-        self.vg = [torch.empty(gen_shape, dtype=w.dtype, device=w.device) for _ in self.layers]
+        kv_dtype = self.kv_dtype or w.dtype
+        self.kg = [torch.empty(gen_shape, dtype=kv_dtype, device=w.device) for _ in self.layers]
+        self.vg = [torch.empty(gen_shape, dtype=kv_dtype, device=w.device) for _ in self.layers]
         self.kp, self.vp = [], []
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         attn = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril().unsqueeze(0) & mask.bool().unsqueeze(1)
@@ -359,21 +374,24 @@ class HFDecoder:
 
 
 def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = None,
-                 fused_attention: bool = False, quantize: str | None = None) -> KVDecoder | HFDecoder:
+                 fused_attention: bool = False, quantize: str | None = None,
+                 kv_cache_dtype: str = "auto") -> KVDecoder | HFDecoder:
     """``KVDecoder`` when the architecture is supported (or ``kind="kv"``), else ``HFDecoder``.
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
     ``fused_attention``: the compiled decode step (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
     ``quantize="int8"``: int8 copies of the linear layers (:func:`tokenmdp.rollout.fused.int8_linear`).
+    ``kv_cache_dtype="float16"``: the generated keys and values stored in float16 (with ``fused_attention``).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
-        asked = [name for name, on in (("fused_attention=True", fused_attention), (f"quantize={quantize!r}", quantize))
-                 if on]
+        asked = [name for name, on in (("fused_attention=True", fused_attention), (f"quantize={quantize!r}", quantize),
+                                       (f"kv_cache_dtype={kv_cache_dtype!r}", kv_cache_dtype != "auto")) if on]
         if asked:
             raise TokenMDPError(f"{asked[0]} needs the own decoder (a Llama-family model, decoder 'kv' or 'auto'); "
                                 f"{type(model).__name__} with decoder {kind!r} runs the transformers forward")
         return HFDecoder(model)
-    return KVDecoder(model, fuse=fuse, fused_attention=fused_attention, quantize=quantize)
+    return KVDecoder(model, fuse=fuse, fused_attention=fused_attention, quantize=quantize,
+                     kv_cache_dtype=kv_cache_dtype)
 
 
 __all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]

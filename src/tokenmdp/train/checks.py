@@ -74,11 +74,17 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "rollouts with the vllm engine need the sampler in its own process: a second in-process "
                             "vLLM engine shares the first one's global state (its weight sync failed the probe); "
                             "set rollout.async_worker=process")
-    if config.rollout.engine_options.get("quantize") and not config.rollout.recompute_logprobs:
+    options = config.rollout.engine_options
+    if options.get("quantize") and not config.rollout.recompute_logprobs:
         raise TokenMDPError(f"{where('rollout.engine_options', source)} asks for quantize="
-                            f"{config.rollout.engine_options['quantize']!r}: the samples come from an int8 copy of the "
+                            f"{options['quantize']!r}: the samples come from an int8 copy of the "
                             "policy whose log-probs are not pi_old's; set rollout.recompute_logprobs=true (pi_old "
                             "recomputed in float32, the mismatch weighted by truncated importance sampling)")
+    if options.get("kv_cache_dtype", "auto") != "auto" and not config.rollout.recompute_logprobs:
+        raise TokenMDPError(f"{where('rollout.engine_options', source)} asks for kv_cache_dtype="
+                            f"{options['kv_cache_dtype']!r}: the sampler's keys and values are rounded, so its "
+                            "log-probs are not pi_old's; set rollout.recompute_logprobs=true (pi_old recomputed in "
+                            "float32, the mismatch weighted by truncated importance sampling)")
     spec = resolve_algo(config, source=source)
     if config.rollout.max_staleness == 0 and not config.rollout.recompute_logprobs:
         unused = [f for f in ("tis_cap", "tis_level", "tis_mode") if getattr(spec, f) != getattr(AlgoSpec(), f)]
