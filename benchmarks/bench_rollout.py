@@ -266,10 +266,11 @@ def print_table(out: dict) -> None:
           f"(temperature {s['temperature']})")
     print(f"peak {out['dtype']} matmul: {out['peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
     own = out.get("isolated")
-    print(f"{'engine':<44}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
+    w = max([44] + [len(name) + 2 for name in out["engines"]])  # the engine column fits its longest label
+    print(f"{'engine':<{w}}{'seconds':>9}{'tokens':>9}{'tok/s':>10}{'GFLOP/s':>10}{'of peak':>9}{'mean len':>10}"
           f"{'start s':>9}" + (f"{'peak MiB':>10}" if own else ""))
     for name, r in out["engines"].items():
-        print(f"{name:<44}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
+        print(f"{name:<{w}}{r['seconds']:>9.2f}{r['tokens']:>9d}{r['tokens_per_s']:>10.0f}"
               f"{r['model_flops_per_s'] / 1e9:>10.2f}{100 * r['peak_fraction']:>8.1f}%{r['mean_length']:>10.1f}"
               f"{r['start_seconds']:>9.2f}" + (f"{r['peak_rss_mib']:>10.0f}" if own else ""))
     if out.get("fast_over_hf"):
