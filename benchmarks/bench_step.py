@@ -28,7 +28,8 @@ tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_promp
 second core, where the update takes longer than the sampler and overlap cannot hide it); with
 ``--fused-attention`` every tokenmdp variant samples with the compiled decode attention (``rollout.fused``), with
 ``--int8`` from int8 copies of the linear layers (``rollout.engine_options={quantize: int8}``, and
-``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling);
+``rollout.recompute_logprobs=true``: pi_old in float32, the mismatch weighted by truncated importance sampling),
+with ``--kv-float16`` over float16 generated keys and values (``kv_cache_dtype: float16``, pi_old recomputed too);
 with ``--fused-layers`` every tokenmdp variant updates with ``optim.fused_layers=true`` (RMSNorm, rotary and
 SwiGLU as fused kernels, ``tokenmdp.policy.fused_layers``).
 
@@ -186,10 +187,11 @@ def tokenmdp_overrides(s: Setup, variant: str, tag: str) -> list[str]:
     extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
              "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"],
              "dp2": ["optim.shared_prompt=true"]}
-    options = {"fused_attention: true": s.args.fused_attention, "quantize: int8": s.args.int8}
+    options = {"fused_attention: true": s.args.fused_attention, "quantize: int8": s.args.int8,
+               "kv_cache_dtype: float16": s.args.kv_float16}
     chosen = ", ".join(k for k, on in options.items() if on)
     sampler = [f"rollout.engine_options={{{chosen}}}"] if chosen else []
-    sampler += ["rollout.recompute_logprobs=true"] if s.args.int8 else []
+    sampler += ["rollout.recompute_logprobs=true"] if s.args.int8 or s.args.kv_float16 else []
     sampler += ["optim.fused_layers=true"] if s.args.fused_layers else []
     return s.overrides + extra[variant] + sampler + [f"run.out={s.tmp / tag}"]
 
@@ -313,6 +315,9 @@ def main() -> None:
                     help="tokenmdp samples with its compiled decode attention (rollout.engine_options)")
     ap.add_argument("--int8", action="store_true",
                     help="tokenmdp samples with int8 linear layers and recomputes pi_old in float32")
+    ap.add_argument("--kv-float16", action="store_true",
+                    help="with --fused-attention: the sampler's generated keys and values in float16, pi_old "
+                         "recomputed in float32")
     ap.add_argument("--fused-layers", action="store_true",
                     help="tokenmdp updates with its fused RMSNorm, rotary and SwiGLU (optim.fused_layers)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
@@ -331,6 +336,8 @@ def main() -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         ap.error(f"--variants: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(VARIANTS)}")
+    if args.kv_float16 and not args.fused_attention:
+        ap.error("--kv-float16 needs --fused-attention (only the fused decode step reads a float16 cache)")
     trl_version = require_trl() if "trl" in variants else None
     if args.steps < (1 if args.model == "smollm2" else 2):
         ap.error("--steps must be at least 2 (step 1 holds the start-up and is not counted; --model smollm2 "
@@ -367,7 +374,7 @@ def main() -> None:
            "torch": torch.__version__, "batch": f"{args.prompts} x {args.group}", "max_new_tokens": s.max_new_tokens,
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "fused_attention": args.fused_attention, "int8": args.int8,
-           "fused_layers": args.fused_layers, "kernel_build_s": build_s,
+           "kv_float16": args.kv_float16, "fused_layers": args.fused_layers, "kernel_build_s": build_s,
            "matmul_peak_gflops": round(peak, 2),
            "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
@@ -387,6 +394,7 @@ def main() -> None:
           + (f"medians over steps 2-{args.steps}" if args.steps > 1 else "step 1")
           + ("; tokenmdp samples with the fused decode attention" if args.fused_attention else "")
           + ("; tokenmdp samples with int8 linears, pi_old recomputed" if args.int8 else "")
+          + ("; tokenmdp samples over float16 keys and values, pi_old recomputed" if args.kv_float16 else "")
           + ("; tokenmdp updates with the fused layer kernels" if args.fused_layers else "")
           + ("  [SMOKE: shapes too small to mean anything]" if args.smoke else ""))
     if build_s is not None:
