@@ -5,8 +5,9 @@
 // kp     (G, Hkv, P, D)      the prompt's keys, once per group (contiguous)
 // vp     (G, Hkv, P, D)      the prompt's values (contiguous)
 // bias   (G, P)              0 for a prompt column, -inf for left padding
-// kg     (R, Hkv, T, D)      the generated keys of the live rows; rows [0, len) are used
-// vg     (R, Hkv, T, D)      the generated values; rows [0, len) are used
+// kg     (R, Hkv, T, D)      the generated keys of the live rows; rows [0, len) are used; float32, or float16
+//                            (kv_cache_dtype: half the bytes to read, widened exactly as they are read)
+// vg     (R, Hkv, T, D)      the generated values; rows [0, len) are used; of kg's type
 // group  (R,) int64          the group (prompt) of each live row
 // slot   (R,) int64 or None  the cache row of each live row, where finished rows stay in the caches (kg and vg
 //                            then have more rows than R); None: live row r is cache row r
@@ -15,8 +16,9 @@
 // Every key and value row is contiguous (D floats). Where the compiler targets AVX2 with FMA (-march=native on
 // x86-64), scores are computed eight keys at a time (eight independent dot products, summed across lanes at once)
 // and the weighted sum of values two rows at a time with 4-vector accumulators, so the loops run at the speed of
-// reading the caches; elsewhere (or D not a multiple of 8) plain loops that the compiler vectorises. The
-// exponentials use a vectorisable polynomial. Float32 only; D up to 256.
+// reading the caches (float16 ones widened eight at a time by F16C); elsewhere (or D not a multiple of 8) plain
+// loops that the compiler vectorises. The exponentials use a vectorisable polynomial. Float32 arithmetic; D up to
+// 256.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -15,7 +15,10 @@ in ``tests/test_rollout.py``.
 
 Off by default (``FastEngine(fused_attention=True)``, ``rollout.engine_options={fused_attention: true}``): it
 moves every seeded rollout by float rounding. ``load()`` returns the compiled module, or None where it cannot be
-built (no compiler, no ``ninja``; a warning says why).
+built (no compiler, no ``ninja``; a warning says why). The step's caches of generated keys and values may be
+float16 (``kv_cache_dtype: float16``), widened exactly as they are read: every step reads each live row's whole
+cache, from memory once the caches outgrow the CPU's own, and half the bytes read faster (1.1x on the tiny
+model's rollouts, ``benchmarks/RESULTS.md``).
 
 :func:`int8_linear` (``rollout.engine_options={quantize: int8}``) runs a linear layer on fbgemm's int8 kernels.
 """

@@ -24,7 +24,10 @@ Two switches, off by default because each changes the samples: ``fused_attention
 cache writes and the decode attention above as one compiled call, and the SwiGLU as another
 (:mod:`tokenmdp.rollout.fused`; float rounding), the RMSNorms by the update's kernel
 (:mod:`tokenmdp.policy.fused_layers`), and ``quantize="int8"`` runs the linear layers as int8 copies of
-the weights (:func:`tokenmdp.rollout.fused.int8_linear`; a slightly different policy).
+the weights (:func:`tokenmdp.rollout.fused.int8_linear`; a slightly different policy). With the fused step,
+``kv_cache_dtype="float16"`` stores the generated keys and values in float16: the step reads every live row's
+cache at every token, and half the bytes make it faster where memory is the limit (the same step over rounded
+caches, tested).
 
 :class:`HFDecoder` runs any other causal LM through its transformers forward and cache, one token per step.
 """
