@@ -578,7 +578,7 @@ def test_float16_cache_decoder_is_the_rounded_float32_one():
     model = models["llama"]
     with pytest.raises(TokenMDPError, match="kv_cache_dtype='float16' needs fused_attention=True"):
         get_engine("fast", model, tok, kv_cache_dtype="float16")
-    with pytest.raises(TokenMDPError, match="kv_cache_dtype must be 'auto' or 'float16'"):
+    with pytest.raises(TokenMDPError, match=r"kv_cache_dtype must be 'auto' \(the model's type\) or 'float16'"):
         get_engine("fast", model, tok, fused_attention=True, kv_cache_dtype="bfloat16")
     with pytest.raises(TokenMDPError, match="kv_cache_dtype='float16' needs the own decoder"):
         make_decoder(model, "hf", kv_cache_dtype="float16")

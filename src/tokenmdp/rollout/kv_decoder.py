@@ -74,7 +74,7 @@ class _Layer:
     q8: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None  # int8 qkv, o, gate_up, down (quantize)
 
 
-def _kv_cache_dtype(name: str, fused_attention: bool) -> torch.dtype | None:
+def kv_cache_dtype_of(name: str, fused_attention: bool) -> torch.dtype | None:
     """The generated keys' and values' storage type for ``kv_cache_dtype`` (None: the model's own). "float16"
     halves the bytes the fused decode step reads at every step; only that kernel reads it."""
     if name == "auto":
@@ -167,7 +167,7 @@ class KVDecoder:
         base = model.model
         if quantize not in (None, "int8"):
             raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
-        self.kv_dtype = _kv_cache_dtype(kv_cache_dtype, fused_attention)
+        self.kv_dtype = kv_cache_dtype_of(kv_cache_dtype, fused_attention)
         if quantize:
             fuse = True  # the int8 copies are made from the fused weights
         elif fuse is None:
@@ -397,4 +397,4 @@ def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = No
                      kv_cache_dtype=kv_cache_dtype)
 
 
-__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_decoder_supported", "SUPPORTED"]
+__all__ = ["KVDecoder", "HFDecoder", "make_decoder", "kv_cache_dtype_of", "kv_decoder_supported", "SUPPORTED"]
