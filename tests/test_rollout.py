@@ -639,6 +639,54 @@ def test_fused_decode_attention_matches_operators():
     assert KVDecoder(models["llama"]).fused is None and not get_engine("fast", models["llama"], tok).fused_attention
 
 
+def test_int8_lora_sampler_keeps_the_base_and_adds_the_adapters_in_float32():
+    """Under LoRA the int8 sampler quantises the frozen base weights once and adds the adapters' deltas in float32:
+    a layer's fused q/k/v product equals int8(base) plus (x A^T) B^T scaling by hand; a second generate reuses the
+    same int8 copy (an adapter's change moves the output by exactly its delta), a base weight changed in place is
+    quantised again; the rollouts' log-probs stay within the int8 sampler's gap of the float32 policy's."""
+    from tokenmdp.policy.adapters import add_lora
+    from tokenmdp.rollout.fused import int8_linear
+    from tokenmdp.rollout.kv_decoder import make_decoder
+
+    peft_model = add_lora(build_tiny_random(seed=0)[0], rank=4, alpha=8.0)
+    model, tok = peft_model.base_model.model, build_tiny_random(seed=0)[1]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: give the adapters something to add
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    attn = model.model.layers[0].self_attn
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(5, model.config.hidden_size, generator=g)
+    with torch.inference_mode():
+        dec = make_decoder(model, quantize="int8")
+        qkv = dec.layers[0].q8["qkv"]
+        base = int8_linear(torch.cat([p.base_layer.weight for p in projs]),
+                           torch.cat([p.base_layer.bias for p in projs]))
+        delta = torch.cat([p.lora_B["default"](p.lora_A["default"](x)) * p.scaling["default"] for p in projs], -1)
+        torch.testing.assert_close(qkv(x), base(x) + delta, atol=1e-5, rtol=1e-5)
+        assert float(delta.abs().max()) > 0.01  # the adapters matter
+        again = make_decoder(model, quantize="int8").layers[0].q8["qkv"]
+        assert again.base is qkv.base  # the base's int8 copy kept: its weights did not change
+    with torch.no_grad():
+        attn.k_proj.lora_B["default"].weight.add_(0.1)
+    with torch.inference_mode():
+        moved = make_decoder(model, quantize="int8").layers[0].q8["qkv"]
+        assert moved.base is qkv.base
+        k = slice(attn.q_proj.base_layer.weight.shape[0], attn.q_proj.base_layer.weight.shape[0]
+                  + attn.k_proj.base_layer.weight.shape[0])
+        shift = (attn.k_proj.lora_A["default"](x) @ torch.full_like(attn.k_proj.lora_B["default"].weight, 0.1).T
+                 * attn.k_proj.scaling["default"])
+        torch.testing.assert_close(moved(x)[:, k] - qkv(x)[:, k], shift, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        attn.q_proj.base_layer.weight.mul_(1.5)
+    with torch.inference_mode():
+        assert make_decoder(model, quantize="int8").layers[0].q8["qkv"].base is not qkv.base
+    r = get_engine("fast", model, tok, quantize="int8").generate(PROMPTS, n=2, max_new_tokens=8, seed=0)
+    diff = (r.logprobs - _recompute(model, r).detach()).abs()[r.response_mask.bool()]
+    assert 1e-4 < float(diff.mean()) < 0.05
+
+
 def test_int8_linear_and_sampler():
     """int8_linear gives the float32 product within a few percent of its largest output (hand-made and random
     weights, with and without bias, a 3-d input); the int8 fast engine's log-probs differ from the float32

@@ -26,11 +26,13 @@ model's rollouts, ``benchmarks/RESULTS.md``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tokenmdp.policy.kernels import build
 
@@ -65,4 +67,51 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Calla
     return apply
 
 
-__all__ = ["int8_linear", "load"]
+#: int8 copies of weights, by the id of the first weight (its entry goes with it), with the weights' identity and
+#: version: kept across generates while the weights are unchanged (a LoRA run's base weights never change)
+_INT8: dict[int, tuple[weakref.ref, tuple, Callable]] = {}
+
+
+def int8_projection(parts: Sequence[tuple[torch.Tensor, torch.Tensor | None, Sequence[tuple]]]
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x [W_1; ...; W_k]^T + [b_1; ...; b_k]`` plus each part's LoRA deltas: ``parts`` are ``(weight, bias,
+    adapters)`` with ``adapters`` a list of ``(A, B, scaling)`` (peft's ``lora_A``/``lora_B`` weights). The weights
+    run as one :func:`int8_linear` (reused while they are the same tensors at the same version), the deltas in
+    float32, ``(x A^T) B^T scaling``, as peft applies them: a LoRA run's frozen base is quantised once, and its
+    adapters, which change every step, are never rounded. The function's ``base`` is the int8 product."""
+    weights = [w for w, _, _ in parts]
+    stamp = tuple((id(t), t.data_ptr(), t._version) for w, b, _ in parts for t in (w, b) if t is not None)
+    key = id(weights[0])
+    hit = _INT8.get(key)
+    if hit is not None and hit[0]() is weights[0] and hit[1] == stamp:
+        base = hit[2]
+    else:
+        biases = [b for _, b, _ in parts]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+        base = int8_linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias)
+        _INT8[key] = (weakref.ref(weights[0], lambda _, key=key: _INT8.pop(key, None)), stamp, base)
+    adapters = [(i, a, b, s) for i, (_, _, ads) in enumerate(parts) for a, b, s in ads]
+    if not adapters:
+        return base
+    rows = [0]
+    for w in weights:
+        rows.append(rows[-1] + w.shape[0])
+    a_all = torch.cat([a.detach().float() for _, a, _, _ in adapters])  # (sum of ranks, in)
+    b_all = a_all.new_zeros(rows[-1], a_all.shape[0])  # block-diagonal: each adapter's B into its part's rows
+    col = 0
+    for i, a, b, s in adapters:
+        b_all[rows[i]:rows[i + 1], col:col + a.shape[0]] = b.detach().float() * s
+        col += a.shape[0]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        out = base(x)
+        flat = out.view(-1, out.shape[-1])
+        flat.addmm_(F.linear(x.reshape(-1, x.shape[-1]), a_all), b_all.t())
+        return out
+
+    apply.base = base  # type: ignore[attr-defined]
+    return apply
+
+
+__all__ = ["int8_linear", "int8_projection", "load"]

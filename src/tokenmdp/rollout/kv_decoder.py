@@ -24,7 +24,8 @@ Two switches, off by default because each changes the samples: ``fused_attention
 cache writes and the decode attention above as one compiled call, and the SwiGLU as another
 (:mod:`tokenmdp.rollout.fused`; float rounding), the RMSNorms by the update's kernel
 (:mod:`tokenmdp.policy.fused_layers`), and ``quantize="int8"`` runs the linear layers as int8 copies of
-the weights (:func:`tokenmdp.rollout.fused.int8_linear`; a slightly different policy). With the fused step,
+the weights (:func:`tokenmdp.rollout.fused.int8_projection`; a slightly different policy: a LoRA model's base
+weights in int8, quantised once while they do not change, its adapters in float32). With the fused step,
 ``kv_cache_dtype="float16"`` stores the generated keys and values in float16: the step reads every live row's
 cache at every token, and half the bytes make it faster where memory is the limit (the same step over rounded
 caches, tested).
@@ -46,7 +47,7 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.policy import fused_layers
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
-from tokenmdp.rollout.fused import int8_linear
+from tokenmdp.rollout.fused import int8_projection
 
 SUPPORTED = fused_layers.SUPPORTED
 
@@ -116,13 +117,25 @@ def _bias(proj: nn.Module) -> torch.Tensor | None:
     return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
 
 
+def _int8_part(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple]]:
+    """A projection for :func:`tokenmdp.rollout.fused.int8_projection`: a peft LoRA layer's base weight and its
+    active adapters' ``(A, B, scaling)`` (DoRA and other variants: the merged weight, no adapters), else its own."""
+    lora = hasattr(proj, "lora_A") and not (proj.disable_adapters or proj.merged)
+    names = [n for n in proj.active_adapters if n in proj.lora_A] if lora else []
+    plain = all(isinstance(proj.lora_A[n], nn.Linear) and not proj.use_dora.get(n, False) for n in names)
+    if not lora or not plain:
+        return _weight(proj), _bias(proj), []
+    return proj.base_layer.weight, _bias(proj), [(proj.lora_A[n].weight, proj.lora_B[n].weight, float(proj.scaling[n]))
+                                                for n in names]
+
+
 def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -> _Layer:
     """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy); with
-    ``quantize`` (which needs ``fuse``), int8 copies of the four matmuls' weights."""
+    ``quantize``, int8 copies of the four matmuls' weights instead (q/k/v and gate/up fused too)."""
     a, m = layer.self_attn, layer.mlp
     projs = (a.q_proj, a.k_proj, a.v_proj)
     w_qkv = b_qkv = w_gate_up = None
-    if fuse:
+    if fuse and not quantize:
         ws = [_weight(p) for p in projs]
         w_qkv = torch.cat(ws)
         w_gate_up = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
@@ -130,10 +143,10 @@ def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -
         if any(b is not None for b in biases):
             b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
     q8 = None
-    if quantize:  # the float copies are not kept: the int8 ones replace them
-        q8 = {"qkv": int8_linear(w_qkv, b_qkv), "o": int8_linear(_weight(a.o_proj), _bias(a.o_proj)),
-              "gate_up": int8_linear(w_gate_up), "down": int8_linear(_weight(m.down_proj), _bias(m.down_proj))}
-        w_qkv = b_qkv = w_gate_up = None
+    if quantize:  # int8 base weights (kept while unchanged), LoRA deltas in float32; no float copies
+        q8 = {"qkv": int8_projection([_int8_part(p) for p in projs]), "o": int8_projection([_int8_part(a.o_proj)]),
+              "gate_up": int8_projection([_int8_part(m.gate_proj), _int8_part(m.up_proj)]),
+              "down": int8_projection([_int8_part(m.down_proj)])}
     return _Layer(
         q8=q8,
         w_qkv=w_qkv,
@@ -169,7 +182,7 @@ class KVDecoder:
             raise TokenMDPError(f"quantize must be None or 'int8', got {quantize!r}")
         self.kv_dtype = kv_cache_dtype_of(kv_cache_dtype, fused_attention)
         if quantize:
-            fuse = True  # the int8 copies are made from the fused weights
+            fuse = True  # the int8 copies fuse q/k/v and gate/up
         elif fuse is None:
             fuse = sum(p.numel() for p in model.parameters()) <= FUSE_MAX_PARAMS
         self.embed = base.embed_tokens
@@ -183,7 +196,7 @@ class KVDecoder:
             raise TokenMDPError(f"quantize='int8' runs fbgemm's CPU kernels; the model is on "
                                 f"{self.embed.weight.device}")
         self.layers = [_fuse(layer, self.d, fuse, bool(quantize)) for layer in base.layers]
-        self.head_fn = int8_linear(_weight(self.head), _bias(self.head)) if quantize else self.head
+        self.head_fn = int8_projection([_int8_part(self.head)]) if quantize else self.head
         # the fused decode step (tokenmdp.rollout.fused), on request; None: torch operators
         self.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")  # the kernel's SwiGLU applies
         self.fused = None
@@ -383,7 +396,7 @@ def make_decoder(model: nn.Module, kind: str = "auto", *, fuse: bool | None = No
 
     ``fuse``: concatenate the q/k/v and gate/up weights (default: for models up to ``FUSE_MAX_PARAMS``).
     ``fused_attention``: the compiled decode step (:mod:`tokenmdp.rollout.fused`; float32 on the CPU).
-    ``quantize="int8"``: int8 copies of the linear layers (:func:`tokenmdp.rollout.fused.int8_linear`).
+    ``quantize="int8"``: int8 copies of the linear layers (:func:`tokenmdp.rollout.fused.int8_projection`).
     ``kv_cache_dtype="float16"``: the generated keys and values stored in float16 (with ``fused_attention``).
     """
     if kind == "hf" or (kind == "auto" and not kv_decoder_supported(model)):
