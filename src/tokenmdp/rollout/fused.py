@@ -20,7 +20,9 @@ float16 (``kv_cache_dtype: float16``), widened exactly as they are read: every s
 cache, from memory once the caches outgrow the CPU's own, and half the bytes read faster (1.1x on the tiny
 model's rollouts, ``benchmarks/RESULTS.md``).
 
-:func:`int8_linear` (``rollout.engine_options={quantize: int8}``) runs a linear layer on fbgemm's int8 kernels.
+:func:`int8_linear` (``rollout.engine_options={quantize: int8}``) runs a linear layer on fbgemm's int8 kernels;
+:func:`int8_projection` builds the int8 sampler's projections from it, a LoRA layer's frozen base quantised once
+and its adapters added in float32.
 """
 
 from __future__ import annotations
