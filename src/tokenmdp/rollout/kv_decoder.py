@@ -48,6 +48,7 @@ from tokenmdp.policy import fused_layers
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
 from tokenmdp.rollout.fused import int8_projection
+from tokenmdp.rollout.weights import bias_of, int8_part, weight_of
 
 SUPPORTED = fused_layers.SUPPORTED
 
@@ -99,36 +100,6 @@ def _norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float]:
     return norm.weight, float(eps)
 
 
-def _weight(proj: nn.Module) -> torch.Tensor:
-    """The weight a projection applies: its own, or for a peft LoRA layer the base weight plus the active
-    adapters' ``(alpha / r) B A`` (nothing added while the adapters are disabled or merged)."""
-    if not hasattr(proj, "lora_A"):
-        return proj.weight
-    w = proj.base_layer.weight
-    if proj.disable_adapters or proj.merged:
-        return w
-    for name in proj.active_adapters:
-        if name in proj.lora_A:
-            w = w + proj.get_delta_weight(name).to(w.dtype)
-    return w
-
-
-def _bias(proj: nn.Module) -> torch.Tensor | None:
-    return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
-
-
-def _int8_part(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple]]:
-    """A projection for :func:`tokenmdp.rollout.fused.int8_projection`: a peft LoRA layer's base weight and its
-    active adapters' ``(A, B, scaling)`` (DoRA and other variants: the merged weight, no adapters), else its own."""
-    lora = hasattr(proj, "lora_A") and not (proj.disable_adapters or proj.merged)
-    names = [n for n in proj.active_adapters if n in proj.lora_A] if lora else []
-    plain = all(isinstance(proj.lora_A[n], nn.Linear) and not proj.use_dora.get(n, False) for n in names)
-    if not lora or not plain:
-        return _weight(proj), _bias(proj), []
-    return proj.base_layer.weight, _bias(proj), [(proj.lora_A[n].weight, proj.lora_B[n].weight, float(proj.scaling[n]))
-                                                for n in names]
-
-
 def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -> _Layer:
     """The pieces of one decoder layer; with ``fuse``, q/k/v and gate/up weights concatenated (a copy); with
     ``quantize``, int8 copies of the four matmuls' weights instead (q/k/v and gate/up fused too)."""
@@ -136,17 +107,17 @@ def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -
     projs = (a.q_proj, a.k_proj, a.v_proj)
     w_qkv = b_qkv = w_gate_up = None
     if fuse and not quantize:
-        ws = [_weight(p) for p in projs]
+        ws = [weight_of(p) for p in projs]
         w_qkv = torch.cat(ws)
-        w_gate_up = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
-        biases = [_bias(p) for p in projs]
+        w_gate_up = torch.cat([weight_of(m.gate_proj), weight_of(m.up_proj)])
+        biases = [bias_of(p) for p in projs]
         if any(b is not None for b in biases):
             b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
     q8 = None
     if quantize:  # int8 base weights (kept while unchanged), LoRA deltas in float32; no float copies
-        q8 = {"qkv": int8_projection([_int8_part(p) for p in projs]), "o": int8_projection([_int8_part(a.o_proj)]),
-              "gate_up": int8_projection([_int8_part(m.gate_proj), _int8_part(m.up_proj)]),
-              "down": int8_projection([_int8_part(m.down_proj)])}
+        q8 = {"qkv": int8_projection([int8_part(p) for p in projs]), "o": int8_projection([int8_part(a.o_proj)]),
+              "gate_up": int8_projection([int8_part(m.gate_proj), int8_part(m.up_proj)]),
+              "down": int8_projection([int8_part(m.down_proj)])}
     return _Layer(
         q8=q8,
         w_qkv=w_qkv,
@@ -196,7 +167,7 @@ class KVDecoder:
             raise TokenMDPError(f"quantize='int8' runs fbgemm's CPU kernels; the model is on "
                                 f"{self.embed.weight.device}")
         self.layers = [_fuse(layer, self.d, fuse, bool(quantize)) for layer in base.layers]
-        self.head_fn = int8_projection([_int8_part(self.head)]) if quantize else self.head
+        self.head_fn = int8_projection([int8_part(self.head)]) if quantize else self.head
         # the fused decode step (tokenmdp.rollout.fused), on request; None: torch operators
         self.silu = getattr(cfg, "hidden_act", None) in ("silu", "swish")  # the kernel's SwiGLU applies
         self.fused = None
