@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmdp.policy.kernels import build
+from tokenmdp.rollout.weights import cat_biases
 
 
 def load() -> Any:
@@ -88,10 +89,8 @@ def int8_projection(parts: Sequence[tuple[torch.Tensor, torch.Tensor | None, Seq
     if hit is not None and hit[0]() is weights[0] and hit[1] == stamp:
         base = hit[2]
     else:
-        biases = [b for _, b, _ in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
-        base = int8_linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias)
+        base = int8_linear(torch.cat(weights) if len(weights) > 1 else weights[0],
+                           cat_biases([b for _, b, _ in parts], weights))
         _INT8[key] = (weakref.ref(weights[0], lambda _, key=key: _INT8.pop(key, None)), stamp, base)
     adapters = [(i, a, b, s) for i, (_, _, ads) in enumerate(parts) for a, b, s in ads]
     if not adapters:

@@ -48,7 +48,7 @@ from tokenmdp.policy import fused_layers
 from tokenmdp.policy.shared_prompt import cache_kwarg
 from tokenmdp.rollout import fused
 from tokenmdp.rollout.fused import int8_projection
-from tokenmdp.rollout.weights import bias_of, int8_part, weight_of
+from tokenmdp.rollout.weights import bias_of, cat_biases, int8_part, weight_of
 
 SUPPORTED = fused_layers.SUPPORTED
 
@@ -110,9 +110,7 @@ def _fuse(layer: nn.Module, head_dim: int, fuse: bool, quantize: bool = False) -
         ws = [weight_of(p) for p in projs]
         w_qkv = torch.cat(ws)
         w_gate_up = torch.cat([weight_of(m.gate_proj), weight_of(m.up_proj)])
-        biases = [bias_of(p) for p in projs]
-        if any(b is not None for b in biases):
-            b_qkv = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws)])
+        b_qkv = cat_biases([bias_of(p) for p in projs], ws)
     q8 = None
     if quantize:  # int8 base weights (kept while unchanged), LoRA deltas in float32; no float copies
         q8 = {"qkv": int8_projection([int8_part(p) for p in projs]), "o": int8_projection([int8_part(a.o_proj)]),

@@ -31,6 +31,14 @@ def bias_of(proj: nn.Module) -> torch.Tensor | None:
     return proj.base_layer.bias if hasattr(proj, "lora_A") else proj.bias
 
 
+def cat_biases(biases: list[torch.Tensor | None], weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """The bias of projections fused into one (their weights stacked): each one's, zeros where a projection has
+    none; None when none has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+
+
 def int8_part(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple]]:
     """A projection for :func:`tokenmdp.rollout.fused.int8_projection`: a peft LoRA layer's base weight and its
     active adapters' ``(A, B, scaling)`` (DoRA and other variants: the merged weight, no adapters), else its own."""
@@ -43,4 +51,4 @@ def int8_part(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[
     return proj.base_layer.weight, bias_of(proj), adapters
 
 
-__all__ = ["bias_of", "int8_part", "weight_of"]
+__all__ = ["bias_of", "cat_biases", "int8_part", "weight_of"]

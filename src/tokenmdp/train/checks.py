@@ -75,16 +75,15 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "vLLM engine shares the first one's global state (its weight sync failed the probe); "
                             "set rollout.async_worker=process")
     options = config.rollout.engine_options
-    if options.get("quantize") and not config.rollout.recompute_logprobs:
-        raise TokenMDPError(f"{where('rollout.engine_options', source)} asks for quantize="
-                            f"{options['quantize']!r}: the samples come from an int8 copy of the "
-                            "policy whose log-probs are not pi_old's; set rollout.recompute_logprobs=true (pi_old "
-                            "recomputed in float32, the mismatch weighted by truncated importance sampling)")
-    if options.get("kv_cache_dtype", "auto") != "auto" and not config.rollout.recompute_logprobs:
-        raise TokenMDPError(f"{where('rollout.engine_options', source)} asks for kv_cache_dtype="
-                            f"{options['kv_cache_dtype']!r}: the sampler's keys and values are rounded, so its "
-                            "log-probs are not pi_old's; set rollout.recompute_logprobs=true (pi_old recomputed in "
-                            "float32, the mismatch weighted by truncated importance sampling)")
+    rounded = {"quantize": "an int8 copy of the policy",  # sampler switches whose log-probs are not pi_old's
+               "kv_cache_dtype": "a policy whose keys and values are rounded"}
+    for key, what in rounded.items():
+        value = options.get(key)
+        if value and value != "auto" and not config.rollout.recompute_logprobs:
+            raise TokenMDPError(f"{where('rollout.engine_options', source)} asks for {key}={value!r}: the samples "
+                                f"come from {what}, whose log-probs are not pi_old's; set "
+                                "rollout.recompute_logprobs=true (pi_old recomputed in float32, the mismatch weighted "
+                                "by truncated importance sampling)")
     spec = resolve_algo(config, source=source)
     if config.rollout.max_staleness == 0 and not config.rollout.recompute_logprobs:
         unused = [f for f in ("tis_cap", "tis_level", "tis_mode") if getattr(spec, f) != getattr(AlgoSpec(), f)]
