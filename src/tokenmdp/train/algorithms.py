@@ -282,8 +282,12 @@ class PolicyGradient:
                 n_seq, n_tok = len(mb), mask[mb.to(mask.device)].sum()
                 work = mb if live is None else mb[live[mb]]
                 skipped += len(mb) - len(work)
-                for micro in learner.micro_passes(work, order, rollout=tb.rollout):
+                share = learner.grad_share  # rollout.async_grad_share: the sampler's rows of the one minibatch
+                mine = work if share is None else share.submit(tb, work, order, n_tok, n_seq)
+                for micro in learner.micro_passes(mine, order, rollout=tb.rollout):
                     learner.backward(self.loss(learner, tb.select(micro), n_tok, n_seq, meter))
+                if share is not None:
+                    share.collect(learner, meter)
                 meter.end_minibatch()
                 if len(work) < len(mb):
                     zero_missing_grads(learner.model)

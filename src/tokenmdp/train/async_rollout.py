@@ -70,17 +70,32 @@ def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | None, requests, results) -> None:
+def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | None, requests, results,
+           share: dict | None = None) -> None:
     """The sampler's loop: ``(step, weights or None, prompts, sampling)`` in, ``(step, packed rollout, seconds)``
-    out, in order; ``None`` stops it; an error is sent back as ``("error", traceback, 0)``."""
+    out, in order; with ``share`` (:mod:`tokenmdp.train.grad_share`) also ``("grad", weights or None, job)`` in,
+    ``("grad", gradient, seconds)`` out; ``None`` stops it; an error is sent back as ``("error", traceback, 0)``."""
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         sampler = get_engine(engine, model, tokenizer, **engine_options)
+        worker = None
         while True:
             request = requests.get()
             if request is None:
                 return
+            if request[0] == "grad":
+                _, weights, job = request
+                if weights is not None:
+                    model.load_state_dict(weights, strict=False)
+                    sampler.sync_weights(model)
+                if worker is None:
+                    from tokenmdp.train.grad_share import ShareWorker
+
+                    worker = ShareWorker(model, share)
+                t0 = time.perf_counter()
+                results.put(("grad", worker.gradient(job), time.perf_counter() - t0))
+                continue
             step, weights, prompts, sampling = request
             if weights is not None:
                 _, unexpected = model.load_state_dict(weights, strict=False)
@@ -100,18 +115,21 @@ class AsyncSampler:
     ``rollouts``: the run's :class:`tokenmdp.train.trainer.Rollouts` (prompts rendered, sampling arguments,
     scoring); ``model``: the learner's model (copied for the sampler; its trained weights are published after each
     update); ``stream``: the prompts of every step up to ``last = run.steps + k``; ``start``: the steps already
-    done; ``in_flight``: the batches of steps ``start + 1 .. start + k`` of the checkpoint resumed from (packed).
+    done; ``in_flight``: the batches of steps ``start + 1 .. start + k`` of the checkpoint resumed from (packed);
+    ``share``: what the sampler needs to compute part of each update's gradient (``rollout.async_grad_share``,
+    :meth:`tokenmdp.train.grad_share.GradShare.settings`), or None.
     """
 
     def __init__(self, rollouts, model, stream: list[list], *, start: int, max_staleness: int, last: int,
                  worker: str = "process", engine: str = "fast", engine_options: dict | None = None,
-                 threads: int | None = None, in_flight: dict[int, dict] | None = None):
+                 threads: int | None = None, in_flight: dict[int, dict] | None = None, share: dict | None = None):
         self.rollouts, self.learner_model, self.stream = rollouts, model, stream
         self.k = max_staleness
         self.last = last
         self.ready: dict[int, tuple[dict, float]] = {s: (r, 0.0) for s, r in (in_flight or {}).items()}
         self.asked: set[int] = set(self.ready)
-        self.sent: dict[int, dict] = {}  # weights handed over, kept alive until their batch is back (shared memory)
+        self.sent: dict[int | str, Any] = {}  # what was handed over, kept alive until its result is back
+        self.current = True  # whether the sampler holds the learner's weights (it starts from a copy of them)
         self.mode = worker
         copy_ = copy.deepcopy(model).eval()  # the sampler's own copy (the learner trains its original)
         args = (copy_, rollouts.tokenizer, engine, dict(engine_options or {}))
@@ -120,11 +138,11 @@ class AsyncSampler:
 
             ctx = mp.get_context("spawn")
             self.requests, self.results = ctx.Queue(), ctx.Queue()
-            self.worker = ctx.Process(target=_serve, args=(*args, threads or 1, self.requests, self.results),
+            self.worker = ctx.Process(target=_serve, args=(*args, threads or 1, self.requests, self.results, share),
                                       daemon=True, name="tokenmdp-sampler")
         else:  # torch's thread count is per process: the thread shares the learner's
             self.requests, self.results = queue.Queue(), queue.Queue()
-            self.worker = threading.Thread(target=_serve, args=(*args, None, self.requests, self.results),
+            self.worker = threading.Thread(target=_serve, args=(*args, None, self.requests, self.results, share),
                                            daemon=True, name="tokenmdp-sampler")
         self._model = copy_  # kept alive while the sampler shares its memory
         self.worker.start()
@@ -143,10 +161,24 @@ class AsyncSampler:
 
     def after_update(self, step: int) -> None:
         """Publish the weights after the update of ``step`` and ask for the batch of ``step + 1 + k``."""
-        if step + 1 + self.k <= self.last:
+        self.current = step + 1 + self.k <= self.last
+        if self.current:
             self._ask(step + 1 + self.k, trained_weights(self.learner_model))
 
-    def _wait_for(self, step: int) -> None:
+    def ask_gradient(self, job: dict) -> None:
+        """Ask for the gradient of ``job`` (:class:`tokenmdp.train.grad_share.GradShare`) at the learner's weights
+        (sent along when the last ones published are not those)."""
+        weights = None if self.current else trained_weights(self.learner_model)
+        self.current = True
+        self.requests.put(("grad", weights, job))
+        self.sent["grad"] = (weights, job)
+
+    def gradient(self) -> tuple[dict, float]:
+        """The gradient asked for by :meth:`ask_gradient` (waiting for the sampler) and the sampler's seconds."""
+        self._wait_for("grad")
+        return self.ready.pop("grad")
+
+    def _wait_for(self, step: int | str) -> None:
         while step not in self.ready:
             try:
                 got, packed, seconds = self.results.get(timeout=1.0)
@@ -155,8 +187,9 @@ class AsyncSampler:
                     hint = ("; a spawned process re-imports the main script: guard a script's code with "
                             "`if __name__ == '__main__':`, or set rollout.async_worker=thread") \
                         if self.mode == "process" else ""
-                    raise TokenMDPError(f"the rollout sampler ({self.mode}) stopped without a result for step "
-                                        f"{step} (rollout.max_staleness = {self.k}){hint}") from None
+                    what = "its share of the update's gradient" if step == "grad" else f"step {step}"
+                    raise TokenMDPError(f"the rollout sampler ({self.mode}) stopped without a result for {what} "
+                                        f"(rollout.max_staleness = {self.k}){hint}") from None
                 continue
             if got == "error":
                 raise TokenMDPError(f"the rollout sampler ({self.mode}) failed:\n{packed}")

@@ -64,6 +64,7 @@ def validate(config: TrainConfig, *, source: str | None = None) -> None:
                             "dropout masks")
     _validate_fsdp(config, source)
     _validate_fused_layers(config, source)
+    _validate_grad_share(config, source)
     _validate_env(config, source)
     check_installed(requested(config.run.report_to))
     if not 0.0 < config.rollout.top_p <= 1.0:
@@ -131,6 +132,42 @@ def _validate_fused_layers(config: TrainConfig, source: str | None) -> None:
         clash = "model.gradient_checkpointing (its layers are not checkpointed)"
     if clash:
         raise TokenMDPError(f"{where('optim.fused_layers', source)} is true: it cannot be combined with {clash}")
+
+
+def _validate_grad_share(config: TrainConfig, source: str | None) -> None:
+    """``rollout.async_grad_share``: a fraction in [0, 1), and what the sampler's part of the gradient needs
+    (:mod:`tokenmdp.train.grad_share`): one optimizer step per batch, of a policy-gradient loss the sampler can
+    compute alone (no critic, no LoRA dropout masks), in float32, beside an in-process engine in its own process."""
+    share = config.rollout.async_grad_share
+    if not 0.0 <= share < 1.0:
+        raise TokenMDPError(f"{where('rollout.async_grad_share', source)} must be in [0, 1), got {share}")
+    if share == 0.0:
+        return
+    rollout, optim = config.rollout, config.optim
+    spec = resolve_algo(config, source=source)
+    rows = rollout.prompts_per_step * rollout.group_size
+    clash = None
+    if rollout.max_staleness == 0:
+        clash = "rollout.max_staleness 0 (the sampler computes part of the gradient while it overlaps the update)"
+    elif rollout.async_worker != "process":
+        clash = f"rollout.async_worker {rollout.async_worker!r} (the sampler needs its own process and core)"
+    elif rollout.engine not in ("fast", "hf"):
+        clash = f"rollout.engine {rollout.engine!r} (only the in-process engines 'fast' and 'hf' hold a trainable "\
+                "model)"
+    elif spec.kind != "pg" or spec.critic:
+        clash = f"algo {config.algo.name!r} (only a policy-gradient update without a critic is split)"
+    elif spec.epochs != 1 or (optim.minibatch_size is not None and optim.minibatch_size < rows):
+        clash = "more than one optimizer step per batch (algo.epochs, optim.minibatch_size): the sampler holds " \
+                "the weights of the update's start only"
+    elif config.run.mixed_precision != "no":
+        clash = f"run.mixed_precision {config.run.mixed_precision!r} (the sampler's part runs in float32)"
+    elif config.run.fsdp:
+        clash = "run.fsdp"
+    elif config.model.lora.enabled and config.model.lora.dropout > 0:
+        clash = "model.lora.dropout > 0 (the sampler's dropout masks would not be the learner's)"
+    if clash:
+        raise TokenMDPError(f"{where('rollout.async_grad_share', source)} is {share}: it cannot be combined with "
+                            f"{clash}")
 
 
 def _validate_env(config: TrainConfig, source: str | None) -> None:

@@ -124,6 +124,9 @@ class RolloutConfig:
     # where the sampler runs with max_staleness > 0: a spawned process (its own interpreter: no GIL shared with
     # the learner) or a thread of the learner's process
     async_worker: Literal["process", "thread"] = "process"
+    # with max_staleness > 0, the fraction of each update's tokens whose gradient the sampler process computes
+    # while the learner computes the rest (tokenmdp.train.grad_share): for the idle part of the sampler's core
+    async_grad_share: float = 0.0
 
 
 @dataclass

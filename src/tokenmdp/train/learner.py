@@ -124,6 +124,7 @@ class Learner:
     critic: Any = None
     critic_optimizer: torch.optim.Optimizer | None = None
     fsdp: Sharding | None = None
+    grad_share: Any = None  # rollout.async_grad_share: the sampler's part of the gradient (train.grad_share)
     state: TrainerState = field(default_factory=TrainerState)
     _prompt_once: bool | None = field(default=None, repr=False)  # prompt_runs_once, found at the first batch
     _scoring: tuple | None = field(default=None, repr=False)  # (model, PromptPass, slots): the next forward's prompts

@@ -28,6 +28,7 @@ from tokenmdp.locks import exclusive
 
 from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
+from tokenmdp.train.grad_share import GradShare
 from tokenmdp.train.batch import Batch, base_kl_metrics, batch_metrics, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
@@ -177,6 +178,8 @@ def run_step(learner: Learner, algorithm: Algorithm, rollouts: Rollouts, items: 
     t1 = time.perf_counter()
     pairs = {"pairs": _share(items, acc)} if offline else {}
     record.update(reduce_over_processes(acc, algorithm.update(learner, batch, step=step, **pairs)))
+    if learner.grad_share is not None:
+        record.update(learner.grad_share.metrics())
     record["update/nonfinite_steps"] = learner.state.nonfinite_steps - skipped_before
     _schedule_step(learner.scheduler)
     rollouts.engine.sync_weights(learner.unwrapped())
@@ -220,19 +223,24 @@ def _stream(config: TrainConfig, task, offline: bool) -> list[list]:
                          prompts_per_step=config.rollout.prompts_per_step, split=config.task.train_split)
 
 
-def _sampler(config: TrainConfig, learner: Learner, rollouts: Rollouts, run, stream: list[list],
-             start: int) -> AsyncSampler | None:
-    """The sampler of overlapped rollouts (None for the synchronous loop, ``rollout.max_staleness = 0``)."""
+def _sampler(config: TrainConfig, learner: Learner, algorithm: Algorithm, rollouts: Rollouts, run,
+             stream: list[list], start: int) -> AsyncSampler | None:
+    """The sampler of overlapped rollouts (None for the synchronous loop, ``rollout.max_staleness = 0``); with
+    ``rollout.async_grad_share`` it computes part of each update's gradient too (``learner.grad_share``)."""
     k = config.rollout.max_staleness
     if k == 0:
         return None
     in_flight = None
     if run.checkpoint is not None:
         in_flight = load_in_flight(run.checkpoint.path, start, k, config.run.steps + k)
-    return AsyncSampler(rollouts, learner.unwrapped(), stream, start=start, max_staleness=k,
-                        last=config.run.steps + k, worker=config.rollout.async_worker, engine=config.rollout.engine,
-                        engine_options=config.rollout.engine_options, threads=config.run.threads,
-                        in_flight=in_flight)
+    fraction = config.rollout.async_grad_share
+    share = GradShare.settings(learner, algorithm, fused_layers=config.optim.fused_layers) if fraction else None
+    sampler = AsyncSampler(rollouts, learner.unwrapped(), stream, start=start, max_staleness=k,
+                           last=config.run.steps + k, worker=config.rollout.async_worker,
+                           engine=config.rollout.engine, engine_options=config.rollout.engine_options,
+                           threads=config.run.threads, in_flight=in_flight, share=share)
+    learner.grad_share = GradShare(sampler, fraction) if fraction else None
+    return sampler
 
 
 @contextmanager
@@ -306,7 +314,7 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
         record = evaluate(0)
         if metrics is not None:
             metrics.log(0, record)
-    sampler = _sampler(config, learner, rollouts, run, stream, start)
+    sampler = _sampler(config, learner, algorithm, rollouts, run, stream, start)
     extra = sampler.in_flight if sampler is not None else None
     save = dict(tokenizer=rollouts.tokenizer, config=config, meta_file=parts.settings.meta_file)
     try:
@@ -331,5 +339,6 @@ def _train(config: TrainConfig, *, resume: bool, progress: bool, callbacks: Iter
         finish_run(learner, run.path, samples, started=run.started, extra_objects=extra, **save)
     finally:
         if sampler is not None:
+            learner.grad_share = None
             sampler.close()
     return run.path
