@@ -22,7 +22,9 @@ prompt + response tokens of every row, no padding) / update time, printed next t
 (1024 x 1024, same threads) measured in the run.
 
 tokenmdp variants: ``sync`` (the default loop), ``shared`` (``optim.shared_prompt=true``), ``async``
-(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free), ``dp2``
+(``shared`` + ``rollout.max_staleness=1``, a sampler process: it only helps when a second core is free), ``split``
+(``async`` + ``rollout.async_grad_share=--grad-share``: the sampler process also computes that share of each
+update's gradient, at the learner's weights, in the part of the step it would wait), ``dp2``
 (``shared`` in two data-parallel processes of ``--threads`` threads, ``torch.distributed.run`` over gloo as
 ``accelerate launch --num_processes 2`` runs it: each samples and trains half the prompts; the other way to use a
 second core, where the update takes longer than the sampler and overlap cannot hide it); with
@@ -84,7 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from bench_real_model import _hwm_kib, _reset_hwm, smollm2_folder  # noqa: E402  (benchmarks/, beside this file)
 from trl_side import compare_first_step, release_memory, require_trl, run_trl, token_counts  # noqa: E402
 
-VARIANTS = ("trl", "sync", "shared", "async", "dp2")
+VARIANTS = ("trl", "sync", "shared", "async", "split", "dp2")
 
 
 def build_kernels(args) -> float | None:
@@ -186,6 +188,8 @@ def tokenmdp_overrides(s: Setup, variant: str, tag: str) -> list[str]:
     """The config of a tokenmdp variant: the shared settings, the variant's switches, the sampler's options."""
     extra = {"sync": [], "shared": ["optim.shared_prompt=true"],
              "async": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process"],
+             "split": ["optim.shared_prompt=true", "rollout.max_staleness=1", "rollout.async_worker=process",
+                       f"rollout.async_grad_share={s.args.grad_share}"],
              "dp2": ["optim.shared_prompt=true"]}
     options = {"fused_attention: true": s.args.fused_attention, "quantize: int8": s.args.int8,
                "kv_cache_dtype: float16": s.args.kv_float16}
@@ -232,7 +236,7 @@ def run_tokenmdp(s: Setup, variant: str, tag: str) -> dict:
     if variant == "dp2":
         return run_data_parallel(s, tag)
     out = {**timed_train(tokenmdp_overrides(s, variant, tag), s.args.threads), "variant": variant}
-    if variant == "async":  # the rollout ran in the sampler process: the learner's part is its wait for it
+    if variant in ("async", "split"):  # the rollout ran in the sampler process: the learner's part is its wait
         for x in out["steps"].values():
             x["sampler_rollout"], x["rollout"] = x["rollout"], x["wait"] or 0.0
     return out
@@ -320,6 +324,8 @@ def main() -> None:
                          "recomputed in float32")
     ap.add_argument("--fused-layers", action="store_true",
                     help="tokenmdp updates with its fused RMSNorm, rotary and SwiGLU (optim.fused_layers)")
+    ap.add_argument("--grad-share", type=float, default=0.25,
+                    help="the split variant's rollout.async_grad_share (the sampler's share of the update)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
                     help="the embedded tiny base on Countdown, or SmolLM2-135M-Instruct + LoRA on GSM8K")
@@ -375,6 +381,7 @@ def main() -> None:
            "steps": args.steps, "rounds": args.rounds, "threads": args.threads, "lr": args.lr, "micro": s.micro,
            "smoke": args.smoke, "fused_attention": args.fused_attention, "int8": args.int8,
            "kv_float16": args.kv_float16, "fused_layers": args.fused_layers, "kernel_build_s": build_s,
+           "grad_share": args.grad_share if "split" in variants else None,
            "matmul_peak_gflops": round(peak, 2),
            "results": table,
            "tokenmdp_micro_batch_tokens": next((r["micro_batch_tokens"] for r in runs if r["side"] == "tokenmdp"),
@@ -421,10 +428,14 @@ def main() -> None:
         print("dp2: the shared variant in two data-parallel processes of --threads threads each (both cores), each "
               "sampling and training half the prompts; its GFLOP/s and 'of peak' are one process's, its peak RSS "
               "the two processes' peaks added")
-    if "async" in variants:
+    if "async" in variants or "split" in variants:
         print("async (max_staleness=1): the sampler is a second process; it overlaps the update only when a second "
               "core is free (its 'rollout' column is the learner's wait for the batch; the sampler's own rollout "
               "time is in parentheses)")
+    if "split" in variants:
+        print(f"split: async, and the sampler computes {args.grad_share:.0%} of each update's tokens' gradient "
+              "(rollout.async_grad_share): its update column includes the wait for that part, its GFLOP/s count both "
+              "processes' work")
     if first:
         print(f"first step, {first['batch']}, {first['rows']} rows, from the initial weights:")
         print(f"  loss TRL {first['loss_trl']:.3e}, tokenmdp {first['loss_tokenmdp']:.3e} (|diff| "
