@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -143,7 +144,7 @@ class GradShare:
     def __init__(self, sampler, share: float):
         self.sampler, self.share = sampler, share
         self.pending = False
-        self.rows, self.seconds = 0, 0.0  # of the last update: logged as update/sampler_rows, time/sampler_grad
+        self.rows, self.seconds, self.wait = 0, 0.0, 0.0  # of the last update (:meth:`metrics`)
 
     @staticmethod
     def settings(learner, algorithm, *, fused_layers: bool) -> dict[str, Any]:
@@ -164,7 +165,7 @@ class GradShare:
             rows_in = torch.bincount(groups)[groups].double()
             tokens += once.cpu().double() * (1.0 / rows_in - 1.0)
         mine, theirs = split_rows(work.cpu(), groups, tokens, self.share)
-        self.rows, self.seconds = len(theirs), 0.0
+        self.rows, self.seconds, self.wait = len(theirs), 0.0, 0.0
         if len(theirs):
             self.sampler.ask_gradient({"batch": pack_batch(tb.select(theirs)), "n_tok": n_tok, "n_seq": n_seq})
             self.pending = True
@@ -175,7 +176,9 @@ class GradShare:
         if not self.pending:
             return
         self.pending = False
+        t0 = time.perf_counter()
         result, self.seconds = self.sampler.gradient()
+        self.wait = time.perf_counter() - t0
         params = dict(learner.unwrapped().named_parameters())
         for name, grad in result["grads"].items():
             if grad is None:
@@ -186,8 +189,10 @@ class GradShare:
             meter.add(metrics, weight)
 
     def metrics(self) -> dict[str, float]:
-        """The last update's rows given to the sampler and the sampler's seconds for their gradient."""
-        return {"update/sampler_rows": float(self.rows), "time/sampler_grad": self.seconds}
+        """The last update's rows given to the sampler, the sampler's seconds for their gradient and the learner's
+        wait for it (long waits: lower the share; none at all: the sampler may idle, raise it)."""
+        return {"update/sampler_rows": float(self.rows), "time/sampler_grad": self.seconds,
+                "time/sampler_grad_wait": self.wait}
 
 
 __all__ = ["GradShare", "ShareWorker", "split_rows", "pack_batch", "unpack_batch"]
