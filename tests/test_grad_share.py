@@ -65,11 +65,11 @@ def test_a_share_takes_the_same_steps_as_the_learner_alone(tmp_path, tiny_random
 
 
 def test_a_share_is_deterministic_and_resumes_exactly(tmp_path, tiny_random_dir):
+    """A run that crashes during step 3 and resumes from step 2 ends bit for bit where a straight run does (so two
+    runs are bitwise equal too: the split and the sum have a fixed order)."""
     extra = (*SHARED, "rollout.async_grad_share=0.3")
     straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="a"), progress=False)
-    again = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="b"), progress=False)
     pa = _params(straight / "final")
-    assert all(torch.equal(pa[k], v) for k, v in _params(again / "final").items())
 
     class Crash(Exception):
         pass
