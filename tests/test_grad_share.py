@@ -64,6 +64,21 @@ def test_a_share_takes_the_same_steps_as_the_learner_alone(tmp_path, tiny_random
     assert max(float((pa[k] - pb[k]).abs().max()) for k in pa) < 1e-5
 
 
+def test_a_share_under_lora_adds_the_adapters_gradients(tmp_path, tiny_random_dir):
+    """Under LoRA the sampler's model copy trains the same adapter: its part of the adapters' gradient lands on the
+    learner's adapter parameters by name (a larger learning rate, so that a wrong part would show in step 4)."""
+    lora = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8", "optim.lr=1e-2")
+    base = train(_cfg(tmp_path, tiny_random_dir, "grpo", *SHARED, *lora, name="alone"), progress=False)
+    shared = train(_cfg(tmp_path, tiny_random_dir, "grpo", *SHARED, *lora, "rollout.async_grad_share=0.5",
+                        name="share"), progress=False)
+    a, b = _records(base), _records(shared)
+    assert all(r["update/sampler_rows"] >= 4 for r in b)
+    assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
+    for x, y in zip(a, b):
+        assert y["policy/grad_norm"] == pytest.approx(x["policy/grad_norm"], rel=1e-5)
+    assert a[-1]["policy/grad_norm"] != pytest.approx(a[0]["policy/grad_norm"], rel=1e-3)  # the adapter moved
+
+
 def test_a_share_is_deterministic_and_resumes_exactly(tmp_path, tiny_random_dir):
     """A run that crashes during step 3 and resumes from step 2 ends bit for bit where a straight run does (so two
     runs are bitwise equal too: the split and the sum have a fixed order)."""
