@@ -324,7 +324,7 @@ def main() -> None:
                          "recomputed in float32")
     ap.add_argument("--fused-layers", action="store_true",
                     help="tokenmdp updates with its fused RMSNorm, rotary and SwiGLU (optim.fused_layers)")
-    ap.add_argument("--grad-share", type=float, default=0.2,
+    ap.add_argument("--grad-share", type=float, default=0.25,
                     help="the split variant's rollout.async_grad_share (the sampler's share of the update)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
