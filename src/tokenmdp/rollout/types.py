@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tokenmdp.errors import TokenMDPError
@@ -182,6 +183,18 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     )
 
 
+def pack_rollout(rollout: Rollout) -> dict:
+    """A rollout as plain data (numpy arrays, lists): it crosses processes and goes into checkpoints by value."""
+    return {f.name: (v.detach().cpu().numpy() if isinstance(v := getattr(rollout, f.name), torch.Tensor) else v)
+            for f in fields(rollout)}
+
+
+def unpack_rollout(data: dict, device) -> Rollout:
+    """The :class:`Rollout` of :func:`pack_rollout` on ``device``."""
+    kw = {k: (torch.from_numpy(np.array(v)).to(device) if isinstance(v, np.ndarray) else v) for k, v in data.items()}
+    return Rollout(**kw)
+
+
 def check_sampling(*, n: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     """Raise :class:`TokenMDPError` naming the first invalid sampling argument."""
     if int(n) < 1:
@@ -314,6 +327,8 @@ __all__ = [
     "Rollout",
     "Engine",
     "concat_rollouts",
+    "pack_rollout",
+    "unpack_rollout",
     "check_sampling",
     "eos_token_ids",
     "pad_token_id",

@@ -20,6 +20,9 @@ The correction of the stale batch is the update's (:class:`tokenmdp.train.algori
 
 Logged each step: ``async/staleness``, ``time/wait`` (seconds the learner waited for the batch), ``time/rollout``
 (the sampler's own seconds for it) and, from the update, ``async/is_ratio_mean`` / ``_max`` / ``async/tis_clip_frac``.
+
+With ``rollout.async_grad_share`` the sampler process also computes part of each update's gradient, in the part
+of the step it would otherwise wait (:mod:`tokenmdp.train.grad_share`).
 """
 
 from __future__ import annotations
@@ -29,16 +32,14 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tokenmdp.errors import TokenMDPError
 from tokenmdp.rollout import get_engine
-from tokenmdp.rollout.types import Rollout
+from tokenmdp.rollout.types import pack_rollout, unpack_rollout
 from tokenmdp.train.batch import Batch
 
 IN_FLIGHT_FILE = "async_batches.pt"
@@ -54,20 +55,19 @@ def staleness(step: int, max_staleness: int) -> int:
     return step - 1 - behaviour_step(step, max_staleness)
 
 
-def _pack(rollout: Rollout) -> dict:
-    """A rollout as plain data (numpy arrays, lists): it crosses processes and goes into checkpoints by value."""
-    return {f.name: (v.detach().cpu().numpy() if isinstance(v := getattr(rollout, f.name), torch.Tensor) else v)
-            for f in fields(rollout)}
-
-
-def _unpack(data: dict, device) -> Rollout:
-    kw = {k: (torch.from_numpy(np.array(v)).to(device) if isinstance(v, np.ndarray) else v) for k, v in data.items()}
-    return Rollout(**kw)
-
-
 def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the parameters the learner trains (all of them, or the LoRA adapter's): what changes per step."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load(model, sampler, weights: dict | None) -> None:
+    """The published trained weights (None: unchanged) into the sampler's model and its engine."""
+    if weights is None:
+        return
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise RuntimeError(f"weights the sampler's model does not have: {unexpected[:3]}")
+    sampler.sync_weights(model)  # vllm: into its own model, checked by its probe; in-process: a no-op
 
 
 def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | None, requests, results,
@@ -86,9 +86,7 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
                 return
             if request[0] == "grad":
                 _, weights, job = request
-                if weights is not None:
-                    model.load_state_dict(weights, strict=False)
-                    sampler.sync_weights(model)
+                _load(model, sampler, weights)
                 if worker is None:
                     from tokenmdp.train.grad_share import ShareWorker
 
@@ -97,14 +95,10 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
                 results.put(("grad", worker.gradient(job), time.perf_counter() - t0))
                 continue
             step, weights, prompts, sampling = request
-            if weights is not None:
-                _, unexpected = model.load_state_dict(weights, strict=False)
-                if unexpected:
-                    raise RuntimeError(f"weights the sampler's model does not have: {unexpected[:3]}")
-                sampler.sync_weights(model)  # vllm: into its own model, checked by its probe; in-process: a no-op
+            _load(model, sampler, weights)
             t0 = time.perf_counter()
             rollout = sampler.generate(prompts, **sampling)
-            results.put((step, _pack(rollout), time.perf_counter() - t0))
+            results.put((step, pack_rollout(rollout), time.perf_counter() - t0))
     except BaseException:  # noqa: BLE001 - reported to the learner, which raises it
         results.put(("error", traceback.format_exc(), 0.0))
 
@@ -203,7 +197,7 @@ class AsyncSampler:
         self._wait_for(step)
         wait = time.perf_counter() - t0
         packed, seconds = self.ready.pop(step)
-        rollout = _unpack(packed, self.rollouts.device)
+        rollout = unpack_rollout(packed, self.rollouts.device)
         batch = self.rollouts.score(self.stream[step - 1], rollout, {"time/rollout": seconds})
         return batch, {"time/wait": wait, "async/staleness": staleness(step, self.k)}
 

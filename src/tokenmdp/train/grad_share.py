@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tokenmdp.policy.shared_prompt import prompt_groups
+from tokenmdp.rollout.types import pack_rollout, unpack_rollout
 from tokenmdp.train.meter import MetricMeter
 
 
@@ -58,18 +59,15 @@ def _numpy(t: torch.Tensor | None):
 
 def pack_batch(tb) -> dict:
     """A :class:`~tokenmdp.train.algorithms.TrainBatch` as plain data (it crosses to the sampler's process)."""
-    from tokenmdp.train.async_rollout import _pack
-
-    return {f.name: (_pack(tb.rollout) if f.name == "rollout" else _numpy(getattr(tb, f.name)))
+    return {f.name: (pack_rollout(tb.rollout) if f.name == "rollout" else _numpy(getattr(tb, f.name)))
             for f in dataclasses.fields(tb)}
 
 
 def unpack_batch(data: dict, device):
     """The :class:`~tokenmdp.train.algorithms.TrainBatch` of :func:`pack_batch`."""
     from tokenmdp.train.algorithms import TrainBatch
-    from tokenmdp.train.async_rollout import _unpack
 
-    kw = {k: (_unpack(v, device) if k == "rollout" else None if v is None else torch.from_numpy(v).to(device))
+    kw = {k: (unpack_rollout(v, device) if k == "rollout" else None if v is None else torch.from_numpy(v).to(device))
           for k, v in data.items()}
     return TrainBatch(**kw)
 

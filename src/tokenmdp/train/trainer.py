@@ -28,13 +28,13 @@ from tokenmdp.locks import exclusive
 
 from tokenmdp.train.algorithms import Algorithm
 from tokenmdp.train.async_rollout import AsyncSampler, load_in_flight
-from tokenmdp.train.grad_share import GradShare
 from tokenmdp.train.batch import Batch, base_kl_metrics, batch_metrics, sample_rows
 from tokenmdp.train.checkpoint import latest_checkpoint
 from tokenmdp.train.config import TrainConfig, validate
 from tokenmdp.train.data import load_pairs, pair_stream, prompt_stream, render_prompts
 from tokenmdp.train.environment import RunEnvironment, collect_episodes
 from tokenmdp.train.evaluation import eval_problems, held_out
+from tokenmdp.train.grad_share import GradShare
 from tokenmdp.train.learner import Learner
 from tokenmdp.train.meter import reduce_over_processes
 from tokenmdp.train.log import MetricsLogger, SampleLogger
