@@ -18,7 +18,7 @@ from tokenmdp.train.async_rollout import behaviour_step, staleness
 from tokenmdp.train.config import load_config
 from tokenmdp.train.trainer import train
 
-from test_trainer import SMALL, ParityTask, _cfg  # noqa: F401  (registers the parity task)
+from test_trainer import SMALL, ParityTask, _cfg, crash_at  # noqa: F401  (registers the parity task)
 
 ASYNC = ("rollout.max_staleness=1", "run.steps=4", "algo.kl_coef=0.05")
 
@@ -134,16 +134,8 @@ def test_async_runs_are_deterministic_and_resume_exactly(tmp_path, tiny_random_d
                   progress=False)
     assert _equal(_params(straight / "final"), _params(again / "final"))
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, record, c):
-        if step == 3:
-            raise Crash
-
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.save_every=2", name="resumed")
-    with pytest.raises(Crash):
-        train(cfg, progress=False, callbacks=[crash_at_3])
+    crash_at(cfg, 3)
     assert (cfg.run_dir() / "checkpoints" / "step-2" / "async_batches.pt").is_file()
     train(cfg, resume=True, progress=False)
     assert _equal(_params(straight / "final"), _params(cfg.run_dir() / "final"))

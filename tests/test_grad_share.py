@@ -16,7 +16,7 @@ from tokenmdp.train.config import load_config
 from tokenmdp.train.grad_share import split_rows
 from tokenmdp.train.trainer import train
 
-from test_trainer import ParityTask, _cfg  # noqa: F401  (registers the parity task)
+from test_trainer import ParityTask, _cfg, crash_at  # noqa: F401  (registers the parity task)
 
 SHARED = ("rollout.max_staleness=1", "run.steps=4", "rollout.prompts_per_step=4", "optim.shared_prompt=true")
 
@@ -86,16 +86,8 @@ def test_a_share_is_deterministic_and_resumes_exactly(tmp_path, tiny_random_dir)
     straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="a"), progress=False)
     pa = _params(straight / "final")
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, record, c):
-        if step == 3:
-            raise Crash
-
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.save_every=2", name="resumed")
-    with pytest.raises(Crash):
-        train(cfg, progress=False, callbacks=[crash_at_3])
+    crash_at(cfg, 3)
     train(cfg, resume=True, progress=False)
     assert all(torch.equal(pa[k], v) for k, v in _params(cfg.run_dir() / "final").items())
     keys = ("reward/mean", "policy/grad_norm", "update/sampler_rows")

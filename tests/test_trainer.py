@@ -59,6 +59,21 @@ def _params(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at` to stop a run between a step's metrics and its checkpoint."""
+
+
+def crash_at(config, step: int) -> None:
+    """Train ``config`` and crash at the end of step ``step`` (after its metrics, before its checkpoint)."""
+
+    def crash(done, record, c):
+        if done == step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(config, progress=False, callbacks=[crash])
+
+
 @pytest.mark.parametrize("algo", list(PRESETS))
 def test_every_preset_moves_every_parameter(tmp_path, tiny_random_dir, algo):
     extra = ["algo.overlong_buffer=2"] if PRESETS[algo].overlong_buffer else []
@@ -160,16 +175,8 @@ def test_resume_gives_identical_parameters(tmp_path, tiny_random_dir):
     extra = ("run.steps=4", "optim.minibatch_size=4", "algo.epochs=2", "algo.kl_coef=0.05")
     straight = train(_cfg(tmp_path, tiny_random_dir, "grpo", *extra, name="straight"), progress=False)
 
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step, record, c):
-        if step == 3:
-            raise Crash
-
     cfg = _cfg(tmp_path, tiny_random_dir, "grpo", *extra, "run.save_every=2", name="resumed")
-    with pytest.raises(Crash):
-        train(cfg, progress=False, callbacks=[crash_at_3])
+    crash_at(cfg, 3)
     run = cfg.run_dir()
     assert not (run / "DONE").exists() and not (run / "final").exists()
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
