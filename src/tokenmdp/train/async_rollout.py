@@ -41,6 +41,7 @@ from tokenmdp.errors import TokenMDPError
 from tokenmdp.rollout import get_engine
 from tokenmdp.rollout.types import pack_rollout, unpack_rollout
 from tokenmdp.train.batch import Batch
+from tokenmdp.train.grad_share import ShareWorker
 
 IN_FLIGHT_FILE = "async_batches.pt"
 
@@ -88,8 +89,6 @@ def _serve(model, tokenizer, engine: str, engine_options: dict, threads: int | N
                 _, weights, job = request
                 _load(model, sampler, weights)
                 if worker is None:
-                    from tokenmdp.train.grad_share import ShareWorker
-
                     worker = ShareWorker(model, share)
                 t0 = time.perf_counter()
                 results.put(("grad", worker.gradient(job), time.perf_counter() - t0))

@@ -25,8 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenmdp.policy import fused_layers
 from tokenmdp.policy.shared_prompt import prompt_groups
 from tokenmdp.rollout.types import pack_rollout, unpack_rollout
+from tokenmdp.train.algorithms import TrainBatch
+from tokenmdp.train.learner import Learner
 from tokenmdp.train.meter import MetricMeter
 
 
@@ -65,18 +68,15 @@ def pack_batch(tb) -> dict:
 
 def unpack_batch(data: dict, device):
     """The :class:`~tokenmdp.train.algorithms.TrainBatch` of :func:`pack_batch`."""
-    from tokenmdp.train.algorithms import TrainBatch
-
     kw = {k: (unpack_rollout(v, device) if k == "rollout" else None if v is None else torch.from_numpy(v).to(device))
           for k, v in data.items()}
     return TrainBatch(**kw)
 
 
-class _Recorder(MetricMeter):
-    """A meter that also keeps every ``add`` (the learner replays them into its own meter)."""
+class _Recorder:
+    """Stands for the update's meter in the sampler: keeps every ``add`` (the learner replays them into its own)."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.calls: list[tuple[dict, float]] = []
 
     def add(self, metrics: dict[str, float], weight: float) -> None:
@@ -108,15 +108,12 @@ class ShareWorker:
     ``settings``: the algorithm (its ``loss``) and the learner's pass settings (:meth:`GradShare.settings`)."""
 
     def __init__(self, model: torch.nn.Module, settings: dict):
-        from tokenmdp.train.learner import Learner
-
         self.model, self.algorithm = model, settings["algorithm"]
         self.learner = Learner(model=model, optimizer=None, scheduler=None, accelerator=_Local(), max_grad_norm=None,
                                **settings["passes"])
-        if settings["fused_layers"]:
-            from tokenmdp.policy import fused_layers
-
-            fused_layers.enable(model)
+        why = fused_layers.enable(model) if settings["fused_layers"] else None
+        if why:  # the learner's own enable succeeded at set-up: the same machine, the same model
+            raise RuntimeError(f"optim.fused_layers in the sampler's process: {why}")
 
     def gradient(self, job: dict) -> dict:
         """``{"grads": {name: array}, "metrics": [(metrics, weight)]}`` of the rows of ``job["batch"]`` with the
