@@ -29,8 +29,7 @@ demo: $(STAMP)
 	$(BIN)/tokenmdp demo
 
 # pytest-xdist: one worker a core, each on one torch thread (tests/conftest.py), a file's tests on one worker so
-# its module fixtures run once (8 min 38 s in one process, 5 min 29 s in two, on a 2-core EPYC); TEST_WORKERS=1
-# runs them in this process
+# its module fixtures run once (timings: benchmarks/RESULTS.md, session 18); TEST_WORKERS=1 runs them in this process
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts docs
